@@ -1,0 +1,42 @@
+//! The pure domain of ApiKeyRouter: keys and their state machine, quota windows,
+//! routing decisions, budgets, cost and failure classification.
+//!
+//! Invariant: this crate performs no I/O, spawns nothing and never reads a clock.
+//! Every operation that depends on time takes a [`Timestamp`] argument, so the same
+//! inputs always give the same outputs. It depends only on `std`, `serde` (derive) and
+//! `thiserror`.
+
+pub mod budget;
+pub mod cost;
+pub mod failure;
+pub mod ids;
+pub mod key;
+pub mod money;
+pub mod quota;
+pub mod request;
+pub mod routing;
+pub mod secret;
+pub mod time;
+
+pub use budget::{
+    Budget, BudgetError, BudgetLedger, BudgetPeriod, BudgetScope, BudgetStatus, Enforcement,
+    Reservation, ReservationId,
+};
+pub use cost::{CostEstimate, ModelPrice, PriceCatalogue, Reconciliation, TokenEstimate};
+pub use failure::{FailureKind, KeyAction, RetryAdvice, classify_status};
+pub use ids::{KeyId, ModelId, ProviderId, RequestId, TenantId};
+pub use key::{
+    ApiKey, KeyMetadata, KeyState, KeyStats, StateTransition, TransitionError, TransitionTrigger,
+};
+pub use money::Money;
+pub use quota::{
+    CapacityState, ExhaustionPrediction, QuotaLimits, QuotaObservation, QuotaSnapshot,
+    QuotaWindows, Uncertainty, WindowKind,
+};
+pub use request::{Message, RequestIntent, Role, TokenUsage};
+pub use routing::{
+    Constraints, Decision, Ineligibility, Objective, ObjectiveError, ObjectiveKind, RouteQuery,
+    RoutingTable,
+};
+pub use secret::{KeyMaterial, KeyMaterialError};
+pub use time::Timestamp;

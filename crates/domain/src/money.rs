@@ -1,0 +1,122 @@
+//! Money in exact integer units, so budgets add up without floating-point drift.
+
+use std::fmt;
+use std::iter::Sum;
+use std::ops::{Add, AddAssign};
+
+use serde::{Deserialize, Serialize};
+
+/// An amount of US dollars, stored as nano-dollars (1e-9 USD).
+///
+/// Nano-dollars make the cheapest token prices (fractions of a micro-dollar) exact
+/// while still holding about 18 billion dollars in a `u64`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Money(u64);
+
+const NANOS_PER_USD: f64 = 1e9;
+
+impl Money {
+    /// Nothing.
+    pub const ZERO: Self = Self(0);
+
+    /// An amount from nano-dollars.
+    pub const fn from_nanos(nanos: u64) -> Self {
+        Self(nanos)
+    }
+
+    /// An amount from dollars; negative and non-finite inputs become zero, so callers
+    /// validate user-supplied amounts before converting.
+    pub fn from_usd(usd: f64) -> Self {
+        if usd.is_finite() && usd > 0.0 {
+            Self((usd * NANOS_PER_USD).round() as u64)
+        } else {
+            Self::ZERO
+        }
+    }
+
+    /// Nano-dollars.
+    pub const fn as_nanos(self) -> u64 {
+        self.0
+    }
+
+    /// Dollars as a float, for display and reporting.
+    pub fn as_usd(self) -> f64 {
+        self.0 as f64 / NANOS_PER_USD
+    }
+
+    /// `self - other`, or zero.
+    #[must_use]
+    pub const fn saturating_sub(self, other: Self) -> Self {
+        Self(self.0.saturating_sub(other.0))
+    }
+
+    /// `self + other`, saturating.
+    #[must_use]
+    pub const fn saturating_add(self, other: Self) -> Self {
+        Self(self.0.saturating_add(other.0))
+    }
+
+    /// `self + other`, or `None` on overflow.
+    pub const fn checked_add(self, other: Self) -> Option<Self> {
+        match self.0.checked_add(other.0) {
+            Some(v) => Some(Self(v)),
+            None => None,
+        }
+    }
+
+    /// `self * n`, saturating.
+    #[must_use]
+    pub const fn times(self, n: u64) -> Self {
+        Self(self.0.saturating_mul(n))
+    }
+}
+
+impl Add for Money {
+    type Output = Self;
+    fn add(self, rhs: Self) -> Self {
+        self.saturating_add(rhs)
+    }
+}
+
+impl AddAssign for Money {
+    fn add_assign(&mut self, rhs: Self) {
+        *self = self.saturating_add(rhs);
+    }
+}
+
+impl Sum for Money {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::ZERO, Add::add)
+    }
+}
+
+impl fmt::Debug for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "${:.9}", self.as_usd())
+    }
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "${:.6}", self.as_usd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usd_round_trip_is_exact_for_small_prices() {
+        let per_token = Money::from_usd(0.075 / 1e6);
+        assert_eq!(per_token.as_nanos(), 75);
+        assert_eq!(per_token.times(1_000_000), Money::from_usd(0.075));
+    }
+
+    #[test]
+    fn invalid_amounts_become_zero() {
+        assert_eq!(Money::from_usd(-1.0), Money::ZERO);
+        assert_eq!(Money::from_usd(f64::NAN), Money::ZERO);
+    }
+}
