@@ -41,7 +41,7 @@ pub enum KeyMaterialError {
 /// only way to the raw value is [`KeyMaterial::expose`], which adapters call when
 /// building the provider's auth header.
 #[derive(Clone)]
-pub struct KeyMaterial(Box<str>);
+pub struct KeyMaterial(std::sync::Arc<str>);
 
 impl KeyMaterial {
     /// Shortest material accepted; real keys are far longer, this catches blanks and typos.

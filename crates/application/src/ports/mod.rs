@@ -1,0 +1,24 @@
+//! Ports: the traits through which the services reach the outside world.
+//!
+//! Each is object safe (`#[async_trait]`, `Send + Sync + 'static`) and held as
+//! `Arc<dyn Port>`. Mocks are generated for tests (feature `test-util`).
+
+mod audit;
+mod cipher;
+mod clock;
+mod provider;
+mod store;
+
+pub use audit::{AuditError, AuditSink};
+pub use cipher::{CipherError, SecretCipher};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use provider::{ChatResponse, FinishReason, ModelSet, Provider, ProviderCall, ProviderError};
+pub use store::{
+    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore, StoreError,
+    StoreErrorKind, UsageLedger,
+};
+
+#[cfg(any(test, feature = "test-util"))]
+pub use audit::MockAuditSink;
+#[cfg(any(test, feature = "test-util"))]
+pub use provider::MockProvider;

@@ -1,0 +1,318 @@
+//! The state-store ports: keys, usage and quota, budgets, and the request log.
+//!
+//! One adapter implements all four (memory, Redis, MongoDB); [`StateStore`] bundles
+//! them so the services hold a single `Arc<dyn StateStore>`.
+
+use std::fmt;
+use std::time::Duration;
+
+use apikeyrouter_domain::quota::QuotaDenial;
+use apikeyrouter_domain::{
+    ApiKey, Budget, BudgetError, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money,
+    QuotaLimits, QuotaObservation, QuotaSnapshot, RequestId, ReservationId, StateTransition,
+    Timestamp, TokenUsage, TransitionTrigger,
+};
+use async_trait::async_trait;
+
+use crate::records::AuditRecord;
+
+/// Kinds of store failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StoreErrorKind {
+    /// The record does not exist.
+    NotFound,
+    /// The record already exists.
+    Conflict,
+    /// The backend cannot be reached.
+    Unavailable,
+    /// The operation is not allowed (e.g. a forbidden state transition) or the stored
+    /// data is malformed.
+    Invalid,
+    /// Anything else.
+    Internal,
+}
+
+/// A store failure.
+#[derive(Debug)]
+pub struct StoreError {
+    /// What kind.
+    pub kind: StoreErrorKind,
+    /// What happened, naming the record.
+    pub message: String,
+    /// The backend's error.
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StoreError {
+    /// An error of `kind`.
+    pub fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `NotFound` for a key.
+    pub fn key_not_found(id: &KeyId) -> Self {
+        Self::new(StoreErrorKind::NotFound, format!("key {id} not found"))
+    }
+
+    /// Adds the backend's error.
+    #[must_use]
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind == StoreErrorKind::Unavailable
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// The result of one call, for a key's counters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KeyOutcome {
+    /// Whether it succeeded.
+    pub success: bool,
+    /// Whether it failed with a rate limit (drives cooldown backoff).
+    pub rate_limited: bool,
+    /// Time to answer.
+    pub latency: Duration,
+    /// Tokens consumed.
+    pub usage: TokenUsage,
+    /// Money spent.
+    pub cost: Money,
+    /// When it finished.
+    pub now: Timestamp,
+}
+
+/// Keys and their state.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Adds a key.
+    ///
+    /// # Errors
+    /// `Conflict` if a key with its id exists.
+    async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError>;
+
+    /// One key.
+    ///
+    /// # Errors
+    /// `NotFound` if absent.
+    async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError>;
+
+    /// Every key, in id order.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+
+    /// Replaces a key's metadata and returns the key.
+    ///
+    /// # Errors
+    /// `NotFound` if absent.
+    async fn update_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<ApiKey, StoreError>;
+
+    /// Removes a key with its counters and transitions.
+    ///
+    /// # Errors
+    /// `NotFound` if absent.
+    async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError>;
+
+    /// Moves a key to `to` atomically and records the transition.
+    ///
+    /// # Errors
+    /// `NotFound` if absent; `Invalid` if the state machine forbids it (nothing changes).
+    async fn transition(
+        &self,
+        id: &KeyId,
+        to: KeyState,
+        trigger: TransitionTrigger,
+        reason: String,
+        cooldown_until: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<StateTransition, StoreError>;
+
+    /// A key's recorded transitions, oldest first.
+    ///
+    /// # Errors
+    /// `NotFound` if the key is absent.
+    async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError>;
+
+    /// Adds one call's outcome to a key's counters and returns them.
+    ///
+    /// # Errors
+    /// `NotFound` if absent.
+    async fn record_outcome(&self, id: &KeyId, outcome: KeyOutcome)
+    -> Result<KeyStats, StoreError>;
+}
+
+/// Everything charged for one attempt, all-or-nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Charge {
+    /// Unique per attempt; reserving it twice replaces the first reservation.
+    pub reservation: ReservationId,
+    /// Key that will serve.
+    pub key_id: KeyId,
+    /// Its limits.
+    pub limits: QuotaLimits,
+    /// Estimated tokens (prompt plus completion bound).
+    pub est_tokens: u64,
+    /// Estimated cost.
+    pub est_cost: Money,
+    /// Budgets the attempt counts against.
+    pub budget_ids: Vec<String>,
+    /// When.
+    pub now: Timestamp,
+}
+
+/// Why a charge was refused.
+#[derive(Debug)]
+pub enum ChargeRejection {
+    /// A quota window of the key is full.
+    Quota(QuotaDenial),
+    /// A hard budget cannot take the estimate.
+    Budget(BudgetError),
+    /// The store failed.
+    Store(StoreError),
+}
+
+impl From<StoreError> for ChargeRejection {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+/// Request and token windows, budget reservations, quota observations.
+#[async_trait]
+pub trait UsageLedger: Send + Sync + 'static {
+    /// Checks every quota window of the key and every budget in `charge`, and if all
+    /// fit, counts the request and reserves the estimate in each, atomically: either
+    /// everything is charged or nothing is.
+    ///
+    /// # Errors
+    /// [`ChargeRejection`] naming the first window or budget that did not fit.
+    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection>;
+
+    /// Replaces the estimate with the actual tokens and cost, and returns the status
+    /// of every budget charged.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn settle(
+        &self,
+        charge: &Charge,
+        actual_tokens: u64,
+        actual_cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError>;
+
+    /// Gives back the estimate of an attempt that cost nothing. The request still
+    /// counts against the key's request windows (the provider counted it too).
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn release(&self, charge: &Charge) -> Result<(), StoreError>;
+
+    /// Applies rate-limit headers the provider sent for a key.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn observe_quota(
+        &self,
+        id: &KeyId,
+        observation: QuotaObservation,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// A key's quota state.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn quota_snapshot(
+        &self,
+        id: &KeyId,
+        limits: &QuotaLimits,
+        now: Timestamp,
+    ) -> Result<QuotaSnapshot, StoreError>;
+}
+
+/// Budget definitions and their ledgers.
+#[async_trait]
+pub trait BudgetStore: Send + Sync + 'static {
+    /// Adds or replaces a budget, starting it with `spent` already spent this period.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn put_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError>;
+
+    /// Every budget's definition.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError>;
+
+    /// Every budget's status at `now`, in id order.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError>;
+
+    /// Removes a budget.
+    ///
+    /// # Errors
+    /// `NotFound` if absent.
+    async fn delete_budget(&self, id: &str) -> Result<(), StoreError>;
+}
+
+/// Records of routed requests, for look-up by request id.
+#[async_trait]
+pub trait RequestLog: Send + Sync + 'static {
+    /// Stores a request's record (decision, attempts, outcome).
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError>;
+
+    /// A request's record, if kept.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError>;
+}
+
+/// Everything a store adapter provides.
+#[async_trait]
+pub trait StateStore: KeyStore + UsageLedger + BudgetStore + RequestLog {
+    /// The backend's name (`memory`, `redis`, `mongodb`).
+    fn kind(&self) -> &'static str;
+
+    /// Checks the backend is reachable.
+    ///
+    /// # Errors
+    /// `Unavailable` when it is not.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

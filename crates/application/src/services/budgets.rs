@@ -1,0 +1,104 @@
+//! Budget management and reporting.
+
+use std::sync::Arc;
+
+use apikeyrouter_domain::{Budget, BudgetStatus, Money};
+
+use super::core::Shared;
+use super::errors::BudgetServiceError;
+use crate::ports::StoreErrorKind;
+
+/// Adds, lists and removes budgets.
+#[derive(Clone)]
+pub struct BudgetService {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for BudgetService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BudgetService")
+    }
+}
+
+impl BudgetService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Adds or replaces a budget (by id), with `spent` already spent this period.
+    ///
+    /// # Errors
+    /// A store failure; nothing changes then.
+    pub async fn put(
+        &self,
+        budget: Budget,
+        spent: Money,
+    ) -> Result<BudgetStatus, BudgetServiceError> {
+        let now = self.shared.clock.now();
+        let status = self
+            .shared
+            .store
+            .put_budget(budget.clone(), spent, now)
+            .await?;
+        let mut budgets: Vec<Budget> = self
+            .shared
+            .budgets()
+            .iter()
+            .filter(|b| b.id != budget.id)
+            .cloned()
+            .collect();
+        tracing::info!(budget_id = %budget.id, limit = %budget.limit, "budget set");
+        budgets.push(budget);
+        budgets.sort_by(|a, b| a.id.cmp(&b.id));
+        self.shared.set_budgets(budgets);
+        Ok(status)
+    }
+
+    /// Every budget's status, in id order.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn list(&self) -> Result<Vec<BudgetStatus>, BudgetServiceError> {
+        Ok(self
+            .shared
+            .store
+            .budget_statuses(self.shared.clock.now())
+            .await?)
+    }
+
+    /// One budget's status.
+    ///
+    /// # Errors
+    /// [`BudgetServiceError::NotFound`] or a store failure.
+    pub async fn get(&self, id: &str) -> Result<BudgetStatus, BudgetServiceError> {
+        self.list()
+            .await?
+            .into_iter()
+            .find(|b| b.budget_id == id)
+            .ok_or_else(|| BudgetServiceError::NotFound(id.to_owned()))
+    }
+
+    /// Removes a budget.
+    ///
+    /// # Errors
+    /// [`BudgetServiceError::NotFound`] or a store failure.
+    pub async fn remove(&self, id: &str) -> Result<(), BudgetServiceError> {
+        self.shared
+            .store
+            .delete_budget(id)
+            .await
+            .map_err(|e| match e.kind {
+                StoreErrorKind::NotFound => BudgetServiceError::NotFound(id.to_owned()),
+                _ => BudgetServiceError::Store(e),
+            })?;
+        let budgets = self
+            .shared
+            .budgets()
+            .iter()
+            .filter(|b| b.id != id)
+            .cloned()
+            .collect();
+        self.shared.set_budgets(budgets);
+        Ok(())
+    }
+}

@@ -1,0 +1,317 @@
+//! The shared core behind every service: ports, the local routing table, and cached
+//! keys, providers, budgets and prices.
+//!
+//! Locks here are held for microseconds and never across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use apikeyrouter_domain::budget::ChargeContext;
+use apikeyrouter_domain::cost::TokenEstimate;
+use apikeyrouter_domain::routing::ProviderOffer;
+use apikeyrouter_domain::{
+    ApiKey, Budget, KeyId, KeyMaterial, ModelId, PriceCatalogue, ProviderId, QuotaLimits,
+    RoutingTable,
+};
+
+use super::budgets::BudgetService;
+use super::ids::IdGenerator;
+use super::keys::KeyService;
+use super::quota::QuotaService;
+use super::router::RouterService;
+use super::settings::RouterSettings;
+use crate::ports::{AuditSink, Clock, ModelSet, Provider, StateStore, StoreError};
+
+/// Per-provider settings given at registration.
+#[derive(Clone, Debug, Default)]
+pub struct ProviderSettings {
+    /// Models served; `None` takes the provider's default set.
+    pub models: Option<Vec<ModelId>>,
+}
+
+/// A registered provider.
+pub(crate) struct ProviderEntry {
+    pub(crate) id: ProviderId,
+    pub(crate) client: Arc<dyn Provider>,
+    pub(crate) models: ModelSet,
+}
+
+/// What the hot path needs of a key, without a store round trip.
+#[derive(Debug)]
+pub(crate) struct KeyHandle {
+    pub(crate) provider: ProviderId,
+    pub(crate) material: KeyMaterial,
+    pub(crate) limits: QuotaLimits,
+}
+
+impl KeyHandle {
+    pub(crate) fn of(key: &ApiKey) -> Self {
+        Self {
+            provider: key.provider.clone(),
+            material: key.material.clone(),
+            limits: QuotaLimits::from_metadata(&key.metadata),
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) audit: Arc<dyn AuditSink>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) ids: IdGenerator,
+    pub(crate) table: Mutex<RoutingTable>,
+    pub(crate) keys: RwLock<HashMap<KeyId, Arc<KeyHandle>>>,
+    /// Copy-on-write: registration is rare, reads are per request.
+    pub(crate) providers: RwLock<Arc<Vec<Arc<ProviderEntry>>>>,
+    pub(crate) budgets: RwLock<Arc<Vec<Budget>>>,
+    pub(crate) catalogue: RwLock<Arc<PriceCatalogue>>,
+    pub(crate) settings: RwLock<Arc<RouterSettings>>,
+}
+
+/// Reads through a lock even if a panicking thread poisoned it: every value behind
+/// these locks is replaced whole, so it is never left half-written.
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    lock.read().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+fn write<T>(lock: &RwLock<T>, value: T) {
+    *lock.write().unwrap_or_else(PoisonError::into_inner) = value;
+}
+
+impl Shared {
+    pub(crate) fn table(&self) -> MutexGuard<'_, RoutingTable> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn settings(&self) -> Arc<RouterSettings> {
+        read(&self.settings)
+    }
+
+    pub(crate) fn catalogue(&self) -> Arc<PriceCatalogue> {
+        read(&self.catalogue)
+    }
+
+    pub(crate) fn providers(&self) -> Arc<Vec<Arc<ProviderEntry>>> {
+        read(&self.providers)
+    }
+
+    pub(crate) fn budgets(&self) -> Arc<Vec<Budget>> {
+        read(&self.budgets)
+    }
+
+    pub(crate) fn set_budgets(&self, budgets: Vec<Budget>) {
+        write(&self.budgets, Arc::new(budgets));
+    }
+
+    pub(crate) fn provider(&self, id: &ProviderId) -> Option<Arc<ProviderEntry>> {
+        self.providers().iter().find(|p| &p.id == id).cloned()
+    }
+
+    pub(crate) fn key_handle(&self, id: &KeyId) -> Option<Arc<KeyHandle>> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// Caches a key for the hot path and indexes it for routing.
+    pub(crate) fn cache_key(&self, key: &ApiKey) {
+        self.keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.id.clone(), Arc::new(KeyHandle::of(key)));
+        self.table().upsert(key);
+    }
+
+    pub(crate) fn forget_key(&self, id: &KeyId) {
+        self.keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        self.table().remove(id);
+    }
+
+    /// Providers that may serve `model`, with this request's estimated cost on each.
+    pub(crate) fn offers(
+        &self,
+        model: &ModelId,
+        only: Option<&ProviderId>,
+        estimate: &TokenEstimate,
+    ) -> Vec<ProviderOffer> {
+        let catalogue = self.catalogue();
+        self.providers()
+            .iter()
+            .filter(|p| only.is_none_or(|o| o == &p.id) && p.models.contains(model))
+            .map(|p| ProviderOffer {
+                provider: p.id.clone(),
+                est_cost: catalogue.estimate(&p.id, model, estimate).cost,
+            })
+            .collect()
+    }
+
+    /// Ids of the budgets a request described by `ctx` counts against.
+    pub(crate) fn applicable_budgets(&self, ctx: &ChargeContext<'_>) -> Vec<String> {
+        self.budgets()
+            .iter()
+            .filter(|b| b.scope.covers(ctx))
+            .map(|b| b.id.clone())
+            .collect()
+    }
+}
+
+/// The assembled services over one store, audit sink and clock.
+#[derive(Clone)]
+pub struct ApiKeyRouterCore {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ApiKeyRouterCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyRouterCore")
+            .field("store", &self.shared.store.kind())
+            .finish()
+    }
+}
+
+impl ApiKeyRouterCore {
+    /// Services over `store`, recording to `audit`, telling time by `clock`.
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        audit: Arc<dyn AuditSink>,
+        clock: Arc<dyn Clock>,
+        settings: RouterSettings,
+        catalogue: PriceCatalogue,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                audit,
+                clock,
+                ids: IdGenerator::new(),
+                table: Mutex::new(RoutingTable::new()),
+                keys: RwLock::new(HashMap::new()),
+                providers: RwLock::new(Arc::new(Vec::new())),
+                budgets: RwLock::new(Arc::new(Vec::new())),
+                catalogue: RwLock::new(Arc::new(catalogue)),
+                settings: RwLock::new(Arc::new(settings)),
+            }),
+        }
+    }
+
+    /// Loads keys and budgets already in the store (a durable store after a restart).
+    ///
+    /// # Errors
+    /// The store's error when it cannot be read.
+    pub async fn load(&self) -> Result<usize, StoreError> {
+        let keys = self.shared.store.list_keys().await?;
+        for key in &keys {
+            self.shared.cache_key(key);
+        }
+        let budgets = self.shared.store.list_budgets().await?;
+        self.shared.set_budgets(budgets);
+        Ok(keys.len())
+    }
+
+    /// Registers (or replaces) a provider under `id`.
+    pub fn register_provider(
+        &self,
+        id: ProviderId,
+        client: Arc<dyn Provider>,
+        settings: ProviderSettings,
+    ) {
+        let models = settings
+            .models
+            .map_or_else(|| client.default_models(), ModelSet::Only);
+        let entry = Arc::new(ProviderEntry {
+            id: id.clone(),
+            client,
+            models,
+        });
+        let mut lock = self
+            .shared
+            .providers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut providers: Vec<_> = lock.iter().filter(|p| p.id != id).cloned().collect();
+        providers.push(entry);
+        *lock = Arc::new(providers);
+    }
+
+    /// Registered provider ids, in registration order, with their adapter kinds.
+    pub fn providers(&self) -> Vec<(ProviderId, &'static str)> {
+        self.shared
+            .providers()
+            .iter()
+            .map(|p| (p.id.clone(), p.client.kind()))
+            .collect()
+    }
+
+    /// Models the registered providers serve (`None` for a provider serving any).
+    pub fn models(&self) -> Vec<(ProviderId, Option<Vec<ModelId>>)> {
+        self.shared
+            .providers()
+            .iter()
+            .map(|p| {
+                let models = match &p.models {
+                    ModelSet::Any => None,
+                    ModelSet::Only(m) => Some(m.clone()),
+                };
+                (p.id.clone(), models)
+            })
+            .collect()
+    }
+
+    /// Replaces the router settings (objective, attempts, fallbacks...).
+    pub fn set_settings(&self, settings: RouterSettings) {
+        write(&self.shared.settings, Arc::new(settings));
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> Arc<RouterSettings> {
+        self.shared.settings()
+    }
+
+    /// Replaces the price catalogue.
+    pub fn set_catalogue(&self, catalogue: PriceCatalogue) {
+        write(&self.shared.catalogue, Arc::new(catalogue));
+    }
+
+    /// The price catalogue.
+    pub fn catalogue(&self) -> Arc<PriceCatalogue> {
+        self.shared.catalogue()
+    }
+
+    /// Routing.
+    pub fn router(&self) -> RouterService {
+        RouterService::new(self.shared.clone())
+    }
+
+    /// Key management.
+    pub fn keys(&self) -> KeyService {
+        KeyService::new(self.shared.clone())
+    }
+
+    /// Quota queries.
+    pub fn quota(&self) -> QuotaService {
+        QuotaService::new(self.shared.clone())
+    }
+
+    /// Budgets.
+    pub fn budgets(&self) -> BudgetService {
+        BudgetService::new(self.shared.clone())
+    }
+
+    /// The store's backend name.
+    pub fn store_kind(&self) -> &'static str {
+        self.shared.store.kind()
+    }
+
+    /// Checks the store is reachable.
+    ///
+    /// # Errors
+    /// The store's error when it is not.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.shared.store.ping().await
+    }
+}

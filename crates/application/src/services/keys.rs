@@ -1,0 +1,244 @@
+//! Key management: register, list, inspect, update, delete, change state.
+
+use std::sync::Arc;
+
+use apikeyrouter_domain::key::KeyInfo;
+use apikeyrouter_domain::{
+    ApiKey, KeyId, KeyMaterial, KeyMetadata, KeyState, ProviderId, StateTransition,
+    TransitionError, TransitionTrigger,
+};
+
+use super::core::Shared;
+use super::errors::{KeyServiceError, RegisterKeyError};
+use crate::ports::StoreErrorKind;
+
+/// Registers and manages keys.
+#[derive(Clone)]
+pub struct KeyService {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KeyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyService")
+    }
+}
+
+/// Rejects metadata that cannot be right (zero limits, empty names).
+pub(crate) fn validate_metadata(m: &KeyMetadata) -> Result<(), String> {
+    for (name, value) in [
+        ("rpm", m.rpm),
+        ("tpm", m.tpm),
+        ("rpd", m.rpd),
+        ("tpd", m.tpd),
+        ("monthly_tokens", m.monthly_tokens),
+    ] {
+        if value == Some(0) {
+            return Err(format!("{name} must be greater than zero when set"));
+        }
+    }
+    if m.tenant
+        .as_ref()
+        .is_some_and(|t| t.as_str().trim().is_empty())
+    {
+        return Err("tenant must not be empty".to_owned());
+    }
+    if m.models.as_ref().is_some_and(Vec::is_empty) {
+        return Err("models must list at least one model when set".to_owned());
+    }
+    Ok(())
+}
+
+impl KeyService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Registers a key for `provider`. The key gets a fresh id; its material is
+    /// never returned, only masked.
+    ///
+    /// # Errors
+    /// [`RegisterKeyError`] for an unknown provider, malformed material or metadata,
+    /// material already registered, or a store failure. Nothing is stored then.
+    pub async fn register(
+        &self,
+        material: &str,
+        provider: &ProviderId,
+        metadata: KeyMetadata,
+    ) -> Result<KeyInfo, RegisterKeyError> {
+        if self.shared.provider(provider).is_none() {
+            return Err(RegisterKeyError::UnknownProvider(provider.clone()));
+        }
+        let material = KeyMaterial::parse(material)?;
+        validate_metadata(&metadata).map_err(RegisterKeyError::Metadata)?;
+        let duplicate = self
+            .shared
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(_, h)| &h.provider == provider && h.material == material)
+            .map(|(id, _)| id.clone());
+        if let Some(id) = duplicate {
+            return Err(RegisterKeyError::Duplicate(id));
+        }
+        let key = ApiKey::new(
+            self.shared.ids.key_id(),
+            provider.clone(),
+            material,
+            metadata,
+            self.shared.clock.now(),
+        );
+        self.shared.store.insert_key(key.clone()).await?;
+        self.shared.cache_key(&key);
+        tracing::info!(key_id = %key.id, provider = %provider, "key registered");
+        Ok(key.info())
+    }
+
+    /// One key.
+    ///
+    /// # Errors
+    /// [`KeyServiceError::NotFound`] or a store failure.
+    pub async fn get(&self, id: &KeyId) -> Result<KeyInfo, KeyServiceError> {
+        self.sync_wakeups().await;
+        let key = self
+            .shared
+            .store
+            .get_key(id)
+            .await
+            .map_err(|e| KeyServiceError::from_store(id, e))?;
+        Ok(key.info())
+    }
+
+    /// Every key, in id order.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn list(&self) -> Result<Vec<KeyInfo>, KeyServiceError> {
+        self.sync_wakeups().await;
+        let keys = self
+            .shared
+            .store
+            .list_keys()
+            .await
+            .map_err(KeyServiceError::Store)?;
+        Ok(keys.iter().map(ApiKey::info).collect())
+    }
+
+    /// Replaces a key's metadata (tenant, limits, models, tags).
+    ///
+    /// # Errors
+    /// [`KeyServiceError::NotFound`], invalid metadata, or a store failure.
+    pub async fn update_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<KeyInfo, KeyServiceError> {
+        validate_metadata(&metadata).map_err(KeyServiceError::Metadata)?;
+        let key = self
+            .shared
+            .store
+            .update_metadata(id, metadata)
+            .await
+            .map_err(|e| KeyServiceError::from_store(id, e))?;
+        self.shared.cache_key(&key);
+        Ok(key.info())
+    }
+
+    /// Removes a key; it gets no further traffic.
+    ///
+    /// # Errors
+    /// [`KeyServiceError::NotFound`] or a store failure.
+    pub async fn delete(&self, id: &KeyId) -> Result<(), KeyServiceError> {
+        self.shared
+            .store
+            .delete_key(id)
+            .await
+            .map_err(|e| KeyServiceError::from_store(id, e))?;
+        self.shared.forget_key(id);
+        tracing::info!(key_id = %id, "key deleted");
+        Ok(())
+    }
+
+    /// Disables a key or makes it available again, by hand.
+    ///
+    /// # Errors
+    /// [`KeyServiceError::NotManual`] for other states, a forbidden transition (e.g.
+    /// disabling a disabled key), not found, or a store failure.
+    pub async fn set_state(
+        &self,
+        id: &KeyId,
+        state: KeyState,
+        reason: &str,
+    ) -> Result<StateTransition, KeyServiceError> {
+        if !matches!(state, KeyState::Disabled | KeyState::Available) {
+            return Err(KeyServiceError::NotManual(state.as_str()));
+        }
+        let now = self.shared.clock.now();
+        let reason = if reason.trim().is_empty() {
+            "manual change".to_owned()
+        } else {
+            reason.to_owned()
+        };
+        let transition = self
+            .shared
+            .store
+            .transition(id, state, TransitionTrigger::Manual, reason, None, now)
+            .await
+            .map_err(|e| match e.kind {
+                StoreErrorKind::Invalid => match self.shared.table().state(id) {
+                    Some(from) => KeyServiceError::Transition(TransitionError {
+                        key_id: id.clone(),
+                        from,
+                        to: state,
+                    }),
+                    None => KeyServiceError::Store(e),
+                },
+                _ => KeyServiceError::from_store(id, e),
+            })?;
+        self.shared.table().set_state(id, state, None);
+        tracing::info!(key_id = %id, from = transition.from.as_str(), to = state.as_str(), "key state changed by hand");
+        Ok(transition)
+    }
+
+    /// A key's recorded state transitions, oldest first.
+    ///
+    /// # Errors
+    /// [`KeyServiceError::NotFound`] or a store failure.
+    pub async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, KeyServiceError> {
+        self.sync_wakeups().await;
+        self.shared
+            .store
+            .transitions(id)
+            .await
+            .map_err(|e| KeyServiceError::from_store(id, e))
+    }
+
+    /// Applies cooldowns that ended while no request came, so what is reported is current.
+    pub(crate) async fn sync_wakeups(&self) {
+        sync_wakeups(&self.shared).await;
+    }
+}
+
+/// Persists the transitions the routing table made by itself (ended cooldowns).
+pub(crate) async fn sync_wakeups(shared: &Shared) {
+    let transitions: Vec<StateTransition> = {
+        let mut table = shared.table();
+        table.wake(shared.clock.now());
+        table.drain_transitions().collect()
+    };
+    persist_transitions(shared, transitions).await;
+}
+
+pub(crate) async fn persist_transitions(shared: &Shared, transitions: Vec<StateTransition>) {
+    for t in transitions {
+        if let Err(e) = shared
+            .store
+            .transition(&t.key_id, t.to, t.trigger, t.reason, None, t.at)
+            .await
+        {
+            // Another instance may have moved the key first; the table follows the store.
+            tracing::debug!(key_id = %t.key_id, error = %e, "table transition not persisted");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Use-case services. They share one [`ApiKeyRouterCore`]: the store, the providers,
+//! the local routing table and the cached configuration.
+
+mod budgets;
+mod core;
+mod errors;
+mod ids;
+mod keys;
+mod quota;
+mod router;
+mod settings;
+
+pub use budgets::BudgetService;
+pub use core::{ApiKeyRouterCore, ProviderSettings};
+pub use errors::{
+    BudgetServiceError, KeyServiceError, RegisterKeyError, RouteError, RouteErrorKind,
+};
+pub use keys::KeyService;
+pub use quota::{KeyQuota, QuotaService};
+pub use router::{RequestContext, RouterService};
+pub use settings::RouterSettings;
