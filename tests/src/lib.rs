@@ -1,1 +1,11 @@
-//! placeholder
+//! Cross-crate integration tests: the seed's use cases played through the
+//! `apikeyrouter` facade with the in-memory store and the simulated provider.
+//!
+//! This is the workspace's one integration-test crate; it may depend on anything.
+
+#[cfg(test)]
+mod bad_input;
+#[cfg(test)]
+mod support;
+#[cfg(test)]
+mod use_cases;

@@ -84,17 +84,85 @@ fn ci(sh: &Shell, root: &Path) -> Result<()> {
         )
         .run()?)
     })?;
-    step("services", || ensure_services(sh))?;
-    step("test", || {
-        Ok(cmd!(sh, "cargo test --workspace --all-features").run()?)
-    })?;
     step("doc", || {
         Ok(cmd!(sh, "cargo doc --workspace --no-deps --all-features")
             .env("RUSTDOCFLAGS", "-D warnings")
             .run()?)
     })?;
+    step("services", || ensure_services(sh))?;
+    // Tests run last so that the summary line closes the output.
+    let mut totals = TestTotals::default();
+    step("test", || {
+        totals = run_tests(root)?;
+        Ok(())
+    })?;
     println!("==> ci: all steps passed");
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     Ok(())
+}
+
+/// Sums of cargo's `test result:` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+}
+
+/// Reads `test result: ok. 12 passed; 0 failed; ...` into its counts.
+fn parse_test_result(line: &str) -> Option<TestTotals> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let count = |word: &str| -> Option<u64> {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .strip_suffix(word)?
+                .trim()
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    };
+    Some(TestTotals {
+        passed: count("passed")?,
+        failed: count("failed")?,
+    })
+}
+
+/// Runs the workspace tests, echoing their output and summing the results, so CI can
+/// print one closing `N passed, N failed` line.
+fn run_tests(root: &Path) -> Result<TestTotals> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .args(["test", "--workspace", "--all-features"])
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start cargo test")?;
+    let mut totals = TestTotals::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(t) = parse_test_result(&line) {
+                totals.passed += t.passed;
+                totals.failed += t.failed;
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "cargo test failed ({} passed, {} failed)",
+            totals.passed,
+            totals.failed
+        );
+    }
+    if totals.passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(totals)
 }
 
 /// Prints a banner, runs one CI step and names the step if it fails.
@@ -141,4 +209,22 @@ fn example(sh: &Shell) -> Result<()> {
     )
     .run()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::*;
+
+    #[test]
+    fn test_result_lines_are_parsed() {
+        let line = "test result: ok. 53 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.49s";
+        assert_eq!(
+            parse_test_result(line),
+            Some(TestTotals {
+                passed: 53,
+                failed: 2
+            })
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }

@@ -99,7 +99,7 @@ impl fmt::Debug for Money {
 
 impl fmt::Display for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "${:.6}", self.as_usd())
+        f.pad(&format!("${:.6}", self.as_usd()))
     }
 }
 

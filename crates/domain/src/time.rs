@@ -1,5 +1,6 @@
 //! Time as data. The domain never reads a clock: callers pass a [`Timestamp`] in.
 
+use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,20 @@ impl Timestamp {
     }
 }
 
+impl fmt::Display for Timestamp {
+    /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-27T10:30:00.000Z`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (y, m, d) = self.civil_date();
+        let ms_of_day = self.0 % MS_PER_DAY;
+        let (h, rest) = (ms_of_day / 3_600_000, ms_of_day % 3_600_000);
+        let (min, rest) = (rest / 60_000, rest % 60_000);
+        let (s, ms) = (rest / 1000, rest % 1000);
+        f.pad(&format!(
+            "{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{ms:03}Z"
+        ))
+    }
+}
+
 /// Howard Hinnant's algorithm: days since epoch to proleptic Gregorian date.
 fn civil_from_days(days: u64) -> (i64, u32, u32) {
     let z = days as i64 + 719_468;
@@ -120,6 +135,14 @@ mod tests {
                 .start_of_next_month()
                 .civil_date(),
             (2027, 1, 1)
+        );
+    }
+
+    #[test]
+    fn displays_as_rfc3339() {
+        assert_eq!(
+            FRIDAY.plus(Duration::from_millis(1_234)).to_string(),
+            "2026-11-27T10:30:01.234Z"
         );
     }
 

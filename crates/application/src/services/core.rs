@@ -11,7 +11,7 @@ use apikeyrouter_domain::cost::TokenEstimate;
 use apikeyrouter_domain::routing::ProviderOffer;
 use apikeyrouter_domain::{
     ApiKey, Budget, KeyId, KeyMaterial, ModelId, PriceCatalogue, ProviderId, QuotaLimits,
-    RoutingTable,
+    RequestId, RoutingTable,
 };
 
 use super::budgets::BudgetService;
@@ -21,6 +21,7 @@ use super::quota::QuotaService;
 use super::router::RouterService;
 use super::settings::RouterSettings;
 use crate::ports::{AuditSink, Clock, ModelSet, Provider, StateStore, StoreError};
+use crate::records::AuditRecord;
 
 /// Per-provider settings given at registration.
 #[derive(Clone, Debug, Default)]
@@ -300,6 +301,14 @@ impl ApiKeyRouterCore {
     /// Budgets.
     pub fn budgets(&self) -> BudgetService {
         BudgetService::new(self.shared.clone())
+    }
+
+    /// The decision and audit record of a past request, if the store kept it.
+    ///
+    /// # Errors
+    /// The store's error when it cannot be read.
+    pub async fn request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
+        self.shared.store.get_request(id).await
     }
 
     /// The store's backend name.

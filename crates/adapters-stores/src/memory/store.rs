@@ -1,0 +1,502 @@
+//! [`MemoryStore`]: every state-store port over `std::sync` locks.
+//!
+//! Locking scheme (the reason it stays fast under many concurrent requests):
+//! - Each key and each budget sits behind its own `Mutex`, in a map behind a `RwLock`.
+//!   The maps are read-locked just long enough to clone an entry's `Arc`, and
+//!   write-locked only to insert or remove an entry, so requests for different keys
+//!   never wait for each other and no single lock serializes the hot path.
+//! - Lock order: a map lock may be held while taking an entry lock (insert, delete,
+//!   replace), never the other way round; a key entry is locked before budget entries,
+//!   and budget entries in ascending id order. This order rules out deadlock.
+//! - No lock is held across an `.await`: every method body is synchronous.
+//! - A removed entry is set to `None` under its own lock before the map lock is
+//!   released, so an operation that found the entry just before the removal either
+//!   completes first or sees `None` and reports `NotFound`.
+//! - A poisoned lock is recovered: every critical section leaves its data consistent
+//!   between domain calls, and the domain calls do not panic.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use apikeyrouter_application::ports::{
+    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore, StoreError,
+    StoreErrorKind, UsageLedger,
+};
+use apikeyrouter_application::records::AuditRecord;
+use apikeyrouter_domain::{
+    ApiKey, Budget, BudgetLedger, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money,
+    QuotaLimits, QuotaObservation, QuotaSnapshot, QuotaWindows, RequestId, StateTransition,
+    Timestamp, TransitionTrigger,
+};
+use async_trait::async_trait;
+
+/// How many request records a [`MemoryStore`] keeps by default.
+pub const DEFAULT_REQUEST_CAPACITY: usize = 100_000;
+
+/// Everything stored about one key.
+struct KeyEntry {
+    key: ApiKey,
+    quota: QuotaWindows,
+    /// Oldest first.
+    transitions: Vec<StateTransition>,
+}
+
+/// `None` once the key or budget has been deleted (see the module docs).
+type KeySlot = Arc<Mutex<Option<KeyEntry>>>;
+type BudgetSlot = Arc<Mutex<Option<BudgetLedger>>>;
+
+/// The newest request records, at most `capacity` of them.
+struct RequestRing {
+    capacity: usize,
+    /// Ids in insertion order, oldest first. Invariant: the same ids as `records`.
+    order: VecDeque<RequestId>,
+    records: HashMap<RequestId, Arc<AuditRecord>>,
+}
+
+impl RequestRing {
+    /// Stores `record`, returning the evicted records so the caller can drop them
+    /// after releasing the lock. Saving an id again replaces its record in place.
+    fn insert(&mut self, record: Arc<AuditRecord>) -> Vec<Arc<AuditRecord>> {
+        let mut evicted = Vec::new();
+        if self.capacity == 0 {
+            evicted.push(record);
+            return evicted;
+        }
+        if let Some(slot) = self.records.get_mut(&record.request_id) {
+            evicted.push(std::mem::replace(slot, record));
+            return evicted;
+        }
+        while self.order.len() >= self.capacity {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            evicted.extend(self.records.remove(&oldest));
+        }
+        self.order.push_back(record.request_id.clone());
+        self.records.insert(record.request_id.clone(), record);
+        evicted
+    }
+}
+
+/// Keys, quota windows, budgets and the request log in process memory.
+///
+/// Implements every state-store port; cheap to share as `Arc<dyn StateStore>`.
+/// Safe and fast under concurrency: see the module docs for the locking scheme.
+pub struct MemoryStore {
+    keys: RwLock<HashMap<KeyId, KeySlot>>,
+    budgets: RwLock<HashMap<String, BudgetSlot>>,
+    requests: Mutex<RequestRing>,
+}
+
+impl MemoryStore {
+    /// An empty store keeping up to [`DEFAULT_REQUEST_CAPACITY`] request records.
+    pub fn new() -> Self {
+        Self::with_request_capacity(DEFAULT_REQUEST_CAPACITY)
+    }
+
+    /// An empty store keeping the newest `capacity` request records (none when 0).
+    pub fn with_request_capacity(capacity: usize) -> Self {
+        Self {
+            keys: RwLock::new(HashMap::new()),
+            budgets: RwLock::new(HashMap::new()),
+            requests: Mutex::new(RequestRing {
+                capacity,
+                order: VecDeque::new(),
+                records: HashMap::new(),
+            }),
+        }
+    }
+
+    fn key_slot(&self, id: &KeyId) -> Result<KeySlot, StoreError> {
+        read(&self.keys)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StoreError::key_not_found(id))
+    }
+
+    /// Runs `f` on a key's entry under its lock.
+    fn with_key<R>(&self, id: &KeyId, f: impl FnOnce(&mut KeyEntry) -> R) -> Result<R, StoreError> {
+        let slot = self.key_slot(id)?;
+        let mut guard = lock(&slot);
+        let entry = guard
+            .as_mut()
+            .ok_or_else(|| StoreError::key_not_found(id))?;
+        Ok(f(entry))
+    }
+
+    /// The ledgers of the known budgets among `ids`, in ascending id order without
+    /// duplicates (the lock order; a duplicate would deadlock).
+    fn budget_slots(&self, ids: &[String]) -> Vec<BudgetSlot> {
+        let mut ids: Vec<&String> = ids.iter().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let budgets = read(&self.budgets);
+        ids.into_iter()
+            .filter_map(|id| budgets.get(id).cloned())
+            .collect()
+    }
+
+    /// Every budget's ledger, in id order.
+    fn all_budget_slots(&self) -> Vec<BudgetSlot> {
+        let budgets = read(&self.budgets);
+        let mut slots: Vec<(&String, &BudgetSlot)> = budgets.iter().collect();
+        slots.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        slots.into_iter().map(|(_, slot)| slot.clone()).collect()
+    }
+
+    fn reserve_now(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        let key_slot = self.key_slot(&charge.key_id)?;
+        let budget_slots = self.budget_slots(&charge.budget_ids);
+        let mut key_guard = lock(&key_slot);
+        let entry = key_guard
+            .as_mut()
+            .ok_or_else(|| StoreError::key_not_found(&charge.key_id))?;
+        let mut ledger_guards: Vec<_> = budget_slots.iter().map(|slot| lock(slot)).collect();
+        let mut ledgers: Vec<&mut BudgetLedger> = ledger_guards
+            .iter_mut()
+            .filter_map(|g| g.as_mut())
+            .collect();
+
+        // Check everything first, under every lock, so a refusal changes nothing.
+        // Rolling windows and periods to `now` is not a change: every reader rolls too.
+        entry
+            .quota
+            .check(&charge.limits, charge.est_tokens, charge.now)
+            .map_err(ChargeRejection::Quota)?;
+        for ledger in &mut ledgers {
+            ledger.roll(charge.now);
+            ledger
+                .check(charge.est_cost)
+                .map_err(ChargeRejection::Budget)?;
+        }
+
+        // Invariant: the applies below cannot fail. Each repeats a check that just
+        // passed, at the same instant, under the same locks, with no more already
+        // charged (a reservation re-using an id first gives back the one it replaces).
+        for ledger in &mut ledgers {
+            ledger
+                .reserve(charge.reservation, charge.est_cost, charge.now)
+                .map_err(ChargeRejection::Budget)?;
+        }
+        entry
+            .quota
+            .charge(&charge.limits, charge.est_tokens, charge.now)
+            .map_err(ChargeRejection::Quota)
+    }
+
+    /// Adjusts the key's token windows by replacing `estimated` with `actual`. A key
+    /// deleted in the meantime has no windows left to adjust.
+    fn reconcile_key_tokens(&self, id: &KeyId, estimated: u64, actual: u64) {
+        if let Ok(slot) = self.key_slot(id) {
+            if let Some(entry) = lock(&slot).as_mut() {
+                entry.quota.reconcile_tokens(estimated, actual);
+            }
+        }
+    }
+
+    fn list_keys_now(&self) -> Vec<ApiKey> {
+        let slots: Vec<KeySlot> = read(&self.keys).values().cloned().collect();
+        let mut keys: Vec<ApiKey> = slots
+            .iter()
+            .filter_map(|slot| lock(slot).as_ref().map(|entry| entry.key.clone()))
+            .collect();
+        keys.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        keys
+    }
+
+    fn delete_key_now(&self, id: &KeyId) -> Result<(), StoreError> {
+        let mut keys = write(&self.keys);
+        let slot = keys
+            .remove(id)
+            .ok_or_else(|| StoreError::key_not_found(id))?;
+        *lock(&slot) = None;
+        Ok(())
+    }
+
+    fn put_budget_now(&self, budget: Budget, spent: Money, now: Timestamp) -> BudgetStatus {
+        let ledger = BudgetLedger::new(budget, now).with_spent(spent);
+        let status = ledger.status();
+        let mut budgets = write(&self.budgets);
+        match budgets.entry(ledger.budget.id.clone()) {
+            // Replaced in place so that operations holding this entry see the new
+            // ledger rather than a detached old one.
+            Entry::Occupied(occupied) => *lock(occupied.get()) = Some(ledger),
+            Entry::Vacant(vacant) => {
+                vacant.insert(Arc::new(Mutex::new(Some(ledger))));
+            }
+        }
+        status
+    }
+
+    fn delete_budget_now(&self, id: &str) -> Result<(), StoreError> {
+        let mut budgets = write(&self.budgets);
+        let slot = budgets.remove(id).ok_or_else(|| {
+            StoreError::new(StoreErrorKind::NotFound, format!("budget {id} not found"))
+        })?;
+        *lock(&slot) = None;
+        Ok(())
+    }
+
+    fn save_request_now(&self, record: Arc<AuditRecord>) {
+        let evicted = lock(&self.requests).insert(record);
+        // Freed here, outside the lock.
+        drop(evicted);
+    }
+
+    fn get_request_now(&self, id: &RequestId) -> Option<Arc<AuditRecord>> {
+        lock(&self.requests).records.get(id).cloned()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Counts only: key material stays out of logs, and no lock is held for long.
+        let n_keys = read(&self.keys).len();
+        let n_budgets = read(&self.budgets).len();
+        let (n_requests, request_capacity) = {
+            let ring = lock(&self.requests);
+            (ring.order.len(), ring.capacity)
+        };
+        f.debug_struct("MemoryStore")
+            .field("n_keys", &n_keys)
+            .field("n_budgets", &n_budgets)
+            .field("n_requests", &n_requests)
+            .field("request_capacity", &request_capacity)
+            .finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(rwlock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    rwlock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(rwlock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    rwlock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Never `Unavailable`: failures are `NotFound`, `Conflict` and `Invalid` only.
+#[async_trait]
+impl KeyStore for MemoryStore {
+    async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        let mut keys = write(&self.keys);
+        match keys.entry(key.id.clone()) {
+            Entry::Occupied(_) => Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("key {} already exists", key.id),
+            )),
+            Entry::Vacant(vacant) => {
+                vacant.insert(Arc::new(Mutex::new(Some(KeyEntry {
+                    key,
+                    quota: QuotaWindows::new(),
+                    transitions: Vec::new(),
+                }))));
+                Ok(())
+            }
+        }
+    }
+
+    async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError> {
+        self.with_key(id, |entry| entry.key.clone())
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        Ok(self.list_keys_now())
+    }
+
+    async fn update_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<ApiKey, StoreError> {
+        self.with_key(id, |entry| {
+            entry.key.metadata = metadata;
+            entry.key.clone()
+        })
+    }
+
+    async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
+        self.delete_key_now(id)
+    }
+
+    async fn transition(
+        &self,
+        id: &KeyId,
+        to: KeyState,
+        trigger: TransitionTrigger,
+        reason: String,
+        cooldown_until: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<StateTransition, StoreError> {
+        self.with_key(id, |entry| {
+            let record = entry
+                .key
+                .transition(to, trigger, reason, cooldown_until, now)
+                .map_err(|err| StoreError::new(StoreErrorKind::Invalid, err.to_string()))?;
+            entry.transitions.push(record.clone());
+            Ok(record)
+        })?
+    }
+
+    async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
+        self.with_key(id, |entry| entry.transitions.clone())
+    }
+
+    async fn record_outcome(
+        &self,
+        id: &KeyId,
+        outcome: KeyOutcome,
+    ) -> Result<KeyStats, StoreError> {
+        self.with_key(id, |entry| {
+            let stats = &mut entry.key.stats;
+            stats.record(outcome.success, outcome.latency, outcome.now);
+            stats.prompt_tokens = stats
+                .prompt_tokens
+                .saturating_add(outcome.usage.prompt_tokens);
+            stats.completion_tokens = stats
+                .completion_tokens
+                .saturating_add(outcome.usage.completion_tokens);
+            stats.cost = stats.cost.saturating_add(outcome.cost);
+            if outcome.rate_limited {
+                stats.throttle_streak = stats.throttle_streak.saturating_add(1);
+            }
+            stats.clone()
+        })
+    }
+}
+
+/// Unknown budget ids in a [`Charge`] are ignored (the budget was deleted or never
+/// existed). `settle` and `release` on a key deleted since `reserve` still settle
+/// and release its budgets.
+#[async_trait]
+impl UsageLedger for MemoryStore {
+    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        self.reserve_now(charge)
+    }
+
+    async fn settle(
+        &self,
+        charge: &Charge,
+        actual_tokens: u64,
+        actual_cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.reconcile_key_tokens(&charge.key_id, charge.est_tokens, actual_tokens);
+        // One budget at a time: settling needs no cross-budget atomicity.
+        let statuses = self
+            .budget_slots(&charge.budget_ids)
+            .iter()
+            .filter_map(|slot| {
+                lock(slot).as_mut().map(|ledger| {
+                    ledger.commit(charge.reservation, actual_cost, now);
+                    ledger.status()
+                })
+            })
+            .collect();
+        Ok(statuses)
+    }
+
+    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
+        self.reconcile_key_tokens(&charge.key_id, charge.est_tokens, 0);
+        for slot in self.budget_slots(&charge.budget_ids) {
+            if let Some(ledger) = lock(&slot).as_mut() {
+                ledger.release(charge.reservation);
+            }
+        }
+        Ok(())
+    }
+
+    async fn observe_quota(
+        &self,
+        id: &KeyId,
+        observation: QuotaObservation,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.with_key(id, |entry| entry.quota.observe(observation, now))
+    }
+
+    async fn quota_snapshot(
+        &self,
+        id: &KeyId,
+        limits: &QuotaLimits,
+        now: Timestamp,
+    ) -> Result<QuotaSnapshot, StoreError> {
+        self.with_key(id, |entry| entry.quota.snapshot(limits, now))
+    }
+}
+
+/// Replacing a budget with `put_budget` drops its outstanding reservations; settling
+/// them later still charges the actual cost.
+#[async_trait]
+impl BudgetStore for MemoryStore {
+    async fn put_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        Ok(self.put_budget_now(budget, spent, now))
+    }
+
+    async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
+        Ok(self
+            .all_budget_slots()
+            .iter()
+            .filter_map(|slot| lock(slot).as_ref().map(|ledger| ledger.budget.clone()))
+            .collect())
+    }
+
+    async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
+        Ok(self
+            .all_budget_slots()
+            .iter()
+            .filter_map(|slot| {
+                lock(slot).as_mut().map(|ledger| {
+                    ledger.roll(now);
+                    ledger.status()
+                })
+            })
+            .collect())
+    }
+
+    async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
+        self.delete_budget_now(id)
+    }
+}
+
+/// Keeps the newest records up to its capacity; older ones are forgotten.
+#[async_trait]
+impl RequestLog for MemoryStore {
+    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        // Cloned before locking, so the lock covers only the O(1) bookkeeping.
+        self.save_request_now(Arc::new(record.clone()));
+        Ok(())
+    }
+
+    async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
+        Ok(self.get_request_now(id).map(|record| (*record).clone()))
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    /// Always reachable.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

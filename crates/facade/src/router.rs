@@ -1,0 +1,216 @@
+//! The library's entry point: [`ApiKeyRouter`].
+
+use std::sync::Arc;
+
+use apikeyrouter_application::ports::Provider;
+use apikeyrouter_application::services::{
+    BudgetServiceError, KeyQuota, KeyServiceError, RequestContext,
+};
+use apikeyrouter_application::{
+    ApiKeyRouterCore, AuditRecord, ProviderSettings, RegisterKeyError, RouteError, RouteResponse,
+};
+use apikeyrouter_domain::key::KeyInfo;
+use apikeyrouter_domain::{
+    Budget, BudgetStatus, KeyId, KeyMetadata, KeyState, Money, Objective, ProviderId, RequestId,
+    RequestIntent, StateTransition,
+};
+
+use crate::builder::ApiKeyRouterBuilder;
+
+/// Routes LLM requests across keys and providers. Cheap to clone; clones share state.
+#[derive(Clone, Debug)]
+pub struct ApiKeyRouter {
+    core: ApiKeyRouterCore,
+}
+
+impl ApiKeyRouter {
+    /// Starts configuring a router.
+    pub fn builder() -> ApiKeyRouterBuilder {
+        ApiKeyRouterBuilder::default()
+    }
+
+    pub(crate) fn from_core(core: ApiKeyRouterCore) -> Self {
+        Self { core }
+    }
+
+    /// The assembled services, for hosts such as the proxy.
+    pub fn core(&self) -> &ApiKeyRouterCore {
+        &self.core
+    }
+
+    /// Registers (or replaces) a provider; it serves its default models.
+    pub fn register_provider(&self, id: impl Into<ProviderId>, provider: Arc<dyn Provider>) {
+        self.core
+            .register_provider(id.into(), provider, ProviderSettings::default());
+    }
+
+    /// Registers a provider serving the listed models (or its defaults when `None`).
+    pub fn register_provider_with(
+        &self,
+        id: impl Into<ProviderId>,
+        provider: Arc<dyn Provider>,
+        settings: ProviderSettings,
+    ) {
+        self.core.register_provider(id.into(), provider, settings);
+    }
+
+    /// Registers a key. Returns its description with the material masked.
+    ///
+    /// # Errors
+    /// [`RegisterKeyError`] for an unknown provider, malformed material or metadata,
+    /// or material already registered; nothing changes then.
+    pub async fn register_key(
+        &self,
+        material: &str,
+        provider: impl Into<ProviderId>,
+        metadata: KeyMetadata,
+    ) -> Result<KeyInfo, RegisterKeyError> {
+        self.core
+            .keys()
+            .register(material, &provider.into(), metadata)
+            .await
+    }
+
+    /// Serves `intent`, choosing keys by `objective`.
+    ///
+    /// # Errors
+    /// [`RouteError`] when no eligible key could serve it, with a precise reason.
+    pub async fn route(
+        &self,
+        intent: RequestIntent,
+        objective: impl Into<Objective>,
+    ) -> Result<RouteResponse, RouteError> {
+        self.core
+            .router()
+            .route(intent, &objective.into(), RequestContext::default())
+            .await
+    }
+
+    /// Serves `intent` with a caller-supplied request id or correlation id.
+    ///
+    /// # Errors
+    /// As [`Self::route`].
+    pub async fn route_with(
+        &self,
+        intent: RequestIntent,
+        objective: &Objective,
+        ctx: RequestContext,
+    ) -> Result<RouteResponse, RouteError> {
+        self.core.router().route(intent, objective, ctx).await
+    }
+
+    /// Serves `intent` with the configured default objective.
+    ///
+    /// # Errors
+    /// As [`Self::route`].
+    pub async fn route_default(&self, intent: RequestIntent) -> Result<RouteResponse, RouteError> {
+        self.core.router().route_default(intent).await
+    }
+
+    /// Every key, material masked.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn keys(&self) -> Result<Vec<KeyInfo>, KeyServiceError> {
+        self.core.keys().list().await
+    }
+
+    /// One key.
+    ///
+    /// # Errors
+    /// Not found, or a store failure.
+    pub async fn key(&self, id: &KeyId) -> Result<KeyInfo, KeyServiceError> {
+        self.core.keys().get(id).await
+    }
+
+    /// Disables a key or makes it available again.
+    ///
+    /// # Errors
+    /// A state that cannot be set by hand, a forbidden transition, not found, or a store failure.
+    pub async fn set_key_state(
+        &self,
+        id: &KeyId,
+        state: KeyState,
+        reason: &str,
+    ) -> Result<StateTransition, KeyServiceError> {
+        self.core.keys().set_state(id, state, reason).await
+    }
+
+    /// Replaces a key's metadata.
+    ///
+    /// # Errors
+    /// Invalid metadata, not found, or a store failure.
+    pub async fn update_key_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<KeyInfo, KeyServiceError> {
+        self.core.keys().update_metadata(id, metadata).await
+    }
+
+    /// Removes a key.
+    ///
+    /// # Errors
+    /// Not found, or a store failure.
+    pub async fn delete_key(&self, id: &KeyId) -> Result<(), KeyServiceError> {
+        self.core.keys().delete(id).await
+    }
+
+    /// A key's state transitions, oldest first.
+    ///
+    /// # Errors
+    /// Not found, or a store failure.
+    pub async fn key_transitions(
+        &self,
+        id: &KeyId,
+    ) -> Result<Vec<StateTransition>, KeyServiceError> {
+        self.core.keys().transitions(id).await
+    }
+
+    /// A key's quota state and exhaustion prediction.
+    ///
+    /// # Errors
+    /// Not found, or a store failure.
+    pub async fn quota(&self, id: &KeyId) -> Result<KeyQuota, KeyServiceError> {
+        self.core.quota().key_quota(id).await
+    }
+
+    /// Adds or replaces a budget.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn add_budget(&self, budget: Budget) -> Result<BudgetStatus, BudgetServiceError> {
+        self.core.budgets().put(budget, Money::ZERO).await
+    }
+
+    /// Adds or replaces a budget that already spent `spent` this period.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn add_budget_with_spend(
+        &self,
+        budget: Budget,
+        spent: Money,
+    ) -> Result<BudgetStatus, BudgetServiceError> {
+        self.core.budgets().put(budget, spent).await
+    }
+
+    /// Every budget's status.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn budgets(&self) -> Result<Vec<BudgetStatus>, BudgetServiceError> {
+        self.core.budgets().list().await
+    }
+
+    /// The decision and audit record of a past request.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn request(
+        &self,
+        id: &RequestId,
+    ) -> Result<Option<AuditRecord>, apikeyrouter_application::ports::StoreError> {
+        self.core.request(id).await
+    }
+}

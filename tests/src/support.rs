@@ -1,0 +1,60 @@
+//! Shared set-up for the integration tests: a router on a manual clock with simulated
+//! providers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apikeyrouter::observability::MemoryAuditSink;
+use apikeyrouter::providers::SimulatedProvider;
+use apikeyrouter::{
+    ApiKeyRouter, ApiKeyRouterBuilder, KeyId, KeyMetadata, ManualClock, Message, RequestIntent,
+    Timestamp,
+};
+
+/// 2026-11-27T10:30:00Z, a minute boundary.
+pub const T0: Timestamp = Timestamp::from_millis(1_795_775_400_000);
+
+pub struct Harness {
+    pub router: ApiKeyRouter,
+    pub clock: Arc<ManualClock>,
+    pub audit: Arc<MemoryAuditSink>,
+}
+
+impl Harness {
+    pub async fn new(configure: impl FnOnce(ApiKeyRouterBuilder) -> ApiKeyRouterBuilder) -> Self {
+        let clock = Arc::new(ManualClock::new(T0));
+        let audit = Arc::new(MemoryAuditSink::new());
+        let builder = ApiKeyRouter::builder()
+            .clock(clock.clone())
+            .audit(audit.clone());
+        let router = configure(builder).build().await.expect("router builds");
+        Self {
+            router,
+            clock,
+            audit,
+        }
+    }
+
+    pub fn provider(&self, id: &str) -> Arc<SimulatedProvider> {
+        let p = Arc::new(SimulatedProvider::new());
+        self.router.register_provider(id, p.clone());
+        p
+    }
+
+    pub async fn key(&self, provider: &str, n: usize, metadata: KeyMetadata) -> KeyId {
+        let material = format!("sk-{provider}-test-key-{n:06}");
+        self.router
+            .register_key(&material, provider, metadata)
+            .await
+            .expect("key registers")
+            .id
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+}
+
+pub fn ask(model: &str, text: &str) -> RequestIntent {
+    RequestIntent::new(model, vec![Message::user(text)])
+}
