@@ -6,6 +6,8 @@
 #[cfg(test)]
 mod bad_input;
 #[cfg(test)]
+mod failure_handling;
+#[cfg(test)]
 mod support;
 #[cfg(test)]
 mod use_cases;

@@ -458,3 +458,78 @@ mod tests {
         assert!((s.latency_ewma_ms - 100.0).abs() < 1e-9);
     }
 }
+
+#[cfg(test)]
+mod state_machine_properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn state() -> impl Strategy<Value = KeyState> {
+        prop::sample::select(KeyState::ALL.to_vec())
+    }
+
+    proptest! {
+        /// Under any sequence of requested transitions, a key only ever moves along an
+        /// allowed edge, every move is recorded, and a refused move changes nothing.
+        #[test]
+        fn only_allowed_transitions_happen(targets in prop::collection::vec(state(), 0..60)) {
+            let mut key = ApiKey::new(
+                KeyId::new("k"),
+                ProviderId::new("p"),
+                KeyMaterial::parse("sk-test-00000000").unwrap(),
+                KeyMetadata::default(),
+                Timestamp::EPOCH,
+            );
+            let mut log = Vec::new();
+            for (i, to) in targets.into_iter().enumerate() {
+                let before = key.state;
+                let now = Timestamp::from_millis(i as u64);
+                match key.transition(to, TransitionTrigger::Manual, "test", None, now) {
+                    Ok(t) => {
+                        prop_assert!(before.can_transition_to(to));
+                        prop_assert_eq!((t.from, t.to, t.at), (before, to, now));
+                        log.push(t);
+                    }
+                    Err(e) => {
+                        prop_assert!(!before.can_transition_to(to));
+                        prop_assert_eq!(key.state, before);
+                        prop_assert_eq!((e.from, e.to), (before, to));
+                    }
+                }
+            }
+            // The log is a connected path from Available.
+            let mut at = KeyState::Available;
+            for t in &log {
+                prop_assert_eq!(t.from, at);
+                at = t.to;
+            }
+            prop_assert_eq!(at, key.state);
+        }
+    }
+
+    #[test]
+    fn spec_paths_are_allowed_and_nothing_returns_to_itself() {
+        use KeyState::*;
+        for (from, to) in [
+            (Available, Throttled),
+            (Throttled, Available),
+            (Available, Exhausted),
+            (Exhausted, Recovering),
+            (Recovering, Available),
+        ] {
+            assert!(from.can_transition_to(to), "{from:?} -> {to:?}");
+        }
+        for s in KeyState::ALL {
+            assert!(!s.can_transition_to(s));
+            if s != Disabled {
+                assert!(s.can_transition_to(Disabled));
+            }
+            if s != Invalid {
+                assert!(s.can_transition_to(Invalid));
+            }
+        }
+        assert!(!Available.can_transition_to(Recovering));
+        assert!(!Throttled.can_transition_to(Recovering));
+    }
+}

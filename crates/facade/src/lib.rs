@@ -72,3 +72,9 @@ pub mod observability {
         DiscardAuditSink, JsonLinesAuditSink, LogFormat, MemoryAuditSink, init_tracing,
     };
 }
+
+/// mockall mocks of the ports, for tests of code built on the router.
+#[cfg(feature = "test-util")]
+pub mod mocks {
+    pub use apikeyrouter_application::ports::{MockAuditSink, MockProvider};
+}
