@@ -8,6 +8,8 @@ mod bad_input;
 #[cfg(test)]
 mod failure_handling;
 #[cfg(test)]
+mod streaming;
+#[cfg(test)]
 mod support;
 #[cfg(test)]
 mod use_cases;

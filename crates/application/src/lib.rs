@@ -10,7 +10,7 @@ pub mod ports;
 pub mod records;
 pub mod services;
 
-pub use records::{AttemptRecord, AuditRecord, Outcome, RouteResponse};
+pub use records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, RouteResponse};
 pub use services::{
     ApiKeyRouterCore, BudgetService, KeyService, ProviderSettings, QuotaService, RegisterKeyError,
     RouteError, RouterService, RouterSettings,

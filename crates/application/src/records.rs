@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use apikeyrouter_domain::{
     BudgetStatus, Decision, FailureKind, KeyId, ModelId, Money, ProviderId, RequestId, TenantId,
-    Timestamp, TokenUsage,
+    Timestamp, TokenUsage, ToolCall,
 };
 use serde::{Deserialize, Serialize};
 
@@ -100,6 +100,8 @@ pub struct RouteResponse {
     pub request_id: RequestId,
     /// Assistant text.
     pub content: String,
+    /// Tool calls the model made.
+    pub tool_calls: Vec<ToolCall>,
     /// Key that served it.
     pub key_id: KeyId,
     /// Its provider.
@@ -127,4 +129,31 @@ impl RouteResponse {
     pub fn budget_remaining(&self) -> Option<Money> {
         self.budgets.iter().map(|b| b.remaining).min()
     }
+}
+
+/// A served embeddings request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingRouteResponse {
+    /// Request id.
+    pub request_id: RequestId,
+    /// One vector per input, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Key that served it.
+    pub key_id: KeyId,
+    /// Its provider.
+    pub provider: ProviderId,
+    /// Model that served it.
+    pub model: ModelId,
+    /// Tokens used.
+    pub usage: TokenUsage,
+    /// Cost estimated before the call.
+    pub estimated_cost: Option<Money>,
+    /// Cost from reported usage.
+    pub actual_cost: Option<Money>,
+    /// The routing decision.
+    pub decision: Decision,
+    /// Every attempt, the last one successful.
+    pub attempts: Vec<AttemptRecord>,
+    /// Status of each budget the request counted against, after it.
+    pub budgets: Vec<BudgetStatus>,
 }

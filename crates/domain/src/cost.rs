@@ -187,6 +187,8 @@ pub struct TokenEstimate {
 /// Tokens of framing the chat format adds per message and per reply.
 const TOKENS_PER_MESSAGE: u64 = 4;
 const TOKENS_PER_REPLY: u64 = 3;
+/// A typical image's token cost (a 512x512 tile at high detail); providers differ.
+const IMAGE_TOKENS: u64 = 255;
 
 impl TokenEstimate {
     /// A fast estimate: about four characters per token (the usual ratio for English
@@ -195,12 +197,35 @@ impl TokenEstimate {
         let prompt_tokens = intent
             .messages
             .iter()
-            .map(|m| (m.content.len() as u64).div_ceil(4) + TOKENS_PER_MESSAGE)
+            .map(|m| {
+                (m.text_len() as u64).div_ceil(4)
+                    + TOKENS_PER_MESSAGE
+                    + IMAGE_TOKENS * m.images.len() as u64
+            })
             .sum::<u64>()
             + TOKENS_PER_REPLY;
+        let tool_tokens: u64 = intent
+            .tools
+            .iter()
+            .map(|t| {
+                let chars = t.name.len()
+                    + t.parameters.len()
+                    + t.description.as_ref().map_or(0, String::len);
+                (chars as u64).div_ceil(4)
+            })
+            .sum();
+        Self {
+            prompt_tokens: prompt_tokens + tool_tokens,
+            max_completion_tokens: intent.max_tokens.map(u64::from),
+        }
+    }
+
+    /// Estimate for embedding `input`: its tokens, no completion.
+    pub fn of_texts(input: &[String]) -> Self {
+        let prompt_tokens = input.iter().map(|t| (t.len() as u64).div_ceil(4)).sum();
         Self {
             prompt_tokens,
-            max_completion_tokens: intent.max_tokens.map(u64::from),
+            max_completion_tokens: Some(0),
         }
     }
 }

@@ -33,7 +33,10 @@ pub use quota::{
     CapacityState, ExhaustionPrediction, QuotaLimits, QuotaObservation, QuotaSnapshot,
     QuotaWindows, Uncertainty, WindowKind,
 };
-pub use request::{Message, RequestIntent, Role, TokenUsage};
+pub use request::{
+    EmbeddingIntent, Image, Message, RequestIntent, ResponseFormat, Role, TokenUsage, ToolCall,
+    ToolChoice, ToolDefinition,
+};
 pub use routing::{
     Constraints, Decision, Ineligibility, Objective, ObjectiveError, ObjectiveKind, RouteQuery,
     RoutingTable,

@@ -31,24 +31,25 @@ pub use builder::{ApiKeyRouterBuilder, BuildError};
 pub use router::ApiKeyRouter;
 
 pub use apikeyrouter_application::ports::{
-    AuditSink, ChatResponse, Clock, FinishReason, ManualClock, ModelSet, Provider, ProviderCall,
-    ProviderError, StateStore, StoreError, SystemClock,
+    AuditSink, ChatChunk, ChatResponse, ChatStream, Clock, EmbeddingCall, EmbeddingResponse,
+    FinishReason, ManualClock, ModelSet, Provider, ProviderCall, ProviderError, StateStore,
+    StoreError, StreamStart, SystemClock, ToolCallDelta,
 };
 pub use apikeyrouter_application::services::{
-    BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind,
+    BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind, RoutedStream,
 };
 pub use apikeyrouter_application::{
-    AttemptRecord, AuditRecord, Outcome, ProviderSettings, RegisterKeyError, RouteError,
-    RouteResponse, RouterSettings,
+    AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, ProviderSettings,
+    RegisterKeyError, RouteError, RouteResponse, RouterSettings,
 };
 pub use apikeyrouter_domain::cost::DowngradeRule;
 pub use apikeyrouter_domain::failure::FailurePolicy;
 pub use apikeyrouter_domain::key::KeyInfo;
 pub use apikeyrouter_domain::{
     Budget, BudgetPeriod, BudgetScope, BudgetStatus, CapacityState, Constraints, Decision,
-    Enforcement, FailureKind, KeyId, KeyMetadata, KeyState, Message, ModelId, ModelPrice, Money,
-    Objective, ObjectiveKind, PriceCatalogue, ProviderId, RequestId, RequestIntent, Role,
-    StateTransition, TenantId, Timestamp, TokenUsage, Uncertainty,
+    EmbeddingIntent, Enforcement, FailureKind, KeyId, KeyMetadata, KeyState, Message, ModelId,
+    ModelPrice, Money, Objective, ObjectiveKind, PriceCatalogue, ProviderId, RequestId,
+    RequestIntent, Role, StateTransition, TenantId, Timestamp, TokenUsage, Uncertainty,
 };
 
 /// The pure domain model, for users who need more than the re-exports.

@@ -4,15 +4,16 @@ use std::sync::Arc;
 
 use apikeyrouter_application::ports::Provider;
 use apikeyrouter_application::services::{
-    BudgetServiceError, KeyQuota, KeyServiceError, RequestContext,
+    BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RoutedStream,
 };
 use apikeyrouter_application::{
-    ApiKeyRouterCore, AuditRecord, ProviderSettings, RegisterKeyError, RouteError, RouteResponse,
+    ApiKeyRouterCore, AuditRecord, EmbeddingRouteResponse, ProviderSettings, RegisterKeyError,
+    RouteError, RouteResponse,
 };
 use apikeyrouter_domain::key::KeyInfo;
 use apikeyrouter_domain::{
-    Budget, BudgetStatus, KeyId, KeyMetadata, KeyState, Money, Objective, ProviderId, RequestId,
-    RequestIntent, StateTransition,
+    Budget, BudgetStatus, EmbeddingIntent, KeyId, KeyMetadata, KeyState, Money, Objective,
+    ProviderId, RequestId, RequestIntent, StateTransition,
 };
 
 use crate::builder::ApiKeyRouterBuilder;
@@ -97,6 +98,37 @@ impl ApiKeyRouter {
         ctx: RequestContext,
     ) -> Result<RouteResponse, RouteError> {
         self.core.router().route(intent, objective, ctx).await
+    }
+
+    /// Starts a streamed reply; usage, cost and audit settle when the stream ends or
+    /// is dropped.
+    ///
+    /// # Errors
+    /// As [`Self::route`], for failures before the stream starts.
+    pub async fn route_stream(
+        &self,
+        intent: RequestIntent,
+        objective: impl Into<Objective>,
+    ) -> Result<RoutedStream, RouteError> {
+        self.core
+            .router()
+            .route_stream(intent, &objective.into(), RequestContext::default())
+            .await
+    }
+
+    /// Embeds texts with the best key for `objective`.
+    ///
+    /// # Errors
+    /// As [`Self::route`].
+    pub async fn embed(
+        &self,
+        intent: EmbeddingIntent,
+        objective: impl Into<Objective>,
+    ) -> Result<EmbeddingRouteResponse, RouteError> {
+        self.core
+            .router()
+            .route_embeddings(intent, &objective.into(), RequestContext::default())
+            .await
     }
 
     /// Serves `intent` with the configured default objective.

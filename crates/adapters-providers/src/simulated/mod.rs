@@ -15,15 +15,19 @@
 //! Invariant: the behaviour lock is a `std::sync::Mutex` taken and released before any
 //! `.await`, so it is never held across a suspension point.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
-    ChatResponse, FinishReason, ModelSet, Provider, ProviderCall, ProviderError,
+    ChatChunk, ChatResponse, EmbeddingCall, EmbeddingResponse, FinishReason, ModelSet, Provider,
+    ProviderCall, ProviderError, StreamStart,
 };
 use apikeyrouter_domain::{FailureKind, KeyId, ModelId, QuotaObservation, Role, TokenUsage};
 use async_trait::async_trait;
+use futures_core::Stream;
 
 #[cfg(test)]
 mod tests;
@@ -345,7 +349,63 @@ impl Provider for SimulatedProvider {
     }
 
     async fn chat(&self, call: ProviderCall) -> Result<ChatResponse, ProviderError> {
-        let script = self.script(&call.key_id);
+        let quota = self.begin(&call.key_id).await?;
+        Ok(reply(&call, quota))
+    }
+
+    async fn chat_stream(&self, call: ProviderCall) -> Result<StreamStart, ProviderError> {
+        let quota = self.begin(&call.key_id).await?;
+        let answer = reply(&call, quota);
+        // One chunk per word, then a final chunk with the finish reason and usage, as
+        // OpenAI sends with `stream_options.include_usage`.
+        let mut chunks: VecDeque<Result<ChatChunk, ProviderError>> = answer
+            .content
+            .split_inclusive(' ')
+            .map(|word| {
+                Ok(ChatChunk {
+                    text: word.to_owned(),
+                    ..ChatChunk::default()
+                })
+            })
+            .collect();
+        chunks.push_back(Ok(ChatChunk {
+            finish_reason: Some(answer.finish_reason),
+            usage: answer.usage,
+            ..ChatChunk::default()
+        }));
+        Ok(StreamStart {
+            model: answer.model,
+            quota,
+            chunks: Box::pin(ReadyStream(chunks)),
+        })
+    }
+
+    async fn embed(&self, call: EmbeddingCall) -> Result<EmbeddingResponse, ProviderError> {
+        let quota = self.begin(&call.key_id).await?;
+        let dimensions = call.dimensions.unwrap_or(EMBEDDING_DIMENSIONS).max(1) as usize;
+        let vectors = call
+            .input
+            .iter()
+            .map(|text| embedding(text, dimensions))
+            .collect();
+        let prompt_tokens = call.input.iter().map(|t| approx_tokens(t.len())).sum();
+        Ok(EmbeddingResponse {
+            vectors,
+            model: call.model,
+            usage: Some(TokenUsage {
+                prompt_tokens,
+                completion_tokens: 0,
+                cached_tokens: 0,
+            }),
+            quota,
+        })
+    }
+}
+
+impl SimulatedProvider {
+    /// Counts the call, waits its latency and applies its scripted failure.
+    async fn begin(&self, key_id: &KeyId) -> Result<Option<QuotaObservation>, ProviderError> {
+        let script = self.script(key_id);
         if let Some(Failure::Hang(duration)) = script.failure {
             tokio::time::sleep(duration).await;
         } else if !script.latency.is_zero() {
@@ -357,8 +417,42 @@ impl Provider for SimulatedProvider {
                 quota: script.quota,
                 ..failure.to_provider_error()
             }),
-            None => Ok(reply(&call, script.quota)),
+            None => Ok(script.quota),
         }
+    }
+}
+
+/// Dimensions of simulated embeddings unless the request asks otherwise.
+const EMBEDDING_DIMENSIONS: u32 = 8;
+
+/// A deterministic unit vector derived from the text (FNV-1a seeded per dimension).
+fn embedding(text: &str, dimensions: usize) -> Vec<f32> {
+    let raw: Vec<f32> = (0..dimensions)
+        .map(|d| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ d as u64;
+            for b in text.bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            (h % 2_000) as f32 / 1_000.0 - 1.0
+        })
+        .collect();
+    let norm = raw
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    raw.into_iter().map(|x| x / norm).collect()
+}
+
+/// A stream whose items are all ready: the simulation has nothing to wait for.
+struct ReadyStream(VecDeque<Result<ChatChunk, ProviderError>>);
+
+impl Stream for ReadyStream {
+    type Item = Result<ChatChunk, ProviderError>;
+
+    fn poll_next(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Poll::Ready(self.get_mut().0.pop_front())
     }
 }
 
@@ -388,6 +482,7 @@ fn reply(call: &ProviderCall, quota: Option<QuotaObservation>) -> ChatResponse {
     };
     ChatResponse {
         content,
+        tool_calls: Vec::new(),
         model: call.model.clone(),
         usage: Some(TokenUsage {
             prompt_tokens,

@@ -12,7 +12,10 @@ mod store;
 pub use audit::{AuditError, AuditSink};
 pub use cipher::{CipherError, SecretCipher};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use provider::{ChatResponse, FinishReason, ModelSet, Provider, ProviderCall, ProviderError};
+pub use provider::{
+    ChatChunk, ChatResponse, ChatStream, EmbeddingCall, EmbeddingResponse, FinishReason, ModelSet,
+    Provider, ProviderCall, ProviderError, StreamStart, ToolCallDelta,
+};
 pub use store::{
     BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore, StoreError,
     StoreErrorKind, UsageLedger,

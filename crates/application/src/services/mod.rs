@@ -17,5 +17,5 @@ pub use errors::{
 };
 pub use keys::KeyService;
 pub use quota::{KeyQuota, QuotaService};
-pub use router::{RequestContext, RouterService};
+pub use router::{RequestContext, RoutedStream, RouterService};
 pub use settings::RouterSettings;

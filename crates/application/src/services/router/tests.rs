@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use apikeyrouter_domain::cost::DowngradeRule;
 use apikeyrouter_domain::{Constraints, Message};
 
-use super::*;
+use super::plan::{model_chain, resolve_tenant, validate_chat as validate};
 use crate::services::settings::RouterSettings;
+use apikeyrouter_domain::cost::TokenEstimate;
+use apikeyrouter_domain::{ModelId, Objective, ObjectiveKind, RequestIntent, TenantId};
 
 fn intent(model: &str, text: &str) -> RequestIntent {
     RequestIntent::new(model, vec![Message::user(text)])
@@ -44,9 +46,9 @@ fn tenant_conflict_is_rejected() {
         })
         .unwrap();
     let for_b = intent("m", "hi").for_tenant("b");
-    assert!(resolve_tenant(&for_b, &objective).is_err());
+    assert!(resolve_tenant(for_b.tenant.as_ref(), &objective).is_err());
     assert_eq!(
-        resolve_tenant(&intent("m", "hi"), &objective).unwrap(),
+        resolve_tenant(None, &objective).unwrap(),
         Some(TenantId::new("a"))
     );
 }

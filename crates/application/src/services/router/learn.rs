@@ -1,0 +1,156 @@
+//! After a call: update the key's counters, quota view and state from the outcome.
+
+use apikeyrouter_domain::{
+    FailureKind, KeyAction, KeyId, KeyState, QuotaObservation, Timestamp, TransitionTrigger,
+};
+
+use crate::ports::{KeyOutcome, ProviderError};
+use crate::services::core::Shared;
+
+/// Stores rate-limit headers the provider sent.
+pub(crate) async fn observe(shared: &Shared, key_id: &KeyId, observation: QuotaObservation) {
+    if let Err(e) = shared
+        .store
+        .observe_quota(key_id, observation, shared.clock.now())
+        .await
+    {
+        tracing::warn!(key_id = %key_id, error = %e, "quota observation not stored");
+    }
+}
+
+/// Updates the key's counters, quota view and state after a call; returns whether the
+/// request may be retried elsewhere.
+pub(crate) async fn learn(
+    shared: &Shared,
+    key_id: &KeyId,
+    outcome: KeyOutcome,
+    quota: Option<QuotaObservation>,
+    failure: Option<&ProviderError>,
+) -> bool {
+    let now = outcome.now;
+    if let Some(observation) = quota {
+        observe(shared, key_id, observation).await;
+    }
+    let stats = match shared.store.record_outcome(key_id, outcome).await {
+        Ok(stats) => {
+            shared.table().record_outcome(key_id, &stats);
+            Some(stats)
+        }
+        Err(e) => {
+            tracing::warn!(key_id = %key_id, error = %e, "key outcome not recorded");
+            None
+        }
+    };
+    let Some(failure) = failure else {
+        if shared.table().state(key_id) == Some(KeyState::Recovering) {
+            let reason = "request succeeded after recovery".to_owned();
+            transition(
+                shared,
+                key_id,
+                KeyState::Available,
+                TransitionTrigger::ProbeSucceeded,
+                reason,
+                None,
+                now,
+            )
+            .await;
+        }
+        return true;
+    };
+    let stats = stats.unwrap_or_default();
+    // The counters already include this failure; the policy wants them before it.
+    let streak_before = if outcome.rate_limited {
+        stats.throttle_streak.saturating_sub(1)
+    } else {
+        stats.throttle_streak
+    };
+    let advice = shared.settings().failure_policy.advise(
+        failure.kind,
+        failure.retry_after,
+        streak_before,
+        stats.consecutive_failures.saturating_sub(1),
+        now,
+    );
+    let reason = failure.to_string();
+    match advice.key_action {
+        KeyAction::None => {}
+        KeyAction::Cooldown { until } => {
+            let trigger = if failure.kind == FailureKind::RateLimited {
+                TransitionTrigger::RateLimited
+            } else {
+                TransitionTrigger::RepeatedFailures
+            };
+            if !transition(
+                shared,
+                key_id,
+                KeyState::Throttled,
+                trigger,
+                reason,
+                Some(until),
+                now,
+            )
+            .await
+            {
+                // Already throttled by a concurrent request: keep it out locally.
+                shared.table().park(key_id, until);
+            }
+        }
+        KeyAction::Exhaust { until } => {
+            let trigger = TransitionTrigger::QuotaExhausted;
+            if !transition(
+                shared,
+                key_id,
+                KeyState::Exhausted,
+                trigger,
+                reason,
+                Some(until),
+                now,
+            )
+            .await
+            {
+                shared.table().park(key_id, until);
+            }
+        }
+        KeyAction::Invalidate => {
+            transition(
+                shared,
+                key_id,
+                KeyState::Invalid,
+                TransitionTrigger::AuthFailure,
+                reason,
+                None,
+                now,
+            )
+            .await;
+        }
+    }
+    advice.retry_elsewhere
+}
+
+/// Records a transition in the store and mirrors it in the table; returns whether it
+/// happened (a concurrent request may have moved the key already).
+pub(crate) async fn transition(
+    shared: &Shared,
+    key_id: &KeyId,
+    to: KeyState,
+    trigger: TransitionTrigger,
+    reason: String,
+    cooldown_until: Option<Timestamp>,
+    now: Timestamp,
+) -> bool {
+    match shared
+        .store
+        .transition(key_id, to, trigger, reason, cooldown_until, now)
+        .await
+    {
+        Ok(t) => {
+            shared.table().set_state(key_id, to, cooldown_until);
+            tracing::info!(key_id = %key_id, from = t.from.as_str(), to = to.as_str(), "key state changed");
+            true
+        }
+        Err(e) => {
+            tracing::debug!(key_id = %key_id, error = %e, "transition skipped");
+            false
+        }
+    }
+}
