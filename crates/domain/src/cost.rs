@@ -80,28 +80,32 @@ pub struct PriceCatalogue {
     by_provider_model: HashMap<(ProviderId, ModelId), ModelPrice>,
 }
 
-/// Built-in list prices (USD per million tokens: input, output, cached input), as
-/// published by the providers; overridable through configuration.
-const BUILTIN: &[(&str, f64, f64, f64)] = &[
-    ("gpt-4o", 2.50, 10.00, 1.25),
-    ("gpt-4o-mini", 0.15, 0.60, 0.075),
-    ("gpt-4.1", 2.00, 8.00, 0.50),
-    ("gpt-4.1-mini", 0.40, 1.60, 0.10),
-    ("gpt-4.1-nano", 0.10, 0.40, 0.025),
-    ("gpt-4", 30.00, 60.00, 30.00),
-    ("gpt-4-turbo", 10.00, 30.00, 10.00),
-    ("gpt-3.5-turbo", 0.50, 1.50, 0.50),
-    ("o3-mini", 1.10, 4.40, 0.55),
-    ("text-embedding-3-small", 0.02, 0.0, 0.02),
-    ("text-embedding-3-large", 0.13, 0.0, 0.13),
-    ("claude-opus-4-1", 15.00, 75.00, 1.50),
-    ("claude-sonnet-4-5", 3.00, 15.00, 0.30),
-    ("claude-3-5-haiku-latest", 0.80, 4.00, 0.08),
-    ("claude-haiku-4-5", 1.00, 5.00, 0.10),
-    ("gemini-2.5-pro", 1.25, 10.00, 0.31),
-    ("gemini-2.5-flash", 0.30, 2.50, 0.075),
-    ("gemini-2.0-flash", 0.10, 0.40, 0.025),
-];
+/// Built-in list prices, a data file kept in the repository with its date.
+const BUILTIN_CSV: &str = include_str!("../data/prices.csv");
+
+/// The date the built-in prices were taken (the `as_of:` line of the data file).
+pub fn builtin_prices_as_of() -> &'static str {
+    BUILTIN_CSV
+        .lines()
+        .find_map(|l| l.strip_prefix("# as_of:"))
+        .map_or("unknown", str::trim)
+}
+
+/// Parses `model,input,output,cached_input,default_max_output` lines; `#` starts a
+/// comment. Malformed lines are skipped (a unit test keeps the shipped file clean).
+fn parse_prices(csv: &str) -> impl Iterator<Item = (&str, ModelPrice)> {
+    csv.lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .filter_map(|line| {
+            let mut fields = line.split(',').map(str::trim);
+            let model = fields.next()?;
+            let mut number = || fields.next()?.parse::<f64>().ok();
+            let (input, output, cached, max_output) = (number()?, number()?, number()?, number()?);
+            let mut price = ModelPrice::new(input, output).with_cached(cached);
+            price.default_max_output = max_output as u32;
+            Some((model, price))
+        })
+}
 
 impl PriceCatalogue {
     /// An empty catalogue.
@@ -112,11 +116,8 @@ impl PriceCatalogue {
     /// The catalogue of list prices shipped with the code.
     pub fn builtin() -> Self {
         let mut catalogue = Self::new();
-        for &(model, input, output, cached) in BUILTIN {
-            catalogue.set(
-                ModelId::new(model),
-                ModelPrice::new(input, output).with_cached(cached),
-            );
+        for (model, price) in parse_prices(BUILTIN_CSV) {
+            catalogue.set(ModelId::new(model), price);
         }
         catalogue
     }
@@ -324,6 +325,34 @@ mod tests {
         };
         let cheaper = catalogue.estimate(&ProviderId::new("openai"), &intent.model, &with_limit);
         assert!(cheaper.cost < cost.cost);
+    }
+
+    #[test]
+    fn shipped_price_file_parses_completely() {
+        let data_lines = BUILTIN_CSV
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .count();
+        assert_eq!(
+            parse_prices(BUILTIN_CSV).count(),
+            data_lines,
+            "a malformed line in data/prices.csv"
+        );
+        assert_eq!(builtin_prices_as_of(), "2026-11-01");
+        let c = PriceCatalogue::builtin();
+        let p = c
+            .price(&ProviderId::new("openai"), &ModelId::new("gpt-4o-mini"))
+            .unwrap();
+        assert_eq!(
+            (p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok),
+            (0.15, 0.60, Some(0.075))
+        );
+        assert!(
+            c.price(&ProviderId::new("x"), &ModelId::new("o3-mini"))
+                .unwrap()
+                .default_max_output
+                == 4096
+        );
     }
 
     #[test]

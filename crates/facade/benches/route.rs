@@ -37,6 +37,30 @@ async fn router(n_keys: usize) -> ApiKeyRouter {
     router
 }
 
+/// The simulated provider's own cost per call: subtracted from `route` to get the
+/// router's overhead.
+fn provider_alone(c: &mut Criterion) {
+    use apikeyrouter::{KeyId, Provider, ProviderCall};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let provider = SimulatedProvider::new();
+    let call = ProviderCall {
+        key_id: KeyId::new("key-1"),
+        material: apikeyrouter::domain::KeyMaterial::parse("sk-bench-00000001").expect("material"),
+        model: "gpt-4o-mini".into(),
+        request: Arc::new(RequestIntent::new(
+            "gpt-4o-mini",
+            vec![Message::user("What is the capital of France?")],
+        )),
+    };
+    c.bench_function("route/provider_alone", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(provider.chat(call.clone()).await.expect("answer")) })
+    });
+}
+
 fn route(c: &mut Criterion) {
     let intent = RequestIntent::new(
         "gpt-4o-mini",
@@ -95,5 +119,5 @@ fn route(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route);
+criterion_group!(benches, provider_alone, route);
 criterion_main!(benches);

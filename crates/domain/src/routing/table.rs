@@ -240,8 +240,11 @@ fn quantize_success(rate: f64) -> u32 {
     (rate.clamp(0.0, 1.0) * 1e6).round() as u32
 }
 
+/// Latency in microseconds, rounded to 100 µs: finer differences are noise, and
+/// coarser buckets spare the ordered sets a re-insertion after most calls.
 fn quantize_latency(ms: f64) -> u32 {
-    (ms.max(0.0) * 1e3).min(f64::from(u32::MAX)) as u32
+    let us = (ms.max(0.0) * 1e3).min(f64::from(u32::MAX - 100)) as u32;
+    (us + 50) / 100 * 100
 }
 
 /// A scored candidate during a decision.
