@@ -8,6 +8,10 @@ mod bad_input;
 #[cfg(test)]
 mod failure_handling;
 #[cfg(test)]
+mod proxy_http;
+#[cfg(test)]
+mod python_sdk;
+#[cfg(test)]
 mod streaming;
 #[cfg(test)]
 mod support;

@@ -3,6 +3,7 @@
 //! Tasks: `ci`, `tidy`, `check-layers`, `bench [-- criterion args]`, `example`.
 //! This crate must not depend on anything in `crates/`: it has to build even when they don't.
 
+mod bench_proxy;
 mod layers;
 mod tidy;
 
@@ -20,7 +21,9 @@ tasks:
   tidy                  check module docs and forbidden markers
   check-layers          check workspace dependency edges against the layer rule
   bench [-- ARGS...]    cargo bench for the workspace; ARGS go to criterion
-  example               run the facade's quickstart example in release mode";
+  bench proxy [SECS]    load test: wrk through the proxy vs directly against a mock upstream
+  example               run the facade's quickstart example in release mode
+  python-sdk            create target/python-sdk with the OpenAI SDK for the client tests";
 
 fn main() -> ExitCode {
     match run() {
@@ -51,6 +54,13 @@ fn run() -> Result<()> {
             println!("{HELP}");
             Ok(())
         }
+        Some("bench") if rest.first().map(String::as_str) == Some("proxy") => {
+            let seconds = rest
+                .get(1)
+                .map_or(Ok(10), |s| s.parse())
+                .context("seconds must be a number")?;
+            bench_proxy::run(&sh, seconds)
+        }
         Some("bench") => bench(&sh, rest),
         Some(task) if !rest.is_empty() => {
             bail!("task `{task}` takes no arguments, got {rest:?}\n\n{HELP}")
@@ -59,6 +69,7 @@ fn run() -> Result<()> {
         Some("tidy") => tidy::run(&root),
         Some("check-layers") => layers::run(&sh),
         Some("example") => example(&sh),
+        Some("python-sdk") => python_sdk(&sh),
         Some(other) => bail!("unknown task `{other}`\n\n{HELP}"),
     }
 }
@@ -171,13 +182,41 @@ fn step(name: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
     run().with_context(|| format!("ci step `{name}` failed"))
 }
 
-/// Starts the backing services that the live-service tests need, before `cargo test`.
-///
-/// Currently does nothing. Later issues start Redis, MongoDB and the python venv
-/// (for the mock/provider tooling) here, so that `cargo xtask ci` runs the
-/// feature-gated live tests instead of skipping them. Must be idempotent: a service
-/// that is already up is reused, not started twice.
-fn ensure_services(_sh: &Shell) -> Result<()> {
+/// Starts or installs what the tests need, before `cargo test`: today the Python
+/// virtual environment with the official OpenAI SDK. Idempotent: what is already in
+/// place is reused.
+fn ensure_services(sh: &Shell) -> Result<()> {
+    python_sdk(sh)
+}
+
+/// Creates `target/python-sdk` with the pinned OpenAI SDK (tests/python/requirements.txt).
+fn python_sdk(sh: &Shell) -> Result<()> {
+    let venv = "target/python-sdk";
+    let python = format!("{venv}/bin/python");
+    let requirements = "tests/python/requirements.txt";
+    let stamp = format!("{venv}/requirements.installed");
+    let wanted = sh.read_file(requirements)?;
+    if sh.path_exists(&python) && sh.read_file(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(());
+    }
+    let system_python = ["python3", "python"]
+        .into_iter()
+        .find(|p| {
+            cmd!(sh, "{p} --version")
+                .quiet()
+                .ignore_stdout()
+                .ignore_stderr()
+                .run()
+                .is_ok()
+        })
+        .context("no python3 on PATH: the OpenAI SDK client tests need CPython 3.8 or later")?;
+    cmd!(sh, "{system_python} -m venv {venv}").run()?;
+    cmd!(
+        sh,
+        "{python} -m pip install --quiet --disable-pip-version-check -r {requirements}"
+    )
+    .run()?;
+    sh.write_file(&stamp, wanted)?;
     Ok(())
 }
 

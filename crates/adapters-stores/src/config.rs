@@ -36,6 +36,17 @@ pub enum StoreConfig {
     },
 }
 
+impl StoreConfig {
+    /// The backend's name: `memory`, `redis` or `mongodb`.
+    pub const fn kind_name(&self) -> &'static str {
+        match self {
+            Self::Memory {} => "memory",
+            Self::Redis { .. } => "redis",
+            Self::Mongodb { .. } => "mongodb",
+        }
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self::Memory {}

@@ -182,6 +182,36 @@ pub struct KeyMetadata {
 }
 
 impl KeyMetadata {
+    /// Rejects metadata that cannot be right: zero limits, an empty tenant, an empty
+    /// model list.
+    ///
+    /// # Errors
+    /// A message naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("rpm", self.rpm),
+            ("tpm", self.tpm),
+            ("rpd", self.rpd),
+            ("tpd", self.tpd),
+            ("monthly_tokens", self.monthly_tokens),
+        ] {
+            if value == Some(0) {
+                return Err(format!("{name} must be greater than zero when set"));
+            }
+        }
+        if self
+            .tenant
+            .as_ref()
+            .is_some_and(|t| t.as_str().trim().is_empty())
+        {
+            return Err("tenant must not be empty".to_owned());
+        }
+        if self.models.as_ref().is_some_and(Vec::is_empty) {
+            return Err("models must list at least one model when set".to_owned());
+        }
+        Ok(())
+    }
+
     /// Whether the key may serve `model`.
     pub fn serves(&self, model: &ModelId) -> bool {
         self.models.as_ref().is_none_or(|m| m.contains(model))

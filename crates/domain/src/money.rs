@@ -10,9 +10,29 @@ use serde::{Deserialize, Serialize};
 ///
 /// Nano-dollars make the cheapest token prices (fractions of a micro-dollar) exact
 /// while still holding about 18 billion dollars in a `u64`.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
-#[serde(transparent)]
+///
+/// Serialized as a number of dollars (e.g. `0.0025`): exact for amounts below about
+/// nine million dollars, and readable in audit records and API responses.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Money(u64);
+
+impl Serialize for Money {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(self.as_usd())
+    }
+}
+
+impl<'de> Deserialize<'de> for Money {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let usd = f64::deserialize(deserializer)?;
+        if !usd.is_finite() || usd < 0.0 {
+            return Err(serde::de::Error::custom(format!(
+                "amount must be a non-negative number of dollars, got {usd}"
+            )));
+        }
+        Ok(Self::from_usd(usd))
+    }
+}
 
 const NANOS_PER_USD: f64 = 1e9;
 
@@ -112,6 +132,15 @@ mod tests {
         let per_token = Money::from_usd(0.075 / 1e6);
         assert_eq!(per_token.as_nanos(), 75);
         assert_eq!(per_token.times(1_000_000), Money::from_usd(0.075));
+    }
+
+    #[test]
+    fn serializes_as_dollars_and_round_trips() {
+        let m = Money::from_usd(1_234.567_891_234);
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, "1234.567891234");
+        assert_eq!(serde_json::from_str::<Money>(&json).unwrap(), m);
+        assert!(serde_json::from_str::<Money>("-1").is_err());
     }
 
     #[test]

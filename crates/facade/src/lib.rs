@@ -25,7 +25,10 @@
 //! store and provider adapters and observability, and holds no business logic.
 
 mod builder;
+mod config_apply;
 mod router;
+
+pub mod config;
 
 pub use builder::{ApiKeyRouterBuilder, BuildError};
 pub use router::ApiKeyRouter;

@@ -1,6 +1,7 @@
 //! The library's entry point: [`ApiKeyRouter`].
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use apikeyrouter_application::ports::Provider;
 use apikeyrouter_application::services::{
@@ -22,6 +23,8 @@ use crate::builder::ApiKeyRouterBuilder;
 #[derive(Clone, Debug)]
 pub struct ApiKeyRouter {
     core: ApiKeyRouterCore,
+    /// Ids of the keys the last applied configuration declared.
+    config_keys: Arc<Mutex<HashSet<KeyId>>>,
 }
 
 impl ApiKeyRouter {
@@ -31,7 +34,21 @@ impl ApiKeyRouter {
     }
 
     pub(crate) fn from_core(core: ApiKeyRouterCore) -> Self {
-        Self { core }
+        Self {
+            core,
+            config_keys: Arc::default(),
+        }
+    }
+
+    /// Records the keys a configuration declares, returning those of the previous one.
+    pub(crate) fn take_config_keys(&self, keys: HashSet<KeyId>) -> HashSet<KeyId> {
+        std::mem::replace(
+            &mut *self
+                .config_keys
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            keys,
+        )
     }
 
     /// The assembled services, for hosts such as the proxy.

@@ -88,6 +88,9 @@ pub enum RegisterKeyError {
     /// The metadata is inconsistent.
     #[error("invalid key metadata: {0}")]
     Metadata(String),
+    /// The id is already used by another key.
+    #[error("key id {0} is already in use")]
+    IdTaken(KeyId),
     /// The same material is already registered.
     #[error("this key material is already registered as {0}")]
     Duplicate(KeyId),

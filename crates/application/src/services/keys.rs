@@ -24,31 +24,6 @@ impl std::fmt::Debug for KeyService {
     }
 }
 
-/// Rejects metadata that cannot be right (zero limits, empty names).
-pub(crate) fn validate_metadata(m: &KeyMetadata) -> Result<(), String> {
-    for (name, value) in [
-        ("rpm", m.rpm),
-        ("tpm", m.tpm),
-        ("rpd", m.rpd),
-        ("tpd", m.tpd),
-        ("monthly_tokens", m.monthly_tokens),
-    ] {
-        if value == Some(0) {
-            return Err(format!("{name} must be greater than zero when set"));
-        }
-    }
-    if m.tenant
-        .as_ref()
-        .is_some_and(|t| t.as_str().trim().is_empty())
-    {
-        return Err("tenant must not be empty".to_owned());
-    }
-    if m.models.as_ref().is_some_and(Vec::is_empty) {
-        return Err("models must list at least one model when set".to_owned());
-    }
-    Ok(())
-}
-
 impl KeyService {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
@@ -66,11 +41,35 @@ impl KeyService {
         provider: &ProviderId,
         metadata: KeyMetadata,
     ) -> Result<KeyInfo, RegisterKeyError> {
+        self.register_with_id(self.shared.ids.key_id(), material, provider, metadata)
+            .await
+    }
+
+    /// Registers a key under a chosen id (e.g. one named in a configuration file, so
+    /// it stays the same across restarts).
+    ///
+    /// # Errors
+    /// As [`Self::register`], and [`RegisterKeyError::IdTaken`] when the id is in use.
+    pub async fn register_with_id(
+        &self,
+        id: KeyId,
+        material: &str,
+        provider: &ProviderId,
+        metadata: KeyMetadata,
+    ) -> Result<KeyInfo, RegisterKeyError> {
+        if id.as_str().trim().is_empty() || id.as_str().len() > 128 {
+            return Err(RegisterKeyError::Metadata(
+                "key id must be 1 to 128 characters".to_owned(),
+            ));
+        }
+        if self.shared.key_handle(&id).is_some() {
+            return Err(RegisterKeyError::IdTaken(id));
+        }
         if self.shared.provider(provider).is_none() {
             return Err(RegisterKeyError::UnknownProvider(provider.clone()));
         }
         let material = KeyMaterial::parse(material)?;
-        validate_metadata(&metadata).map_err(RegisterKeyError::Metadata)?;
+        metadata.validate().map_err(RegisterKeyError::Metadata)?;
         let duplicate = self
             .shared
             .keys
@@ -83,16 +82,30 @@ impl KeyService {
             return Err(RegisterKeyError::Duplicate(id));
         }
         let key = ApiKey::new(
-            self.shared.ids.key_id(),
+            id,
             provider.clone(),
             material,
             metadata,
             self.shared.clock.now(),
         );
-        self.shared.store.insert_key(key.clone()).await?;
+        self.shared
+            .store
+            .insert_key(key.clone())
+            .await
+            .map_err(|e| match e.kind {
+                StoreErrorKind::Conflict => RegisterKeyError::IdTaken(key.id.clone()),
+                _ => RegisterKeyError::Store(e),
+            })?;
         self.shared.cache_key(&key);
         tracing::info!(key_id = %key.id, provider = %provider, "key registered");
         Ok(key.info())
+    }
+
+    /// Whether key `id` holds `material` (compared in constant time).
+    pub fn material_matches(&self, id: &KeyId, material: &KeyMaterial) -> bool {
+        self.shared
+            .key_handle(id)
+            .is_some_and(|h| h.material == *material)
     }
 
     /// One key.
@@ -134,7 +147,7 @@ impl KeyService {
         id: &KeyId,
         metadata: KeyMetadata,
     ) -> Result<KeyInfo, KeyServiceError> {
-        validate_metadata(&metadata).map_err(KeyServiceError::Metadata)?;
+        metadata.validate().map_err(KeyServiceError::Metadata)?;
         let key = self
             .shared
             .store

@@ -1,0 +1,229 @@
+//! Configuration parsing and validation: the spec's example loads, and every mistake
+//! is named with its key.
+
+use super::*;
+use apikeyrouter_domain::{BudgetPeriod, Enforcement, Timestamp};
+
+const SPEC_EXAMPLE: &str = r#"
+listen = "127.0.0.1:8000"
+
+[admin]
+token_env = "APIKEYROUTER_ADMIN_TOKEN"
+
+[store]
+kind = "memory"
+
+[routing]
+objective = "fairness"
+max_attempts = 3
+
+[[providers]]
+id = "openai"
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+
+[[providers]]
+id = "anthropic"
+kind = "anthropic"
+base_url = "https://api.anthropic.com"
+
+[[fallbacks]]
+model = "gpt-4o"
+to = ["claude-sonnet-4-5", "gemini-2.5-pro"]
+
+[[keys]]
+provider = "openai"
+material_env = "OPENAI_KEY_1"
+metadata = { tenant = "customer-a", tier = "premium", rpm = 500, tpm = 90000 }
+
+[[budgets]]
+scope = "global"
+limit_usd = 100.0
+period = "monthly"
+enforcement = "hard"
+
+[[virtual_keys]]
+token_env = "CLIENT_TOKEN_A"
+tenant = "customer-a"
+"#;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn base_env() -> Vec<(String, String)> {
+    env(&[
+        ("APIKEYROUTER_ADMIN_TOKEN", "admin-secret-123"),
+        ("OPENAI_KEY_1", "sk-live-abcdefgh12345678"),
+        ("CLIENT_TOKEN_A", "client-token-aaaa"),
+    ])
+}
+
+fn parse_err(text: &str, vars: &[(String, String)]) -> String {
+    Config::parse(text, "test.toml", vars)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn spec_example_loads() {
+    let c = Config::parse(SPEC_EXAMPLE, "test.toml", &base_env()).unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
+    assert_eq!(c.admin_token.as_deref(), Some("admin-secret-123"));
+    assert_eq!(c.providers.len(), 2);
+    assert_eq!(c.keys[0].id.as_str(), "openai-1");
+    assert_eq!(c.keys[0].metadata.rpm, Some(500));
+    assert_eq!(c.keys[0].material.masked(), "sk-...5678");
+    assert_eq!(c.settings.fallbacks[&ModelId::new("gpt-4o")].len(), 2);
+    assert_eq!(c.budgets[0].id, "global-monthly");
+    assert_eq!(c.virtual_keys[0].tenant, Some(TenantId::new("customer-a")));
+    let summary = c.summary();
+    assert!(
+        summary.contains("openai-1 on openai sk-...5678 tenant customer-a"),
+        "{summary}"
+    );
+    assert!(!summary.contains("abcdefgh"), "summary leaked a secret");
+    assert!(
+        !format!("{c:?}").contains("abcdefgh"),
+        "debug leaked a secret"
+    );
+}
+
+#[test]
+fn environment_overrides_scalars() {
+    let mut vars = base_env();
+    vars.push(("APIKEYROUTER_ROUTING__MAX_ATTEMPTS".into(), "7".into()));
+    vars.push(("APIKEYROUTER_LISTEN".into(), "0.0.0.0:9000".into()));
+    vars.push((
+        "APIKEYROUTER_ROUTING__OBJECTIVE".into(),
+        "cost=0.7,reliability=0.3".into(),
+    ));
+    let c = Config::parse(SPEC_EXAMPLE, "test.toml", &vars).unwrap();
+    assert_eq!(c.settings.max_attempts, 7);
+    assert_eq!(c.listen.port(), 9000);
+    assert_eq!(c.settings.objective.label(), "cost=0.70,reliability=0.30");
+}
+
+#[test]
+fn empty_file_is_an_empty_router() {
+    let c = Config::parse("", "test.toml", &[]).unwrap();
+    assert!(c.keys.is_empty() && c.providers.is_empty());
+    assert_eq!(c.store.kind_name(), "memory");
+    assert_eq!(c.admin_token, None);
+}
+
+#[test]
+fn mistakes_are_named_with_file_and_key() {
+    let vars = base_env();
+    assert_eq!(
+        parse_err(&SPEC_EXAMPLE.replace("OPENAI_KEY_1", "OPENAI_KEY_9"), &vars),
+        "test.toml: keys[0]: environment variable OPENAI_KEY_9 is not set"
+    );
+    assert_eq!(
+        parse_err(
+            &SPEC_EXAMPLE.replace("provider = \"openai\"", "provider = \"opnai\""),
+            &vars
+        ),
+        "test.toml: keys[0].provider: unknown provider \"opnai\"; declared providers: openai, anthropic"
+    );
+    assert_eq!(
+        parse_err(
+            &SPEC_EXAMPLE.replace("objective = \"fairness\"", "objective = \"speed\""),
+            &vars
+        ),
+        "test.toml: routing.objective: unknown objective \"speed\"; expected cost, reliability, fairness or latency"
+    );
+    assert_eq!(
+        parse_err(
+            &SPEC_EXAMPLE.replace("limit_usd = 100.0", "limit_usd = -5.0"),
+            &vars
+        ),
+        "test.toml: budgets[0].limit_usd: budget global-monthly has a non-positive limit; limits must be greater than zero"
+    );
+    assert_eq!(
+        parse_err(&SPEC_EXAMPLE.replace("rpm = 500", "rpm = 0"), &vars),
+        "test.toml: keys[0].metadata: rpm must be greater than zero when set"
+    );
+    assert_eq!(
+        parse_err(
+            &SPEC_EXAMPLE.replace("listen = \"127.0.0.1:8000\"", "listen = \"localhost\""),
+            &vars
+        )
+        .split(':')
+        .take(2)
+        .collect::<Vec<_>>(),
+        ["test.toml", " listen"]
+    );
+    let unknown_field = parse_err(
+        &SPEC_EXAMPLE.replace("max_attempts = 3", "max_attempts = 3\nretries = 2"),
+        &vars,
+    );
+    assert!(
+        unknown_field.contains("unknown field `retries`"),
+        "{unknown_field}"
+    );
+    let bad_type = parse_err(
+        &SPEC_EXAMPLE.replace("max_attempts = 3", "max_attempts = \"three\""),
+        &vars,
+    );
+    assert!(bad_type.contains("max_attempts"), "{bad_type}");
+    let bad_kind = parse_err(
+        &SPEC_EXAMPLE.replace("kind = \"anthropic\"", "kind = \"claude\""),
+        &vars,
+    );
+    assert!(bad_kind.contains("unknown variant `claude`"), "{bad_kind}");
+    let no_admin_env = env(&[
+        ("OPENAI_KEY_1", "sk-live-abcdefgh12345678"),
+        ("CLIENT_TOKEN_A", "client-token-aaaa"),
+    ]);
+    assert_eq!(
+        parse_err(SPEC_EXAMPLE, &no_admin_env),
+        "test.toml: admin: environment variable APIKEYROUTER_ADMIN_TOKEN is not set"
+    );
+}
+
+#[test]
+fn budget_scopes_and_periods_parse() {
+    let text = r#"
+[[providers]]
+id = "openai"
+kind = "openai"
+
+[[budgets]]
+scope = "tag"
+tag = "feature=chatbot"
+limit_usd = 5
+period = "daily"
+enforcement = "soft"
+
+[[budgets]]
+scope = "provider"
+provider = "openai"
+limit_usd = 50
+period = "custom"
+period_seconds = 3600
+
+[[budgets]]
+scope = "tag"
+tag = "chatbot"
+limit_usd = 5
+"#;
+    assert_eq!(
+        parse_err(text, &[]),
+        "test.toml: budgets[2].tag: \"chatbot\" is not name=value, e.g. feature=chatbot"
+    );
+    let ok = text.rsplit_once("[[budgets]]").unwrap().0;
+    let c = Config::parse(ok, "test.toml", &[]).unwrap();
+    assert_eq!(c.budgets[0].id, "tag-feature-chatbot-daily");
+    assert_eq!(c.budgets[0].enforcement, Enforcement::Soft);
+    assert_eq!(
+        c.budgets[1].period,
+        BudgetPeriod::Custom {
+            anchor: Timestamp::EPOCH,
+            length_secs: 3600
+        }
+    );
+}

@@ -1,0 +1,335 @@
+//! The management API under `/api/v1`, behind the admin token: keys, quota, budgets,
+//! policies, providers, and the record of a request.
+
+use std::sync::Arc;
+
+use apikeyrouter::config::BudgetConfig;
+use apikeyrouter::{KeyId, KeyMetadata, KeyServiceError, KeyState, Money, RequestId};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::errors::ApiError;
+use crate::openai::parse_json;
+use crate::state::AppState;
+
+fn key_error(e: KeyServiceError) -> ApiError {
+    match e {
+        KeyServiceError::NotFound(id) => {
+            ApiError::not_found("key_not_found", format!("Key {id} not found."))
+        }
+        KeyServiceError::Store(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "store_unavailable",
+            "The state store is unavailable.",
+        ),
+        KeyServiceError::Transition(t) => ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "invalid_transition",
+            t.to_string(),
+        ),
+        other => ApiError::bad_request("invalid_request", other.to_string()),
+    }
+}
+
+fn store_error(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "store failure in management API");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+        "store_unavailable",
+        "The state store is unavailable.",
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    key_material: String,
+    provider_id: String,
+    #[serde(default)]
+    metadata: KeyMetadata,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// `POST /api/v1/keys`
+pub async fn create_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let new: NewKey = parse_json(body)?;
+    let keys = state.router.core().keys();
+    let provider = new.provider_id.as_str().into();
+    let result = match new.id {
+        Some(id) => {
+            keys.register_with_id(KeyId::new(id), &new.key_material, &provider, new.metadata)
+                .await
+        }
+        None => {
+            keys.register(&new.key_material, &provider, new.metadata)
+                .await
+        }
+    };
+    match result {
+        Ok(info) => Ok((StatusCode::CREATED, Json(info)).into_response()),
+        Err(apikeyrouter::RegisterKeyError::Duplicate(id)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "duplicate_key",
+            format!("This key material is already registered as {id}."),
+        )),
+        Err(apikeyrouter::RegisterKeyError::IdTaken(id)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "duplicate_key",
+            format!("Key id {id} is already in use."),
+        )),
+        Err(apikeyrouter::RegisterKeyError::Store(e)) => Err(store_error(e)),
+        Err(e) => Err(ApiError::bad_request("invalid_request", e.to_string())),
+    }
+}
+
+/// `GET /api/v1/keys`
+pub async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let keys = state.router.keys().await.map_err(key_error)?;
+    Ok(Json(json!({ "object": "list", "data": keys })).into_response())
+}
+
+/// `GET /api/v1/keys/{id}`
+pub async fn get_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let info = state.router.key(&KeyId::new(id)).await.map_err(key_error)?;
+    Ok(Json(info).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPatch {
+    metadata: KeyMetadata,
+}
+
+/// `PATCH /api/v1/keys/{id}`: replaces the metadata.
+pub async fn update_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let patch: KeyPatch = parse_json(body)?;
+    let info = state
+        .router
+        .update_key_metadata(&KeyId::new(id), patch.metadata)
+        .await
+        .map_err(key_error)?;
+    Ok(Json(info).into_response())
+}
+
+/// `DELETE /api/v1/keys/{id}`
+pub async fn delete_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    state
+        .router
+        .delete_key(&KeyId::new(id))
+        .await
+        .map_err(key_error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateChange {
+    state: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `PUT /api/v1/keys/{id}/state` with `{"state": "disabled" | "available", "reason": "..."}`
+pub async fn set_key_state(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let change: StateChange = parse_json(body)?;
+    let target = match change.state.as_str() {
+        "disabled" => KeyState::Disabled,
+        "available" => KeyState::Available,
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                format!("state must be \"disabled\" or \"available\", got {other:?}."),
+            )
+            .with_param("state"));
+        }
+    };
+    let transition = state
+        .router
+        .set_key_state(&KeyId::new(id), target, &change.reason)
+        .await
+        .map_err(key_error)?;
+    Ok(Json(transition).into_response())
+}
+
+/// `GET /api/v1/keys/{id}/quota`: capacity state, windows and exhaustion prediction.
+pub async fn key_quota(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let quota = state
+        .router
+        .quota(&KeyId::new(id))
+        .await
+        .map_err(key_error)?;
+    Ok(Json(quota).into_response())
+}
+
+/// `GET /api/v1/keys/{id}/transitions`
+pub async fn key_transitions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let transitions = state
+        .router
+        .key_transitions(&KeyId::new(id))
+        .await
+        .map_err(key_error)?;
+    Ok(Json(json!({ "object": "list", "data": transitions })).into_response())
+}
+
+/// `GET /api/v1/budgets`: every budget with its current spend.
+pub async fn list_budgets(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let budgets = state.router.budgets().await.map_err(store_error)?;
+    Ok(Json(json!({ "object": "list", "data": budgets })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NewBudget {
+    #[serde(flatten)]
+    budget: BudgetConfig,
+    #[serde(default)]
+    spent_usd: Option<f64>,
+}
+
+/// `POST /api/v1/budgets`: the shape of a `[[budgets]]` entry, plus `spent_usd`.
+pub async fn create_budget(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let new: NewBudget = parse_json(body)?;
+    let budget = new.budget.to_budget().map_err(|(field, message)| {
+        ApiError::bad_request("invalid_value", message).with_param(field)
+    })?;
+    let spent = match new.spent_usd {
+        Some(s) if !(s.is_finite() && s >= 0.0) => {
+            return Err(
+                ApiError::bad_request("invalid_value", "spent_usd must be zero or more.")
+                    .with_param("spent_usd"),
+            );
+        }
+        Some(s) => Money::from_usd(s),
+        None => Money::ZERO,
+    };
+    let status = state
+        .router
+        .add_budget_with_spend(budget, spent)
+        .await
+        .map_err(store_error)?;
+    Ok((StatusCode::CREATED, Json(status)).into_response())
+}
+
+/// `GET /api/v1/policies`: routing settings and fallback chains.
+pub async fn policies(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let s = state.router.core().settings();
+    let mut fallbacks: Vec<_> = s
+        .fallbacks
+        .iter()
+        .map(|(m, to)| json!({ "model": m, "to": to }))
+        .collect();
+    fallbacks.sort_by_key(|f| f["model"].as_str().map(str::to_owned));
+    Ok(Json(json!({
+        "objective": s.objective.label(),
+        "max_attempts": s.max_attempts,
+        "total_deadline_ms": s.total_deadline.as_millis() as u64,
+        "attempt_timeout_ms": s.attempt_timeout.as_millis() as u64,
+        "fallbacks": fallbacks,
+        "downgrades": s.downgrades,
+    }))
+    .into_response())
+}
+
+/// `GET /api/v1/providers`
+pub async fn providers(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    let kinds: std::collections::HashMap<_, _> =
+        state.router.core().providers().into_iter().collect();
+    let data: Vec<_> = state
+        .router
+        .core()
+        .models()
+        .into_iter()
+        .map(|(id, models)| json!({ "id": id, "kind": kinds.get(&id), "models": models }))
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })).into_response())
+}
+
+/// `GET /api/v1/requests/{request_id}`: the decision and audit record.
+pub async fn request_record(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.auth().admin.check(&headers)?;
+    match state
+        .router
+        .request(&RequestId::new(id.as_str()))
+        .await
+        .map_err(store_error)?
+    {
+        Some(record) => Ok(Json(record).into_response()),
+        None => Err(ApiError::not_found(
+            "request_not_found",
+            format!("No record of request {id} (never seen, or past retention)."),
+        )),
+    }
+}

@@ -1,0 +1,200 @@
+//! Errors as OpenAI-shaped JSON: `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! 5xx bodies say what failed in stable terms and reveal nothing internal; the detail
+//! goes to the log, once, with a low-cardinality code.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use apikeyrouter::{RouteError, RouteErrorKind};
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// OpenAI's `type`.
+    pub kind: &'static str,
+    /// Stable code, also the metrics label.
+    pub code: &'static str,
+    pub message: String,
+    pub param: Option<&'static str>,
+    pub request_id: Option<String>,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            param: None,
+            request_id: None,
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            message,
+        )
+    }
+
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            code,
+            message,
+        )
+    }
+
+    pub fn with_param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    pub fn with_request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = Some(id.into());
+        self
+    }
+
+    /// The answer for a request the router could not serve.
+    pub fn from_route(err: &RouteError) -> Self {
+        let e = match &err.kind {
+            RouteErrorKind::InvalidRequest(m) => Self::bad_request("invalid_request", m.clone()),
+            RouteErrorKind::UnknownModel { model } => Self::not_found(
+                "model_not_found",
+                format!("The model `{model}` does not exist or no configured provider serves it."),
+            )
+            .with_param("model"),
+            RouteErrorKind::NoEligibleKey(no_key) => {
+                let busy = no_key.ineligible.throttled
+                    + no_key.ineligible.exhausted
+                    + no_key.ineligible.rate_limited
+                    + no_key.ineligible.already_tried;
+                if busy > 0 {
+                    let mut e = Self::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_error",
+                        "no_eligible_key",
+                        no_key.to_string(),
+                    );
+                    e.retry_after_secs = Some(1);
+                    e
+                } else {
+                    Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "service_unavailable",
+                        "no_eligible_key",
+                        no_key.to_string(),
+                    )
+                }
+            }
+            RouteErrorKind::BudgetExceeded(b) => Self::forbidden("budget_exceeded", b.to_string()),
+            RouteErrorKind::Rejected(p) => Self::bad_request(
+                "provider_rejected_request",
+                format!("The provider rejected the request: {}", p.message),
+            ),
+            RouteErrorKind::AttemptsExhausted { attempts, last } => {
+                let status = if last.kind == apikeyrouter::FailureKind::Timeout {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                let http = last.status.map_or(String::new(), |s| format!(", HTTP {s}"));
+                Self::new(
+                    status,
+                    "api_error",
+                    "upstream_failed",
+                    format!(
+                        "Upstream providers failed after {attempts} attempts (last: {}{http}).",
+                        last.kind.as_str()
+                    ),
+                )
+            }
+            RouteErrorKind::DeadlineExceeded(ms) => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "api_error",
+                "deadline_exceeded",
+                format!("The request did not complete within {ms} ms."),
+            ),
+            RouteErrorKind::Store(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "store_unavailable",
+                "The router's state store is unavailable; try again shortly.",
+            ),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "internal_error",
+                "Internal error.",
+            ),
+        };
+        e.with_request_id(err.request_id.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = self.status.as_u16(), code = self.code, message = %self.message, "request failed");
+        } else {
+            tracing::info!(
+                status = self.status.as_u16(),
+                code = self.code,
+                "request refused"
+            );
+        }
+        let body = json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        if let Some(id) = self
+            .request_id
+            .as_deref()
+            .and_then(|id| HeaderValue::from_str(id).ok())
+        {
+            headers.insert("x-request-id", id);
+        }
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response.extensions_mut().insert(ErrorCode(self.code));
+        response
+    }
+}
+
+/// The error code of a response, for the metrics middleware.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);

@@ -1,0 +1,170 @@
+//! The `apikeyrouter` proxy: an OpenAI-compatible HTTP API in front of the router, a
+//! management API, virtual keys, metrics, and the command line.
+//!
+//! Handlers are thin (extract, call the facade, shape the answer). This crate depends
+//! on the `apikeyrouter` facade only, never on adapters or inner layers directly.
+
+pub mod admin;
+pub mod auth;
+pub mod demo;
+pub mod errors;
+pub mod metrics;
+pub mod openai;
+pub mod server;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+
+use crate::errors::{ApiError, ErrorCode};
+use crate::metrics::RequestLabels;
+use crate::state::AppState;
+
+/// The HTTP application.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
+        .route(
+            "/api/v1/keys",
+            post(admin::create_key).get(admin::list_keys),
+        )
+        .route(
+            "/api/v1/keys/{id}",
+            get(admin::get_key)
+                .patch(admin::update_key)
+                .delete(admin::delete_key),
+        )
+        .route("/api/v1/keys/{id}/state", put(admin::set_key_state))
+        .route("/api/v1/keys/{id}/quota", get(admin::key_quota))
+        .route("/api/v1/keys/{id}/transitions", get(admin::key_transitions))
+        .route(
+            "/api/v1/budgets",
+            get(admin::list_budgets).post(admin::create_budget),
+        )
+        .route("/api/v1/policies", get(admin::policies))
+        .route("/api/v1/providers", get(admin::providers))
+        .route("/api/v1/requests/{id}", get(admin::request_record))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready when the state store answers.
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    match state.router.core().ping().await {
+        Ok(()) => axum::Json(
+            serde_json::json!({ "status": "ready", "store": state.router.core().store_kind() }),
+        )
+        .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready: store unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "status": "unavailable", "store": state.router.core().store_kind() }))).into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Key states are read at scrape time: they change rarely, scrapes are rare.
+    if let Ok(keys) = state.router.keys().await {
+        state.metrics.keys.clear();
+        for k in keys {
+            state
+                .metrics
+                .keys
+                .get_or_create(&metrics::KeyStateLabels {
+                    provider: k.provider_id.to_string(),
+                    state: k.state.as_str(),
+                })
+                .inc();
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found(
+        "unknown_url",
+        "Unknown request URL. See /v1/chat/completions, /v1/embeddings, /v1/models and /api/v1.",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        "This method is not allowed on this URL.",
+    )
+}
+
+/// Counts every answer by endpoint, status and error code, and logs it once.
+async fn count_requests(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let endpoint = match request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+    {
+        Some("/v1/chat/completions") => "chat",
+        Some("/v1/embeddings") => "embeddings",
+        Some("/v1/models") => "models",
+        Some(p) if p.starts_with("/api/v1") => "admin",
+        Some("/health" | "/ready" | "/metrics") => "ops",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let code = response
+        .extensions()
+        .get::<ErrorCode>()
+        .map_or("ok", |c| c.0);
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            endpoint,
+            status,
+            code,
+        })
+        .inc();
+    tracing::debug!(
+        endpoint,
+        status,
+        code,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "answered"
+    );
+    response
+}

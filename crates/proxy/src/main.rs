@@ -1,0 +1,123 @@
+//! The `apikeyrouter` command: `serve`, `demo` and `check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use apikeyrouter::config::Config;
+use apikeyrouter::observability::{LogFormat, init_tracing};
+use apikeyrouter_proxy::{demo, server};
+use clap::{Parser, Subcommand};
+
+/// Route LLM requests across many API keys and providers.
+#[derive(Debug, Parser)]
+#[command(name = "apikeyrouter", version, about)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    json_logs: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible proxy and the management API.
+    Serve {
+        /// Configuration file (TOML); without it, an empty router on the memory store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding the configuration.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Serve simulated providers with demo keys: no secrets, no network.
+    Demo {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: String,
+    },
+    /// Validate a configuration and print what it would load.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = if cli.json_logs {
+        LogFormat::Json
+    } else {
+        LogFormat::Pretty
+    };
+    if let Command::Check { config } = &cli.command {
+        return match Config::load(config) {
+            Ok(c) => {
+                print!("{}", c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Err(e) = init_tracing(format, "info") {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            config: path,
+            listen,
+        } => {
+            let mut config = match &path {
+                Some(p) => Config::load(p)?,
+                None => Config::from_env()?,
+            };
+            if let Some(listen) = listen {
+                config.listen = listen
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--listen {listen:?}: {e}"))?;
+            }
+            let state = server::build_state(&config).await?;
+            server::serve(state, config.listen, path, |addr| {
+                println!(
+                    "apikeyrouter listening on http://{addr} (store: {})",
+                    config.store.kind_name()
+                );
+            })
+            .await
+        }
+        Command::Demo { listen } => {
+            let config = demo::config(&listen)?;
+            let state = server::build_state(&config).await?;
+            server::serve(state, config.listen, None, |addr| {
+                println!("{}", demo::banner(addr))
+            })
+            .await
+        }
+        Command::Check { .. } => Ok(()),
+    }
+}

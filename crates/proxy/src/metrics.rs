@@ -1,0 +1,152 @@
+//! Prometheus metrics: requests, latency, tokens, cost, failovers, and key states by
+//! provider (read from the router at scrape time). Labels are low-cardinality: the
+//! endpoint, the status code, a stable error code, provider and model.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: &'static str,
+    pub status: u16,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub provider: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub provider: String,
+    pub model: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyStateLabels {
+    pub provider: String,
+    pub state: &'static str,
+}
+
+/// The proxy's metrics and their registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<EndpointLabels, Histogram>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub cost: Family<ModelLabels, Counter<f64, AtomicU64>>,
+    pub failovers: Family<ModelLabels, Counter>,
+    pub keys: Family<KeyStateLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("apikeyrouter");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ])
+        });
+        let tokens = Family::<TokenLabels, Counter>::default();
+        let cost = Family::<ModelLabels, Counter<f64, AtomicU64>>::default();
+        let failovers = Family::<ModelLabels, Counter>::default();
+        let keys = Family::<KeyStateLabels, Gauge>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by endpoint, status and error code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer (to first byte for streams)",
+            latency.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens used, by provider, model and kind",
+            tokens.clone(),
+        );
+        registry.register(
+            "cost_usd",
+            "Money spent, by provider and model",
+            cost.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Requests served after at least one failed attempt",
+            failovers.clone(),
+        );
+        registry.register("keys", "Keys by provider and state", keys.clone());
+        Self {
+            registry,
+            requests,
+            latency,
+            tokens,
+            cost,
+            failovers,
+            keys,
+        }
+    }
+
+    /// Counts a served request's usage.
+    pub fn record_usage(
+        &self,
+        provider: &str,
+        model: &str,
+        prompt: u64,
+        completion: u64,
+        cost_usd: Option<f64>,
+        attempts: usize,
+    ) {
+        let labels = |kind| TokenLabels {
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            kind,
+        };
+        self.tokens.get_or_create(&labels("prompt")).inc_by(prompt);
+        self.tokens
+            .get_or_create(&labels("completion"))
+            .inc_by(completion);
+        let model_labels = ModelLabels {
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+        };
+        if let Some(usd) = cost_usd {
+            self.cost.get_or_create(&model_labels).inc_by(usd);
+        }
+        if attempts > 1 {
+            self.failovers.get_or_create(&model_labels).inc();
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

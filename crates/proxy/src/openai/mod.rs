@@ -1,0 +1,438 @@
+//! The OpenAI-compatible API: `POST /v1/chat/completions` (JSON and SSE),
+//! `POST /v1/embeddings`, `GET /v1/models`.
+//!
+//! Handlers are thin: authenticate, parse, call the router, shape the answer.
+
+mod convert;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use apikeyrouter::{EmbeddingIntent, ModelId, Objective, RequestContext, RequestId, TenantId};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+
+use crate::errors::ApiError;
+use crate::metrics::EndpointLabels;
+use crate::state::AppState;
+use wire::{
+    EmbeddingData, EmbeddingInput, EmbeddingList, EmbeddingRequest, EmbeddingUsage, ModelEntry,
+    ModelList,
+};
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Parses a JSON body, answering 400/413 in OpenAI's shape.
+pub fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                "The request body is too large.",
+            )
+        } else {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("The request body could not be read: {e}"),
+            )
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "is not valid JSON"
+        } else {
+            "does not match the expected shape"
+        };
+        ApiError::bad_request("invalid_json", format!("The request body {what}: {e}"))
+    })
+}
+
+/// What the routing headers and the client's credential say about a request.
+struct Routing {
+    ctx: RequestContext,
+    objective: Objective,
+    tenant: Option<TenantId>,
+    tags: BTreeMap<String, String>,
+}
+
+fn routing(state: &AppState, headers: &HeaderMap, model: &str) -> Result<Routing, ApiError> {
+    let client = state.auth().client(headers)?;
+    if let Some(vk) = &client {
+        vk.admit(unix_now() * 1000)?;
+        if !vk.allows(&ModelId::new(model)) {
+            return Err(ApiError::forbidden(
+                "model_not_allowed",
+                format!("This API key may not use model `{model}`."),
+            )
+            .with_param("model"));
+        }
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let request_id = match header("x-request-id") {
+        Some(id) if id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic()) => {
+            Some(RequestId::new(id))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_header",
+                "x-request-id must be at most 128 visible ASCII characters.",
+            ));
+        }
+        None => None,
+    };
+    let mut objective = match header("x-apikeyrouter-objective") {
+        Some(spec) => Objective::parse(spec).map_err(|e| {
+            ApiError::bad_request("invalid_header", format!("x-apikeyrouter-objective: {e}"))
+        })?,
+        None => state.router.core().settings().objective.clone(),
+    };
+    let mut tags = BTreeMap::new();
+    if let Some(list) = header("x-apikeyrouter-tags") {
+        for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .filter(|(k, v)| !k.trim().is_empty() && !v.trim().is_empty())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_header",
+                        format!("x-apikeyrouter-tags: {pair:?} is not name=value"),
+                    )
+                })?;
+            tags.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+    }
+    let tenant = client.as_ref().and_then(|vk| vk.tenant.clone());
+    if let Some(vk) = &client {
+        if let Some((k, v)) = &vk.budget_tag {
+            tags.insert(k.clone(), v.clone());
+        }
+        if let Some(models) = &vk.models {
+            objective.constraints.allowed_models = Some(models.clone());
+        }
+    }
+    let correlation_id = header("x-correlation-id").map(str::to_owned);
+    Ok(Routing {
+        ctx: RequestContext {
+            request_id,
+            correlation_id,
+        },
+        objective,
+        tenant,
+        tags,
+    })
+}
+
+fn set_header(response: &mut Response, name: &'static str, value: impl AsRef<str>) {
+    if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
+        response.headers_mut().insert(name, v);
+    }
+}
+
+fn usd(m: apikeyrouter::Money) -> String {
+    format!("{:.9}", m.as_usd())
+}
+
+/// `POST /v1/chat/completions`
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let request: wire::ChatRequest = parse_json(body)?;
+    let stream = request.stream;
+    let include_usage = request
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let r = routing(&state, &headers, &request.model)?;
+    let mut intent = convert::intent(request)?;
+    intent.tenant = r.tenant;
+    intent.tags = r.tags;
+    let created = unix_now();
+    if stream {
+        let routed = state
+            .router
+            .core()
+            .router()
+            .route_stream(intent, &r.objective, r.ctx)
+            .await
+            .map_err(|e| ApiError::from_route(&e))?;
+        let id = format!("chatcmpl-{}", routed.request_id);
+        let model = routed.model.to_string();
+        let mut response_headers = Vec::new();
+        response_headers.push(("x-request-id", routed.request_id.to_string()));
+        response_headers.push(("x-apikeyrouter-key-id", routed.key_id.to_string()));
+        response_headers.push(("x-apikeyrouter-provider", routed.provider.to_string()));
+        if let Some(cost) = routed.estimated_cost {
+            response_headers.push(("x-apikeyrouter-estimated-cost-usd", usd(cost)));
+        }
+        let provider = routed.provider.to_string();
+        let attempts = routed.attempts.len() + 1;
+        let metrics_state = state.clone();
+        let mut first = true;
+        let events = routed
+            .map(move |item| match item {
+                Ok(chunk) => {
+                    let mut out = Vec::with_capacity(2);
+                    let json = convert::chunk(&id, &model, created, &chunk, first);
+                    first = false;
+                    if !(json.choices[0].delta.content.as_deref().unwrap_or_default().is_empty()
+                        && json.choices[0].delta.tool_calls.is_none()
+                        && json.choices[0].finish_reason.is_none()
+                        && json.choices[0].delta.role.is_none())
+                    {
+                        out.push(Event::default().json_data(&json));
+                    }
+                    if let Some(u) = &chunk.usage {
+                        metrics_state.metrics.record_usage(&provider, &model, u.prompt_tokens, u.completion_tokens, None, attempts);
+                        if include_usage {
+                            out.push(Event::default().json_data(convert::usage_chunk(&id, &model, created, u)));
+                        }
+                    }
+                    out
+                }
+                Err(e) => {
+                    let body = serde_json::json!({"error": {"message": format!("The upstream stream failed: {}", e.kind.as_str()), "type": "api_error", "param": null, "code": "upstream_stream_error"}});
+                    vec![Event::default().json_data(body)]
+                }
+            })
+            .flat_map(futures_util::stream::iter)
+            .map(|event| Ok::<Event, Infallible>(event.unwrap_or_else(|_| Event::default().data("{}"))))
+            .chain(futures_util::stream::once(async { Ok(Event::default().data("[DONE]")) }));
+        let mut response = Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response();
+        for (name, value) in response_headers {
+            set_header(&mut response, name, value);
+        }
+        state
+            .metrics
+            .latency
+            .get_or_create(&EndpointLabels { endpoint: "chat" })
+            .observe(started.elapsed().as_secs_f64());
+        return Ok(response);
+    }
+    let served = state
+        .router
+        .core()
+        .router()
+        .route(intent, &r.objective, r.ctx)
+        .await
+        .map_err(|e| ApiError::from_route(&e))?;
+    state.metrics.record_usage(
+        served.provider.as_str(),
+        served.model.as_str(),
+        served.usage.prompt_tokens,
+        served.usage.completion_tokens,
+        served.actual_cost.map(apikeyrouter::Money::as_usd),
+        served.attempts.len(),
+    );
+    let mut headers_out = vec![
+        ("x-request-id", served.request_id.to_string()),
+        ("x-apikeyrouter-key-id", served.key_id.to_string()),
+        ("x-apikeyrouter-provider", served.provider.to_string()),
+    ];
+    if let Some(cost) = served.actual_cost {
+        headers_out.push(("x-apikeyrouter-cost-usd", usd(cost)));
+    }
+    if let Some(cost) = served.estimated_cost {
+        headers_out.push(("x-apikeyrouter-estimated-cost-usd", usd(cost)));
+    }
+    if let Some(remaining) = served.budget_remaining() {
+        headers_out.push(("x-apikeyrouter-budget-remaining-usd", usd(remaining)));
+    }
+    let mut response = axum::Json(convert::completion(served, created)).into_response();
+    for (name, value) in headers_out {
+        set_header(&mut response, name, value);
+    }
+    state
+        .metrics
+        .latency
+        .get_or_create(&EndpointLabels { endpoint: "chat" })
+        .observe(started.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+/// `POST /v1/embeddings`
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let request: EmbeddingRequest = parse_json(body)?;
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                format!("encoding_format must be float or base64, got {other:?}."),
+            )
+            .with_param("encoding_format"));
+        }
+    };
+    let input = match request.input {
+        EmbeddingInput::One(s) => vec![s],
+        EmbeddingInput::Many(v) => v,
+        EmbeddingInput::Tokens(_) => {
+            return Err(ApiError::bad_request(
+                "unsupported_value",
+                "Token-array inputs are not supported; send text.",
+            )
+            .with_param("input"));
+        }
+    };
+    let r = routing(&state, &headers, &request.model)?;
+    let intent = EmbeddingIntent {
+        model: request.model.as_str().into(),
+        input,
+        dimensions: request.dimensions,
+        tenant: r.tenant,
+        tags: r.tags,
+    };
+    let served = state
+        .router
+        .core()
+        .router()
+        .route_embeddings(intent, &r.objective, r.ctx)
+        .await
+        .map_err(|e| ApiError::from_route(&e))?;
+    state.metrics.record_usage(
+        served.provider.as_str(),
+        served.model.as_str(),
+        served.usage.prompt_tokens,
+        0,
+        served.actual_cost.map(apikeyrouter::Money::as_usd),
+        served.attempts.len(),
+    );
+    let data = served
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| EmbeddingData {
+            object: "embedding",
+            index,
+            embedding: if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                serde_json::json!(v)
+            },
+        })
+        .collect();
+    let body = EmbeddingList {
+        object: "list",
+        data,
+        model: served.model.to_string(),
+        usage: EmbeddingUsage {
+            prompt_tokens: served.usage.prompt_tokens,
+            total_tokens: served.usage.prompt_tokens,
+        },
+    };
+    let mut response = axum::Json(body).into_response();
+    set_header(&mut response, "x-request-id", served.request_id.as_str());
+    set_header(
+        &mut response,
+        "x-apikeyrouter-key-id",
+        served.key_id.as_str(),
+    );
+    set_header(
+        &mut response,
+        "x-apikeyrouter-provider",
+        served.provider.as_str(),
+    );
+    if let Some(cost) = served.actual_cost {
+        set_header(&mut response, "x-apikeyrouter-cost-usd", usd(cost));
+    }
+    state
+        .metrics
+        .latency
+        .get_or_create(&EndpointLabels {
+            endpoint: "embeddings",
+        })
+        .observe(started.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+/// `GET /v1/models`: the models the registered providers serve and some key can use.
+pub async fn models(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let client = state.auth().client(&headers)?;
+    let keys = state.router.keys().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "store_unavailable",
+            format!("{e}"),
+        )
+    })?;
+    let catalogue = state.router.core().catalogue();
+    let mut entries: BTreeMap<String, String> = BTreeMap::new();
+    for (provider, models) in state.router.core().models() {
+        let provider_keys: Vec<_> = keys
+            .iter()
+            .filter(|k| k.provider_id == provider)
+            .filter(|k| {
+                client
+                    .as_ref()
+                    .is_none_or(|vk| vk.tenant.is_none() || k.metadata.tenant == vk.tenant)
+            })
+            .collect();
+        if provider_keys.is_empty() {
+            continue;
+        }
+        let served: Vec<ModelId> = match models {
+            Some(list) => list,
+            None => catalogue.models(),
+        };
+        for model in served {
+            let usable = provider_keys.iter().any(|k| k.metadata.serves(&model));
+            let allowed = client.as_ref().is_none_or(|vk| vk.allows(&model));
+            if usable && allowed {
+                entries
+                    .entry(model.to_string())
+                    .or_insert_with(|| provider.to_string());
+            }
+        }
+    }
+    let data = entries
+        .into_iter()
+        .map(|(id, owned_by)| ModelEntry {
+            id,
+            object: "model",
+            created: 0,
+            owned_by,
+        })
+        .collect();
+    Ok(axum::Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response())
+}

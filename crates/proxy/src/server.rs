@@ -1,0 +1,178 @@
+//! Running the proxy: bind, serve with TCP_NODELAY, reload on SIGHUP or file change,
+//! shut down gracefully on SIGINT/SIGTERM (in-flight requests finish).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use apikeyrouter::config::Config;
+use apikeyrouter::{ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Enforcement};
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+
+use crate::auth::Auth;
+use crate::state::AppState;
+
+/// Builds the shared state from a configuration.
+///
+/// # Errors
+/// When the router cannot be built (store unreachable, bad adapter settings) or the
+/// admin API would be exposed without a token.
+pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
+    let router = ApiKeyRouter::from_config(config)
+        .await
+        .with_context(|| format!("cannot start from {}", config.source_name))?;
+    let auth = Auth::from_config(config).map_err(anyhow::Error::msg)?;
+    apply_virtual_key_budgets(&router, config).await?;
+    Ok(Arc::new(AppState::new(
+        router,
+        auth,
+        config.limits.max_body_bytes,
+    )))
+}
+
+/// Each virtual key with a budget gets a monthly hard budget on its tag.
+async fn apply_virtual_key_budgets(router: &ApiKeyRouter, config: &Config) -> anyhow::Result<()> {
+    let existing = router.budgets().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    for vk in &config.virtual_keys {
+        let Some(limit) = vk.budget_usd else { continue };
+        let id = format!("virtual-key-{}", vk.name);
+        let scope = BudgetScope::Tag {
+            key: "virtual_key".to_owned(),
+            value: vk.name.clone(),
+        };
+        let budget = Budget::new(
+            id.clone(),
+            scope,
+            limit,
+            BudgetPeriod::Monthly,
+            Enforcement::Hard,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let spent = existing
+            .iter()
+            .find(|b| b.budget_id == id)
+            .map_or(apikeyrouter::Money::ZERO, |b| b.spent);
+        router
+            .add_budget_with_spend(budget, spent)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(())
+}
+
+/// Serves until SIGINT/SIGTERM. `on_bound` receives the bound address (port 0 picks one).
+///
+/// # Errors
+/// When the address cannot be bound or the server fails.
+pub async fn serve(
+    state: Arc<AppState>,
+    listen: SocketAddr,
+    config_path: Option<PathBuf>,
+    on_bound: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let bound = listener.local_addr()?;
+    on_bound(bound);
+    if let Some(path) = config_path {
+        tokio::spawn(watch_config(state.clone(), path));
+    }
+    let listener = listener.tap_io(|tcp| {
+        // Without it a kept-alive connection waits ~40 ms per small reply (Nagle).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
+    axum::serve(listener, crate::app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server failed")?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// Reloads the configuration on SIGHUP or when the file changes (checked every two
+/// seconds). A file that does not validate is reported and ignored: the running
+/// configuration stays.
+async fn watch_config(state: Arc<AppState>, path: PathBuf) {
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last: Option<SystemTime> = modified(&path);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hangup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<()>();
+        let reason = tokio::select! {
+            () = signalled => "SIGHUP",
+            () = tokio::time::sleep(Duration::from_secs(2)) => {
+                let now = modified(&path);
+                if now == last { continue; }
+                last = now;
+                "file changed"
+            }
+        };
+        reload(&state, &path, reason).await;
+    }
+}
+
+/// Applies the file at `path` to the running proxy.
+pub async fn reload(state: &AppState, path: &std::path::Path, reason: &str) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(reason, error = %e, "configuration not reloaded");
+            return;
+        }
+    };
+    let auth = match Auth::from_config(&config) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(reason, error = %e, "configuration not reloaded");
+            return;
+        }
+    };
+    if let Err(e) = state.router.apply_config(&config).await {
+        tracing::error!(reason, error = %e, "configuration partly reloaded");
+        return;
+    }
+    if let Err(e) = apply_virtual_key_budgets(&state.router, &config).await {
+        tracing::error!(reason, error = %e, "virtual key budgets not reloaded");
+    }
+    state.set_auth(auth);
+    tracing::info!(reason, path = %path.display(), "configuration reloaded");
+}

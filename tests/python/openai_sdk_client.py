@@ -1,0 +1,97 @@
+"""The official OpenAI Python SDK as a client of the apikeyrouter proxy.
+
+Run by the Rust test `python_sdk::official_openai_sdk_works_against_the_proxy`, which
+starts the proxy and passes its base URL and a client token. Every check asserts on
+values; the script exits non-zero on the first failure.
+"""
+
+import sys
+
+import openai
+from openai import OpenAI
+
+
+def main(base_url: str, token: str) -> None:
+    client = OpenAI(base_url=base_url, api_key=token, max_retries=0)
+    checks = 0
+
+    completion = client.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Hello from the SDK"}],
+    )
+    assert completion.object == "chat.completion", completion
+    assert completion.choices[0].message.role == "assistant"
+    assert "Hello from the SDK" in completion.choices[0].message.content, completion
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    checks += 1
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "headers please"}]
+    )
+    assert raw.headers["x-apikeyrouter-provider"] == "openai"
+    assert raw.headers["x-apikeyrouter-key-id"].startswith("openai-")
+    assert float(raw.headers["x-apikeyrouter-cost-usd"]) > 0
+    checks += 1
+
+    stream = client.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Stream this"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert text.startswith("Simulated reply from gpt-4o"), text
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens > 0
+    checks += 1
+
+    # The SDK asks for base64 by default and decodes it.
+    embeddings = client.embeddings.create(model="text-embedding-3-small", input=["alpha", "beta"], dimensions=8)
+    assert len(embeddings.data) == 2
+    assert len(embeddings.data[0].embedding) == 8
+    assert abs(sum(x * x for x in embeddings.data[0].embedding) - 1.0) < 1e-4
+    floats = client.embeddings.create(model="text-embedding-3-small", input="gamma", encoding_format="float")
+    assert len(floats.data[0].embedding) == 8
+    checks += 1
+
+    models = [m.id for m in client.models.list()]
+    assert "gpt-4o" in models and "text-embedding-3-small" in models, models
+    checks += 1
+
+    try:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("expected a 404")
+    except openai.NotFoundError as e:
+        assert e.status_code == 404
+        assert e.body["code"] == "model_not_found", e.body
+    checks += 1
+
+    try:
+        OpenAI(base_url=base_url, api_key="wrong-token", max_retries=0).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+        )
+        raise AssertionError("expected a 401")
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401
+    checks += 1
+
+    try:
+        client.chat.completions.create(model="gpt-4o", messages=[])
+        raise AssertionError("expected a 400")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+        assert e.body["param"] == "messages", e.body
+    checks += 1
+
+    print(f"openai sdk {openai.__version__}: {checks} passed, 0 failed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

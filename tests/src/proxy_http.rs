@@ -1,0 +1,662 @@
+//! The proxy over real HTTP: a server on port 0, a real client, simulated providers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use apikeyrouter::config::Config;
+use apikeyrouter_proxy::server;
+use apikeyrouter_proxy::state::AppState;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const BASE: &str = r#"
+[[providers]]
+id = "openai"
+kind = "simulated"
+models = ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]
+
+[[providers]]
+id = "anthropic"
+kind = "simulated"
+models = ["claude-sonnet-4-5"]
+
+[[fallbacks]]
+model = "gpt-4o"
+to = ["claude-sonnet-4-5"]
+
+[[keys]]
+provider = "openai"
+material = "sk-test-openai-0001"
+
+[[keys]]
+provider = "anthropic"
+material = "sk-ant-test-0001"
+
+[[budgets]]
+scope = "global"
+limit_usd = 50.0
+"#;
+
+struct Proxy {
+    addr: SocketAddr,
+    client: reqwest::Client,
+    #[expect(
+        dead_code,
+        reason = "kept so tests can reach the router if they need to"
+    )]
+    state: Arc<AppState>,
+}
+
+impl Proxy {
+    async fn start(extra: &str, vars: &[(&str, &str)]) -> Self {
+        let text = format!("listen = \"127.0.0.1:0\"\n{BASE}\n{extra}");
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let config = Config::parse(&text, "test.toml", &vars).expect("valid config");
+        let state = server::build_state(&config).await.expect("state");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(server::serve(
+            state.clone(),
+            config.listen,
+            None,
+            move |addr| {
+                let _ = tx.send(addr);
+            },
+        ));
+        let addr = rx.await.expect("bound");
+        Self {
+            addr,
+            client: reqwest::Client::new(),
+            state,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn chat(&self, body: Value, token: Option<&str>) -> reqwest::Response {
+        let mut req = self
+            .client
+            .post(self.url("/v1/chat/completions"))
+            .json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("response")
+    }
+}
+
+fn hello(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+}
+
+async fn error_of(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let body: Value = response.json().await.expect("json error body");
+    assert!(
+        body["error"]["message"].is_string(),
+        "not OpenAI's error shape: {body}"
+    );
+    assert!(
+        body["error"]["type"].is_string(),
+        "not OpenAI's error shape: {body}"
+    );
+    (status, body)
+}
+
+#[tokio::test]
+async fn chat_completion_has_openai_shape_and_routing_headers() {
+    let p = Proxy::start("", &[]).await;
+    let r = p
+        .client
+        .post(p.url("/v1/chat/completions"))
+        .header("x-request-id", "my-request-1")
+        .header("x-apikeyrouter-objective", "cost")
+        .header("x-apikeyrouter-tags", "feature=chatbot, segment=premium")
+        .json(&hello("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let h = r.headers().clone();
+    assert_eq!(h["x-request-id"], "my-request-1");
+    assert_eq!(h["x-apikeyrouter-key-id"], "openai-1");
+    assert_eq!(h["x-apikeyrouter-provider"], "openai");
+    let cost: f64 = h["x-apikeyrouter-cost-usd"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let remaining: f64 = h["x-apikeyrouter-budget-remaining-usd"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(cost > 0.0);
+    assert!((remaining - (50.0 - cost)).abs() < 1e-9);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert!(body["usage"]["total_tokens"].as_u64().unwrap() > 0);
+
+    // The request's record is there, with the tags and the decision.
+    let record: Value = p
+        .client
+        .get(p.url("/api/v1/requests/my-request-1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["tags"]["feature"], "chatbot");
+    assert_eq!(record["decision"]["objective"], "cost");
+    assert_eq!(record["outcome"]["status"], "success");
+}
+
+#[tokio::test]
+async fn streaming_sends_chunks_usage_and_done() {
+    let p = Proxy::start("", &[]).await;
+    let body = json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Tell me something"}]});
+    let r = p.chat(body, None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    assert_eq!(r.headers()["x-apikeyrouter-provider"], "openai");
+    let text = r.text().await.unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(
+        content.starts_with("Simulated reply from gpt-4o"),
+        "{content}"
+    );
+    let usage = chunks
+        .iter()
+        .find(|c| c["usage"].is_object())
+        .expect("a usage chunk");
+    assert!(usage["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "stop")
+    );
+}
+
+#[tokio::test]
+async fn embeddings_as_floats_and_base64() {
+    let p = Proxy::start("", &[]).await;
+    let body = json!({"model": "text-embedding-3-small", "input": ["one", "two"], "dimensions": 4});
+    let r: Value = p
+        .client
+        .post(p.url("/v1/embeddings"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["data"].as_array().unwrap().len(), 2);
+    assert_eq!(r["data"][0]["embedding"].as_array().unwrap().len(), 4);
+    let body = json!({"model": "text-embedding-3-small", "input": "one", "dimensions": 4, "encoding_format": "base64"});
+    let r: Value = p
+        .client
+        .post(p.url("/v1/embeddings"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        r["data"][0]["embedding"].as_str().unwrap().len(),
+        24,
+        "4 f32 = 16 bytes = 24 base64 chars"
+    );
+}
+
+#[tokio::test]
+async fn models_lists_what_keys_can_serve() {
+    let p = Proxy::start("", &[]).await;
+    let r: Value = p
+        .client
+        .get(p.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = r["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "claude-sonnet-4-5",
+            "gpt-4o",
+            "gpt-4o-mini",
+            "text-embedding-3-small"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_precise_openai_errors() {
+    let p = Proxy::start("[limits]\nmax_body_bytes = 2048", &[]).await;
+    let malformed = p
+        .client
+        .post(p.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(malformed).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "invalid_json");
+
+    let (status, body) = error_of(p.chat(json!({"model": 5, "messages": []}), None).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expected the shape")
+            || body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("does not match")
+    );
+
+    let (status, body) = error_of(
+        p.chat(json!({"model": "gpt-4o", "messages": []}), None)
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("messages"))
+    );
+
+    let (status, body) = error_of(p.chat(hello("no-such-model"), None).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("model_not_found"))
+    );
+
+    let mut two = hello("gpt-4o");
+    two["n"] = json!(2);
+    let (status, _) = error_of(p.chat(two, None).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let big =
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(10_000)}]});
+    let (status, body) = error_of(p.chat(big, None).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("request_too_large"))
+    );
+
+    let (status, _) = error_of(p.client.get(p.url("/v2/nothing")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let bad_objective = p
+        .client
+        .post(p.url("/v1/chat/completions"))
+        .header("x-apikeyrouter-objective", "speed")
+        .json(&hello("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(bad_objective).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown objective")
+    );
+
+    // The server still serves after all that.
+    assert_eq!(p.chat(hello("gpt-4o"), None).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn no_eligible_key_is_429_when_busy_and_503_when_none_usable() {
+    let extra = r#"
+[[providers]]
+id = "tiny"
+kind = "simulated"
+models = ["tiny-model"]
+
+[[keys]]
+provider = "tiny"
+material = "sk-tiny-key-0001"
+metadata = { rpm = 1 }
+"#;
+    let p = Proxy::start(extra, &[]).await;
+    assert_eq!(
+        p.chat(hello("tiny-model"), None).await.status(),
+        StatusCode::OK
+    );
+    let r = p.chat(hello("tiny-model"), None).await;
+    assert!(r.headers().contains_key("retry-after"));
+    let (status, body) = error_of(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("no_eligible_key"))
+    );
+
+    let disable = json!({"state": "disabled", "reason": "test"});
+    let r = p
+        .client
+        .put(p.url("/api/v1/keys/anthropic-1/state"))
+        .json(&disable)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let (status, body) = error_of(p.chat(hello("claude-sonnet-4-5"), None).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 disabled")
+    );
+}
+
+#[tokio::test]
+async fn virtual_keys_authenticate_and_confine_clients() {
+    let extra = r#"
+[[keys]]
+provider = "openai"
+material = "sk-test-tenant-a-0001"
+metadata = { tenant = "customer-a" }
+
+[[virtual_keys]]
+name = "a"
+token_env = "CLIENT_A"
+tenant = "customer-a"
+models = ["gpt-4o"]
+rpm = 3
+
+[[virtual_keys]]
+name = "shared"
+token_env = "CLIENT_SHARED"
+"#;
+    let p = Proxy::start(
+        extra,
+        &[
+            ("CLIENT_A", "client-a-token-123"),
+            ("CLIENT_SHARED", "shared-token-456"),
+        ],
+    )
+    .await;
+    let (status, body) = error_of(p.chat(hello("gpt-4o"), None).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_api_key"))
+    );
+    let (status, _) = error_of(p.chat(hello("gpt-4o"), Some("wrong-token-000")).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let r = p.chat(hello("gpt-4o"), Some("client-a-token-123")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()["x-apikeyrouter-key-id"],
+        "openai-2",
+        "customer-a routes to its own key"
+    );
+    let r = p.chat(hello("gpt-4o"), Some("shared-token-456")).await;
+    assert_eq!(
+        r.headers()["x-apikeyrouter-key-id"],
+        "openai-1",
+        "untenanted clients use shared keys"
+    );
+
+    let (status, body) = error_of(
+        p.chat(hello("gpt-4o-mini"), Some("client-a-token-123"))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("model_not_allowed"))
+    );
+
+    assert_eq!(
+        p.chat(hello("gpt-4o"), Some("client-a-token-123"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let (status, body) = error_of(p.chat(hello("gpt-4o"), Some("client-a-token-123")).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limit_exceeded"))
+    );
+}
+
+#[tokio::test]
+async fn management_api_requires_the_admin_token_and_masks_material() {
+    let p = Proxy::start(
+        "[admin]\ntoken_env = \"ADMIN\"",
+        &[("ADMIN", "admin-token-789")],
+    )
+    .await;
+    let (status, _) = error_of(p.client.get(p.url("/api/v1/keys")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = error_of(
+        p.client
+            .get(p.url("/api/v1/keys"))
+            .bearer_auth("nope-nope-nope")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth("admin-token-789");
+    let new = json!({"key_material": "sk-live-new-key-abcd", "provider_id": "openai", "metadata": {"tenant": "t1", "rpm": 60}});
+    let r = admin(p.client.post(p.url("/api/v1/keys")))
+        .json(&new)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let created: Value = r.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["key_material"], "sk-...abcd");
+    let list = admin(p.client.get(p.url("/api/v1/keys")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!list.contains("new-key"), "material leaked in the key list");
+    assert!(list.contains(&id));
+
+    let r = admin(p.client.post(p.url("/api/v1/keys")))
+        .json(&new)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let bad = json!({"key_material": "", "provider_id": "openai"});
+    let (status, _) = error_of(
+        admin(p.client.post(p.url("/api/v1/keys")))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let quota: Value = admin(p.client.get(p.url(&format!("/api/v1/keys/{id}/quota"))))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(quota["capacity"], "abundant");
+    assert_eq!(quota["windows"][0]["limit"], 60);
+
+    let patch = json!({"metadata": {"tenant": "t1", "rpm": 120}});
+    let patched: Value = admin(p.client.patch(p.url(&format!("/api/v1/keys/{id}"))))
+        .json(&patch)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(patched["metadata"]["rpm"], 120);
+
+    let bad_state = json!({"state": "throttled"});
+    let (status, _) = error_of(
+        admin(p.client.put(p.url(&format!("/api/v1/keys/{id}/state"))))
+            .json(&bad_state)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let budget = json!({"id": "team", "scope": "tenant", "tenant": "t1", "limit_usd": 10.0, "period": "daily", "spent_usd": 2.5});
+    let r = admin(p.client.post(p.url("/api/v1/budgets")))
+        .json(&budget)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let budgets: Value = admin(p.client.get(p.url("/api/v1/budgets")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let team = budgets["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["budget_id"] == "team")
+        .unwrap();
+    assert_eq!(team["spent"], 2.5);
+    assert_eq!(team["remaining"], 7.5);
+
+    let policies: Value = admin(p.client.get(p.url("/api/v1/policies")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(policies["objective"], "fairness");
+    assert_eq!(policies["fallbacks"][0]["to"][0], "claude-sonnet-4-5");
+    let providers: Value = admin(p.client.get(p.url("/api/v1/providers")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(providers["data"][0]["kind"], "simulated");
+
+    let r = admin(p.client.delete(p.url(&format!("/api/v1/keys/{id}"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let (status, _) = error_of(
+        admin(p.client.get(p.url(&format!("/api/v1/keys/{id}"))))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn operations_endpoints_answer() {
+    let p = Proxy::start("", &[]).await;
+    assert_eq!(
+        p.client
+            .get(p.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let ready: Value = p
+        .client
+        .get(p.url("/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["store"], "memory");
+    p.chat(hello("gpt-4o"), None).await;
+    let _ = p.chat(hello("nope"), None).await;
+    let metrics = p
+        .client
+        .get(p.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "apikeyrouter_requests_total{endpoint=\"chat\",status=\"200\",code=\"ok\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("code=\"model_not_found\""), "{metrics}");
+    assert!(
+        metrics.contains("apikeyrouter_keys{provider=\"openai\",state=\"available\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "apikeyrouter_tokens_total{provider=\"openai\",model=\"gpt-4o\",kind=\"prompt\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("apikeyrouter_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+}

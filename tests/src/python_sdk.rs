@@ -1,0 +1,75 @@
+//! The official OpenAI Python SDK against the proxy (`tests/python/openai_sdk_client.py`).
+//!
+//! `cargo xtask ci` creates the virtual environment (`target/python-sdk`) before the
+//! tests run; `APIKEYROUTER_PYTHON` may point at another interpreter with `openai`
+//! installed. Without either the test fails with instructions: it never skips.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use apikeyrouter::config::Config;
+use apikeyrouter_proxy::server;
+
+const CONFIG: &str = r#"
+listen = "127.0.0.1:0"
+
+[[providers]]
+id = "openai"
+kind = "simulated"
+models = ["gpt-4o", "text-embedding-3-small"]
+
+[[keys]]
+provider = "openai"
+material = "sk-sdk-test-0001"
+
+[[keys]]
+provider = "openai"
+material = "sk-sdk-test-0002"
+
+[[virtual_keys]]
+name = "sdk"
+token = "sdk-client-token-1"
+"#;
+
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("APIKEYROUTER_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join("target/python-sdk/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python with the openai SDK: run `cargo xtask python-sdk` (or `cargo xtask ci`), or set APIKEYROUTER_PYTHON"
+    );
+    venv
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_sdk_works_against_the_proxy() {
+    let config = Config::parse(CONFIG, "sdk-test.toml", &[]).unwrap();
+    let state = server::build_state(&config).await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(server::serve(state, config.listen, None, move |addr| {
+        let _ = tx.send(addr);
+    }));
+    let addr = rx.await.unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/openai_sdk_client.py");
+    let python = python();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(format!("http://{addr}/v1"))
+            .arg("sdk-client-token-1")
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the SDK client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(": 8 passed, 0 failed"), "{stdout}");
+}
