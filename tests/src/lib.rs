@@ -8,6 +8,8 @@ mod bad_input;
 #[cfg(test)]
 mod failure_handling;
 #[cfg(test)]
+mod provider_conformance;
+#[cfg(test)]
 mod proxy_http;
 #[cfg(test)]
 mod python_sdk;
