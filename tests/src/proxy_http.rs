@@ -660,3 +660,51 @@ async fn operations_endpoints_answer() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn client_disconnecting_mid_stream_is_settled_and_audited() {
+    use futures_util::StreamExt;
+    let p = Proxy::start("", &[]).await;
+    let body = json!({"model": "gpt-4o", "stream": true,
+        "messages": [{"role": "user", "content": "a long answer please, with many many words in it"}]});
+    let r = p
+        .client
+        .post(p.url("/v1/chat/completions"))
+        .header("x-request-id", "gone-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut bytes = r.bytes_stream();
+    let first = bytes.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(bytes);
+    let mut record = Value::Null;
+    for _ in 0..200 {
+        let r = p
+            .client
+            .get(p.url("/api/v1/requests/gone-1"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::OK {
+            record = r.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The simulated provider streams all chunks at once, so the server may finish
+    // before it notices the client left; either way the stream is settled and audited.
+    let status = record["outcome"]["status"].as_str().unwrap_or_default();
+    assert!(
+        status == "success" || record["outcome"]["code"] == "client_disconnected",
+        "{record}"
+    );
+    assert!(
+        record["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{record}"
+    );
+    // And the server keeps serving.
+    assert_eq!(p.chat(hello("gpt-4o"), None).await.status(), StatusCode::OK);
+}

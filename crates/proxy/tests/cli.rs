@@ -1,0 +1,273 @@
+//! The `apikeyrouter` command as a user runs it: `check`, `serve` with a config file,
+//! reload on SIGHUP, many idle connections, and graceful shutdown on SIGTERM.
+
+#![expect(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_apikeyrouter");
+
+const CONFIG: &str = r#"
+listen = "127.0.0.1:0"
+
+[admin]
+token_env = "TEST_ADMIN_TOKEN"
+
+[[providers]]
+id = "openai"
+kind = "simulated"
+models = ["gpt-4o"]
+
+[[keys]]
+provider = "openai"
+material_env = "TEST_OPENAI_KEY"
+metadata = { tenant = "acme", rpm = 100 }
+"#;
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("{name}-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn envs(cmd: &mut Command) -> &mut Command {
+    cmd.env("TEST_ADMIN_TOKEN", "admin-token-cli-1")
+        .env("TEST_OPENAI_KEY", "sk-cli-secret-key-9876")
+        .env("RUST_LOG", "warn")
+}
+
+/// Minimal HTTP/1.1 request over a fresh connection; returns status and body.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin-token-cli-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(config: &PathBuf) -> Server {
+    let mut child = envs(Command::new(BIN).args(["serve", "--config"]).arg(config))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .parse()
+        .unwrap();
+    Server { child, addr }
+}
+
+fn signal(child: &Child, name: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{name} failed");
+}
+
+#[test]
+fn check_prints_what_would_load_without_secrets() {
+    let path = temp_config("check-ok", CONFIG);
+    let out = envs(Command::new(BIN).args(["check", "--config"]).arg(&path))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("is valid"));
+    assert!(
+        stdout.contains("openai-1 on openai sk-...9876 tenant acme"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("secret"),
+        "check printed key material: {stdout}"
+    );
+}
+
+#[test]
+fn check_names_file_key_and_problem() {
+    let path = temp_config(
+        "check-bad",
+        &CONFIG.replace("provider = \"openai\"", "provider = \"openia\""),
+    );
+    let out = envs(Command::new(BIN).args(["check", "--config"]).arg(&path))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: keys[0].provider: unknown provider \"openia\"",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_reloads_on_sighup_and_shuts_down_gracefully() {
+    let path = temp_config("serve", CONFIG);
+    let mut server = serve(&path);
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    // The only key belongs to tenant acme, and there is no virtual key mapping to it.
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = http(server.addr, "GET", "/api/v1/keys", "");
+    assert_eq!(status, 200);
+    assert!(body.contains("openai-1") && !body.contains("openai-2"));
+
+    // Add a shared key and reload with SIGHUP.
+    let more = format!(
+        "{CONFIG}\n[[keys]]\nprovider = \"openai\"\nmaterial = \"sk-cli-second-key-1234\"\n"
+    );
+    std::fs::write(&path, more).unwrap();
+    signal(&server.child, "HUP");
+    let started = Instant::now();
+    loop {
+        let (_, body) = http(server.addr, "GET", "/api/v1/keys", "");
+        if body.contains("openai-2") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "reload did not happen: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // A broken file is refused and the running configuration stays.
+    std::fs::write(&path, "listen = 5").unwrap();
+    signal(&server.child, "HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 200);
+
+    signal(&server.child, "TERM");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no graceful exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Open file limit of this process, to size the connection flood to the machine.
+fn open_files_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+#[test]
+fn ten_thousand_idle_connections_do_not_stop_service() {
+    let path = temp_config(
+        "flood",
+        CONFIG
+            .replace("metadata = { tenant = \"acme\", rpm = 100 }", "")
+            .as_str(),
+    );
+    let server = serve(&path);
+    // 10,000 where the limits allow it (the server process needs one descriptor each too).
+    let wanted = 10_000.min(open_files_limit().saturating_sub(500));
+    assert!(
+        wanted >= 1_000,
+        "open file limit too low for the test: {}",
+        open_files_limit()
+    );
+    let mut held = Vec::with_capacity(wanted);
+    for _ in 0..wanted {
+        match TcpStream::connect(server.addr) {
+            Ok(s) => held.push(s),
+            Err(e) => panic!("connection {} refused: {e}", held.len()),
+        }
+    }
+    // Half of them send garbage, the server must answer or close them cleanly.
+    for s in held.iter_mut().step_by(2) {
+        let _ = s.write_all(b"NOT HTTP\r\n\r\n");
+    }
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"still there?"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    drop(held);
+    let (status, _) = http(server.addr, "GET", "/health", "");
+    assert_eq!(status, 200);
+}
