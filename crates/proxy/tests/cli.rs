@@ -2,7 +2,6 @@
 //! reload on SIGHUP, many idle connections, and graceful shutdown on SIGTERM.
 
 #![expect(
-    clippy::expect_used,
     clippy::unwrap_used,
     clippy::panic,
     reason = "test code"
