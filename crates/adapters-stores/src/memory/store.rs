@@ -33,7 +33,7 @@ use apikeyrouter_domain::{
 use async_trait::async_trait;
 
 /// How many request records a [`MemoryStore`] keeps by default.
-pub const DEFAULT_REQUEST_CAPACITY: usize = 100_000;
+pub const DEFAULT_REQUEST_CAPACITY: usize = 10_000;
 
 /// Everything stored about one key.
 struct KeyEntry {

@@ -605,5 +605,5 @@ async fn store_reports_its_kind_and_is_reachable() {
     let store = MemoryStore::default();
     assert_eq!(store.kind(), "memory");
     store.ping().await.unwrap();
-    assert!(format!("{store:?}").contains("request_capacity: 100000"));
+    assert!(format!("{store:?}").contains("request_capacity: 10000"));
 }
