@@ -117,8 +117,11 @@ struct Pool {
     by_state: [u32; 6],
     parked: u32,
     fairness: BTreeSet<(u64, u32)>,
-    reliability: BTreeSet<(u32, u64, u32)>,
-    latency: BTreeSet<(u32, u64, u32)>,
+    /// Kept only once a request asked for reliability (most deployments use one
+    /// objective, and every set costs a re-insertion per decision).
+    reliability: Option<BTreeSet<(u32, u64, u32)>>,
+    /// Kept only once a request asked for latency.
+    latency: Option<BTreeSet<(u32, u64, u32)>>,
 }
 
 impl Pool {
@@ -129,8 +132,8 @@ impl Pool {
             by_state: [0; 6],
             parked: 0,
             fairness: BTreeSet::new(),
-            reliability: BTreeSet::new(),
-            latency: BTreeSet::new(),
+            reliability: None,
+            latency: None,
         }
     }
 
@@ -144,16 +147,22 @@ impl Pool {
 
     fn insert_ready(&mut self, slot: u32, e: &Entry) {
         self.fairness.insert((e.uses, slot));
-        self.reliability
-            .insert((u32::MAX - e.success_q, e.uses, slot));
-        self.latency.insert((e.latency_us, e.uses, slot));
+        if let Some(set) = &mut self.reliability {
+            set.insert((u32::MAX - e.success_q, e.uses, slot));
+        }
+        if let Some(set) = &mut self.latency {
+            set.insert((e.latency_us, e.uses, slot));
+        }
     }
 
     fn remove_ready(&mut self, slot: u32, e: &Entry) {
         self.fairness.remove(&(e.uses, slot));
-        self.reliability
-            .remove(&(u32::MAX - e.success_q, e.uses, slot));
-        self.latency.remove(&(e.latency_us, e.uses, slot));
+        if let Some(set) = &mut self.reliability {
+            set.remove(&(u32::MAX - e.success_q, e.uses, slot));
+        }
+        if let Some(set) = &mut self.latency {
+            set.remove(&(e.latency_us, e.uses, slot));
+        }
     }
 
     /// Ready slots in the order of `kind` (cost orders by use within a pool, since the
@@ -163,8 +172,14 @@ impl Pool {
             ObjectiveKind::Cost | ObjectiveKind::Fairness => {
                 Ordered::Fairness(self.fairness.iter())
             }
-            ObjectiveKind::Reliability => Ordered::Triple(self.reliability.iter()),
-            ObjectiveKind::Latency => Ordered::Triple(self.latency.iter()),
+            ObjectiveKind::Reliability => match &self.reliability {
+                Some(set) => Ordered::Triple(set.iter()),
+                None => Ordered::Fairness(self.fairness.iter()),
+            },
+            ObjectiveKind::Latency => match &self.latency {
+                Some(set) => Ordered::Triple(set.iter()),
+                None => Ordered::Fairness(self.fairness.iter()),
+            },
         }
     }
 }
@@ -296,6 +311,9 @@ pub struct RoutingTable {
     pools_by_tenant: HashMap<Option<TenantId>, HashMap<ProviderId, Vec<u32>>>,
     wakeups: BinaryHeap<Reverse<(Timestamp, u32, u32)>>,
     outbox: Vec<StateTransition>,
+    /// Whether pools keep their reliability and latency orders (new pools follow).
+    track_reliability: bool,
+    track_latency: bool,
 }
 
 impl RoutingTable {
@@ -505,6 +523,9 @@ impl RoutingTable {
     ) -> Result<Decision, NoEligibleKey> {
         self.wake(now);
         let single = objective.single();
+        if let Some(kind @ (ObjectiveKind::Reliability | ObjectiveKind::Latency)) = single {
+            self.track(kind);
+        }
         let mut counts = IneligibleCounts::default();
         let mut considered = 0u32;
         let mut ready = 0u32;
@@ -557,7 +578,9 @@ impl RoutingTable {
                 }
                 if single.is_some() {
                     min_uses = min_uses.min(pool.fairness.first().map_or(u64::MAX, |f| f.0));
-                    min_latency = min_latency.min(pool.latency.first().map_or(u32::MAX, |l| l.0));
+                    if let Some(first) = pool.latency.as_ref().and_then(BTreeSet::first) {
+                        min_latency = min_latency.min(first.0);
+                    }
                 }
                 // A single objective needs only the first few keys in its order; a
                 // weighted one scores every ready key of the pool.
@@ -765,7 +788,14 @@ impl RoutingTable {
             .or_default()
             .push(id);
         self.pool_ids.insert(key.clone(), id);
-        self.pools.push(Pool::new(key));
+        let mut pool = Pool::new(key);
+        if self.track_reliability {
+            pool.reliability = Some(BTreeSet::new());
+        }
+        if self.track_latency {
+            pool.latency = Some(BTreeSet::new());
+        }
+        self.pools.push(pool);
         id
     }
 
@@ -846,9 +876,50 @@ impl RoutingTable {
 
     fn min_latency(&self, query: &RouteQuery<'_>) -> u32 {
         self.matching_pools(query)
-            .filter_map(|p| p.latency.first().map(|l| l.0))
+            .filter_map(|p| match &p.latency {
+                Some(set) => set.first().map(|l| l.0),
+                // Not tracked: scan the ready keys (weighted objectives scan them anyway).
+                None => p
+                    .fairness
+                    .iter()
+                    .map(|&(_, slot)| self.entries[slot as usize].latency_us)
+                    .min(),
+            })
             .min()
             .unwrap_or(0)
+    }
+
+    /// Starts keeping the ordered set of `kind` in every pool, built from the ready keys.
+    fn track(&mut self, kind: ObjectiveKind) {
+        let entries = &self.entries;
+        for pool in &mut self.pools {
+            let slots = pool
+                .fairness
+                .iter()
+                .map(|&(_, slot)| (slot, &entries[slot as usize]));
+            match kind {
+                ObjectiveKind::Reliability if pool.reliability.is_none() => {
+                    pool.reliability = Some(
+                        slots
+                            .map(|(slot, e)| (u32::MAX - e.success_q, e.uses, slot))
+                            .collect(),
+                    );
+                }
+                ObjectiveKind::Latency if pool.latency.is_none() => {
+                    pool.latency = Some(
+                        slots
+                            .map(|(slot, e)| (e.latency_us, e.uses, slot))
+                            .collect(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        match kind {
+            ObjectiveKind::Reliability => self.track_reliability = true,
+            ObjectiveKind::Latency => self.track_latency = true,
+            _ => {}
+        }
     }
 }
 
