@@ -1,11 +1,7 @@
 //! The `apikeyrouter` command as a user runs it: `check`, `serve` with a config file,
 //! reload on SIGHUP, many idle connections, and graceful shutdown on SIGTERM.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::panic,
-    reason = "test code"
-)]
+#![expect(clippy::unwrap_used, clippy::panic, reason = "test code")]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
