@@ -708,3 +708,58 @@ async fn client_disconnecting_mid_stream_is_settled_and_audited() {
     // And the server keeps serving.
     assert_eq!(p.chat(hello("gpt-4o"), None).await.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_virtual_keys_budget_stops_that_client_only() {
+    let extra = r#"
+[[virtual_keys]]
+name = "intern"
+token = "intern-token-0001"
+budget_usd = 0.001
+
+[[virtual_keys]]
+name = "team"
+token = "team-token-0002"
+"#;
+    let p = Proxy::start(extra, &[]).await;
+    let mut served = 0;
+    let refusal = loop {
+        let mut small = hello("gpt-4o");
+        small["max_tokens"] = json!(10);
+        let r = p.chat(small, Some("intern-token-0001")).await;
+        if r.status() != StatusCode::OK {
+            break r;
+        }
+        served += 1;
+        assert!(served < 500, "the client's budget never stopped it");
+    };
+    let (status, body) = error_of(refusal).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("budget_exceeded"))
+    );
+    assert!(served > 0);
+    // Another client is unaffected.
+    assert_eq!(
+        p.chat(hello("gpt-4o"), Some("team-token-0002"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let budgets: Value = p
+        .client
+        .get(p.url("/api/v1/budgets"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let intern = budgets["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["budget_id"] == "virtual-key-intern")
+        .unwrap();
+    assert!(intern["spent"].as_f64().unwrap() <= 0.001);
+}

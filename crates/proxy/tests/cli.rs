@@ -189,6 +189,24 @@ fn serve_reloads_on_sighup_and_shuts_down_gracefully() {
     );
     assert_eq!(status, 200, "{body}");
 
+    // A change to the file is picked up without a signal too.
+    let third = format!(
+        "{CONFIG}\n[[keys]]\nprovider = \"openai\"\nmaterial = \"sk-cli-second-key-1234\"\n[[keys]]\nprovider = \"openai\"\nmaterial = \"sk-cli-third-key-5678\"\n"
+    );
+    std::fs::write(&path, third).unwrap();
+    let started = Instant::now();
+    loop {
+        let (_, body) = http(server.addr, "GET", "/api/v1/keys", "");
+        if body.contains("openai-3") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "file change not picked up: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // A broken file is refused and the running configuration stays.
     std::fs::write(&path, "listen = 5").unwrap();
     signal(&server.child, "HUP");
