@@ -70,25 +70,32 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    pub(crate) fn audit_record(
-        &self,
+    /// The audit record of the finished request; consumes the run so the decision and
+    /// attempts move rather than copy.
+    pub(crate) fn into_audit_record(
+        self,
         outcome: Outcome,
         usage: TokenUsage,
         actual_cost: Option<Money>,
         finished_at: Timestamp,
     ) -> AuditRecord {
         let last = self.attempts.last();
+        let (key_id, provider, model) = (
+            last.map(|a| a.key_id.clone()),
+            last.map(|a| a.provider.clone()),
+            last.map(|a| a.model.clone()),
+        );
         AuditRecord {
-            request_id: self.request_id.clone(),
-            correlation_id: self.correlation_id.clone(),
-            tenant: self.tenant.clone(),
-            tags: self.tags.clone(),
-            requested_model: self.requested_model.clone(),
-            key_id: last.map(|a| a.key_id.clone()),
-            provider: last.map(|a| a.provider.clone()),
-            model: last.map(|a| a.model.clone()),
-            decision: self.decision.clone(),
-            attempts: self.attempts.clone(),
+            request_id: self.request_id,
+            correlation_id: self.correlation_id,
+            tenant: self.tenant,
+            tags: self.tags,
+            requested_model: self.requested_model,
+            key_id,
+            provider,
+            model,
+            decision: self.decision,
+            attempts: self.attempts,
             usage,
             estimated_cost: self.estimated_cost,
             actual_cost,
@@ -279,17 +286,14 @@ impl RouterService {
             .serve_chat(intent, objective, &mut run)
             .instrument(span.clone())
             .await;
-        let record = match &result {
-            Ok(r) => run.audit_record(
-                Outcome::Success,
-                r.usage,
-                r.actual_cost,
-                self.shared.clock.now(),
-            ),
-            Err(kind) => failure_record(&run, kind, self.shared.clock.now()),
-        };
-        write_audit(&self.shared, &record).await;
-        finish(run, result, &span)
+        conclude(
+            &self.shared,
+            run,
+            result,
+            |r| (r.usage, r.actual_cost),
+            &span,
+        )
+        .await
     }
 
     async fn serve_chat(
@@ -366,12 +370,8 @@ impl RouterService {
                 span,
             )),
             Err(kind) => {
-                write_audit(
-                    &self.shared,
-                    &failure_record(&run, &kind, self.shared.clock.now()),
-                )
-                .await;
-                finish(run, Err(kind), &span)
+                let no_usage = |_: &RoutedStream| (TokenUsage::default(), None);
+                conclude(&self.shared, run, Err(kind), no_usage, &span).await
             }
         }
     }
@@ -392,17 +392,14 @@ impl RouterService {
             .serve_embeddings(intent, objective, &mut run)
             .instrument(span.clone())
             .await;
-        let record = match &result {
-            Ok(r) => run.audit_record(
-                Outcome::Success,
-                r.usage,
-                r.actual_cost,
-                self.shared.clock.now(),
-            ),
-            Err(kind) => failure_record(&run, kind, self.shared.clock.now()),
-        };
-        write_audit(&self.shared, &record).await;
-        finish(run, result, &span)
+        conclude(
+            &self.shared,
+            run,
+            result,
+            |r| (r.usage, r.actual_cost),
+            &span,
+        )
+        .await
     }
 
     async fn serve_embeddings(
@@ -697,34 +694,45 @@ fn lost_decision() -> RouteErrorKind {
     RouteErrorKind::InvalidRequest("internal error: the routing decision was not kept".to_owned())
 }
 
-fn failure_record(run: &Run, kind: &RouteErrorKind, now: Timestamp) -> AuditRecord {
-    run.audit_record(
-        Outcome::Failure {
-            code: kind.code().to_owned(),
-            message: kind.to_string(),
-        },
-        TokenUsage::default(),
-        None,
-        now,
-    )
-}
-
-fn finish<T>(
+/// Writes the audit record of a finished request and turns its result into the
+/// caller's, logging the outcome once.
+async fn conclude<T>(
+    shared: &Shared,
     run: Run,
     result: Result<T, RouteErrorKind>,
+    usage_and_cost: impl FnOnce(&T) -> (TokenUsage, Option<Money>),
     span: &tracing::Span,
 ) -> Result<T, RouteError> {
+    let now = shared.clock.now();
     match result {
         Ok(response) => {
-            tracing::info!(parent: span, attempts = run.attempts.len(), "request served");
+            let (usage, cost) = usage_and_cost(&response);
+            let attempts = run.attempts.len();
+            write_audit(
+                shared,
+                &run.into_audit_record(Outcome::Success, usage, cost, now),
+            )
+            .await;
+            tracing::info!(parent: span, attempts, "request served");
             Ok(response)
         }
         Err(kind) => {
+            let request_id = run.request_id.clone();
+            let attempts = run.attempts.clone();
+            let outcome = Outcome::Failure {
+                code: kind.code().to_owned(),
+                message: kind.to_string(),
+            };
+            write_audit(
+                shared,
+                &run.into_audit_record(outcome, TokenUsage::default(), None, now),
+            )
+            .await;
             tracing::warn!(parent: span, code = kind.code(), error = %kind, "request failed");
             Err(RouteError {
-                request_id: run.request_id,
+                request_id,
                 kind,
-                attempts: run.attempts,
+                attempts,
             })
         }
     }
