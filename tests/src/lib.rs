@@ -1,5 +1,6 @@
 //! Cross-crate integration tests: the seed's use cases played through the
-//! `apikeyrouter` facade with the in-memory store and the simulated provider.
+//! `apikeyrouter` facade with the in-memory store and the simulated provider, and the
+//! state-store conformance suite run against every store backend.
 //!
 //! This is the workspace's one integration-test crate; it may depend on anything.
 
@@ -13,6 +14,8 @@ mod provider_conformance;
 mod proxy_http;
 #[cfg(test)]
 mod python_sdk;
+#[cfg(test)]
+mod store_conformance;
 #[cfg(test)]
 mod streaming;
 #[cfg(test)]

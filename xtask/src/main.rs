@@ -1,10 +1,12 @@
 //! Project automation, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
 //!
-//! Tasks: `ci`, `tidy`, `check-layers`, `bench [-- criterion args]`, `example`.
+//! Tasks: `ci`, `tidy`, `check-layers`, `bench [-- criterion args]`, `example`,
+//! `python-sdk`, `services up|down`.
 //! This crate must not depend on anything in `crates/`: it has to build even when they don't.
 
 mod bench_proxy;
 mod layers;
+mod services;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +25,10 @@ tasks:
   bench [-- ARGS...]    cargo bench for the workspace; ARGS go to criterion
   bench proxy [SECS]    load test: wrk through the proxy vs directly against a mock upstream
   example               run the facade's quickstart example in release mode
-  python-sdk            create target/python-sdk with the OpenAI SDK for the client tests";
+  python-sdk            create target/python-sdk with the OpenAI SDK for the client tests
+  services up|down      start (installing if needed) or stop the local Redis and the
+                        MongoDB-compatible server the store tests use; REDIS_URL or
+                        MONGODB_URL in the environment means use that server instead";
 
 fn main() -> ExitCode {
     match run() {
@@ -62,6 +67,7 @@ fn run() -> Result<()> {
             bench_proxy::run(&sh, seconds)
         }
         Some("bench") => bench(&sh, rest),
+        Some("services") => services::run(&sh, &rest),
         Some(task) if !rest.is_empty() => {
             bail!("task `{task}` takes no arguments, got {rest:?}\n\n{HELP}")
         }
@@ -182,10 +188,12 @@ fn step(name: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
     run().with_context(|| format!("ci step `{name}` failed"))
 }
 
-/// Starts or installs what the tests need, before `cargo test`: today the Python
+/// Starts or installs what the tests need, before `cargo test`: Redis and the
+/// MongoDB-compatible server for the live-store tests (`services up`), and the Python
 /// virtual environment with the official OpenAI SDK. Idempotent: what is already in
 /// place is reused.
 fn ensure_services(sh: &Shell) -> Result<()> {
+    services::up(sh)?;
     python_sdk(sh)
 }
 

@@ -21,18 +21,33 @@ use serde::{Deserialize, Serialize};
 pub enum StoreConfig {
     /// In process memory (feature `memory`); lost on restart.
     Memory {},
-    /// Redis (feature `redis`; not implemented yet).
+    /// Redis (feature `redis`): state shared by every instance using the same server
+    /// and namespace.
     Redis {
-        /// Connection URL, e.g. `redis://localhost:6379`.
+        /// Connection URL, e.g. `redis://localhost:6379` or
+        /// `redis://user:password@host:6379/0`.
         url: String,
+        /// Prefix of every Redis key; `apikeyrouter` when absent. Deployments (or
+        /// tests) sharing a server keep apart by using different namespaces.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
     },
-    /// MongoDB (feature `mongodb`; not implemented yet).
+    /// MongoDB (feature `mongodb`): durable keys (material encrypted with the master
+    /// key from `APIKEYROUTER_MASTER_KEY` or `APIKEYROUTER_MASTER_KEY_FILE`), budgets,
+    /// transitions, request records and the audit trail.
     Mongodb {
         /// Connection string, e.g. `mongodb://localhost:27017`.
         url: String,
-        /// Database name; the driver's default when absent.
+        /// Database name; when absent, the one in the URL's path, else `apikeyrouter`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         database: Option<String>,
+        /// Days request records (routing decisions) are kept; 30 when absent, 0 to
+        /// keep them forever.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decisions_retention_days: Option<u32>,
+        /// Days the audit trail is kept; 365 when absent, 0 to keep it forever.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        audit_retention_days: Option<u32>,
     },
 }
 
@@ -56,13 +71,27 @@ impl Default for StoreConfig {
 /// Opens the store `config` names.
 ///
 /// # Errors
-/// `Unavailable` when this build lacks the backend's feature, when the backend is not
-/// implemented yet, or when it cannot be reached.
+/// `Unavailable` when this build lacks the backend's feature or the backend cannot be
+/// reached; `Invalid` when its settings are wrong (for MongoDB, also when no master
+/// key is configured).
 pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn StateStore>, StoreError> {
     match config {
         StoreConfig::Memory {} => connect_memory(),
-        StoreConfig::Redis { .. } => connect_redis(),
-        StoreConfig::Mongodb { .. } => connect_mongodb(),
+        StoreConfig::Redis { url, namespace } => connect_redis(url, namespace.as_deref()).await,
+        StoreConfig::Mongodb {
+            url,
+            database,
+            decisions_retention_days,
+            audit_retention_days,
+        } => {
+            connect_mongodb(
+                url,
+                database.as_deref(),
+                *decisions_retention_days,
+                *audit_retention_days,
+            )
+            .await
+        }
     }
 }
 
@@ -77,25 +106,67 @@ fn connect_memory() -> Result<Arc<dyn StateStore>, StoreError> {
 }
 
 #[cfg(feature = "redis")]
-fn connect_redis() -> Result<Arc<dyn StateStore>, StoreError> {
-    Err(unavailable("the redis store is not implemented yet"))
+async fn connect_redis(
+    url: &str,
+    namespace: Option<&str>,
+) -> Result<Arc<dyn StateStore>, StoreError> {
+    let namespace = namespace.unwrap_or(crate::redis::DEFAULT_NAMESPACE);
+    Ok(Arc::new(
+        crate::redis::RedisStore::connect(url, namespace).await?,
+    ))
 }
 
 #[cfg(not(feature = "redis"))]
-fn connect_redis() -> Result<Arc<dyn StateStore>, StoreError> {
+async fn connect_redis(
+    _url: &str,
+    _namespace: Option<&str>,
+) -> Result<Arc<dyn StateStore>, StoreError> {
     Err(unavailable("built without the `redis` feature"))
 }
 
+/// Opens MongoDB with the master key the environment names; without one it fails
+/// (`Invalid`) with a message saying how to set it, before touching the network.
 #[cfg(feature = "mongodb")]
-fn connect_mongodb() -> Result<Arc<dyn StateStore>, StoreError> {
-    Err(unavailable("the mongodb store is not implemented yet"))
+async fn connect_mongodb(
+    url: &str,
+    database: Option<&str>,
+    decisions_days: Option<u32>,
+    audit_days: Option<u32>,
+) -> Result<Arc<dyn StateStore>, StoreError> {
+    use crate::mongodb::{DEFAULT_DATABASE, MongoStore, Retention, database_from_url};
+
+    let cipher = crate::cipher::AeadCipher::from_env()
+        .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
+    let database = database
+        .map(str::to_owned)
+        .or_else(|| database_from_url(url))
+        .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+    // 0 days means forever; absent means the default.
+    let days = |configured: Option<u32>, default: Option<u32>| match configured {
+        None => default,
+        Some(0) => None,
+        Some(n) => Some(n),
+    };
+    let defaults = Retention::default();
+    let retention = Retention {
+        decisions_days: days(decisions_days, defaults.decisions_days),
+        audit_days: days(audit_days, defaults.audit_days),
+    };
+    let store = MongoStore::connect(url, &database, Arc::new(cipher), retention).await?;
+    Ok(Arc::new(store))
 }
 
 #[cfg(not(feature = "mongodb"))]
-fn connect_mongodb() -> Result<Arc<dyn StateStore>, StoreError> {
+async fn connect_mongodb(
+    _url: &str,
+    _database: Option<&str>,
+    _decisions_days: Option<u32>,
+    _audit_days: Option<u32>,
+) -> Result<Arc<dyn StateStore>, StoreError> {
     Err(unavailable("built without the `mongodb` feature"))
 }
 
+#[cfg(not(all(feature = "memory", feature = "redis", feature = "mongodb")))]
 fn unavailable(message: &str) -> StoreError {
     StoreError::new(StoreErrorKind::Unavailable, message)
 }
@@ -113,7 +184,8 @@ mod tests {
         assert_eq!(
             redis,
             StoreConfig::Redis {
-                url: "redis://localhost:6379".to_owned()
+                url: "redis://localhost:6379".to_owned(),
+                namespace: None,
             }
         );
         let mongodb: StoreConfig =
@@ -122,7 +194,9 @@ mod tests {
             mongodb,
             StoreConfig::Mongodb {
                 url: "mongodb://db".to_owned(),
-                database: None
+                database: None,
+                decisions_retention_days: None,
+                audit_retention_days: None,
             }
         );
     }
@@ -135,33 +209,58 @@ mod tests {
 
     #[tokio::test]
     async fn redis_config_reports_why_it_cannot_connect() {
+        // Port 1 on loopback: nothing listens there.
         let config = StoreConfig::Redis {
-            url: "redis://localhost:6379".to_owned(),
+            url: "redis://:hunter2@127.0.0.1:1".to_owned(),
+            namespace: None,
         };
         let err = connect(&config).await.err().unwrap();
         assert_eq!(err.kind, StoreErrorKind::Unavailable);
-        let expected = if cfg!(feature = "redis") {
-            "the redis store is not implemented yet"
+        if cfg!(feature = "redis") {
+            assert!(
+                err.message
+                    .starts_with("cannot reach redis at redis://:***@127.0.0.1:1"),
+                "{}",
+                err.message
+            );
+            assert!(!err.message.contains("hunter2"));
         } else {
-            "built without the `redis` feature"
-        };
-        assert_eq!(err.message, expected);
+            assert_eq!(err.message, "built without the `redis` feature");
+        }
     }
 
     #[tokio::test]
     async fn mongodb_config_reports_why_it_cannot_connect() {
+        // Port 1 on loopback: nothing listens there.
         let config = StoreConfig::Mongodb {
-            url: "mongodb://localhost:27017".to_owned(),
+            url: "mongodb://router:hunter2@127.0.0.1:1".to_owned(),
             database: Some("apikeyrouter".to_owned()),
+            decisions_retention_days: None,
+            audit_retention_days: None,
         };
         let err = connect(&config).await.err().unwrap();
-        assert_eq!(err.kind, StoreErrorKind::Unavailable);
-        let expected = if cfg!(feature = "mongodb") {
-            "the mongodb store is not implemented yet"
+        assert!(!err.message.contains("hunter2"), "{}", err.message);
+        let has_master_key = ["APIKEYROUTER_MASTER_KEY", "APIKEYROUTER_MASTER_KEY_FILE"]
+            .iter()
+            .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()));
+        if !cfg!(feature = "mongodb") {
+            assert_eq!(err.kind, StoreErrorKind::Unavailable);
+            assert_eq!(err.message, "built without the `mongodb` feature");
+        } else if has_master_key {
+            assert_eq!(err.kind, StoreErrorKind::Unavailable);
+            assert_eq!(
+                err.message,
+                "mongodb at mongodb://router:***@127.0.0.1:1 is unreachable"
+            );
         } else {
-            "built without the `mongodb` feature"
-        };
-        assert_eq!(err.message, expected);
+            // Checked before the network: the message says how to provide a key.
+            assert_eq!(err.kind, StoreErrorKind::Invalid);
+            assert!(
+                err.message.contains("set APIKEYROUTER_MASTER_KEY"),
+                "{}",
+                err.message
+            );
+        }
     }
 
     #[cfg(feature = "memory")]

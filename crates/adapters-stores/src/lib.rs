@@ -3,17 +3,28 @@
 //! quota, budgets, the request log) and [`connect`], which opens the one a
 //! [`StoreConfig`] names.
 //!
-//! Each backend lives in its own module behind a feature: `memory` (default), and the
-//! placeholders `redis` and `mongodb`. A configuration naming a backend this build lacks
-//! is still accepted by serde; [`connect`] then says which feature is missing.
+//! Each backend lives in its own module behind a feature: `memory` (default), `redis`
+//! and `mongodb`. A configuration naming a backend this build lacks is still accepted
+//! by serde; [`connect`] then says which feature is missing. [`cipher`] (always
+//! built) encrypts key material at rest for the stores that persist it.
 //!
 //! Depends on the domain and application crates only (plus each backend's client
 //! crate); never on another adapter crate.
 
+pub mod cipher;
 mod config;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "mongodb")]
+pub mod mongodb;
+#[cfg(feature = "redis")]
+pub mod redis;
 
+pub use cipher::AeadCipher;
 pub use config::{StoreConfig, connect};
 #[cfg(feature = "memory")]
 pub use memory::MemoryStore;
+#[cfg(feature = "mongodb")]
+pub use mongodb::MongoStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;

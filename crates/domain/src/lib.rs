@@ -31,7 +31,7 @@ pub use key::{
 pub use money::Money;
 pub use quota::{
     CapacityState, ExhaustionPrediction, QuotaLimits, QuotaObservation, QuotaSnapshot,
-    QuotaWindows, Uncertainty, WindowKind,
+    QuotaWindows, Uncertainty, WindowCounts, WindowKind,
 };
 pub use request::{
     EmbeddingIntent, Image, Message, RequestIntent, ResponseFormat, Role, TokenUsage, ToolCall,

@@ -26,6 +26,15 @@ pub enum WindowKind {
 }
 
 impl WindowKind {
+    /// Every kind, in the order windows are checked.
+    pub const ALL: [Self; 5] = [
+        Self::MinuteRequests,
+        Self::MinuteTokens,
+        Self::DayRequests,
+        Self::DayTokens,
+        Self::MonthTokens,
+    ];
+
     /// Start and end of the window of this kind containing `now`.
     pub fn bounds(self, now: Timestamp) -> (Timestamp, Timestamp) {
         match self {
@@ -41,7 +50,8 @@ impl WindowKind {
         }
     }
 
-    const fn counts_tokens(self) -> bool {
+    /// Whether the window counts tokens (otherwise it counts requests).
+    pub const fn counts_tokens(self) -> bool {
         matches!(
             self,
             Self::MinuteTokens | Self::DayTokens | Self::MonthTokens
@@ -76,7 +86,8 @@ impl QuotaLimits {
         }
     }
 
-    fn limit(&self, kind: WindowKind) -> Option<u64> {
+    /// The limit of the window of `kind`.
+    pub const fn limit(&self, kind: WindowKind) -> Option<u64> {
         match kind {
             WindowKind::MinuteRequests => self.rpm,
             WindowKind::MinuteTokens => self.tpm,
@@ -193,13 +204,19 @@ struct Window {
     previous_exhausted: bool,
 }
 
-const KINDS: [WindowKind; 5] = [
-    WindowKind::MinuteRequests,
-    WindowKind::MinuteTokens,
-    WindowKind::DayRequests,
-    WindowKind::DayTokens,
-    WindowKind::MonthTokens,
-];
+const KINDS: [WindowKind; 5] = WindowKind::ALL;
+
+/// The counts of one window as a store keeps them outside [`QuotaWindows`] (e.g. as
+/// server-side counters), for rebuilding the windows with [`QuotaWindows::from_counts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowCounts {
+    /// Used so far in the window containing the instant of interest.
+    pub used: u64,
+    /// Requests counted in it.
+    pub samples: u64,
+    /// Whether the window before it ran out.
+    pub previous_exhausted: bool,
+}
 
 /// Observations older than this no longer lower uncertainty.
 const OBSERVATION_FRESH_FOR: Duration = Duration::from_secs(60);
@@ -215,6 +232,29 @@ impl QuotaWindows {
     /// Empty windows.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Windows rebuilt from counts kept elsewhere: `counts(kind)` gives the window of
+    /// `kind` containing `now`, and `observation` is the last provider observation
+    /// with the instant it was made.
+    pub fn from_counts(
+        now: Timestamp,
+        counts: impl Fn(WindowKind) -> WindowCounts,
+        observation: Option<(QuotaObservation, Timestamp)>,
+    ) -> Self {
+        let windows = KINDS.map(|kind| {
+            let c = counts(kind);
+            Window {
+                start: kind.bounds(now).0,
+                used: c.used,
+                samples: c.samples,
+                previous_exhausted: c.previous_exhausted,
+            }
+        });
+        Self {
+            windows,
+            observation,
+        }
     }
 
     fn roll(&mut self, limits: &QuotaLimits, now: Timestamp) {
@@ -541,6 +581,27 @@ mod tests {
         let denial = q.check(&QuotaLimits::default(), 1, T0).unwrap_err();
         assert_eq!(denial.retry_at, reset);
         q.check(&QuotaLimits::default(), 1, reset).unwrap();
+    }
+
+    #[test]
+    fn windows_rebuilt_from_counts_snapshot_like_the_originals() {
+        let mut q = QuotaWindows::new();
+        for _ in 0..7 {
+            q.charge(&limits(), 30, T0).unwrap();
+        }
+        let now = T0.plus(Duration::from_secs(20));
+        let mut rebuilt = QuotaWindows::from_counts(
+            now,
+            |kind| WindowCounts {
+                used: if kind.counts_tokens() { 210 } else { 7 },
+                samples: 7,
+                previous_exhausted: false,
+            },
+            None,
+        );
+        assert_eq!(rebuilt.snapshot(&limits(), now), q.snapshot(&limits(), now));
+        assert_eq!(WindowKind::ALL.len(), KINDS.len());
+        assert_eq!(limits().limit(WindowKind::MinuteTokens), Some(1_000));
     }
 
     #[test]

@@ -1,0 +1,1278 @@
+//! [`MongoStore`]: every state-store port, and the audit-sink port, over MongoDB.
+//!
+//! See the parent module for the consistency design (conditional single-document
+//! updates, the charge saga and what it leaves).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use apikeyrouter_application::ports::{
+    AuditError, AuditSink, BudgetStore, Charge, ChargeRejection, CipherError, KeyOutcome, KeyStore,
+    RequestLog, SecretCipher, StateStore, StoreError, StoreErrorKind, UsageLedger,
+};
+use apikeyrouter_application::records::AuditRecord;
+use apikeyrouter_domain::{
+    ApiKey, Budget, BudgetError, BudgetStatus, Enforcement, KeyId, KeyMaterial, KeyMetadata,
+    KeyState, KeyStats, Money, ProviderId, QuotaLimits, QuotaObservation, QuotaSnapshot, RequestId,
+    StateTransition, Timestamp, TransitionError, TransitionTrigger, WindowKind,
+};
+use async_trait::async_trait;
+use futures_util::TryStreamExt as _;
+use mongodb::bson::spec::BinarySubtype;
+use mongodb::bson::{self, Binary, Bson, Document, doc, oid::ObjectId};
+use mongodb::options::{ClientOptions, ReturnDocument};
+use mongodb::{Client, Collection, Database};
+
+use super::documents::{
+    AUDIT, BUDGETS, BudgetDoc, KEYS, KeyDoc, ObservationDoc, QuotaDoc, REQUESTS, RequestDoc,
+    StatsDoc, TRANSITIONS, TransitionDoc, WindowDoc, current_start, date, enforcement_name, millis,
+    nanos, record_id, reservation_key, rolled_exhausted, to_i64, to_u64, window_field,
+    window_increment,
+};
+use super::{Retention, is_duplicate_key, malformed, map_err, redact_url, schema};
+
+/// How long to look for a server before reporting it unreachable, unless the URL
+/// says otherwise (`serverSelectionTimeoutMS`).
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(3);
+/// Conditional updates retried this many times when the document changed between
+/// the read and the write; only sustained contention on one document exhausts it.
+const MAX_ATTEMPTS: usize = 32;
+/// Compare-and-set attempts for the moving averages before dropping the sample.
+const AVERAGE_ATTEMPTS: usize = 8;
+
+/// Keys, quota windows, budgets, transitions, the request log and the audit trail in
+/// a MongoDB database.
+///
+/// Implements every state-store port and [`AuditSink`]; cheap to share as
+/// `Arc<dyn StateStore>`. `Debug` shows the URL without its password and the
+/// database name.
+pub struct MongoStore {
+    db: Database,
+    keys: Collection<Document>,
+    transitions: Collection<Document>,
+    budgets: Collection<Document>,
+    requests: Collection<Document>,
+    audit: Collection<Document>,
+    cipher: Arc<dyn SecretCipher>,
+    shown_url: String,
+    retention: Retention,
+    /// Last seen enforcement per budget: which conditional update to try first. A
+    /// wrong hint costs a round trip, never correctness, since the update's filter
+    /// names the enforcement it assumed.
+    enforcement_hints: Mutex<HashMap<String, Enforcement>>,
+}
+
+/// A budget reservation taken by the current charge, for compensation.
+struct Held {
+    budget_id: String,
+    /// The amount a reservation of the same id held before, which it replaced.
+    previous: Option<i64>,
+}
+
+impl MongoStore {
+    /// Connects to `url`, uses `database`, and brings its schema up to date.
+    ///
+    /// `cipher` seals key material before it is written and opens it when read;
+    /// `retention` sets how long request records and the audit trail are kept.
+    ///
+    /// # Errors
+    /// `Unavailable` naming the URL (without password) when no server answers within
+    /// the server selection timeout (3 s unless the URL sets one); `Invalid` for a
+    /// malformed URL or database name, or a database whose schema is newer than this
+    /// build.
+    pub async fn connect(
+        url: &str,
+        database: &str,
+        cipher: Arc<dyn SecretCipher>,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
+        let shown_url = redact_url(url);
+        if database.is_empty() || database.contains(['/', '\\', '.', ' ', '"', '$', '\0']) {
+            return Err(StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("mongodb database name {database:?} is not valid"),
+            ));
+        }
+        let mut options = ClientOptions::parse(url).await.map_err(|e| {
+            if matches!(
+                e.kind.as_ref(),
+                mongodb::error::ErrorKind::DnsResolve { .. } | mongodb::error::ErrorKind::Io(_)
+            ) {
+                StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    format!("mongodb at {shown_url} cannot be resolved"),
+                )
+            } else {
+                // The driver's message may quote the URL, password included: not kept.
+                StoreError::new(
+                    StoreErrorKind::Invalid,
+                    format!("mongodb url {shown_url} is malformed"),
+                )
+            }
+        })?;
+        options
+            .server_selection_timeout
+            .get_or_insert(SERVER_SELECTION_TIMEOUT);
+        options
+            .connect_timeout
+            .get_or_insert(SERVER_SELECTION_TIMEOUT);
+        options
+            .app_name
+            .get_or_insert_with(|| "apikeyrouter".to_owned());
+        let client = Client::with_options(options).map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("mongodb url {shown_url} has unusable options"),
+            )
+        })?;
+        let db = client.database(database);
+        db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
+            StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!("mongodb at {shown_url} is unreachable"),
+            )
+            .with_source(e)
+        })?;
+        schema::migrate(&db, &retention).await?;
+        Ok(Self {
+            keys: db.collection(KEYS),
+            transitions: db.collection(TRANSITIONS),
+            budgets: db.collection(BUDGETS),
+            requests: db.collection(REQUESTS),
+            audit: db.collection(AUDIT),
+            db,
+            cipher,
+            shown_url,
+            retention,
+            enforcement_hints: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The database's name.
+    pub fn database(&self) -> &str {
+        self.db.name()
+    }
+
+    /// The retention the store was opened with.
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// The database handle, for tests that inspect raw documents.
+    #[cfg(test)]
+    pub(super) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    // -----------------------------------------------------------------------------
+    // keys
+
+    fn key_from_doc(&self, doc: KeyDoc) -> Result<ApiKey, StoreError> {
+        let unreadable = |why: &str| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("mongodb {KEYS}: record {}: key material {why}", doc.id),
+            )
+        };
+        let plain = self.cipher.open(&doc.material.bytes).map_err(|e| match e {
+            CipherError::Open => unreadable("cannot be opened: wrong master key or corrupted data"),
+            CipherError::Internal(_) => StoreError::new(
+                StoreErrorKind::Internal,
+                format!("mongodb {KEYS}: record {}: the cipher failed", doc.id),
+            ),
+        })?;
+        let text = std::str::from_utf8(&plain).map_err(|_| unreadable("is not text"))?;
+        let material = KeyMaterial::parse(text).map_err(|_| unreadable("is not valid"))?;
+        Ok(ApiKey {
+            cooldown_until: doc.cooldown(),
+            created_at: doc.created(),
+            stats: doc.stats.to_stats(),
+            id: KeyId::new(doc.id),
+            provider: ProviderId::new(doc.provider),
+            material,
+            metadata: doc.metadata,
+            state: doc.state,
+            state_reason: doc.state_reason,
+        })
+    }
+
+    fn decode_key_doc(raw: Document) -> Result<KeyDoc, StoreError> {
+        let id = record_id(&raw);
+        bson::from_document(raw).map_err(|_| malformed(KEYS, &id))
+    }
+
+    async fn find_key(&self, id: &KeyId) -> Result<Document, StoreError> {
+        self.keys
+            .find_one(doc! { "_id": id.as_str() })
+            .await
+            .map_err(|e| map_err(KEYS, "read a key", e))?
+            .ok_or_else(|| StoreError::key_not_found(id))
+    }
+
+    async fn load_quota(&self, id: &KeyId) -> Result<QuotaDoc, StoreError> {
+        let raw = self.find_key(id).await?;
+        let quota = raw
+            .get_document("quota")
+            .map_err(|_| malformed(KEYS, id.as_str()))?;
+        bson::from_document(quota.clone()).map_err(|_| malformed(KEYS, id.as_str()))
+    }
+
+    fn stats_of(raw: &Document) -> Result<KeyStats, StoreError> {
+        let id = record_id(raw);
+        let stats = raw
+            .get_document("stats")
+            .map_err(|_| malformed(KEYS, &id))?;
+        let stats: StatsDoc =
+            bson::from_document(stats.clone()).map_err(|_| malformed(KEYS, &id))?;
+        Ok(stats.to_stats())
+    }
+
+    /// Moves the success and latency averages by one sample, by compare-and-set.
+    async fn update_averages(
+        &self,
+        id: &KeyId,
+        mut stats: KeyStats,
+        outcome: &KeyOutcome,
+    ) -> Result<KeyStats, StoreError> {
+        // Whether this call was the key's first success (the latency average then
+        // starts at this sample), decided once from the counters it incremented.
+        let first_success = outcome.success && stats.successes == 1;
+        for _ in 0..AVERAGE_ATTEMPTS {
+            let (old_success, old_latency) = (stats.success_ewma, stats.latency_ewma_ms);
+            // The domain's arithmetic, applied to the current averages.
+            let mut before = stats.clone();
+            before.successes = u64::from(!first_success);
+            before.record(outcome.success, outcome.latency, outcome.now);
+            let (new_success, new_latency) = (before.success_ewma, before.latency_ewma_ms);
+            let res = self
+                .keys
+                .update_one(
+                    doc! {
+                        "_id": id.as_str(),
+                        "stats.success_ewma": old_success,
+                        "stats.latency_ewma_ms": old_latency,
+                    },
+                    doc! { "$set": {
+                        "stats.success_ewma": new_success,
+                        "stats.latency_ewma_ms": new_latency,
+                    } },
+                )
+                .await
+                .map_err(|e| map_err(KEYS, "update a key's averages", e))?;
+            if res.matched_count > 0 {
+                stats.success_ewma = new_success;
+                stats.latency_ewma_ms = new_latency;
+                return Ok(stats);
+            }
+            stats = Self::stats_of(&self.find_key(id).await?)?;
+        }
+        // Sustained contention: the sample is dropped from the averages only.
+        Ok(stats)
+    }
+
+    // -----------------------------------------------------------------------------
+    // quota windows
+
+    /// The conditional update that counts one request of `charge` in the key's
+    /// windows as `quota` shows them: it matches only while every window it checked
+    /// is unchanged in start and still has room.
+    fn window_charge(charge: &Charge, quota: &QuotaDoc) -> (Document, Document) {
+        let now = charge.now;
+        let mut filter = doc! {
+            "_id": charge.key_id.as_str(),
+            "quota.observation_seq": quota.observation_seq,
+        };
+        let mut inc = Document::new();
+        let mut set = Document::new();
+        for kind in WindowKind::ALL {
+            let field = format!("quota.{}", window_field(kind));
+            let stored = quota.window(kind);
+            let add = to_i64(window_increment(kind, charge.est_tokens));
+            filter.insert(format!("{field}.start"), stored.start);
+            if quota.is_current(kind, now) {
+                if let Some(limit) = charge.limits.limit(kind) {
+                    filter.insert(
+                        format!("{field}.used"),
+                        doc! { "$lte": to_i64(limit).saturating_sub(add) },
+                    );
+                }
+                inc.insert(format!("{field}.used"), add);
+                inc.insert(format!("{field}.samples"), 1_i64);
+            } else {
+                // Roll the window over and count the request in the new one, in the
+                // same update; `used` is pinned so the exhaustion flag is exact.
+                filter.insert(format!("{field}.used"), stored.used);
+                let fresh = WindowDoc {
+                    start: current_start(kind, now),
+                    used: add,
+                    samples: 1,
+                    previous_exhausted: rolled_exhausted(stored, kind, &charge.limits),
+                };
+                set.insert(field, window_bson(fresh));
+            }
+        }
+        if let Some(obs) = quota.observation {
+            if obs.needs_roll(now) {
+                let rolled = obs.rolled_and_charged(now, charge.est_tokens);
+                set.insert("quota.observation", observation_bson(rolled));
+                inc.insert("quota.observation_seq", 1_i64);
+            } else {
+                // The domain refuses a request when the provider said nothing is
+                // left until a reset; the filter keeps that true under concurrency.
+                if obs.remaining_requests.is_some() {
+                    if obs.reset_requests_at.is_some() {
+                        filter.insert(
+                            "quota.observation.remaining_requests",
+                            doc! { "$gte": 1_i64 },
+                        );
+                    }
+                    inc.insert("quota.observation.remaining_requests", -1_i64);
+                }
+                if charge.est_tokens > 0 && obs.remaining_tokens.is_some() {
+                    if obs.reset_tokens_at.is_some() {
+                        filter.insert("quota.observation.remaining_tokens", doc! { "$gte": 1_i64 });
+                    }
+                    inc.insert(
+                        "quota.observation.remaining_tokens",
+                        -to_i64(charge.est_tokens),
+                    );
+                }
+            }
+        }
+        let mut update = Document::new();
+        if !inc.is_empty() {
+            update.insert("$inc", inc);
+        }
+        if !set.is_empty() {
+            update.insert("$set", set);
+        }
+        (filter, update)
+    }
+
+    /// Counts `charge` in its key's windows, starting from `quota` as read.
+    async fn charge_windows(
+        &self,
+        charge: &Charge,
+        quota: QuotaDoc,
+    ) -> Result<(), ChargeRejection> {
+        let mut quota = quota;
+        for _ in 0..MAX_ATTEMPTS {
+            let (filter, update) = Self::window_charge(charge, &quota);
+            let res = self
+                .keys
+                .update_one(filter, update)
+                .await
+                .map_err(|e| map_err(KEYS, "count a request", e))?;
+            if res.matched_count > 0 {
+                return Ok(());
+            }
+            // Changed since read: read again and decide again.
+            quota = self.load_quota(&charge.key_id).await?;
+            quota
+                .to_domain(&charge.limits, charge.now)
+                .check(&charge.limits, charge.est_tokens, charge.now)
+                .map_err(ChargeRejection::Quota)?;
+        }
+        Err(contention(KEYS, charge.key_id.as_str()).into())
+    }
+
+    /// Replaces the estimated tokens of `charge` with `actual` in the token windows
+    /// it was counted in. Windows that rolled over since are left alone (the estimate
+    /// went with them), and so is a key deleted since.
+    async fn reconcile_tokens(&self, charge: &Charge, actual: u64) -> Result<(), StoreError> {
+        let delta = to_i64(actual).saturating_sub(to_i64(charge.est_tokens));
+        if delta == 0 {
+            return Ok(());
+        }
+        let token_kinds = WindowKind::ALL.into_iter().filter(|k| k.counts_tokens());
+        let condition = |kind: WindowKind, filter: &mut Document| {
+            let field = format!("quota.{}", window_field(kind));
+            filter.insert(format!("{field}.start"), current_start(kind, charge.now));
+            if delta < 0 {
+                filter.insert(format!("{field}.used"), doc! { "$gte": -delta });
+            }
+            format!("{field}.used")
+        };
+        let mut filter = doc! { "_id": charge.key_id.as_str() };
+        let mut inc = Document::new();
+        for kind in token_kinds.clone() {
+            let used = condition(kind, &mut filter);
+            inc.insert(used, delta);
+        }
+        let res = self
+            .keys
+            .update_one(filter, doc! { "$inc": inc })
+            .await
+            .map_err(|e| map_err(KEYS, "reconcile tokens", e))?;
+        if res.matched_count > 0 {
+            return Ok(());
+        }
+        // Some window rolled over (or the key is gone): adjust each one still open.
+        for kind in token_kinds {
+            let mut filter = doc! { "_id": charge.key_id.as_str() };
+            let used = condition(kind, &mut filter);
+            self.keys
+                .update_one(filter, doc! { "$inc": { used: delta } })
+                .await
+                .map_err(|e| map_err(KEYS, "reconcile tokens", e))?;
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------
+    // budgets
+
+    fn hint(&self, id: &str) -> Enforcement {
+        self.enforcement_hints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .copied()
+            .unwrap_or(Enforcement::Hard)
+    }
+
+    fn set_hint(&self, id: &str, enforcement: Enforcement) {
+        self.enforcement_hints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_owned(), enforcement);
+    }
+
+    fn decode_budget(raw: Document) -> Result<BudgetDoc, StoreError> {
+        let id = record_id(&raw);
+        let doc: BudgetDoc = bson::from_document(raw).map_err(|_| malformed(BUDGETS, &id))?;
+        if doc.budget().is_none() {
+            return Err(malformed(BUDGETS, &id));
+        }
+        Ok(doc)
+    }
+
+    async fn load_budget(&self, id: &str) -> Result<Option<BudgetDoc>, StoreError> {
+        let raw = self
+            .budgets
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(|e| map_err(BUDGETS, "read a budget", e))?;
+        raw.map(Self::decode_budget).transpose()
+    }
+
+    async fn all_budgets(&self) -> Result<Vec<BudgetDoc>, StoreError> {
+        let cursor = self
+            .budgets
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(|e| map_err(BUDGETS, "list budgets", e))?;
+        let raws: Vec<Document> = cursor
+            .try_collect()
+            .await
+            .map_err(|e| map_err(BUDGETS, "list budgets", e))?;
+        raws.into_iter().map(Self::decode_budget).collect()
+    }
+
+    /// Starts the budget's new period at `now`: nothing spent, reservations kept.
+    /// Pinned to the `spent` read, so a commit landing meanwhile is not lost; a
+    /// concurrent roll by another caller makes this one a no-op.
+    async fn roll_budget(&self, doc: &BudgetDoc, now: Timestamp) -> Result<(), StoreError> {
+        let (start, end) = doc.period_at(now);
+        self.budgets
+            .update_one(
+                doc! { "_id": &doc.id, "period_end": doc.period_end, "spent": doc.spent },
+                doc! {
+                    "$set": { "period_start": start, "period_end": end, "spent": 0_i64 },
+                    "$inc": { "headroom": doc.spent },
+                },
+            )
+            .await
+            .map_err(|e| map_err(BUDGETS, "start a budget period", e))?;
+        Ok(())
+    }
+
+    /// Reserves `charge`'s estimate in budget `id`. `Ok(None)` for an unknown budget.
+    async fn reserve_budget(
+        &self,
+        id: &str,
+        charge: &Charge,
+    ) -> Result<Option<Held>, ChargeRejection> {
+        let amount = nanos(charge.est_cost);
+        let key = reservation_key(charge.reservation);
+        let field = format!("reservations.{key}");
+        let now_ms = millis(charge.now);
+        let entry = doc! { "amount": amount, "taken_at": now_ms };
+        let mut guess = self.hint(id);
+        for _ in 0..MAX_ATTEMPTS {
+            let mut filter = doc! {
+                "_id": id,
+                "period_end": { "$gt": now_ms },
+                "enforcement": enforcement_name(guess),
+            };
+            filter.insert(field.clone(), doc! { "$exists": false });
+            if guess == Enforcement::Hard {
+                filter.insert("headroom", doc! { "$gte": amount });
+            }
+            let mut set = Document::new();
+            set.insert(field.clone(), entry.clone());
+            let update = doc! { "$inc": { "reserved": amount, "headroom": -amount }, "$set": set };
+            let res = self
+                .budgets
+                .update_one(filter, update)
+                .await
+                .map_err(|e| map_err(BUDGETS, "reserve", e))?;
+            if res.matched_count > 0 {
+                return Ok(Some(Held {
+                    budget_id: id.to_owned(),
+                    previous: None,
+                }));
+            }
+
+            // Why not? Read and act on what is there.
+            let Some(doc) = self.load_budget(id).await? else {
+                return Ok(None);
+            };
+            self.set_hint(id, doc.enforcement);
+            guess = doc.enforcement;
+            if doc.period_over(charge.now) {
+                self.roll_budget(&doc, charge.now).await?;
+                continue;
+            }
+            let hard = doc.enforcement == Enforcement::Hard;
+            if let Some(previous) = doc.reservations.get(&key) {
+                // Reserving an id again replaces its reservation.
+                let delta = amount.saturating_sub(previous.amount);
+                let mut filter = doc! {
+                    "_id": id,
+                    "period_end": { "$gt": now_ms },
+                    "enforcement": enforcement_name(guess),
+                };
+                filter.insert(format!("{field}.amount"), previous.amount);
+                if hard && delta > 0 {
+                    filter.insert("headroom", doc! { "$gte": delta });
+                }
+                let mut set = Document::new();
+                set.insert(field.clone(), entry.clone());
+                let update =
+                    doc! { "$inc": { "reserved": delta, "headroom": -delta }, "$set": set };
+                let res = self
+                    .budgets
+                    .update_one(filter, update)
+                    .await
+                    .map_err(|e| map_err(BUDGETS, "reserve", e))?;
+                if res.matched_count > 0 {
+                    return Ok(Some(Held {
+                        budget_id: id.to_owned(),
+                        previous: Some(previous.amount),
+                    }));
+                }
+                if hard && doc.headroom < delta {
+                    return Err(ChargeRejection::Budget(would_exceed(&doc, charge.est_cost)));
+                }
+                continue;
+            }
+            if hard && doc.headroom < amount {
+                return Err(ChargeRejection::Budget(would_exceed(&doc, charge.est_cost)));
+            }
+            // It fits now: something changed between the update and the read.
+        }
+        Err(contention(BUDGETS, id).into())
+    }
+
+    /// Gives back what [`Self::reserve_budget`] took for `charge`. Best effort: it
+    /// runs on a path that already fails, and a reservation it cannot give back only
+    /// ever refuses, never overspends (see the module docs).
+    async fn undo_reservations(&self, held: &[Held], charge: &Charge) {
+        let amount = nanos(charge.est_cost);
+        let field = format!("reservations.{}", reservation_key(charge.reservation));
+        for h in held {
+            let res = match h.previous {
+                None => self.release_budget(&h.budget_id, charge).await,
+                Some(previous) => {
+                    let mut filter = doc! { "_id": &h.budget_id };
+                    filter.insert(format!("{field}.amount"), amount);
+                    let mut set = Document::new();
+                    set.insert(format!("{field}.amount"), previous);
+                    let delta = previous.saturating_sub(amount);
+                    self.budgets
+                        .update_one(
+                            filter,
+                            doc! { "$inc": { "reserved": delta, "headroom": -delta }, "$set": set },
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| map_err(BUDGETS, "restore a reservation", e))
+                }
+            };
+            // Nothing more to do on failure: see the doc comment.
+            drop(res);
+        }
+    }
+
+    /// Commits `actual` for `charge` in budget `id`, replacing its reservation, and
+    /// returns the status after. `Ok(None)` for an unknown budget.
+    async fn commit_budget(
+        &self,
+        id: &str,
+        charge: &Charge,
+        actual: Money,
+        now: Timestamp,
+    ) -> Result<Option<BudgetStatus>, StoreError> {
+        let actual = nanos(actual);
+        let field = format!("reservations.{}", reservation_key(charge.reservation));
+        let now_ms = millis(now);
+        // What the reservation should hold; `None` once known to be gone.
+        let mut expected = Some(nanos(charge.est_cost));
+        for _ in 0..MAX_ATTEMPTS {
+            let mut filter = doc! { "_id": id, "period_end": { "$gt": now_ms } };
+            let update = match expected {
+                Some(held) => {
+                    filter.insert(format!("{field}.amount"), held);
+                    let mut unset = Document::new();
+                    unset.insert(field.clone(), "");
+                    doc! {
+                        "$inc": {
+                            "reserved": -held,
+                            "spent": actual,
+                            "headroom": held.saturating_sub(actual),
+                        },
+                        "$unset": unset,
+                    }
+                }
+                // Already committed or released: money spent is still counted.
+                None => {
+                    filter.insert(field.clone(), doc! { "$exists": false });
+                    doc! { "$inc": { "spent": actual, "headroom": -actual } }
+                }
+            };
+            let after = self
+                .budgets
+                .find_one_and_update(filter, update)
+                .return_document(ReturnDocument::After)
+                .await
+                .map_err(|e| map_err(BUDGETS, "settle", e))?;
+            if let Some(after) = after {
+                return Ok(Some(Self::decode_budget(after)?.status(now)));
+            }
+            let Some(doc) = self.load_budget(id).await? else {
+                return Ok(None);
+            };
+            if doc.period_over(now) {
+                self.roll_budget(&doc, now).await?;
+                continue;
+            }
+            expected = doc
+                .reservations
+                .get(&reservation_key(charge.reservation))
+                .map(|r| r.amount);
+        }
+        Err(contention(BUDGETS, id))
+    }
+
+    /// Drops `charge`'s reservation in budget `id`, if it is still held.
+    async fn release_budget(&self, id: &str, charge: &Charge) -> Result<(), StoreError> {
+        let key = reservation_key(charge.reservation);
+        let field = format!("reservations.{key}");
+        let mut held = nanos(charge.est_cost);
+        for _ in 0..MAX_ATTEMPTS {
+            let mut filter = doc! { "_id": id };
+            filter.insert(format!("{field}.amount"), held);
+            let mut unset = Document::new();
+            unset.insert(field.clone(), "");
+            let res = self
+                .budgets
+                .update_one(
+                    filter,
+                    doc! { "$inc": { "reserved": -held, "headroom": held }, "$unset": unset },
+                )
+                .await
+                .map_err(|e| map_err(BUDGETS, "release", e))?;
+            if res.matched_count > 0 {
+                return Ok(());
+            }
+            let Some(doc) = self.load_budget(id).await? else {
+                return Ok(());
+            };
+            match doc.reservations.get(&key) {
+                None => return Ok(()),
+                Some(r) => held = r.amount,
+            }
+        }
+        Err(contention(BUDGETS, id))
+    }
+
+    // -----------------------------------------------------------------------------
+    // request records
+
+    fn request_doc(record: &AuditRecord) -> Result<Document, StoreError> {
+        let cannot_encode = || {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!(
+                    "request {} cannot be encoded for mongodb",
+                    record.request_id.as_str()
+                ),
+            )
+        };
+        let encoded = bson::to_document(record).map_err(|_| cannot_encode())?;
+        let doc = RequestDoc {
+            request_id: record.request_id.as_str().to_owned(),
+            started_at: date(record.started_at),
+            finished_at: date(record.finished_at),
+            tenant: record.tenant.as_ref().map(|t| t.as_str().to_owned()),
+            key_id: record.key_id.as_ref().map(|k| k.as_str().to_owned()),
+            record: encoded,
+        };
+        bson::to_document(&doc).map_err(|_| cannot_encode())
+    }
+}
+
+fn window_bson(w: WindowDoc) -> Document {
+    doc! {
+        "start": w.start,
+        "used": w.used,
+        "samples": w.samples,
+        "previous_exhausted": w.previous_exhausted,
+    }
+}
+
+fn observation_bson(o: ObservationDoc) -> Document {
+    doc! {
+        "limit_requests": o.limit_requests,
+        "remaining_requests": o.remaining_requests,
+        "reset_requests_at": o.reset_requests_at,
+        "limit_tokens": o.limit_tokens,
+        "remaining_tokens": o.remaining_tokens,
+        "reset_tokens_at": o.reset_tokens_at,
+        "observed_at": o.observed_at,
+    }
+}
+
+fn would_exceed(doc: &BudgetDoc, requested: Money) -> BudgetError {
+    BudgetError::WouldExceed {
+        id: doc.id.clone(),
+        limit: Money::from_nanos(to_u64(doc.limit)),
+        spent: Money::from_nanos(to_u64(doc.spent)),
+        reserved: Money::from_nanos(to_u64(doc.reserved)),
+        requested,
+    }
+}
+
+fn contention(collection: &str, id: &str) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Unavailable,
+        format!(
+            "mongodb {collection}: record {id} kept changing during {MAX_ATTEMPTS} attempts; try again"
+        ),
+    )
+}
+
+/// Budget ids in ascending order without duplicates: the order a charge takes them in.
+fn sorted_ids(ids: &[String]) -> Vec<&str> {
+    let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+impl fmt::Debug for MongoStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MongoStore")
+            .field("url", &self.shown_url)
+            .field("database", &self.db.name())
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Key material is sealed with the store's cipher before it is written and opened
+/// when read; a record that cannot be read is `Invalid`, naming it.
+#[async_trait]
+impl KeyStore for MongoStore {
+    async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        let sealed = self
+            .cipher
+            .seal(key.material.expose().as_bytes())
+            .map_err(|_| {
+                StoreError::new(
+                    StoreErrorKind::Internal,
+                    format!("key {}: the cipher failed", key.id),
+                )
+            })?;
+        let doc = KeyDoc {
+            id: key.id.as_str().to_owned(),
+            provider: key.provider.as_str().to_owned(),
+            material: Binary {
+                subtype: BinarySubtype::Generic,
+                bytes: sealed,
+            },
+            metadata: key.metadata,
+            state: key.state,
+            state_reason: key.state_reason,
+            state_version: 0,
+            cooldown_until: key.cooldown_until.map(millis),
+            stats: StatsDoc::from_stats(&key.stats),
+            created_at: date(key.created_at),
+            incarnation: ObjectId::new().to_hex(),
+            quota: QuotaDoc::default(),
+        };
+        let raw = bson::to_document(&doc).map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("key {} cannot be encoded for mongodb", key.id),
+            )
+        })?;
+        match self.keys.insert_one(raw).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("key {} already exists", key.id),
+            )),
+            Err(e) => Err(map_err(KEYS, "insert a key", e)),
+        }
+    }
+
+    async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError> {
+        let raw = self.find_key(id).await?;
+        self.key_from_doc(Self::decode_key_doc(raw)?)
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let cursor = self
+            .keys
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(|e| map_err(KEYS, "list keys", e))?;
+        let raws: Vec<Document> = cursor
+            .try_collect()
+            .await
+            .map_err(|e| map_err(KEYS, "list keys", e))?;
+        raws.into_iter()
+            .map(|raw| self.key_from_doc(Self::decode_key_doc(raw)?))
+            .collect()
+    }
+
+    async fn update_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<ApiKey, StoreError> {
+        let encoded = bson::to_bson(&metadata).map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("metadata of key {id} cannot be encoded for mongodb"),
+            )
+        })?;
+        let after = self
+            .keys
+            .find_one_and_update(
+                doc! { "_id": id.as_str() },
+                doc! { "$set": { "metadata": encoded } },
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| map_err(KEYS, "update a key", e))?
+            .ok_or_else(|| StoreError::key_not_found(id))?;
+        self.key_from_doc(Self::decode_key_doc(after)?)
+    }
+
+    async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
+        let res = self
+            .keys
+            .delete_one(doc! { "_id": id.as_str() })
+            .await
+            .map_err(|e| map_err(KEYS, "delete a key", e))?;
+        if res.deleted_count == 0 {
+            return Err(StoreError::key_not_found(id));
+        }
+        // If this fails the records stay behind, invisible: a key inserted again
+        // under the id has a new incarnation.
+        self.transitions
+            .delete_many(doc! { "key_id": id.as_str() })
+            .await
+            .map_err(|e| map_err(TRANSITIONS, "delete a key's transitions", e))?;
+        Ok(())
+    }
+
+    /// The state changes by compare-and-set on the key's state version, then the
+    /// transition is recorded; if recording fails, the state change is undone (when
+    /// nothing changed it since) and the error returned.
+    async fn transition(
+        &self,
+        id: &KeyId,
+        to: KeyState,
+        trigger: TransitionTrigger,
+        reason: String,
+        cooldown_until: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<StateTransition, StoreError> {
+        let to_bson_state = |state: KeyState| Bson::String(state.as_str().to_owned());
+        for _ in 0..MAX_ATTEMPTS {
+            let doc = Self::decode_key_doc(self.find_key(id).await?)?;
+            let from = doc.state;
+            if !from.can_transition_to(to) {
+                let refused = TransitionError {
+                    key_id: id.clone(),
+                    from,
+                    to,
+                };
+                return Err(StoreError::new(
+                    StoreErrorKind::Invalid,
+                    refused.to_string(),
+                ));
+            }
+            let res = self
+                .keys
+                .update_one(
+                    doc! { "_id": id.as_str(), "state_version": doc.state_version },
+                    doc! {
+                        "$set": {
+                            "state": to_bson_state(to),
+                            "state_reason": &reason,
+                            "cooldown_until": cooldown_until.map(millis),
+                        },
+                        "$inc": { "state_version": 1_i64 },
+                    },
+                )
+                .await
+                .map_err(|e| map_err(KEYS, "change a key's state", e))?;
+            if res.matched_count == 0 {
+                continue;
+            }
+            let record = StateTransition {
+                key_id: id.clone(),
+                from,
+                to,
+                trigger,
+                reason: reason.clone(),
+                at: now,
+            };
+            let seq = doc.state_version.saturating_add(1);
+            let entry = bson::to_document(&TransitionDoc::new(&record, &doc.incarnation, seq))
+                .map_err(|_| malformed(TRANSITIONS, id.as_str()))?;
+            match self.transitions.insert_one(entry).await {
+                Ok(_) => return Ok(record),
+                Err(e) if is_duplicate_key(&e) => return Ok(record),
+                Err(e) => {
+                    let undo = self
+                        .keys
+                        .update_one(
+                            doc! { "_id": id.as_str(), "state_version": seq },
+                            doc! {
+                                "$set": {
+                                    "state": to_bson_state(from),
+                                    "state_reason": &doc.state_reason,
+                                    "cooldown_until": doc.cooldown_until,
+                                },
+                                "$inc": { "state_version": 1_i64 },
+                            },
+                        )
+                        .await;
+                    drop(undo);
+                    return Err(map_err(TRANSITIONS, "record a transition", e));
+                }
+            }
+        }
+        Err(contention(KEYS, id.as_str()))
+    }
+
+    async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
+        let raw = self.find_key(id).await?;
+        let incarnation = raw
+            .get_str("incarnation")
+            .map_err(|_| malformed(KEYS, id.as_str()))?;
+        let cursor = self
+            .transitions
+            .find(doc! { "key_id": id.as_str(), "incarnation": incarnation })
+            .sort(doc! { "at": 1, "seq": 1 })
+            .await
+            .map_err(|e| map_err(TRANSITIONS, "list transitions", e))?;
+        let raws: Vec<Document> = cursor
+            .try_collect()
+            .await
+            .map_err(|e| map_err(TRANSITIONS, "list transitions", e))?;
+        let mut docs = raws
+            .into_iter()
+            .map(|raw| {
+                let record = record_id(&raw);
+                bson::from_document::<TransitionDoc>(raw)
+                    .map_err(|_| malformed(TRANSITIONS, &record))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // The server sorted already; sorting again keeps the order exact even where a
+        // server compares dates loosely.
+        docs.sort_by_key(|d| (d.at.timestamp_millis(), d.seq));
+        Ok(docs.iter().map(TransitionDoc::to_domain).collect())
+    }
+
+    /// Counters are incremented atomically; the moving averages follow by
+    /// compare-and-set (see the module docs).
+    async fn record_outcome(
+        &self,
+        id: &KeyId,
+        outcome: KeyOutcome,
+    ) -> Result<KeyStats, StoreError> {
+        let mut inc = doc! {
+            "stats.requests": 1_i64,
+            "stats.prompt_tokens": to_i64(outcome.usage.prompt_tokens),
+            "stats.completion_tokens": to_i64(outcome.usage.completion_tokens),
+            "stats.cost_nanos": nanos(outcome.cost),
+        };
+        let mut set = doc! { "stats.last_used": millis(outcome.now) };
+        if outcome.success {
+            inc.insert("stats.successes", 1_i64);
+            set.insert("stats.consecutive_failures", 0_i64);
+            set.insert("stats.throttle_streak", i64::from(outcome.rate_limited));
+        } else {
+            inc.insert("stats.failures", 1_i64);
+            inc.insert("stats.consecutive_failures", 1_i64);
+            if outcome.rate_limited {
+                inc.insert("stats.throttle_streak", 1_i64);
+            }
+        }
+        let after = self
+            .keys
+            .find_one_and_update(
+                doc! { "_id": id.as_str() },
+                doc! { "$inc": inc, "$set": set },
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| map_err(KEYS, "record an outcome", e))?
+            .ok_or_else(|| StoreError::key_not_found(id))?;
+        let stats = Self::stats_of(&after)?;
+        self.update_averages(id, stats, &outcome).await
+    }
+}
+
+/// A charge is a saga over the key's document and each budget's (see the module
+/// docs). Unknown budget ids are ignored, as by the memory store.
+#[async_trait]
+impl UsageLedger for MongoStore {
+    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        let quota = self.load_quota(&charge.key_id).await?;
+        quota
+            .to_domain(&charge.limits, charge.now)
+            .check(&charge.limits, charge.est_tokens, charge.now)
+            .map_err(ChargeRejection::Quota)?;
+        let mut held = Vec::new();
+        for id in sorted_ids(&charge.budget_ids) {
+            match self.reserve_budget(id, charge).await {
+                Ok(Some(h)) => held.push(h),
+                Ok(None) => {}
+                Err(rejection) => {
+                    self.undo_reservations(&held, charge).await;
+                    return Err(rejection);
+                }
+            }
+        }
+        if let Err(rejection) = self.charge_windows(charge, quota).await {
+            self.undo_reservations(&held, charge).await;
+            return Err(rejection);
+        }
+        Ok(())
+    }
+
+    async fn settle(
+        &self,
+        charge: &Charge,
+        actual_tokens: u64,
+        actual_cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.reconcile_tokens(charge, actual_tokens).await?;
+        let mut statuses = Vec::new();
+        for id in sorted_ids(&charge.budget_ids) {
+            if let Some(status) = self.commit_budget(id, charge, actual_cost, now).await? {
+                statuses.push(status);
+            }
+        }
+        Ok(statuses)
+    }
+
+    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
+        self.reconcile_tokens(charge, 0).await?;
+        for id in sorted_ids(&charge.budget_ids) {
+            self.release_budget(id, charge).await?;
+        }
+        Ok(())
+    }
+
+    async fn observe_quota(
+        &self,
+        id: &KeyId,
+        observation: QuotaObservation,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let observed = observation_bson(ObservationDoc::from_domain(&observation, now));
+        let res = self
+            .keys
+            .update_one(
+                doc! { "_id": id.as_str() },
+                doc! {
+                    "$set": { "quota.observation": observed },
+                    "$inc": { "quota.observation_seq": 1_i64 },
+                },
+            )
+            .await
+            .map_err(|e| map_err(KEYS, "record a quota observation", e))?;
+        if res.matched_count == 0 {
+            return Err(StoreError::key_not_found(id));
+        }
+        Ok(())
+    }
+
+    async fn quota_snapshot(
+        &self,
+        id: &KeyId,
+        limits: &QuotaLimits,
+        now: Timestamp,
+    ) -> Result<QuotaSnapshot, StoreError> {
+        let quota = self.load_quota(id).await?;
+        Ok(quota.to_domain(limits, now).snapshot(limits, now))
+    }
+}
+
+/// Replacing a budget with `put_budget` drops its outstanding reservations; settling
+/// them later still charges the actual cost.
+#[async_trait]
+impl BudgetStore for MongoStore {
+    async fn put_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let doc = BudgetDoc::new(&budget, spent, now);
+        let raw = bson::to_document(&doc).map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("budget {} cannot be encoded for mongodb", budget.id),
+            )
+        })?;
+        self.budgets
+            .replace_one(doc! { "_id": &budget.id }, raw)
+            .upsert(true)
+            .await
+            .map_err(|e| map_err(BUDGETS, "write a budget", e))?;
+        self.set_hint(&budget.id, budget.enforcement);
+        Ok(doc.status(now))
+    }
+
+    async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
+        Ok(self
+            .all_budgets()
+            .await?
+            .iter()
+            .filter_map(BudgetDoc::budget)
+            .collect())
+    }
+
+    async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
+        Ok(self
+            .all_budgets()
+            .await?
+            .iter()
+            .map(|doc| doc.status(now))
+            .collect())
+    }
+
+    async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
+        let res = self
+            .budgets
+            .delete_one(doc! { "_id": id })
+            .await
+            .map_err(|e| map_err(BUDGETS, "delete a budget", e))?;
+        if res.deleted_count == 0 {
+            return Err(StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("budget {id} not found"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Records are kept for the retention's `decisions_days`, then expired by the
+/// server's TTL monitor.
+#[async_trait]
+impl RequestLog for MongoStore {
+    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let raw = Self::request_doc(record)?;
+        let filter = doc! { "request_id": record.request_id.as_str() };
+        match self
+            .requests
+            .replace_one(filter.clone(), raw.clone())
+            .upsert(true)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Two saves of a new id raced; the other inserted it, so replace it.
+            Err(e) if is_duplicate_key(&e) => self
+                .requests
+                .replace_one(filter, raw)
+                .await
+                .map(|_| ())
+                .map_err(|e| map_err(REQUESTS, "save a request", e)),
+            Err(e) => Err(map_err(REQUESTS, "save a request", e)),
+        }
+    }
+
+    async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
+        let Some(raw) = self
+            .requests
+            .find_one(doc! { "request_id": id.as_str() })
+            .await
+            .map_err(|e| map_err(REQUESTS, "read a request", e))?
+        else {
+            return Ok(None);
+        };
+        let doc: RequestDoc =
+            bson::from_document(raw).map_err(|_| malformed(REQUESTS, id.as_str()))?;
+        bson::from_document(doc.record)
+            .map(Some)
+            .map_err(|_| malformed(REQUESTS, id.as_str()))
+    }
+}
+
+#[async_trait]
+impl StateStore for MongoStore {
+    fn kind(&self) -> &'static str {
+        "mongodb"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.db
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    format!("mongodb at {} is unreachable", self.shown_url),
+                )
+                .with_source(e)
+            })
+    }
+}
+
+/// The audit trail: one document per request in `audit`, append-only, kept for the
+/// retention's `audit_days`. Recording a request id twice keeps the first record.
+#[async_trait]
+impl AuditSink for MongoStore {
+    async fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        let raw = Self::request_doc(record).map_err(|e| AuditError::Internal(e.message))?;
+        match self.audit.insert_one(raw).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Ok(()),
+            Err(e) => {
+                let err = map_err(AUDIT, "record", e);
+                Err(if err.kind == StoreErrorKind::Unavailable {
+                    AuditError::Unavailable(err.message)
+                } else {
+                    AuditError::Internal(err.message)
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+-- reserve: checks every quota window of a key and every budget of a charge and, only
+-- if all fit, counts the request and reserves the estimate in each. One script, so
+-- one round trip and atomic: either everything is charged or nothing is.
+--
+-- KEYS[1] key hash, KEYS[2] the key's provider observation hash, then per budget
+-- (ascending id, no duplicates) its ledger hash and its reservations hash.
+-- ARGV: 1 now, 2 window key prefix, 3 estimated tokens, 4 estimated cost (nano-dollars),
+-- 5 reservation id, 6-10 limits (rpm, tpm, rpd, tpd, monthly tokens; '' = none),
+-- 11-15 window starts, 16-20 window ends, 21-26 day/week/month period bounds,
+-- 27.. budget ids.
+--
+-- Returns {'ok'}, {'missing'} (no such key), {'quota', kind, retry_at} or
+-- {'budget', id, limit, spent, reserved, requested}.
+
+local KINDS = { 'rpm', 'tpm', 'rpd', 'tpd', 'mtok' }
+local COUNTS_TOKENS = { false, true, false, true, true }
+
+local doc, obs_key = KEYS[1], KEYS[2]
+local now = tonumber(ARGV[1])
+local prefix = ARGV[2]
+local tokens = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local reservation = ARGV[5]
+local bounds = {}
+for i = 1, 6 do
+  bounds[i] = tonumber(ARGV[20 + i])
+end
+
+local generation = call('HGET', doc, 'g')
+if not generation then
+  return { 'missing' }
+end
+
+-- Check the windows (QuotaWindows::check), in the domain's order.
+local windows = {}
+for i = 1, 5 do
+  local wkey = window_key(prefix, generation, KINDS[i], ARGV[10 + i])
+  local add = COUNTS_TOKENS[i] and ARGV[3] or '1'
+  windows[i] = { key = wkey, add = add, start = tonumber(ARGV[10 + i]), ['end'] = tonumber(ARGV[15 + i]) }
+  local limit = ARGV[5 + i]
+  if limit ~= '' then
+    local used = num(wkey, 'u', call('HGET', wkey, 'u') or '0')
+    if used + tonumber(add) > tonumber(limit) then
+      return { 'quota', KINDS[i], ARGV[15 + i] }
+    end
+  end
+end
+
+-- What the provider said: it overrides our view until its reset time. Rolling it
+-- to `now` is not a change (every reader rolls), so it is written back even when the
+-- charge is refused.
+local obs = hgetall(obs_key)
+if next(obs) ~= nil then
+  if obs.rrat and num(obs_key, 'rrat', obs.rrat) <= now then
+    obs.rr, obs.rrat = obs.lr, nil
+    call('HDEL', obs_key, 'rrat', 'rr')
+    if obs.rr then
+      call('HSET', obs_key, 'rr', obs.rr)
+    end
+  end
+  if obs.rtat and num(obs_key, 'rtat', obs.rtat) <= now then
+    obs.rt, obs.rtat = obs.lt, nil
+    call('HDEL', obs_key, 'rtat', 'rt')
+    if obs.rt then
+      call('HSET', obs_key, 'rt', obs.rt)
+    end
+  end
+  if obs.rr and num(obs_key, 'rr', obs.rr) == 0 and obs.rrat then
+    return { 'quota', 'rpm', obs.rrat }
+  end
+  if tokens > 0 and obs.rt and num(obs_key, 'rt', obs.rt) == 0 and obs.rtat then
+    return { 'quota', 'tpm', obs.rtat }
+  end
+end
+
+-- Check the budgets (BudgetLedger::check after roll). Unknown ids are ignored.
+local ledgers = {}
+local n_budgets = (#KEYS - 2) / 2
+for i = 1, n_budgets do
+  local l = load_ledger(KEYS[1 + 2 * i])
+  if l then
+    roll_ledger(l, now, bounds)
+    if l.hard and l.spent + l.reserved + cost > l.limit then
+      return { 'budget', ARGV[26 + i], fmt(l.limit), fmt(l.spent), fmt(l.reserved), ARGV[4] }
+    end
+    l.reservations = KEYS[2 + 2 * i]
+    ledgers[#ledgers + 1] = l
+  end
+end
+
+-- Everything fits: charge it all.
+for i = 1, 5 do
+  local w = windows[i]
+  call('HINCRBY', w.key, 'u', w.add)
+  call('HINCRBY', w.key, 's', 1)
+  -- Kept one more window length, so the next window can tell whether this one ran out.
+  call('PEXPIRE', w.key, fmt(math.max(w['end'] - now, 0) + (w['end'] - w.start) + 1000))
+end
+if next(obs) ~= nil then
+  if obs.rr then
+    call('HSET', obs_key, 'rr', fmt(math.max(num(obs_key, 'rr', obs.rr) - 1, 0)))
+  end
+  if obs.rt then
+    call('HSET', obs_key, 'rt', fmt(math.max(num(obs_key, 'rt', obs.rt) - tokens, 0)))
+  end
+end
+for _, l in ipairs(ledgers) do
+  -- Reserving an id again replaces the first reservation.
+  take_reservation(l, l.reservations, reservation)
+  call('HSET', l.reservations, reservation, ARGV[4])
+  l.reserved = l.reserved + cost
+  call('HSET', l.key, 'reserved', fmt(l.reserved))
+end
+return { 'ok' }

@@ -1,0 +1,896 @@
+//! [`RedisStore`]: every state-store port over Redis, each operation one command,
+//! pipeline or script.
+//!
+//! Round trips: `reserve`, `settle`, `release`, `record_outcome`, `observe_quota`,
+//! `quota_snapshot`, `insert_key`, `update_metadata`, `delete_key`, the budget
+//! operations and the request log take one each (after a script's first use, which
+//! loads it); `transition` takes two (read the state, then compare-and-set), more
+//! only when another instance changed the key's state in between; `list_keys` two.
+
+use std::fmt;
+use std::time::Duration;
+
+use apikeyrouter_application::ports::{
+    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore, StoreError,
+    StoreErrorKind, UsageLedger,
+};
+use apikeyrouter_application::records::AuditRecord;
+use apikeyrouter_domain::quota::QuotaDenial;
+use apikeyrouter_domain::{
+    ApiKey, Budget, BudgetError, BudgetLedger, BudgetPeriod, BudgetStatus, KeyId, KeyMetadata,
+    KeyState, KeyStats, Money, QuotaLimits, QuotaObservation, QuotaSnapshot, QuotaWindows,
+    RequestId, StateTransition, Timestamp, TransitionError, TransitionTrigger, WindowCounts,
+    WindowKind,
+};
+use async_trait::async_trait;
+use futures_util::{Stream, StreamExt, future};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Client};
+
+use super::codec::{
+    Hash, budget_fields, budget_row, cooldown_text, from_json, from_redis, invalid, key_fields,
+    key_from_hash, parse_num, state_text, stats_from_hash, to_json,
+};
+use super::keys::Names;
+use super::scripts::Scripts;
+
+/// The namespace [`crate::connect`] uses for a `redis` store configuration.
+pub const DEFAULT_NAMESPACE: &str = "apikeyrouter";
+
+/// How long a request record is kept by default: a week.
+pub const DEFAULT_REQUEST_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+/// Transitions that lose a race retry this many times before giving up.
+const MAX_TRANSITION_ATTEMPTS: usize = 16;
+
+/// Every state-store port over one Redis server, under a namespace.
+///
+/// Several processes sharing a server and a namespace share every key, window,
+/// budget and request record; every charge is one atomic script, so a hard budget is
+/// never exceeded whatever the number of instances. Cheap to share as
+/// `Arc<dyn StateStore>`: the connection is multiplexed and reconnects on its own.
+pub struct RedisStore {
+    client: Client,
+    conn: ConnectionManager,
+    names: Names,
+    scripts: Scripts,
+    /// The URL with its password masked; the only form ever printed.
+    url: String,
+    request_ttl: Duration,
+}
+
+impl RedisStore {
+    /// Connects to the server at `url` (`redis://[user:password@]host:port[/db]`) and
+    /// keeps everything under `namespace` (a prefix of every Redis key, so several
+    /// deployments or tests can share one server).
+    ///
+    /// # Errors
+    /// `Invalid` for a malformed URL or a namespace that is empty or holds `{`, `}`
+    /// or whitespace; `Unavailable` when the server cannot be reached or refuses us.
+    /// Messages name the URL with its password masked.
+    pub async fn connect(url: &str, namespace: &str) -> Result<Self, StoreError> {
+        let shown = redact_url(url);
+        let names = Names::new(namespace).ok_or_else(|| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!(
+                    "redis namespace {namespace:?} must be non-empty and hold no braces or whitespace"
+                ),
+            )
+        })?;
+        // The parse error is left out: it may quote the URL, password included.
+        let client = Client::open(url).map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("invalid redis url {shown}"),
+            )
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let unreachable = |err: redis::RedisError| {
+            StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!("cannot reach redis at {shown}: {err}"),
+            )
+            .with_source(err)
+        };
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(unreachable)?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        // EVALSHA falls back to loading on NOSCRIPT anyway (after a server restart,
+        // say); loading up front spares the first requests that detour.
+        let mut load = redis::pipe();
+        for source in Scripts::sources() {
+            load.cmd("SCRIPT").arg("LOAD").arg(*source).ignore();
+        }
+        let _: () = load
+            .query_async(&mut conn)
+            .await
+            .map_err(|err| from_redis(err, "SCRIPT LOAD"))?;
+        Ok(Self {
+            client,
+            conn,
+            names,
+            scripts: Scripts::new(),
+            url: shown,
+            request_ttl: DEFAULT_REQUEST_TTL,
+        })
+    }
+
+    /// Keeps request records for `ttl` (at least a millisecond) instead of
+    /// [`DEFAULT_REQUEST_TTL`].
+    #[must_use]
+    pub fn with_request_ttl(mut self, ttl: Duration) -> Self {
+        self.request_ttl = ttl.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The namespace every Redis key of this store starts with.
+    pub fn namespace(&self) -> &str {
+        self.names.namespace()
+    }
+
+    /// The ids of keys changed by any instance sharing this namespace, as they change:
+    /// inserted, metadata updated, transitioned or deleted (not on every counter
+    /// update). Opens a dedicated connection.
+    ///
+    /// How a facade should use it: keep its in-process view of keys (the routing
+    /// table) and, for each id received, re-read the key with `get_key` (`NotFound`
+    /// means deleted) and update the view. Redis Pub/Sub delivers at most once and
+    /// only while connected: when the stream ends (connection lost), subscribe again
+    /// and re-read every key with `list_keys`, since changes made in the gap were
+    /// not delivered.
+    ///
+    /// # Errors
+    /// `Unavailable` when the server cannot be reached.
+    pub async fn subscribe_key_events(
+        &self,
+    ) -> Result<impl Stream<Item = KeyId> + Send + 'static + use<>, StoreError> {
+        let channel = self.names.key_events();
+        let mut pubsub = self
+            .client
+            .get_async_pubsub()
+            .await
+            .map_err(|err| from_redis(err, &channel))?;
+        pubsub
+            .subscribe(&channel)
+            .await
+            .map_err(|err| from_redis(err, &channel))?;
+        Ok(pubsub
+            .into_on_message()
+            .filter_map(|msg| future::ready(msg.get_payload::<String>().ok().map(KeyId::new))))
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn key_hash(&self, id: &KeyId) -> Result<Hash, StoreError> {
+        let redis_key = self.names.key(id);
+        let hash: Hash = self
+            .conn()
+            .hgetall(&redis_key)
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        if hash.is_empty() {
+            return Err(StoreError::key_not_found(id));
+        }
+        Ok(hash)
+    }
+
+    /// KEYS for the budgets of a charge: ledger and reservations of each distinct id,
+    /// in ascending id order (the order the statuses come back in).
+    fn budget_keys(&self, ids: &[String]) -> (Vec<String>, Vec<String>) {
+        let mut ids: Vec<String> = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let keys = ids
+            .iter()
+            .flat_map(|id| [self.names.budget(id), self.names.reservations(id)])
+            .collect();
+        (ids, keys)
+    }
+
+    fn statuses_from_rows(&self, rows: &[Vec<String>]) -> Result<Vec<BudgetStatus>, StoreError> {
+        let prefix = self.names.budget_prefix();
+        let mut statuses = rows
+            .iter()
+            .map(|row| budget_row(row, &prefix).map(|(_, status)| status))
+            .collect::<Result<Vec<_>, _>>()?;
+        statuses.sort_unstable_by(|a, b| a.budget_id.cmp(&b.budget_id));
+        Ok(statuses)
+    }
+
+    async fn budget_rows(&self, now: Option<Timestamp>) -> Result<Vec<Vec<String>>, StoreError> {
+        let ids_key = self.names.budget_ids();
+        let mut invocation = self.scripts.budgets.prepare_invoke();
+        invocation
+            .key(&ids_key)
+            .arg(self.names.budget_prefix())
+            .arg(now.map(|t| t.as_millis().to_string()).unwrap_or_default());
+        for bound in period_bounds(now.unwrap_or(Timestamp::EPOCH)) {
+            invocation.arg(bound);
+        }
+        invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &ids_key))
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .field("namespace", &self.names.namespace())
+            .field("request_ttl", &self.request_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` with the password (and any query string, which may carry one) masked.
+pub(super) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            // A lone userinfo may be a password written without its colon.
+            None => format!("***@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, _query)) => format!("{path}?***"),
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+/// Day, week and month period bounds containing `now`, for the scripts' roll of
+/// budget ledgers (custom periods are computed in the script from their anchor).
+fn period_bounds(now: Timestamp) -> [String; 6] {
+    let [(ds, de), (ws, we), (ms, me)] = [
+        BudgetPeriod::Daily,
+        BudgetPeriod::Weekly,
+        BudgetPeriod::Monthly,
+    ]
+    .map(|period| period.bounds(now));
+    [ds, de, ws, we, ms, me].map(|t| t.as_millis().to_string())
+}
+
+/// The windows' short names, in [`WindowKind::ALL`] order (the scripts' `KINDS`).
+const WINDOW_NAMES: [&str; 5] = ["rpm", "tpm", "rpd", "tpd", "mtok"];
+
+fn window_kind(name: &str) -> Option<WindowKind> {
+    WINDOW_NAMES
+        .iter()
+        .position(|n| *n == name)
+        .and_then(|idx| WindowKind::ALL.get(idx).copied())
+}
+
+/// Starts of the token windows (tpm, tpd, monthly) containing `at`.
+fn token_window_starts(at: Timestamp) -> [String; 3] {
+    [
+        WindowKind::MinuteTokens,
+        WindowKind::DayTokens,
+        WindowKind::MonthTokens,
+    ]
+    .map(|kind| kind.bounds(at).0.as_millis().to_string())
+}
+
+fn limit_text(limit: Option<u64>) -> String {
+    limit.map(|l| l.to_string()).unwrap_or_default()
+}
+
+/// A charge refused or failed by the reserve script's answer.
+fn rejection(reply: &[String], charge: &Charge, redis_key: &str) -> Result<(), ChargeRejection> {
+    let parse_money = |text: &str, what: &str| {
+        parse_num(text, redis_key, what)
+            .map(Money::from_nanos)
+            .map_err(ChargeRejection::Store)
+    };
+    match reply {
+        [ok] if ok == "ok" => Ok(()),
+        [missing] if missing == "missing" => Err(ChargeRejection::Store(
+            StoreError::key_not_found(&charge.key_id),
+        )),
+        [quota, window, retry_at] if quota == "quota" => {
+            let window = window_kind(window).ok_or_else(|| {
+                ChargeRejection::Store(invalid(redis_key, format!("unknown window {window:?}")))
+            })?;
+            let retry_at = parse_num(retry_at, redis_key, "retry_at")
+                .map(Timestamp::from_millis)
+                .map_err(ChargeRejection::Store)?;
+            Err(ChargeRejection::Quota(QuotaDenial { window, retry_at }))
+        }
+        [budget, id, limit, spent, reserved, requested] if budget == "budget" => {
+            Err(ChargeRejection::Budget(BudgetError::WouldExceed {
+                id: id.clone(),
+                limit: parse_money(limit, "limit")?,
+                spent: parse_money(spent, "spent")?,
+                reserved: parse_money(reserved, "reserved")?,
+                requested: parse_money(requested, "requested")?,
+            }))
+        }
+        other => Err(ChargeRejection::Store(StoreError::new(
+            StoreErrorKind::Internal,
+            format!("unexpected answer from the reserve script for {redis_key}: {other:?}"),
+        ))),
+    }
+}
+
+fn observation_from_hash(
+    hash: &Hash,
+    redis_key: &str,
+) -> Result<Option<(QuotaObservation, Timestamp)>, StoreError> {
+    let Some(at) = hash.get("at") else {
+        return Ok(None);
+    };
+    let num = |name: &str| -> Result<Option<u64>, StoreError> {
+        hash.get(name)
+            .map(|text| parse_num(text, redis_key, name))
+            .transpose()
+    };
+    let time = |name: &str| num(name).map(|ms| ms.map(Timestamp::from_millis));
+    let observation = QuotaObservation {
+        limit_requests: num("lr")?,
+        remaining_requests: num("rr")?,
+        reset_requests_at: time("rrat")?,
+        limit_tokens: num("lt")?,
+        remaining_tokens: num("rt")?,
+        reset_tokens_at: time("rtat")?,
+    };
+    let at = Timestamp::from_millis(parse_num(at, redis_key, "at")?);
+    Ok(Some((observation, at)))
+}
+
+/// Values past `i64::MAX` do not fit Redis integers; no real count gets there.
+fn clamp_i64(n: u64) -> String {
+    n.min(i64::MAX as u64).to_string()
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        let id = &key.id;
+        let redis_key = self.names.key(id);
+        let mut invocation = self.scripts.insert_key.prepare_invoke();
+        invocation
+            .key(&redis_key)
+            .key(self.names.transitions(id))
+            .key(self.names.observation(id))
+            .key(self.names.generation(id))
+            .key(self.names.key_ids())
+            .arg(id.as_str())
+            .arg(self.names.key_events());
+        for (field, value) in key_fields(&key)? {
+            invocation.arg(field).arg(value);
+        }
+        let inserted: i64 = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        if inserted == 0 {
+            return Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("key {id} already exists"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError> {
+        let hash = self.key_hash(id).await?;
+        key_from_hash(&hash, &self.names.key(id))
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let ids_key = self.names.key_ids();
+        let mut conn = self.conn();
+        let ids: Vec<String> = conn
+            .smembers(&ids_key)
+            .await
+            .map_err(|err| from_redis(err, &ids_key))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let redis_keys: Vec<String> = ids
+            .iter()
+            .map(|id| self.names.key(&KeyId::new(id.as_str())))
+            .collect();
+        let mut pipe = redis::pipe();
+        for redis_key in &redis_keys {
+            pipe.hgetall(redis_key);
+        }
+        let hashes: Vec<Hash> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|err| from_redis(err, &ids_key))?;
+        let mut keys = Vec::with_capacity(hashes.len());
+        for (hash, redis_key) in hashes.iter().zip(&redis_keys) {
+            // Deleted between the two reads.
+            if !hash.is_empty() {
+                keys.push(key_from_hash(hash, redis_key)?);
+            }
+        }
+        keys.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(keys)
+    }
+
+    async fn update_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<ApiKey, StoreError> {
+        let redis_key = self.names.key(id);
+        let hash: Option<Hash> = self
+            .scripts
+            .update_metadata
+            .key(&redis_key)
+            .arg(to_json(&metadata, "key metadata")?)
+            .arg(self.names.key_events())
+            .arg(id.as_str())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        let hash = hash.ok_or_else(|| StoreError::key_not_found(id))?;
+        key_from_hash(&hash, &redis_key)
+    }
+
+    async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
+        let redis_key = self.names.key(id);
+        let deleted: i64 = self
+            .scripts
+            .delete_key
+            .key(&redis_key)
+            .key(self.names.transitions(id))
+            .key(self.names.observation(id))
+            .key(self.names.key_ids())
+            .arg(id.as_str())
+            .arg(self.names.key_events())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        if deleted == 0 {
+            return Err(StoreError::key_not_found(id));
+        }
+        Ok(())
+    }
+
+    async fn transition(
+        &self,
+        id: &KeyId,
+        to: KeyState,
+        trigger: TransitionTrigger,
+        reason: String,
+        cooldown_until: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<StateTransition, StoreError> {
+        let redis_key = self.names.key(id);
+        for _ in 0..MAX_TRANSITION_ATTEMPTS {
+            let hash = self.key_hash(id).await?;
+            let from = key_from_hash(&hash, &redis_key)?.state;
+            // The domain's state machine decides; the script only makes sure the key
+            // is still in `from` when the change is written.
+            if !from.can_transition_to(to) {
+                let err = TransitionError {
+                    key_id: id.clone(),
+                    from,
+                    to,
+                };
+                return Err(StoreError::new(StoreErrorKind::Invalid, err.to_string()));
+            }
+            let record = StateTransition {
+                key_id: id.clone(),
+                from,
+                to,
+                trigger,
+                reason: reason.clone(),
+                at: now,
+            };
+            let reply: Vec<String> = self
+                .scripts
+                .transition
+                .key(&redis_key)
+                .key(self.names.transitions(id))
+                .arg(state_text(from))
+                .arg(state_text(to))
+                .arg(&reason)
+                .arg(cooldown_text(cooldown_until))
+                .arg(to_json(&record, "state transition")?)
+                .arg(self.names.key_events())
+                .arg(id.as_str())
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|err| from_redis(err, &redis_key))?;
+            match reply.first().map(String::as_str) {
+                Some("ok") => return Ok(record),
+                Some("missing") => return Err(StoreError::key_not_found(id)),
+                // Another instance moved the key first: decide again from its new state.
+                _ => continue,
+            }
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Unavailable,
+            format!(
+                "key {id} kept changing state; transition to {} not applied",
+                to.as_str()
+            ),
+        ))
+    }
+
+    async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
+        let redis_key = self.names.key(id);
+        let list_key = self.names.transitions(id);
+        let (exists, items): (bool, Vec<String>) = redis::pipe()
+            .exists(&redis_key)
+            .lrange(&list_key, 0, -1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &list_key))?;
+        if !exists {
+            return Err(StoreError::key_not_found(id));
+        }
+        items
+            .iter()
+            .map(|item| from_json(item, &list_key))
+            .collect()
+    }
+
+    async fn record_outcome(
+        &self,
+        id: &KeyId,
+        outcome: KeyOutcome,
+    ) -> Result<KeyStats, StoreError> {
+        let redis_key = self.names.key(id);
+        // The same f64 the domain's KeyStats::record computes, printed so that it reads
+        // back exactly.
+        let latency_ms = outcome.latency.as_secs_f64() * 1000.0;
+        let hash: Option<Hash> = self
+            .scripts
+            .record_outcome
+            .key(&redis_key)
+            .arg(if outcome.success { "1" } else { "0" })
+            .arg(if outcome.rate_limited { "1" } else { "0" })
+            .arg(format!("{latency_ms:?}"))
+            .arg(clamp_i64(outcome.usage.prompt_tokens))
+            .arg(clamp_i64(outcome.usage.completion_tokens))
+            .arg(clamp_i64(outcome.cost.as_nanos()))
+            .arg(outcome.now.as_millis().to_string())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        let hash = hash.ok_or_else(|| StoreError::key_not_found(id))?;
+        stats_from_hash(&hash, &redis_key)
+    }
+}
+
+/// Unknown budget ids in a [`Charge`] are ignored (the budget was deleted or never
+/// existed). `settle` and `release` on a key deleted since `reserve` still settle
+/// and release its budgets. Token estimates are reconciled in the windows of the
+/// charge's instant, where they were counted.
+#[async_trait]
+impl UsageLedger for RedisStore {
+    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        let id = &charge.key_id;
+        let redis_key = self.names.key(id);
+        let (budget_ids, budget_keys) = self.budget_keys(&charge.budget_ids);
+        let windows = WindowKind::ALL.map(|kind| kind.bounds(charge.now));
+
+        let mut invocation = self.scripts.reserve.prepare_invoke();
+        invocation.key(&redis_key).key(self.names.observation(id));
+        for key in &budget_keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(charge.now.as_millis().to_string())
+            .arg(self.names.window_prefix(id))
+            .arg(clamp_i64(charge.est_tokens))
+            .arg(clamp_i64(charge.est_cost.as_nanos()))
+            .arg(charge.reservation.0.to_string());
+        for kind in WindowKind::ALL {
+            invocation.arg(limit_text(charge.limits.limit(kind)));
+        }
+        for (start, _) in windows {
+            invocation.arg(start.as_millis().to_string());
+        }
+        for (_, end) in windows {
+            invocation.arg(end.as_millis().to_string());
+        }
+        for bound in period_bounds(charge.now) {
+            invocation.arg(bound);
+        }
+        for budget_id in &budget_ids {
+            invocation.arg(budget_id);
+        }
+        let reply: Vec<String> = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        rejection(&reply, charge, &redis_key)
+    }
+
+    async fn settle(
+        &self,
+        charge: &Charge,
+        actual_tokens: u64,
+        actual_cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        let id = &charge.key_id;
+        let redis_key = self.names.key(id);
+        let (budget_ids, budget_keys) = self.budget_keys(&charge.budget_ids);
+
+        let mut invocation = self.scripts.settle.prepare_invoke();
+        invocation.key(&redis_key);
+        for key in &budget_keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(now.as_millis().to_string())
+            .arg(self.names.window_prefix(id))
+            .arg(clamp_i64(charge.est_tokens))
+            .arg(clamp_i64(actual_tokens));
+        for start in token_window_starts(charge.now) {
+            invocation.arg(start);
+        }
+        invocation
+            .arg(clamp_i64(actual_cost.as_nanos()))
+            .arg(charge.reservation.0.to_string());
+        for bound in period_bounds(now) {
+            invocation.arg(bound);
+        }
+        for budget_id in &budget_ids {
+            invocation.arg(budget_id);
+        }
+        let rows: Vec<Vec<String>> = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        self.statuses_from_rows(&rows)
+    }
+
+    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
+        let id = &charge.key_id;
+        let redis_key = self.names.key(id);
+        let (_, budget_keys) = self.budget_keys(&charge.budget_ids);
+
+        let mut invocation = self.scripts.release.prepare_invoke();
+        invocation.key(&redis_key);
+        for key in &budget_keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(self.names.window_prefix(id))
+            .arg(clamp_i64(charge.est_tokens));
+        for start in token_window_starts(charge.now) {
+            invocation.arg(start);
+        }
+        invocation.arg(charge.reservation.0.to_string());
+        let _: i64 = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        Ok(())
+    }
+
+    async fn observe_quota(
+        &self,
+        id: &KeyId,
+        observation: QuotaObservation,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let redis_key = self.names.key(id);
+        let mut invocation = self.scripts.observe_quota.prepare_invoke();
+        invocation
+            .key(&redis_key)
+            .key(self.names.observation(id))
+            .arg(now.as_millis().to_string());
+        let fields = [
+            ("lr", observation.limit_requests),
+            ("rr", observation.remaining_requests),
+            (
+                "rrat",
+                observation.reset_requests_at.map(Timestamp::as_millis),
+            ),
+            ("lt", observation.limit_tokens),
+            ("rt", observation.remaining_tokens),
+            (
+                "rtat",
+                observation.reset_tokens_at.map(Timestamp::as_millis),
+            ),
+        ];
+        for (field, value) in fields {
+            if let Some(value) = value {
+                invocation.arg(field).arg(clamp_i64(value));
+            }
+        }
+        let observed: i64 = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        if observed == 0 {
+            return Err(StoreError::key_not_found(id));
+        }
+        Ok(())
+    }
+
+    async fn quota_snapshot(
+        &self,
+        id: &KeyId,
+        limits: &QuotaLimits,
+        now: Timestamp,
+    ) -> Result<QuotaSnapshot, StoreError> {
+        let redis_key = self.names.key(id);
+        let observation_key = self.names.observation(id);
+        let mut invocation = self.scripts.quota_read.prepare_invoke();
+        invocation
+            .key(&redis_key)
+            .key(&observation_key)
+            .arg(self.names.window_prefix(id));
+        let starts = WindowKind::ALL.map(|kind| kind.bounds(now).0);
+        for start in starts {
+            invocation.arg(start.as_millis().to_string());
+        }
+        for (kind, start) in WindowKind::ALL.into_iter().zip(starts) {
+            let before = Timestamp::from_millis(start.as_millis().saturating_sub(1));
+            invocation.arg(kind.bounds(before).0.as_millis().to_string());
+        }
+        let (status, counts, observation): (String, Vec<String>, Vec<String>) = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        if status == "missing" {
+            return Err(StoreError::key_not_found(id));
+        }
+        let counts: Vec<u64> = counts
+            .iter()
+            .map(|text| parse_num(text, &redis_key, "window counter"))
+            .collect::<Result<_, _>>()?;
+        if counts.len() != 3 * WindowKind::ALL.len() {
+            return Err(invalid(&redis_key, "incomplete window counters"));
+        }
+        let observation: Hash = observation
+            .chunks_exact(2)
+            .filter_map(|pair| match pair {
+                [field, value] => Some((field.clone(), value.clone())),
+                _ => None,
+            })
+            .collect();
+        let observation = observation_from_hash(&observation, &observation_key)?;
+        let window_counts = |kind: WindowKind| {
+            let idx = WindowKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+            let at = |offset: usize| counts.get(3 * idx + offset).copied().unwrap_or(0);
+            WindowCounts {
+                used: at(0),
+                samples: at(1),
+                previous_exhausted: limits.limit(kind).is_some_and(|limit| at(2) >= limit),
+            }
+        };
+        Ok(QuotaWindows::from_counts(now, window_counts, observation).snapshot(limits, now))
+    }
+}
+
+/// Replacing a budget with `put_budget` drops its outstanding reservations; settling
+/// them later still charges the actual cost.
+#[async_trait]
+impl BudgetStore for RedisStore {
+    async fn put_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let ledger_key = self.names.budget(&budget.id);
+        let fields = budget_fields(&budget, spent, now)?;
+        let _: () = redis::pipe()
+            .atomic()
+            .del(&ledger_key)
+            .ignore()
+            .del(self.names.reservations(&budget.id))
+            .ignore()
+            .hset_multiple(&ledger_key, &fields)
+            .ignore()
+            .sadd(self.names.budget_ids(), &budget.id)
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &ledger_key))?;
+        Ok(BudgetLedger::new(budget, now).with_spent(spent).status())
+    }
+
+    async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
+        let prefix = self.names.budget_prefix();
+        let mut budgets = self
+            .budget_rows(None)
+            .await?
+            .iter()
+            .map(|row| budget_row(row, &prefix).map(|(budget, _)| budget))
+            .collect::<Result<Vec<_>, _>>()?;
+        budgets.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(budgets)
+    }
+
+    async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
+        let rows = self.budget_rows(Some(now)).await?;
+        self.statuses_from_rows(&rows)
+    }
+
+    async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
+        let ids_key = self.names.budget_ids();
+        let (removed,): (i64,) = redis::pipe()
+            .atomic()
+            .srem(&ids_key, id)
+            .del(self.names.budget(id))
+            .ignore()
+            .del(self.names.reservations(id))
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &ids_key))?;
+        if removed == 0 {
+            return Err(StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("budget {id} not found"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Keeps each record for the store's request TTL ([`DEFAULT_REQUEST_TTL`] unless set
+/// with [`RedisStore::with_request_ttl`]); saving an id again replaces its record.
+#[async_trait]
+impl RequestLog for RedisStore {
+    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let redis_key = self.names.request(&record.request_id);
+        let json = to_json(record, "request record")?;
+        let ttl_ms = u64::try_from(self.request_ttl.as_millis()).unwrap_or(u64::MAX);
+        let _: () = redis::cmd("SET")
+            .arg(&redis_key)
+            .arg(json)
+            .arg("PX")
+            .arg(clamp_i64(ttl_ms))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        Ok(())
+    }
+
+    async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
+        let redis_key = self.names.request(id);
+        let json: Option<String> = self
+            .conn()
+            .get(&redis_key)
+            .await
+            .map_err(|err| from_redis(err, &redis_key))?;
+        json.map(|json| from_json(&json, &redis_key)).transpose()
+    }
+}
+
+#[async_trait]
+impl StateStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    /// `PING`.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, "PING"))?;
+        Ok(())
+    }
+}

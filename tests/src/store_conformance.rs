@@ -1,0 +1,1051 @@
+//! One conformance suite every state store passes: each case is written once, as an
+//! async function of an `Arc<dyn StateStore>`, and [`conformance_suite!`] turns the
+//! whole list into `#[tokio::test]`s for one backend.
+//!
+//! Backends: `memory`, and `redis` against the server at `REDIS_URL` (default
+//! `redis://127.0.0.1:6379`), each test in a fresh namespace. The Redis tests never
+//! skip: without a server they fail, saying to run `cargo xtask services up`.
+//! Adding a backend is one line:
+//!
+//! ```ignore
+//! conformance_suite!(mongodb, || async { Arc::new(connect_mongo().await) as Arc<dyn StateStore> });
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use apikeyrouter_adapters_stores::cipher::MasterKeys;
+use apikeyrouter_adapters_stores::mongodb::Retention;
+use apikeyrouter_adapters_stores::{AeadCipher, MemoryStore, MongoStore, RedisStore};
+use apikeyrouter_application::ports::StateStore;
+
+/// Generates one `#[tokio::test]` per conformance case for a backend. `$make` is a
+/// closure returning a future of a fresh, empty `Arc<dyn StateStore>`.
+macro_rules! conformance_suite {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            async fn fresh() -> Arc<dyn StateStore> {
+                ($make)().await
+            }
+
+            conformance_suite!(@cases
+                store_reports_its_kind_and_answers_ping,
+                key_crud_round_trips_and_reports_conflict_and_not_found,
+                forbidden_transition_is_invalid_and_changes_nothing,
+                transitions_persist_in_order,
+                record_outcome_accumulates_counters,
+                unknown_key_is_not_found_and_unknown_budgets_are_ignored,
+                budget_refusal_leaves_the_key_windows_unchanged,
+                quota_refusal_reserves_nothing_in_budgets,
+                rpm_window_refuses_until_the_next_minute_then_rolls_over,
+                tpm_estimate_is_reconciled_to_the_actual_tokens,
+                settle_returns_statuses_with_spent_equal_to_actual,
+                release_returns_the_money_but_counts_the_request,
+                reserving_an_id_again_replaces_the_reservation,
+                soft_budget_allows_overrun_and_flags_it,
+                budget_period_rolls_over_and_keeps_reservations,
+                custom_budget_period_rolls_over,
+                budgets_are_listed_replaced_and_deleted,
+                observed_quota_blocks_until_its_reset,
+                quota_snapshot_reports_capacity_and_prediction,
+                request_log_round_trips,
+            );
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_charges_never_overspend_a_hard_budget() {
+                cases::concurrent_charges_never_overspend_a_hard_budget(fresh().await).await;
+            }
+        }
+    };
+    (@cases $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                cases::$case(fresh().await).await;
+            }
+        )*
+    };
+}
+
+conformance_suite!(memory, || async {
+    Arc::new(MemoryStore::new()) as Arc<dyn StateStore>
+});
+
+conformance_suite!(redis, || async {
+    Arc::new(redis_store().await) as Arc<dyn StateStore>
+});
+
+conformance_suite!(mongodb, || async {
+    Arc::new(mongo_store().await) as Arc<dyn StateStore>
+});
+
+/// A MongoDB store in a database no other test uses; fails (never skips) without a
+/// server.
+async fn mongo_store() -> MongoStore {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let url =
+        std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".to_owned());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let database = format!(
+        "conformance_{}_{nanos}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    // A fixed test master key: 32 bytes, base64.
+    let keys = MasterKeys::parse("test:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "test")
+        .expect("test master key");
+    MongoStore::connect(&url, &database, Arc::new(AeadCipher::new(keys)), Retention::default())
+        .await
+        .unwrap_or_else(|e| panic!("MongoDB-compatible server unreachable at {url}: {e}; run `cargo xtask services up` (or set MONGODB_URL)"))
+}
+
+/// A Redis store in a namespace no other test uses; fails (never skips) without a
+/// server.
+async fn redis_store() -> RedisStore {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let namespace = format!(
+        "conformance-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    match RedisStore::connect(&url, &namespace).await {
+        Ok(store) => store,
+        Err(err) => panic!(
+            "the redis conformance tests need a redis server at {url} ({err}); \
+             run `cargo xtask services up` (or set REDIS_URL)"
+        ),
+    }
+}
+
+/// The cases, each a function of a fresh, empty store.
+mod cases {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use apikeyrouter_application::ports::{
+        Charge, ChargeRejection, KeyOutcome, StateStore, StoreErrorKind,
+    };
+    use apikeyrouter_application::records::{AuditRecord, Outcome};
+    use apikeyrouter_domain::{
+        ApiKey, Budget, BudgetError, BudgetPeriod, BudgetScope, CapacityState, Enforcement, KeyId,
+        KeyMaterial, KeyMetadata, KeyState, ModelId, Money, ProviderId, QuotaLimits,
+        QuotaObservation, QuotaSnapshot, RequestId, ReservationId, Timestamp, TokenUsage,
+        TransitionTrigger, Uncertainty, WindowKind,
+    };
+
+    type Store = Arc<dyn StateStore>;
+
+    /// A minute boundary (2026-11-27T10:30:00Z).
+    const NOW: Timestamp = Timestamp::from_millis(1_795_775_400_000);
+
+    fn key(id: &str, rpm: Option<u64>) -> ApiKey {
+        ApiKey::new(
+            KeyId::new(id),
+            ProviderId::new("openai"),
+            KeyMaterial::parse("sk-test-0000000000").unwrap(),
+            KeyMetadata {
+                rpm,
+                ..Default::default()
+            },
+            NOW,
+        )
+    }
+
+    fn budget(id: &str, limit_usd: f64, period: BudgetPeriod, enforcement: Enforcement) -> Budget {
+        Budget::new(id, BudgetScope::Global, limit_usd, period, enforcement).unwrap()
+    }
+
+    fn hard_budget(id: &str, limit_usd: f64) -> Budget {
+        budget(id, limit_usd, BudgetPeriod::Daily, Enforcement::Hard)
+    }
+
+    fn charge(reservation: u64, key_id: &str, rpm: Option<u64>, est_usd: f64) -> Charge {
+        Charge {
+            reservation: ReservationId(reservation),
+            key_id: KeyId::new(key_id),
+            limits: QuotaLimits {
+                rpm,
+                ..QuotaLimits::default()
+            },
+            est_tokens: 100,
+            est_cost: Money::from_usd(est_usd),
+            budget_ids: vec!["b".to_owned()],
+            now: NOW,
+        }
+    }
+
+    fn used(snapshot: &QuotaSnapshot, kind: WindowKind) -> u64 {
+        snapshot
+            .windows
+            .iter()
+            .find(|w| w.kind == kind)
+            .map(|w| w.used)
+            .unwrap()
+    }
+
+    async fn window_used(store: &Store, id: &str, limits: QuotaLimits, kind: WindowKind) -> u64 {
+        let snapshot = store
+            .quota_snapshot(&KeyId::new(id), &limits, NOW)
+            .await
+            .unwrap();
+        used(&snapshot, kind)
+    }
+
+    fn record(id: &str) -> AuditRecord {
+        AuditRecord {
+            request_id: RequestId::new(id),
+            correlation_id: None,
+            tenant: None,
+            tags: BTreeMap::new(),
+            requested_model: ModelId::new("gpt-4o"),
+            key_id: Some(KeyId::new("k1")),
+            provider: Some(ProviderId::new("openai")),
+            model: Some(ModelId::new("gpt-4o")),
+            decision: None,
+            attempts: Vec::new(),
+            usage: TokenUsage {
+                prompt_tokens: 12,
+                completion_tokens: 30,
+                cached_tokens: 0,
+            },
+            estimated_cost: Some(Money::from_usd(0.002)),
+            actual_cost: Some(Money::from_usd(0.0015)),
+            outcome: Outcome::Success,
+            started_at: NOW,
+            finished_at: NOW.plus(Duration::from_millis(420)),
+        }
+    }
+
+    pub(super) async fn store_reports_its_kind_and_answers_ping(store: Store) {
+        assert!(["memory", "redis", "mongodb"].contains(&store.kind()));
+        store.ping().await.unwrap();
+    }
+
+    pub(super) async fn key_crud_round_trips_and_reports_conflict_and_not_found(store: Store) {
+        store.insert_key(key("k2", None)).await.unwrap();
+        let mut k1 = key("k1", Some(10));
+        k1.metadata.tenant = Some("customer-a".into());
+        k1.metadata
+            .tags
+            .insert("feature".to_owned(), "chatbot".to_owned());
+        store.insert_key(k1.clone()).await.unwrap();
+
+        let err = store.insert_key(key("k1", None)).await.unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Conflict);
+        assert_eq!(err.message, "key k1 already exists");
+
+        let got = store.get_key(&KeyId::new("k1")).await.unwrap();
+        assert_eq!(got.id, k1.id);
+        assert_eq!(got.provider, k1.provider);
+        assert_eq!(got.material, k1.material);
+        assert_eq!(got.metadata, k1.metadata);
+        assert_eq!(got.state, KeyState::Available);
+        assert_eq!(got.state_reason, k1.state_reason);
+        assert_eq!(got.cooldown_until, None);
+        assert_eq!(got.stats, k1.stats);
+        assert_eq!(got.created_at, NOW);
+        let ids: Vec<String> = store
+            .list_keys()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.id.to_string())
+            .collect();
+        assert_eq!(ids, ["k1", "k2"]);
+
+        let updated = store
+            .update_metadata(
+                &KeyId::new("k1"),
+                KeyMetadata {
+                    rpm: Some(20),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(updated.metadata.rpm, Some(20));
+        assert_eq!(updated.metadata.tenant, None);
+        assert_eq!(
+            store.get_key(&KeyId::new("k1")).await.unwrap().metadata.rpm,
+            Some(20)
+        );
+
+        let missing = KeyId::new("k1");
+        store.delete_key(&missing).await.unwrap();
+        assert_eq!(
+            store.get_key(&missing).await.unwrap_err().kind,
+            StoreErrorKind::NotFound
+        );
+        assert_eq!(
+            store.delete_key(&missing).await.unwrap_err().kind,
+            StoreErrorKind::NotFound
+        );
+        assert_eq!(
+            store.transitions(&missing).await.unwrap_err().kind,
+            StoreErrorKind::NotFound
+        );
+        assert_eq!(
+            store
+                .update_metadata(&missing, KeyMetadata::default())
+                .await
+                .unwrap_err()
+                .kind,
+            StoreErrorKind::NotFound
+        );
+        let outcome = KeyOutcome {
+            success: true,
+            rate_limited: false,
+            latency: Duration::from_millis(1),
+            usage: TokenUsage::default(),
+            cost: Money::ZERO,
+            now: NOW,
+        };
+        assert_eq!(
+            store
+                .record_outcome(&missing, outcome)
+                .await
+                .unwrap_err()
+                .kind,
+            StoreErrorKind::NotFound
+        );
+        let transition = store
+            .transition(
+                &missing,
+                KeyState::Disabled,
+                TransitionTrigger::Manual,
+                "off".to_owned(),
+                None,
+                NOW,
+            )
+            .await;
+        assert_eq!(transition.unwrap_err().kind, StoreErrorKind::NotFound);
+        assert_eq!(store.list_keys().await.unwrap().len(), 1);
+
+        // The id is free again, with fresh transitions.
+        store.insert_key(key("k1", None)).await.unwrap();
+        assert!(store.transitions(&missing).await.unwrap().is_empty());
+    }
+
+    pub(super) async fn forbidden_transition_is_invalid_and_changes_nothing(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let id = KeyId::new("k1");
+
+        let err = store
+            .transition(
+                &id,
+                KeyState::Recovering,
+                TransitionTrigger::QuotaReset,
+                "reset".to_owned(),
+                None,
+                NOW,
+            )
+            .await
+            .unwrap_err();
+
+        assert_eq!(err.kind, StoreErrorKind::Invalid);
+        assert_eq!(err.message, "key k1 cannot go from available to recovering");
+        let after = store.get_key(&id).await.unwrap();
+        assert_eq!(after.state, KeyState::Available);
+        assert_eq!(after.state_reason, "registered");
+        assert!(store.transitions(&id).await.unwrap().is_empty());
+    }
+
+    pub(super) async fn transitions_persist_in_order(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let id = KeyId::new("k1");
+        let cooldown = NOW.plus(Duration::from_secs(30));
+
+        let first = store
+            .transition(
+                &id,
+                KeyState::Throttled,
+                TransitionTrigger::RateLimited,
+                "429 from provider".to_owned(),
+                Some(cooldown),
+                NOW,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (first.from, first.to, first.at),
+            (KeyState::Available, KeyState::Throttled, NOW)
+        );
+        let throttled = store.get_key(&id).await.unwrap();
+        assert_eq!(throttled.state, KeyState::Throttled);
+        assert_eq!(throttled.cooldown_until, Some(cooldown));
+        assert_eq!(throttled.state_reason, "429 from provider");
+
+        for (to, trigger) in [
+            (KeyState::Available, TransitionTrigger::CooldownElapsed),
+            (KeyState::Exhausted, TransitionTrigger::QuotaExhausted),
+            (KeyState::Recovering, TransitionTrigger::QuotaReset),
+            (KeyState::Disabled, TransitionTrigger::Manual),
+        ] {
+            store
+                .transition(&id, to, trigger, "next".to_owned(), None, cooldown)
+                .await
+                .unwrap();
+        }
+
+        let recorded = store.transitions(&id).await.unwrap();
+        let path: Vec<(KeyState, KeyState)> = recorded.iter().map(|t| (t.from, t.to)).collect();
+        assert_eq!(
+            path,
+            [
+                (KeyState::Available, KeyState::Throttled),
+                (KeyState::Throttled, KeyState::Available),
+                (KeyState::Available, KeyState::Exhausted),
+                (KeyState::Exhausted, KeyState::Recovering),
+                (KeyState::Recovering, KeyState::Disabled),
+            ]
+        );
+        assert_eq!(recorded[0], first);
+        assert_eq!(recorded[4].trigger, TransitionTrigger::Manual);
+        assert_eq!(recorded[4].key_id, id);
+        let disabled = store.get_key(&id).await.unwrap();
+        assert_eq!(disabled.state, KeyState::Disabled);
+        assert_eq!(disabled.cooldown_until, None);
+    }
+
+    pub(super) async fn record_outcome_accumulates_counters(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let id = KeyId::new("k1");
+        let rate_limited = KeyOutcome {
+            success: false,
+            rate_limited: true,
+            latency: Duration::from_millis(50),
+            usage: TokenUsage::default(),
+            cost: Money::ZERO,
+            now: NOW,
+        };
+        store.record_outcome(&id, rate_limited).await.unwrap();
+        let stats = store.record_outcome(&id, rate_limited).await.unwrap();
+        assert_eq!(
+            (
+                stats.failures,
+                stats.consecutive_failures,
+                stats.throttle_streak
+            ),
+            (2, 2, 2)
+        );
+
+        let success = |latency_ms: u64, at: Timestamp| KeyOutcome {
+            success: true,
+            rate_limited: false,
+            latency: Duration::from_millis(latency_ms),
+            usage: TokenUsage {
+                prompt_tokens: 30,
+                completion_tokens: 12,
+                cached_tokens: 0,
+            },
+            cost: Money::from_usd(0.002),
+            now: at,
+        };
+        store.record_outcome(&id, success(200, NOW)).await.unwrap();
+        let later = NOW.plus(Duration::from_secs(5));
+        let stats = store
+            .record_outcome(&id, success(137, later))
+            .await
+            .unwrap();
+
+        // The domain's arithmetic is the reference, to the last bit of the averages.
+        let mut expected = apikeyrouter_domain::KeyStats::new();
+        expected.record(false, Duration::from_millis(50), NOW);
+        expected.record(false, Duration::from_millis(50), NOW);
+        expected.record(true, Duration::from_millis(200), NOW);
+        expected.record(true, Duration::from_millis(137), later);
+        expected.prompt_tokens = 60;
+        expected.completion_tokens = 24;
+        expected.cost = Money::from_usd(0.004);
+        assert_eq!(stats, expected);
+        assert_eq!(
+            (stats.requests, stats.successes, stats.throttle_streak),
+            (4, 2, 0)
+        );
+        assert_eq!(stats.last_used, Some(later));
+        assert_eq!(store.get_key(&id).await.unwrap().stats, stats);
+    }
+
+    pub(super) async fn unknown_key_is_not_found_and_unknown_budgets_are_ignored(store: Store) {
+        let Err(ChargeRejection::Store(err)) = store.reserve(&charge(0, "nope", None, 0.01)).await
+        else {
+            panic!("a charge for an unknown key must fail with a store error");
+        };
+        assert_eq!(err.kind, StoreErrorKind::NotFound);
+
+        store.insert_key(key("k1", None)).await.unwrap();
+        // Budget "b" does not exist: nothing limits the charge and settling reports nothing.
+        let c = charge(1, "k1", None, 1_000.0);
+        store.reserve(&c).await.unwrap();
+        let statuses = store.settle(&c, 10, Money::from_usd(1_000.0), NOW).await;
+        assert!(statuses.unwrap().is_empty());
+        store.release(&c).await.unwrap();
+    }
+
+    pub(super) async fn budget_refusal_leaves_the_key_windows_unchanged(store: Store) {
+        store.insert_key(key("k1", Some(2))).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.995), NOW)
+            .await
+            .unwrap();
+        let limits = QuotaLimits {
+            rpm: Some(2),
+            tpm: Some(1_000),
+            ..QuotaLimits::default()
+        };
+
+        let mut c = charge(0, "k1", Some(2), 0.01);
+        c.limits = limits;
+        let Err(ChargeRejection::Budget(err)) = store.reserve(&c).await else {
+            panic!("a hard budget without room must refuse the charge");
+        };
+        assert_eq!(
+            err,
+            BudgetError::WouldExceed {
+                id: "b".to_owned(),
+                limit: Money::from_usd(1.0),
+                spent: Money::from_usd(0.995),
+                reserved: Money::ZERO,
+                requested: Money::from_usd(0.01),
+            }
+        );
+
+        assert_eq!(
+            window_used(&store, "k1", limits, WindowKind::MinuteRequests).await,
+            0
+        );
+        assert_eq!(
+            window_used(&store, "k1", limits, WindowKind::MinuteTokens).await,
+            0
+        );
+        assert_eq!(
+            store.budget_statuses(NOW).await.unwrap()[0].reserved,
+            Money::ZERO
+        );
+        // Exactly rpm free charges still fit.
+        let mut free = c.clone();
+        free.budget_ids.clear();
+        for reservation in 1..=2 {
+            free.reservation = ReservationId(reservation);
+            store.reserve(&free).await.unwrap();
+        }
+        free.reservation = ReservationId(3);
+        assert!(matches!(
+            store.reserve(&free).await,
+            Err(ChargeRejection::Quota(_))
+        ));
+    }
+
+    pub(super) async fn quota_refusal_reserves_nothing_in_budgets(store: Store) {
+        store.insert_key(key("k1", Some(1))).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        store
+            .put_budget(hard_budget("a", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        let mut first = charge(0, "k1", Some(1), 0.1);
+        first.budget_ids = vec!["a".to_owned(), "b".to_owned()];
+        store.reserve(&first).await.unwrap();
+
+        let mut second = first.clone();
+        second.reservation = ReservationId(1);
+        let res = store.reserve(&second).await;
+
+        assert!(matches!(res, Err(ChargeRejection::Quota(_))));
+        for status in store.budget_statuses(NOW).await.unwrap() {
+            assert_eq!(
+                status.reserved,
+                Money::from_usd(0.1),
+                "{}",
+                status.budget_id
+            );
+        }
+    }
+
+    pub(super) async fn rpm_window_refuses_until_the_next_minute_then_rolls_over(store: Store) {
+        store.insert_key(key("k1", Some(3))).await.unwrap();
+        // Spread over the minute: the window is the calendar minute, not a sliding one.
+        for reservation in 0..3 {
+            let mut c = charge(reservation, "k1", Some(3), 0.0);
+            c.now = NOW.plus(Duration::from_secs(reservation * 20));
+            store.reserve(&c).await.unwrap();
+        }
+        let mut fourth = charge(3, "k1", Some(3), 0.0);
+        fourth.now = NOW.plus(Duration::from_secs(59));
+        let Err(ChargeRejection::Quota(denial)) = store.reserve(&fourth).await else {
+            panic!("the fourth request in a minute must be refused by the rpm window");
+        };
+
+        assert_eq!(denial.window, WindowKind::MinuteRequests);
+        assert_eq!(denial.retry_at, NOW.plus(Duration::from_secs(60)));
+        let mut next_minute = charge(4, "k1", Some(3), 0.0);
+        next_minute.now = denial.retry_at;
+        for reservation in 4..7 {
+            next_minute.reservation = ReservationId(reservation);
+            store.reserve(&next_minute).await.unwrap();
+        }
+        next_minute.reservation = ReservationId(7);
+        assert!(matches!(
+            store.reserve(&next_minute).await,
+            Err(ChargeRejection::Quota(_))
+        ));
+    }
+
+    pub(super) async fn tpm_estimate_is_reconciled_to_the_actual_tokens(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let limits = QuotaLimits {
+            tpm: Some(1_000),
+            ..QuotaLimits::default()
+        };
+        let mut big = charge(0, "k1", None, 0.0);
+        big.limits = limits;
+        big.est_tokens = 900;
+        big.budget_ids.clear();
+        store.reserve(&big).await.unwrap();
+
+        let mut next = big.clone();
+        next.reservation = ReservationId(1);
+        next.est_tokens = 200;
+        let Err(ChargeRejection::Quota(denial)) = store.reserve(&next).await else {
+            panic!("900 + 200 tokens must not fit a tpm of 1000");
+        };
+        assert_eq!(denial.window, WindowKind::MinuteTokens);
+        assert_eq!(denial.retry_at, NOW.plus(Duration::from_secs(60)));
+
+        store.settle(&big, 100, Money::ZERO, NOW).await.unwrap();
+        assert_eq!(
+            window_used(&store, "k1", limits, WindowKind::MinuteTokens).await,
+            100
+        );
+        store.reserve(&next).await.unwrap();
+        assert_eq!(
+            window_used(&store, "k1", limits, WindowKind::MinuteTokens).await,
+            300
+        );
+    }
+
+    pub(super) async fn settle_returns_statuses_with_spent_equal_to_actual(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        store
+            .put_budget(
+                budget("a", 5.0, BudgetPeriod::Monthly, Enforcement::Soft),
+                Money::ZERO,
+                NOW,
+            )
+            .await
+            .unwrap();
+        let mut c = charge(7, "k1", None, 0.05);
+        c.budget_ids = vec!["b".to_owned(), "a".to_owned(), "b".to_owned()];
+        store.reserve(&c).await.unwrap();
+        let reserved = store.budget_statuses(NOW).await.unwrap();
+        assert!(reserved.iter().all(|s| s.reserved == Money::from_usd(0.05)));
+
+        let statuses = store
+            .settle(&c, 100, Money::from_usd(0.03), NOW)
+            .await
+            .unwrap();
+
+        let ids: Vec<&str> = statuses.iter().map(|s| s.budget_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        for status in &statuses {
+            assert_eq!(status.spent, Money::from_usd(0.03));
+            assert_eq!(status.reserved, Money::ZERO);
+            assert_eq!(
+                status.remaining,
+                status.limit.saturating_sub(Money::from_usd(0.03))
+            );
+            assert!(!status.over_limit);
+        }
+        assert_eq!(statuses[0].enforcement, Enforcement::Soft);
+        assert_eq!(statuses[0].period_end, NOW.start_of_next_month());
+        assert_eq!(
+            statuses[1].period_end,
+            NOW.start_of_day().plus(Duration::from_secs(86_400))
+        );
+        assert_eq!(store.budget_statuses(NOW).await.unwrap(), statuses);
+
+        // Settling again (a retried settle) never forgets money spent.
+        let again = store
+            .settle(&c, 100, Money::from_usd(0.03), NOW)
+            .await
+            .unwrap();
+        assert_eq!(again[1].spent, Money::from_usd(0.06));
+    }
+
+    pub(super) async fn release_returns_the_money_but_counts_the_request(store: Store) {
+        store.insert_key(key("k1", Some(10))).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        let limits = QuotaLimits {
+            rpm: Some(10),
+            tpm: Some(1_000),
+            ..QuotaLimits::default()
+        };
+        let mut c = charge(1, "k1", Some(10), 0.6);
+        c.limits = limits;
+        store.reserve(&c).await.unwrap();
+        assert_eq!(
+            store.budget_statuses(NOW).await.unwrap()[0].reserved,
+            Money::from_usd(0.6)
+        );
+
+        store.release(&c).await.unwrap();
+
+        let status = &store.budget_statuses(NOW).await.unwrap()[0];
+        assert_eq!((status.spent, status.reserved), (Money::ZERO, Money::ZERO));
+        assert_eq!(status.remaining, Money::from_usd(1.0));
+        assert_eq!(
+            window_used(&store, "k1", limits, WindowKind::MinuteTokens).await,
+            0
+        );
+        assert_eq!(
+            window_used(&store, "k1", limits, WindowKind::MinuteRequests).await,
+            1
+        );
+        // The whole budget is available again.
+        let mut again = charge(2, "k1", Some(10), 1.0);
+        again.limits = limits;
+        store.reserve(&again).await.unwrap();
+    }
+
+    pub(super) async fn reserving_an_id_again_replaces_the_reservation(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        store.reserve(&charge(1, "k1", None, 0.4)).await.unwrap();
+        store.reserve(&charge(1, "k1", None, 0.3)).await.unwrap();
+
+        let status = &store.budget_statuses(NOW).await.unwrap()[0];
+        assert_eq!(status.reserved, Money::from_usd(0.3));
+    }
+
+    pub(super) async fn soft_budget_allows_overrun_and_flags_it(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(
+                budget("b", 1.0, BudgetPeriod::Daily, Enforcement::Soft),
+                Money::from_usd(0.9),
+                NOW,
+            )
+            .await
+            .unwrap();
+        let c = charge(1, "k1", None, 0.5);
+        store.reserve(&c).await.unwrap();
+        let statuses = store
+            .settle(&c, 10, Money::from_usd(0.4), NOW)
+            .await
+            .unwrap();
+
+        assert_eq!(statuses[0].spent, Money::from_usd(1.3));
+        assert_eq!(statuses[0].remaining, Money::ZERO);
+        assert!(statuses[0].over_limit);
+    }
+
+    pub(super) async fn budget_period_rolls_over_and_keeps_reservations(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let status = store
+            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.7), NOW)
+            .await
+            .unwrap();
+        assert_eq!(status.spent, Money::from_usd(0.7));
+        assert_eq!(status.remaining, Money::from_usd(0.3));
+        let held = charge(1, "k1", None, 0.2);
+        store.reserve(&held).await.unwrap();
+        assert!(matches!(
+            store.reserve(&charge(2, "k1", None, 0.2)).await,
+            Err(ChargeRejection::Budget(_))
+        ));
+
+        let tomorrow = NOW.plus(Duration::from_secs(86_400));
+        let status = &store.budget_statuses(tomorrow).await.unwrap()[0];
+        assert_eq!(status.spent, Money::ZERO);
+        assert_eq!(status.reserved, Money::from_usd(0.2));
+        assert_eq!(
+            status.period_end,
+            tomorrow.start_of_day().plus(Duration::from_secs(86_400))
+        );
+
+        let mut next_day = charge(2, "k1", None, 0.8);
+        next_day.now = tomorrow;
+        store.reserve(&next_day).await.unwrap();
+        // The old reservation is committed into the new period.
+        let statuses = store
+            .settle(&held, 10, Money::from_usd(0.1), tomorrow)
+            .await
+            .unwrap();
+        assert_eq!(statuses[0].spent, Money::from_usd(0.1));
+        assert_eq!(statuses[0].reserved, Money::from_usd(0.8));
+    }
+
+    pub(super) async fn custom_budget_period_rolls_over(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let anchor = NOW.plus(Duration::from_secs(15));
+        let period = BudgetPeriod::Custom {
+            anchor,
+            length_secs: 3_600,
+        };
+        let start = NOW.plus(Duration::from_secs(30));
+        let status = store
+            .put_budget(
+                budget("b", 1.0, period, Enforcement::Hard),
+                Money::ZERO,
+                start,
+            )
+            .await
+            .unwrap();
+        assert_eq!(status.period_end, anchor.plus(Duration::from_secs(3_600)));
+
+        let mut c = charge(1, "k1", None, 1.0);
+        c.now = start;
+        store.reserve(&c).await.unwrap();
+        store
+            .settle(&c, 10, Money::from_usd(1.0), start)
+            .await
+            .unwrap();
+
+        let three_hours_later = anchor.plus(Duration::from_secs(3 * 3_600 + 10));
+        let status = &store.budget_statuses(three_hours_later).await.unwrap()[0];
+        assert_eq!(status.spent, Money::ZERO);
+        assert_eq!(
+            status.period_end,
+            anchor.plus(Duration::from_secs(4 * 3_600))
+        );
+    }
+
+    pub(super) async fn budgets_are_listed_replaced_and_deleted(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("daily", 2.0), Money::from_usd(0.5), NOW)
+            .await
+            .unwrap();
+        let tenant = Budget::new(
+            "another",
+            BudgetScope::Tenant {
+                tenant: "customer-a".into(),
+            },
+            1.0,
+            BudgetPeriod::Weekly,
+            Enforcement::Soft,
+        )
+        .unwrap();
+        store
+            .put_budget(tenant.clone(), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        let mut c = charge(1, "k1", None, 0.1);
+        c.budget_ids = vec!["daily".to_owned()];
+        store.reserve(&c).await.unwrap();
+        // Replacing keeps one budget under the id and drops its reservations.
+        store
+            .put_budget(hard_budget("daily", 3.0), Money::from_usd(0.5), NOW)
+            .await
+            .unwrap();
+
+        let budgets = store.list_budgets().await.unwrap();
+        assert_eq!(budgets, [tenant, hard_budget("daily", 3.0)]);
+        let statuses = store.budget_statuses(NOW).await.unwrap();
+        assert_eq!(statuses[1].limit, Money::from_usd(3.0));
+        assert_eq!(statuses[1].spent, Money::from_usd(0.5));
+        assert_eq!(statuses[1].reserved, Money::ZERO);
+        assert_eq!(
+            statuses[0].scope,
+            BudgetScope::Tenant {
+                tenant: "customer-a".into()
+            }
+        );
+
+        store.delete_budget("daily").await.unwrap();
+        let err = store.delete_budget("daily").await.unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::NotFound);
+        assert_eq!(store.list_budgets().await.unwrap().len(), 1);
+        // A charge naming the deleted budget is no longer limited by it.
+        let mut big = charge(2, "k1", None, 100.0);
+        big.budget_ids = vec!["daily".to_owned()];
+        store.reserve(&big).await.unwrap();
+    }
+
+    pub(super) async fn observed_quota_blocks_until_its_reset(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let reset = NOW.plus(Duration::from_secs(20));
+        store
+            .observe_quota(
+                &KeyId::new("k1"),
+                QuotaObservation {
+                    limit_requests: Some(100),
+                    remaining_requests: Some(0),
+                    reset_requests_at: Some(reset),
+                    limit_tokens: Some(10_000),
+                    remaining_tokens: Some(5_000),
+                    reset_tokens_at: Some(reset),
+                },
+                NOW,
+            )
+            .await
+            .unwrap();
+
+        let Err(ChargeRejection::Quota(denial)) = store.reserve(&charge(0, "k1", None, 0.0)).await
+        else {
+            panic!("the provider said no requests are left");
+        };
+        assert_eq!(denial.window, WindowKind::MinuteRequests);
+        assert_eq!(denial.retry_at, reset);
+        let snapshot = store
+            .quota_snapshot(&KeyId::new("k1"), &QuotaLimits::default(), NOW)
+            .await
+            .unwrap();
+        assert_eq!(snapshot.uncertainty, Uncertainty::Low);
+        assert_eq!(snapshot.capacity, CapacityState::Exhausted);
+
+        let mut after_reset = charge(1, "k1", None, 0.0);
+        after_reset.now = reset;
+        store.reserve(&after_reset).await.unwrap();
+        assert_eq!(
+            store
+                .observe_quota(&KeyId::new("nope"), QuotaObservation::default(), NOW)
+                .await
+                .unwrap_err()
+                .kind,
+            StoreErrorKind::NotFound
+        );
+    }
+
+    pub(super) async fn quota_snapshot_reports_capacity_and_prediction(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let id = KeyId::new("k1");
+        let limits = QuotaLimits {
+            rpm: Some(10),
+            rpd: Some(1_000),
+            ..QuotaLimits::default()
+        };
+        let empty = store.quota_snapshot(&id, &limits, NOW).await.unwrap();
+        assert_eq!(empty.capacity, CapacityState::Abundant);
+        assert_eq!(empty.uncertainty, Uncertainty::Medium);
+        let unknown = store
+            .quota_snapshot(&id, &QuotaLimits::default(), NOW)
+            .await
+            .unwrap();
+        assert_eq!(unknown.uncertainty, Uncertainty::High);
+
+        let mut c = charge(0, "k1", None, 0.0);
+        c.limits = limits;
+        c.budget_ids.clear();
+        for reservation in 0..6 {
+            c.reservation = ReservationId(reservation);
+            store.reserve(&c).await.unwrap();
+        }
+        let later = NOW.plus(Duration::from_secs(30));
+        let snapshot = store.quota_snapshot(&id, &limits, later).await.unwrap();
+        assert_eq!(snapshot.capacity, CapacityState::Constrained);
+        assert_eq!(used(&snapshot, WindowKind::MinuteRequests), 6);
+        assert_eq!(used(&snapshot, WindowKind::DayRequests), 6);
+        let prediction = snapshot.prediction.unwrap();
+        assert_eq!(prediction.window, WindowKind::MinuteRequests);
+        // 6 requests in 30 s: the 4 left go in 20 s.
+        assert_eq!(
+            prediction.exhausts_at,
+            Some(later.plus(Duration::from_secs(20)))
+        );
+
+        for reservation in 6..10 {
+            c.reservation = ReservationId(reservation);
+            store.reserve(&c).await.unwrap();
+        }
+        let full = store.quota_snapshot(&id, &limits, NOW).await.unwrap();
+        assert_eq!(full.capacity, CapacityState::Exhausted);
+        // The first minute after an exhausted window is reported as recovering.
+        let next_minute = NOW.plus(Duration::from_secs(61));
+        let recovering = store
+            .quota_snapshot(&id, &limits, next_minute)
+            .await
+            .unwrap();
+        assert_eq!(recovering.capacity, CapacityState::Recovering);
+        assert_eq!(used(&recovering, WindowKind::MinuteRequests), 0);
+        assert_eq!(used(&recovering, WindowKind::DayRequests), 10);
+    }
+
+    pub(super) async fn request_log_round_trips(store: Store) {
+        let first = record("r1");
+        store.save_request(&first).await.unwrap();
+        assert_eq!(
+            store.get_request(&RequestId::new("r1")).await.unwrap(),
+            Some(first)
+        );
+        assert_eq!(
+            store.get_request(&RequestId::new("r2")).await.unwrap(),
+            None
+        );
+
+        // Saving an id again replaces its record.
+        let mut replaced = record("r1");
+        replaced.outcome = Outcome::Failure {
+            code: "rate_limited".to_owned(),
+            message: "every key is throttled".to_owned(),
+        };
+        store.save_request(&replaced).await.unwrap();
+        assert_eq!(
+            store.get_request(&RequestId::new("r1")).await.unwrap(),
+            Some(replaced)
+        );
+    }
+
+    /// 200 concurrent charges of $0.01 against a hard $1.00 budget: exactly 100 fit.
+    pub(super) async fn concurrent_charges_never_overspend_a_hard_budget(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let limit = Money::from_usd(1.0);
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+
+        let tasks: Vec<_> = (0..200)
+            .map(|reservation| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let c = charge(reservation, "k1", None, 0.01);
+                    match store.reserve(&c).await {
+                        Ok(()) => {
+                            let statuses = store
+                                .settle(&c, 100, Money::from_usd(0.01), NOW)
+                                .await
+                                .unwrap();
+                            assert!(statuses[0].spent <= limit);
+                            true
+                        }
+                        Err(ChargeRejection::Budget(_)) => false,
+                        Err(other) => panic!("unexpected rejection: {other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let mut n_succeeded = 0;
+        for task in tasks {
+            if task.await.unwrap() {
+                n_succeeded += 1;
+            }
+        }
+
+        assert_eq!(n_succeeded, 100);
+        let status = &store.budget_statuses(NOW).await.unwrap()[0];
+        assert_eq!((status.spent, status.reserved), (limit, Money::ZERO));
+    }
+}
