@@ -9,6 +9,8 @@ mod bad_input;
 #[cfg(test)]
 mod failure_handling;
 #[cfg(test)]
+mod multi_instance;
+#[cfg(test)]
 mod provider_conformance;
 #[cfg(test)]
 mod proxy_http;

@@ -129,15 +129,17 @@ fn mongo_up(sh: &Shell) -> Result<()> {
         return Ok(());
     }
     mongo_venv(sh)?;
-    sh.create_dir(MONGO_DATA)?;
-    let nx = format!("{MONGO_VENV}/bin/nx-27017");
-    let log_file = format!("{MONGO_DATA}/nx.log");
-    let pid_file = format!("{MONGO_DATA}/nx.pid");
+    // Absolute paths: the daemon changes its working directory to `/`.
+    let data = sh.current_dir().join(MONGO_DATA);
+    sh.create_dir(&data)?;
+    let nx = sh.current_dir().join(MONGO_VENV).join("bin/nx-27017");
+    let log_file = data.join("nx.log");
+    let pid_file = data.join("nx.pid");
     // `-d` daemonizes: the server outlives this command, and `services down` stops it
     // through its pid file.
     cmd!(
         sh,
-        "{nx} -d --data-dir {MONGO_DATA} --host 127.0.0.1 -p 27017 --log-file {log_file} --pid-file {pid_file}"
+        "{nx} -d --data-dir {data} --host 127.0.0.1 -p 27017 --log-file {log_file} --pid-file {pid_file}"
     )
     .run()?;
     if !wait_until(Duration::from_secs(30), || port_open(MONGO_ADDR)) {

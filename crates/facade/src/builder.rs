@@ -185,6 +185,12 @@ impl ApiKeyRouterBuilder {
             core.register_provider(id, provider, settings);
         }
         core.load().await?;
+        if core.follow_key_changes().await? {
+            tracing::info!(
+                store = core.store_kind(),
+                "following key changes of other instances"
+            );
+        }
         Ok(ApiKeyRouter::from_core(core))
     }
 }

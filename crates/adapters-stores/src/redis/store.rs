@@ -11,8 +11,8 @@ use std::fmt;
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore, StoreError,
-    StoreErrorKind, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyChanges, KeyOutcome, KeyStore, RequestLog, StateStore,
+    StoreError, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::quota::QuotaDenial;
@@ -883,6 +883,11 @@ impl RequestLog for RedisStore {
 impl StateStore for RedisStore {
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    /// Key events published on the namespace's channel by every instance.
+    async fn key_changes(&self) -> Result<Option<KeyChanges>, StoreError> {
+        Ok(Some(Box::pin(self.subscribe_key_events().await?)))
     }
 
     /// `PING`.

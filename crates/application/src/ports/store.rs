@@ -304,11 +304,24 @@ pub trait RequestLog: Send + Sync + 'static {
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError>;
 }
 
+/// Ids of keys changed (added, updated, moved to another state, deleted) by any
+/// instance sharing a store; ends when the subscription is lost.
+pub type KeyChanges = std::pin::Pin<Box<dyn futures_core::Stream<Item = KeyId> + Send>>;
+
 /// Everything a store adapter provides.
 #[async_trait]
 pub trait StateStore: KeyStore + UsageLedger + BudgetStore + RequestLog {
     /// The backend's name (`memory`, `redis`, `mongodb`).
     fn kind(&self) -> &'static str;
+
+    /// Key changes made through this store by other instances, so each can refresh
+    /// its local routing view. `None` for stores used by one process only.
+    ///
+    /// # Errors
+    /// `Unavailable` when the subscription cannot be made.
+    async fn key_changes(&self) -> Result<Option<KeyChanges>, StoreError> {
+        Ok(None)
+    }
 
     /// Checks the backend is reachable.
     ///

@@ -161,6 +161,15 @@ impl Shared {
     }
 }
 
+/// Re-reads one key after another instance changed it.
+async fn refresh_key(shared: &Shared, id: &KeyId) {
+    match shared.store.get_key(id).await {
+        Ok(key) => shared.cache_key(&key),
+        Err(e) if e.kind == crate::ports::StoreErrorKind::NotFound => shared.forget_key(id),
+        Err(e) => tracing::warn!(key_id = %id, error = %e, "changed key not refreshed"),
+    }
+}
+
 /// The assembled services over one store, audit sink and clock.
 #[derive(Clone)]
 pub struct ApiKeyRouterCore {
@@ -212,6 +221,53 @@ impl ApiKeyRouterCore {
         let budgets = self.shared.store.list_budgets().await?;
         self.shared.set_budgets(budgets);
         Ok(keys.len())
+    }
+
+    /// Follows key changes other instances make through a shared store (Redis): each
+    /// changed key is re-read and the local routing table updated, so a key disabled
+    /// elsewhere stops getting traffic here within moments. Returns whether the store
+    /// offers change events. The follower stops when the router is dropped.
+    ///
+    /// # Errors
+    /// The store's error when the first subscription fails.
+    pub async fn follow_key_changes(&self) -> Result<bool, StoreError> {
+        let Some(first) = self.shared.store.key_changes().await? else {
+            return Ok(false);
+        };
+        let weak = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            let mut changes = first;
+            loop {
+                while let Some(id) = std::future::poll_fn(|cx| changes.as_mut().poll_next(cx)).await
+                {
+                    let Some(shared) = weak.upgrade() else { return };
+                    refresh_key(&shared, &id).await;
+                }
+                // The subscription was lost: events in between are gone, so resubscribe
+                // and re-read every key.
+                loop {
+                    let Some(shared) = weak.upgrade() else { return };
+                    match shared.store.key_changes().await {
+                        Ok(Some(next)) => {
+                            changes = next;
+                            if let Ok(keys) = shared.store.list_keys().await {
+                                for key in &keys {
+                                    shared.cache_key(key);
+                                }
+                            }
+                            break;
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "key change subscription lost; retrying")
+                        }
+                    }
+                    drop(shared);
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        });
+        Ok(true)
     }
 
     /// Registers (or replaces) a provider under `id`.

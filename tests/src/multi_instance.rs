@@ -1,0 +1,147 @@
+//! Several routers sharing one Redis: key changes reach every instance, and limits
+//! hold across all of them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use apikeyrouter::providers::SimulatedProvider;
+use apikeyrouter::{ApiKeyRouter, KeyMetadata, KeyState, Objective, RouteErrorKind};
+use apikeyrouter_adapters_stores::RedisStore;
+
+use crate::support::ask;
+
+async fn instance(namespace: &str) -> (ApiKeyRouter, Arc<SimulatedProvider>) {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let store = RedisStore::connect(&url, namespace)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "Redis unreachable at {url}: {e}; run `cargo xtask services up` (or set REDIS_URL)"
+            )
+        });
+    let router = ApiKeyRouter::builder()
+        .store(Arc::new(store))
+        .build()
+        .await
+        .unwrap();
+    let sim = Arc::new(SimulatedProvider::new());
+    router.register_provider("openai", sim.clone());
+    (router, sim)
+}
+
+fn namespace() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "multi-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{what} did not happen within a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_or_disabled_on_one_instance_is_followed_by_the_other() {
+    let ns = namespace();
+    let (a, _) = instance(&ns).await;
+    let (b, sim_b) = instance(&ns).await;
+    let key = a
+        .register_key("sk-shared-key-00001", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+
+    // B learns about the key from the change event and routes to it.
+    eventually("B routing to A's new key", async || {
+        b.route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(sim_b.calls(&key.id) >= 1);
+
+    // Disabled through A: B stops sending it traffic within a second.
+    a.set_key_state(&key.id, KeyState::Disabled, "rotating")
+        .await
+        .unwrap();
+    eventually("B seeing the key disabled", async || {
+        matches!(b.route(ask("gpt-4o", "hi"), Objective::default()).await, Err(e) if matches!(e.kind, RouteErrorKind::NoEligibleKey(_)))
+    })
+    .await;
+    let calls = sim_b.calls(&key.id);
+    for _ in 0..5 {
+        assert!(
+            b.route(ask("gpt-4o", "hi"), Objective::default())
+                .await
+                .is_err()
+        );
+    }
+    assert_eq!(sim_b.calls(&key.id), calls, "B kept calling a disabled key");
+    assert_eq!(b.key(&key.id).await.unwrap().state, KeyState::Disabled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_rpm_holds_across_instances() {
+    let ns = namespace();
+    let (a, sim_a) = instance(&ns).await;
+    let (b, sim_b) = instance(&ns).await;
+    let key = a
+        .register_key(
+            "sk-shared-key-00002",
+            "openai",
+            KeyMetadata {
+                rpm: Some(10),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    eventually("B knowing the key", async || b.key(&key.id).await.is_ok()).await;
+    // Wait until B's routing table has it too.
+    eventually("B routing", async || {
+        b.route(ask("gpt-4o", "warm"), Objective::default())
+            .await
+            .is_ok()
+    })
+    .await;
+    let minute = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 60)
+    };
+    let started_in = minute();
+    let mut served = 1;
+    for i in 0..40 {
+        let router = if i % 2 == 0 { &a } else { &b };
+        if router
+            .route(ask("gpt-4o", "x"), Objective::default())
+            .await
+            .is_ok()
+        {
+            served += 1;
+        }
+    }
+    let calls = sim_a.calls(&key.id) + sim_b.calls(&key.id);
+    assert_eq!(calls, served);
+    // One minute window, shared by both instances: 10 calls, or up to 20 if the
+    // minute turned during the test.
+    if minute() == started_in {
+        assert_eq!(served, 10, "the rpm limit did not hold across instances");
+    } else {
+        assert!(served <= 20, "served {served}");
+    }
+    let quota = a.quota(&key.id).await.unwrap();
+    assert!(quota.windows.iter().any(|w| w.limit == 10));
+}
