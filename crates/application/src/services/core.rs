@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use apikeyrouter_domain::budget::ChargeContext;
+use apikeyrouter_domain::cost::TokenEstimate;
+use apikeyrouter_domain::routing::ProviderOffer;
 use apikeyrouter_domain::{
     ApiKey, Budget, KeyId, KeyMaterial, ModelId, PriceCatalogue, ProviderId, QuotaLimits,
     RequestId, RoutingTable,
@@ -129,6 +131,24 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
         self.table().remove(id);
+    }
+
+    /// Providers that may serve `model`, with this request's estimated cost on each.
+    pub(crate) fn offers(
+        &self,
+        model: &ModelId,
+        only: Option<&ProviderId>,
+        estimate: &TokenEstimate,
+    ) -> Vec<ProviderOffer> {
+        let catalogue = self.catalogue();
+        self.providers()
+            .iter()
+            .filter(|p| only.is_none_or(|o| o == &p.id) && p.models.contains(model))
+            .map(|p| ProviderOffer {
+                provider: p.id.clone(),
+                est_cost: catalogue.estimate(&p.id, model, estimate).cost,
+            })
+            .collect()
     }
 
     /// Ids of the budgets a request described by `ctx` counts against.

@@ -312,9 +312,7 @@ impl RouterService {
             completion_tokens: (answer.content.len() as u64).div_ceil(4),
             cached_tokens: 0,
         });
-        let (actual_cost, budgets) = self
-            .settle_success(&served, usage, run, &plan.catalogue)
-            .await;
+        let (actual_cost, budgets) = self.settle_success(&served, usage, run).await;
         let Served {
             output: answer,
             key_id,
@@ -419,9 +417,7 @@ impl RouterService {
             completion_tokens: 0,
             cached_tokens: 0,
         });
-        let (actual_cost, budgets) = self
-            .settle_success(&served, usage, run, &plan.catalogue)
-            .await;
+        let (actual_cost, budgets) = self.settle_success(&served, usage, run).await;
         let Served {
             output,
             key_id,
@@ -452,11 +448,11 @@ impl RouterService {
         served: &Served<T>,
         usage: TokenUsage,
         run: &mut Run,
-        catalogue: &apikeyrouter_domain::PriceCatalogue,
     ) -> (Option<Money>, Vec<BudgetStatus>) {
         let shared = &*self.shared;
         let now = shared.clock.now();
-        let actual_cost = catalogue
+        let actual_cost = shared
+            .catalogue()
             .price(&served.provider, &served.model)
             .map(|p| p.cost(&usage));
         let budgets = match shared
@@ -507,7 +503,7 @@ impl RouterService {
         op: &O,
     ) -> Result<Served<O::Output>, RouteErrorKind> {
         let shared = &*self.shared;
-        let settings = &plan.settings;
+        let settings = shared.settings();
         let deadline = Instant::now() + settings.total_deadline;
         let mut tried: Vec<(KeyId, Ineligibility)> = Vec::new();
         let mut any_provider = false;
@@ -517,7 +513,7 @@ impl RouterService {
         let mut n_attempts = 0u32;
 
         'models: for model in &plan.chain {
-            let offers = plan.offers(model);
+            let offers = shared.offers(model, plan.only_provider(model), &plan.estimate);
             if offers.is_empty() {
                 continue;
             }
@@ -556,15 +552,16 @@ impl RouterService {
                 let key_id = decision.key_id.clone();
                 let (Some(key), Some(provider)) = (
                     shared.key_handle(&key_id),
-                    plan.provider(&decision.provider),
+                    shared.provider(&decision.provider),
                 ) else {
                     // Deleted between the decision and now.
                     tried.push((key_id, Ineligibility::AlreadyTried));
                     continue;
                 };
-                let cost_estimate = plan
-                    .catalogue
-                    .estimate(&key.provider, model, &plan.estimate);
+                let cost_estimate =
+                    shared
+                        .catalogue()
+                        .estimate(&key.provider, model, &plan.estimate);
                 let ctx = ChargeContext {
                     provider: &key.provider,
                     key: &key_id,

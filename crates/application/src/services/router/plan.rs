@@ -1,7 +1,6 @@
 //! Before any key is chosen: validation, the tenant, the model chain and the estimate.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use apikeyrouter_domain::cost::TokenEstimate;
 use apikeyrouter_domain::{
@@ -9,11 +8,9 @@ use apikeyrouter_domain::{
     RequestIntent, TenantId,
 };
 
-use crate::services::core::{ProviderEntry, Shared};
+use crate::services::core::Shared;
 use crate::services::errors::RouteErrorKind;
 use crate::services::settings::RouterSettings;
-use apikeyrouter_domain::PriceCatalogue;
-use apikeyrouter_domain::routing::ProviderOffer;
 
 const MAX_MESSAGES: usize = 10_000;
 const MAX_EMBEDDING_INPUTS: usize = 2_048;
@@ -28,10 +25,6 @@ pub(crate) struct Plan {
     pub(crate) tenant: Option<TenantId>,
     pub(crate) tags: BTreeMap<String, String>,
     pub(crate) estimate: TokenEstimate,
-    /// Settings, prices and providers read once for the whole request.
-    pub(crate) settings: Arc<RouterSettings>,
-    pub(crate) catalogue: Arc<PriceCatalogue>,
-    pub(crate) providers: Arc<Vec<Arc<ProviderEntry>>>,
 }
 
 impl Plan {
@@ -42,11 +35,8 @@ impl Plan {
     ) -> Result<Self, RouteErrorKind> {
         let tenant = resolve_tenant(intent.tenant.as_ref(), objective)?;
         let estimate = TokenEstimate::of(intent);
-        let settings = shared.settings();
-        let chain = model_chain(intent, objective, &settings, &estimate);
+        let chain = model_chain(intent, objective, &shared.settings(), &estimate);
         Self::new(
-            shared,
-            settings,
             chain,
             intent.model.clone(),
             intent.provider.clone(),
@@ -62,16 +52,13 @@ impl Plan {
         objective: &Objective,
     ) -> Result<Self, RouteErrorKind> {
         let tenant = resolve_tenant(intent.tenant.as_ref(), objective)?;
-        let settings = shared.settings();
         let mut chain = vec![intent.model.clone()];
-        if let Some(fallbacks) = settings.fallbacks.get(&intent.model) {
+        if let Some(fallbacks) = shared.settings().fallbacks.get(&intent.model) {
             chain.extend(fallbacks.iter().filter(|m| **m != intent.model).cloned());
         }
         chain.retain(|m| objective.constraints.allows_model(m));
         let estimate = TokenEstimate::of_texts(&intent.input);
         Self::new(
-            shared,
-            settings,
             chain,
             intent.model.clone(),
             None,
@@ -81,13 +68,7 @@ impl Plan {
         )
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one private constructor gathering a plan's parts"
-    )]
     fn new(
-        shared: &Shared,
-        settings: Arc<RouterSettings>,
         chain: Vec<ModelId>,
         requested_model: ModelId,
         provider: Option<ProviderId>,
@@ -107,28 +88,7 @@ impl Plan {
             tenant,
             tags,
             estimate,
-            settings,
-            catalogue: shared.catalogue(),
-            providers: shared.providers(),
         })
-    }
-
-    /// Providers that may serve `model`, with this request's estimated cost on each.
-    pub(crate) fn offers(&self, model: &ModelId) -> Vec<ProviderOffer> {
-        let only = self.only_provider(model);
-        self.providers
-            .iter()
-            .filter(|p| only.is_none_or(|o| o == &p.id) && p.models.contains(model))
-            .map(|p| ProviderOffer {
-                provider: p.id.clone(),
-                est_cost: self.catalogue.estimate(&p.id, model, &self.estimate).cost,
-            })
-            .collect()
-    }
-
-    /// The registered provider `id`.
-    pub(crate) fn provider(&self, id: &ProviderId) -> Option<&Arc<ProviderEntry>> {
-        self.providers.iter().find(|p| &p.id == id)
     }
 
     /// The provider `model` must be served by: the named one applies to the requested
