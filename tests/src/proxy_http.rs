@@ -1,11 +1,9 @@
 //! The proxy over real HTTP: a server on port 0, a real client, simulated providers.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use apikeyrouter::config::Config;
 use apikeyrouter_proxy::server;
-use apikeyrouter_proxy::state::AppState;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -40,11 +38,6 @@ limit_usd = 50.0
 struct Proxy {
     addr: SocketAddr,
     client: reqwest::Client,
-    #[expect(
-        dead_code,
-        reason = "kept so tests can reach the router if they need to"
-    )]
-    state: Arc<AppState>,
 }
 
 impl Proxy {
@@ -57,19 +50,13 @@ impl Proxy {
         let config = Config::parse(&text, "test.toml", &vars).expect("valid config");
         let state = server::build_state(&config).await.expect("state");
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(server::serve(
-            state.clone(),
-            config.listen,
-            None,
-            move |addr| {
-                let _ = tx.send(addr);
-            },
-        ));
+        tokio::spawn(server::serve(state, config.listen, None, move |addr| {
+            let _ = tx.send(addr);
+        }));
         let addr = rx.await.expect("bound");
         Self {
             addr,
             client: reqwest::Client::new(),
-            state,
         }
     }
 

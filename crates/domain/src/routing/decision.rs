@@ -109,13 +109,6 @@ impl IneligibleCounts {
         *slot = slot.saturating_add(n);
     }
 
-    /// Adds every count of `other`.
-    pub fn merge(&mut self, other: &Self) {
-        for (reason, n) in other.iter() {
-            self.add(reason, n);
-        }
-    }
-
     /// Non-zero counts with their reasons.
     pub fn iter(&self) -> impl Iterator<Item = (Ineligibility, u32)> + '_ {
         [
