@@ -251,6 +251,35 @@ fn model_lists_and_constraints_filter_keys() {
 }
 
 #[test]
+fn min_success_rate_and_allowed_providers_are_hard_constraints() {
+    let mut t = RoutingTable::new();
+    t.upsert(&key("flaky", "openai"));
+    t.upsert(&key("steady", "openai"));
+    t.upsert(&key("elsewhere", "gemini"));
+    let mut flaky = KeyStats::new();
+    for _ in 0..5 {
+        flaky.record(false, Duration::ZERO, T0);
+    }
+    t.record_outcome(&KeyId::new("flaky"), &flaky);
+    let model = ModelId::new("m");
+    let o = offers(&[("openai", 0.01), ("gemini", 0.001)]);
+    let objective = Objective::primary(ObjectiveKind::Cost)
+        .with_constraints(crate::routing::Constraints {
+            min_success_rate: Some(0.9),
+            allowed_providers: Some(vec![ProviderId::new("openai")]),
+            ..Default::default()
+        })
+        .unwrap();
+    for _ in 0..4 {
+        let d = t.choose(&query(&model, &o), &objective, T0).unwrap();
+        // The cheaper gemini key is not allowed; the flaky one is under 90 %.
+        assert_eq!(d.key_id.as_str(), "steady");
+        assert_eq!(d.ineligible.provider_not_allowed, 1);
+        assert_eq!(d.ineligible.below_min_success_rate, 1);
+    }
+}
+
+#[test]
 fn weighted_objective_balances_cost_and_reliability() {
     let mut t = RoutingTable::new();
     t.upsert(&key("cheap-flaky", "gemini"));
