@@ -214,4 +214,5 @@ async fn bad_request_is_not_retried_and_is_audited_once() {
         err.to_string(),
         "provider rejected the request: bad_request (HTTP 400): context length exceeded"
     );
+    assert!(router.flush_records(Duration::from_secs(5)).await);
 }

@@ -5,6 +5,8 @@
 //! This is the workspace's one integration-test crate; it may depend on anything.
 
 #[cfg(test)]
+mod audit_delivery;
+#[cfg(test)]
 mod bad_input;
 #[cfg(test)]
 mod failure_handling;

@@ -50,6 +50,15 @@ impl Harness {
             .id
     }
 
+    /// The audit records so far, once the background delivery has caught up.
+    pub async fn audit_records(&self) -> Vec<apikeyrouter::AuditRecord> {
+        assert!(
+            self.router.flush_records(Duration::from_secs(5)).await,
+            "audit records not delivered"
+        );
+        self.audit.records()
+    }
+
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
     }

@@ -136,7 +136,7 @@ async fn failing_keys_never_fail_a_request_while_healthy_keys_remain() {
             sim.calls(bad)
         );
     }
-    let records = h.audit.records();
+    let records = h.audit_records().await;
     assert_eq!(records.len(), 200);
     assert!(records.iter().all(|r| r.outcome == Outcome::Success));
 }
@@ -571,5 +571,5 @@ async fn audit_record_explains_the_decision_without_key_material() {
         !json.contains("Sensitive data analysis"),
         "message content leaked into the audit record"
     );
-    assert_eq!(h.audit.records().len(), 1);
+    assert_eq!(h.audit_records().await.len(), 1);
 }

@@ -12,6 +12,6 @@ pub mod services;
 
 pub use records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, RouteResponse};
 pub use services::{
-    ApiKeyRouterCore, BudgetService, KeyService, ProviderSettings, QuotaService, RegisterKeyError,
-    RouteError, RouterService, RouterSettings,
+    ApiKeyRouterCore, BudgetService, DEFAULT_QUEUE_CAPACITY, DeliveryStats, KeyService,
+    ProviderSettings, QuotaService, RegisterKeyError, RouteError, RouterService, RouterSettings,
 };

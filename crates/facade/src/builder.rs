@@ -35,6 +35,7 @@ pub struct ApiKeyRouterBuilder {
     store: Option<Arc<dyn StateStore>>,
     store_config: Option<StoreConfig>,
     audit: Arc<dyn AuditSink>,
+    audit_queue: usize,
     clock: Arc<dyn Clock>,
     settings: RouterSettings,
     catalogue: PriceCatalogue,
@@ -55,6 +56,7 @@ impl Default for ApiKeyRouterBuilder {
             store: None,
             store_config: None,
             audit: Arc::new(DiscardAuditSink),
+            audit_queue: apikeyrouter_application::DEFAULT_QUEUE_CAPACITY,
             clock: Arc::new(SystemClock),
             settings: RouterSettings::default(),
             catalogue: PriceCatalogue::builtin(),
@@ -73,6 +75,14 @@ impl ApiKeyRouterBuilder {
     /// Opens a store from configuration when building.
     pub fn store_config(mut self, config: StoreConfig) -> Self {
         self.store_config = Some(config);
+        self
+    }
+
+    /// Holds at most `records` audit records while the audit sink or the request log
+    /// is slow or down (default 10,000); beyond that, records are dropped and counted
+    /// in [`ApiKeyRouter::record_delivery`].
+    pub fn audit_queue(mut self, records: usize) -> Self {
+        self.audit_queue = records;
         self
     }
 
@@ -179,8 +189,14 @@ impl ApiKeyRouterBuilder {
             (None, Some(config)) => apikeyrouter_adapters_stores::connect(&config).await?,
             (None, None) => apikeyrouter_adapters_stores::connect(&StoreConfig::Memory {}).await?,
         };
-        let core =
-            ApiKeyRouterCore::new(store, self.audit, self.clock, self.settings, self.catalogue);
+        let core = ApiKeyRouterCore::with_audit_queue(
+            store,
+            self.audit,
+            self.clock,
+            self.settings,
+            self.catalogue,
+            self.audit_queue,
+        );
         for (id, provider, settings) in self.providers {
             core.register_provider(id, provider, settings);
         }

@@ -42,7 +42,7 @@ pub use apikeyrouter_application::services::{
     BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind, RoutedStream,
 };
 pub use apikeyrouter_application::{
-    AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, ProviderSettings,
+    AttemptRecord, AuditRecord, DeliveryStats, EmbeddingRouteResponse, Outcome, ProviderSettings,
     RegisterKeyError, RouteError, RouteResponse, RouterSettings,
 };
 pub use apikeyrouter_domain::cost::DowngradeRule;

@@ -262,4 +262,17 @@ impl ApiKeyRouter {
     ) -> Result<Option<AuditRecord>, apikeyrouter_application::ports::StoreError> {
         self.core.request(id).await
     }
+
+    /// Waits until the audit sink and the request log hold the records of every
+    /// request finished so far (they are written in the background), or until
+    /// `timeout`; returns whether they do. Call it before shutting down.
+    pub async fn flush_records(&self, timeout: std::time::Duration) -> bool {
+        self.core.flush_records(timeout).await
+    }
+
+    /// Counters of the background audit delivery: pending, delivered, dropped
+    /// (queue full), rejected and retried.
+    pub fn record_delivery(&self) -> crate::DeliveryStats {
+        self.core.record_delivery()
+    }
 }

@@ -99,6 +99,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 .inc();
         }
     }
+    state.metrics.set_audit(state.router.record_delivery());
     (
         [(
             header::CONTENT_TYPE,

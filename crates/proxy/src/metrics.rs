@@ -42,6 +42,12 @@ pub struct KeyStateLabels {
     pub state: &'static str,
 }
 
+/// Labels of the audit delivery gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    pub state: &'static str,
+}
+
 /// The proxy's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -52,6 +58,7 @@ pub struct Metrics {
     pub cost: Family<ModelLabels, Counter<f64, AtomicU64>>,
     pub failovers: Family<ModelLabels, Counter>,
     pub keys: Family<KeyStateLabels, Gauge>,
+    pub audit: Family<AuditLabels, Gauge>,
 }
 
 impl Metrics {
@@ -93,6 +100,12 @@ impl Metrics {
             failovers.clone(),
         );
         registry.register("keys", "Keys by provider and state", keys.clone());
+        let audit = Family::<AuditLabels, Gauge>::default();
+        registry.register(
+            "audit_records",
+            "Audit records by delivery state: pending, delivered, dropped (queue full), rejected, retries",
+            audit.clone(),
+        );
         Self {
             registry,
             requests,
@@ -101,6 +114,7 @@ impl Metrics {
             cost,
             failovers,
             keys,
+            audit,
         }
     }
 
@@ -132,6 +146,22 @@ impl Metrics {
         }
         if attempts > 1 {
             self.failovers.get_or_create(&model_labels).inc();
+        }
+    }
+
+    /// Sets the audit delivery gauges from the router's counters.
+    pub fn set_audit(&self, stats: apikeyrouter::DeliveryStats) {
+        let values = [
+            ("pending", stats.pending),
+            ("delivered", stats.delivered),
+            ("dropped", stats.dropped),
+            ("rejected", stats.rejected),
+            ("retries", stats.retries),
+        ];
+        for (state, value) in values {
+            self.audit
+                .get_or_create(&AuditLabels { state })
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
 

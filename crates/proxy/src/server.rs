@@ -87,13 +87,24 @@ pub async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     });
-    axum::serve(listener, crate::app(state))
+    axum::serve(listener, crate::app(state.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("server failed")?;
+    // In-flight requests are done; let their audit records reach the sink.
+    if !state.router.flush_records(SHUTDOWN_RECORD_WAIT).await {
+        let pending = state.router.record_delivery().pending;
+        tracing::error!(
+            pending,
+            "shut down with audit records undelivered (sink or store down)"
+        );
+    }
     tracing::info!("shut down");
     Ok(())
 }
+
+/// How long shutdown waits for audit records to reach a slow or recovering sink.
+const SHUTDOWN_RECORD_WAIT: Duration = Duration::from_secs(10);
 
 async fn shutdown_signal() {
     let ctrl_c = async {

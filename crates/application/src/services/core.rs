@@ -15,6 +15,7 @@ use apikeyrouter_domain::{
 };
 
 use super::budgets::BudgetService;
+use super::delivery::{DeliveryStats, RecordDelivery};
 use super::ids::IdGenerator;
 use super::keys::KeyService;
 use super::quota::QuotaService;
@@ -57,7 +58,7 @@ impl KeyHandle {
 
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn StateStore>,
-    pub(crate) audit: Arc<dyn AuditSink>,
+    pub(crate) records: RecordDelivery,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) ids: IdGenerator,
     pub(crate) table: Mutex<RoutingTable>,
@@ -161,6 +162,9 @@ impl Shared {
     }
 }
 
+/// How long a request look-up waits for records still being delivered.
+const REQUEST_LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Re-reads one key after another instance changed it.
 async fn refresh_key(shared: &Shared, id: &KeyId) {
     match shared.store.get_key(id).await {
@@ -193,10 +197,30 @@ impl ApiKeyRouterCore {
         settings: RouterSettings,
         catalogue: PriceCatalogue,
     ) -> Self {
+        Self::with_audit_queue(
+            store,
+            audit,
+            clock,
+            settings,
+            catalogue,
+            super::delivery::DEFAULT_QUEUE_CAPACITY,
+        )
+    }
+
+    /// Like [`Self::new`], holding at most `audit_queue` records while the audit sink
+    /// or the request log is slow or down.
+    pub fn with_audit_queue(
+        store: Arc<dyn StateStore>,
+        audit: Arc<dyn AuditSink>,
+        clock: Arc<dyn Clock>,
+        settings: RouterSettings,
+        catalogue: PriceCatalogue,
+        audit_queue: usize,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
+                records: RecordDelivery::with_capacity(audit, store.clone(), audit_queue),
                 store,
-                audit,
                 clock,
                 ids: IdGenerator::new(),
                 table: Mutex::new(RoutingTable::new()),
@@ -364,7 +388,22 @@ impl ApiKeyRouterCore {
     /// # Errors
     /// The store's error when it cannot be read.
     pub async fn request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
+        // Records are written in the background: let the ones already handed over land
+        // first, so a caller finds the request it just made.
+        self.shared.records.settled(REQUEST_LOOKUP_WAIT).await;
         self.shared.store.get_request(id).await
+    }
+
+    /// Waits until the audit sink and the request log hold every record of requests
+    /// finished so far, or until `timeout`; returns whether they do. Call it before
+    /// shutting down so no record is lost.
+    pub async fn flush_records(&self, timeout: std::time::Duration) -> bool {
+        self.shared.records.settled(timeout).await
+    }
+
+    /// Counters of the background record delivery.
+    pub fn record_delivery(&self) -> DeliveryStats {
+        self.shared.records.stats()
     }
 
     /// The store's backend name.

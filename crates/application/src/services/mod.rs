@@ -3,6 +3,7 @@
 
 mod budgets;
 mod core;
+mod delivery;
 mod errors;
 mod ids;
 mod keys;
@@ -12,6 +13,7 @@ mod settings;
 
 pub use budgets::BudgetService;
 pub use core::{ApiKeyRouterCore, ProviderSettings};
+pub use delivery::{DEFAULT_QUEUE_CAPACITY, DeliveryStats};
 pub use errors::{
     BudgetServiceError, KeyServiceError, RegisterKeyError, RouteError, RouteErrorKind,
 };

@@ -106,15 +106,10 @@ impl Run {
     }
 }
 
-/// Sends a record to the audit sink and the request log; failures are logged, never
-/// fatal to the request.
-pub(crate) async fn write_audit(shared: &Shared, record: &AuditRecord) {
-    if let Err(e) = shared.audit.record(record).await {
-        tracing::warn!(request_id = %record.request_id, error = %e, "audit record not accepted");
-    }
-    if let Err(e) = shared.store.save_request(record).await {
-        tracing::warn!(request_id = %record.request_id, error = %e, "request record not saved");
-    }
+/// Hands a record over for delivery to the audit sink and the request log; never
+/// waits for them, never fails the request.
+pub(crate) fn write_audit(shared: &Shared, record: AuditRecord) {
+    shared.records.submit(record);
 }
 
 /// The provider call that differs between chat, streams and embeddings.
@@ -710,9 +705,8 @@ async fn conclude<T>(
             let attempts = run.attempts.len();
             write_audit(
                 shared,
-                &run.into_audit_record(Outcome::Success, usage, cost, now),
-            )
-            .await;
+                run.into_audit_record(Outcome::Success, usage, cost, now),
+            );
             tracing::info!(parent: span, attempts, "request served");
             Ok(response)
         }
@@ -725,9 +719,8 @@ async fn conclude<T>(
             };
             write_audit(
                 shared,
-                &run.into_audit_record(outcome, TokenUsage::default(), None, now),
-            )
-            .await;
+                run.into_audit_record(outcome, TokenUsage::default(), None, now),
+            );
             tracing::warn!(parent: span, code = kind.code(), error = %kind, "request failed");
             Err(RouteError {
                 request_id,

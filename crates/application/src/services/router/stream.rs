@@ -272,7 +272,7 @@ async fn settle(tally: Tally) {
         (None, false) => Outcome::Success,
     };
     let record = run.into_audit_record(record_outcome, usage, actual_cost, now);
-    write_audit(&shared, &record).await;
+    write_audit(&shared, record);
     tracing::info!(parent: &span, key_id = %key_id, cancelled, failed = failure.is_some(), "stream settled");
 }
 

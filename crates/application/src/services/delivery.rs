@@ -1,0 +1,202 @@
+//! Delivery of finished requests' records to the audit sink and the request log, off
+//! the request path.
+//!
+//! The router hands each record over without waiting; one background task delivers
+//! them in order, retrying a destination that is down with backoff until it is back.
+//! The queue is bounded: when it is full the record is dropped, logged as an error and
+//! counted, never silently. Look-ups first wait for the records handed over before
+//! them ([`RecordDelivery::settled`]), so a caller reads its own writes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::ports::{AuditError, AuditSink, StateStore, StoreErrorKind};
+use crate::records::AuditRecord;
+
+/// Records held while the destinations are slow or down, by default.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Counters of the record delivery, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryStats {
+    /// Handed over and not yet delivered.
+    pub pending: u64,
+    /// Delivered to every destination.
+    pub delivered: u64,
+    /// Refused because the queue was full.
+    pub dropped: u64,
+    /// Refused by a destination as malformed (not retried).
+    pub rejected: u64,
+    /// Delivery attempts that failed and were retried.
+    pub retries: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+    rejected: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// The queue and its worker; the worker starts with the first record, inside the
+/// caller's runtime, and ends once the router is dropped and the queue drained.
+pub(crate) struct RecordDelivery {
+    sink: Arc<dyn AuditSink>,
+    store: Arc<dyn StateStore>,
+    capacity: usize,
+    tx: OnceLock<mpsc::Sender<AuditRecord>>,
+    counters: Arc<Counters>,
+    /// How many handed-over records are finished (delivered, rejected or dropped).
+    finished: Arc<watch::Sender<u64>>,
+}
+
+impl RecordDelivery {
+    pub(crate) fn with_capacity(
+        sink: Arc<dyn AuditSink>,
+        store: Arc<dyn StateStore>,
+        capacity: usize,
+    ) -> Self {
+        Self {
+            sink,
+            store,
+            capacity: capacity.max(1),
+            tx: OnceLock::new(),
+            counters: Arc::default(),
+            finished: Arc::new(watch::Sender::new(0)),
+        }
+    }
+
+    fn sender(&self) -> Option<&mpsc::Sender<AuditRecord>> {
+        if let Some(tx) = self.tx.get() {
+            return Some(tx);
+        }
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        Some(self.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(self.capacity);
+            handle.spawn(run(
+                rx,
+                self.sink.clone(),
+                self.store.clone(),
+                self.counters.clone(),
+                self.finished.clone(),
+            ));
+            tx
+        }))
+    }
+
+    /// Queues `record` for delivery without waiting.
+    pub(crate) fn submit(&self, record: AuditRecord) {
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        let refused = match self.sender() {
+            Some(tx) => match tx.try_send(record) {
+                Ok(()) => return,
+                Err(e) => e.into_inner(),
+            },
+            None => record,
+        };
+        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        self.finished.send_modify(|n| *n += 1);
+        tracing::error!(
+            request_id = %refused.request_id,
+            capacity = self.capacity,
+            "audit record dropped: the delivery queue is full (destinations down or too slow)"
+        );
+    }
+
+    /// Waits until every record handed over before this call is finished, or until
+    /// `timeout`; returns whether they all were.
+    pub(crate) async fn settled(&self, timeout: Duration) -> bool {
+        let target = self.counters.accepted.load(Ordering::Relaxed);
+        let mut rx = self.finished.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub(crate) fn stats(&self) -> DeliveryStats {
+        let c = &self.counters;
+        let accepted = c.accepted.load(Ordering::Relaxed);
+        let finished = *self.finished.borrow();
+        DeliveryStats {
+            pending: accepted.saturating_sub(finished),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<AuditRecord>,
+    sink: Arc<dyn AuditSink>,
+    store: Arc<dyn StateStore>,
+    counters: Arc<Counters>,
+    finished: Arc<watch::Sender<u64>>,
+) {
+    while let Some(record) = rx.recv().await {
+        let audited = deliver(
+            &counters,
+            &record,
+            "audit sink",
+            || sink.record(&record),
+            |e| matches!(e, AuditError::Unavailable(_)),
+        )
+        .await;
+        let logged = deliver(
+            &counters,
+            &record,
+            "request log",
+            || store.save_request(&record),
+            |e| e.kind == StoreErrorKind::Unavailable,
+        )
+        .await;
+        if audited && logged {
+            counters.delivered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counters.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        finished.send_modify(|n| *n += 1);
+    }
+}
+
+/// Delivers to one destination, retrying while it is unavailable; returns false when
+/// it refused the record for good.
+async fn deliver<F, Fut, E>(
+    counters: &Counters,
+    record: &AuditRecord,
+    destination: &str,
+    mut send: F,
+    retryable: impl Fn(&E) -> bool,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        match send().await {
+            Ok(()) => return true,
+            Err(e) if retryable(&e) => {
+                if counters.retries.fetch_add(1, Ordering::Relaxed) % 100 == 0 {
+                    tracing::warn!(request_id = %record.request_id, destination, error = %e, "record delivery failed; retrying");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => {
+                tracing::error!(request_id = %record.request_id, destination, error = %e, "record refused");
+                return false;
+            }
+        }
+    }
+}

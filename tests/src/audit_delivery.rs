@@ -1,0 +1,109 @@
+//! Audit records are delivered in the background: a sink that is down delays them but
+//! loses none, and a full queue drops records loudly (counted), never silently.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apikeyrouter::{AuditRecord, AuditSink, KeyMetadata, Objective, RequestId};
+use apikeyrouter_application::ports::AuditError;
+use async_trait::async_trait;
+
+use crate::support::{Harness, ask};
+
+/// A sink that refuses records as unavailable while `down`.
+#[derive(Default)]
+struct FlakySink {
+    down: AtomicBool,
+    received: Mutex<Vec<RequestId>>,
+}
+
+#[async_trait]
+impl AuditSink for FlakySink {
+    async fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(AuditError::Unavailable("sink is down".to_owned()));
+        }
+        self.received
+            .lock()
+            .unwrap()
+            .push(record.request_id.clone());
+        Ok(())
+    }
+}
+
+async fn harness(sink: Arc<FlakySink>, queue: usize) -> Harness {
+    let h = Harness::new(|b| b.audit(sink).audit_queue(queue)).await;
+    h.provider("openai");
+    h.key("openai", 0, KeyMetadata::default()).await;
+    h
+}
+
+async fn route_n(h: &Harness, n: usize) -> Vec<RequestId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = h
+            .router
+            .route(ask("gpt-4o-mini", &format!("q{i}")), Objective::default())
+            .await
+            .expect("served while the sink is down");
+        ids.push(r.request_id);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn records_wait_for_a_sink_that_is_down_and_arrive_once_in_order() {
+    let sink = Arc::new(FlakySink::default());
+    sink.down.store(true, Ordering::SeqCst);
+    let h = harness(sink.clone(), 100).await;
+    let ids = route_n(&h, 20).await;
+
+    assert!(!h.router.flush_records(Duration::from_millis(300)).await);
+    let stats = h.router.record_delivery();
+    assert_eq!(stats.pending, 20);
+    assert_eq!(stats.delivered, 0);
+    assert_eq!(stats.dropped, 0);
+    assert!(stats.retries >= 1, "{stats:?}");
+    assert!(sink.received.lock().unwrap().is_empty());
+
+    sink.down.store(false, Ordering::SeqCst);
+    assert!(h.router.flush_records(Duration::from_secs(10)).await);
+    assert_eq!(*sink.received.lock().unwrap(), ids);
+    let stats = h.router.record_delivery();
+    assert_eq!((stats.pending, stats.delivered, stats.dropped), (0, 20, 0));
+    // The request log got them too.
+    for id in &ids {
+        assert!(h.router.request(id).await.unwrap().is_some(), "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_and_counts_the_overflow() {
+    let sink = Arc::new(FlakySink::default());
+    sink.down.store(true, Ordering::SeqCst);
+    let h = harness(sink.clone(), 3).await;
+    // Three wait in the queue, plus the one the delivery task may already hold and
+    // retry; the rest overflow.
+    let ids = route_n(&h, 8).await;
+    let stats = h.router.record_delivery();
+    assert!((3..=4).contains(&stats.pending), "{stats:?}");
+    assert_eq!(stats.dropped, 8 - stats.pending, "{stats:?}");
+    let kept = usize::try_from(stats.pending).unwrap();
+
+    sink.down.store(false, Ordering::SeqCst);
+    assert!(h.router.flush_records(Duration::from_secs(10)).await);
+    assert_eq!(*sink.received.lock().unwrap(), ids[..kept].to_vec());
+    let stats = h.router.record_delivery();
+    assert_eq!(stats.pending, 0);
+    assert_eq!(stats.delivered + stats.dropped, 8);
+}
+
+#[tokio::test]
+async fn lookups_see_the_request_just_made() {
+    let h = harness(Arc::new(FlakySink::default()), 100).await;
+    for id in route_n(&h, 50).await {
+        let record = h.router.request(&id).await.unwrap().expect("record kept");
+        assert_eq!(record.request_id, id);
+    }
+}
