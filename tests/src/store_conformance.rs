@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use apikeyrouter_adapters_stores::cipher::MasterKeys;
 use apikeyrouter_adapters_stores::mongodb::Retention;
-use apikeyrouter_adapters_stores::{AeadCipher, MemoryStore, MongoStore, RedisStore};
+use apikeyrouter_adapters_stores::{AeadCipher, MemoryStore, MongoStore, RedisStore, SplitStore};
 use apikeyrouter_application::ports::StateStore;
 
 /// Generates one `#[tokio::test]` per conformance case for a backend. `$make` is a
@@ -80,6 +80,62 @@ conformance_suite!(redis, || async {
 conformance_suite!(mongodb, || async {
     Arc::new(mongo_store().await) as Arc<dyn StateStore>
 });
+
+conformance_suite!(split, || async {
+    Arc::new(SplitStore::new(
+        Arc::new(redis_store().await),
+        Arc::new(mongo_store().await),
+    )) as Arc<dyn StateStore>
+});
+
+/// The split store keeps material out of the counters store and restores keys the
+/// counters store lost (a Redis restarted without persistence) from the records.
+#[tokio::test]
+async fn split_store_keeps_material_in_the_records_and_restores_lost_counters() {
+    use apikeyrouter_domain::{ApiKey, KeyId, KeyMaterial, KeyMetadata, ProviderId, Timestamp};
+
+    let counters: Arc<dyn StateStore> = Arc::new(redis_store().await);
+    let records: Arc<dyn StateStore> = Arc::new(mongo_store().await);
+    let split: Arc<dyn StateStore> = Arc::new(SplitStore::new(counters.clone(), records.clone()));
+    let material = KeyMaterial::parse("sk-split-secret-0001").unwrap();
+    let key = ApiKey::new(
+        KeyId::new("k1"),
+        ProviderId::new("openai"),
+        material.clone(),
+        KeyMetadata::default(),
+        Timestamp::from_millis(1_000),
+    );
+    split.insert_key(key).await.unwrap();
+
+    let in_counters = counters.get_key(&KeyId::new("k1")).await.unwrap();
+    assert_ne!(in_counters.material.expose(), material.expose());
+    assert_eq!(
+        records
+            .get_key(&KeyId::new("k1"))
+            .await
+            .unwrap()
+            .material
+            .expose(),
+        material.expose()
+    );
+    assert_eq!(
+        split
+            .get_key(&KeyId::new("k1"))
+            .await
+            .unwrap()
+            .material
+            .expose(),
+        material.expose()
+    );
+
+    // The counters store loses the key; listing restores it from the records.
+    counters.delete_key(&KeyId::new("k1")).await.unwrap();
+    let listed = split.list_keys().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].material.expose(), material.expose());
+    assert!(counters.get_key(&KeyId::new("k1")).await.is_ok());
+    assert_eq!(split.kind(), "split");
+}
 
 /// A MongoDB store in a database no other test uses; fails (never skips) without a
 /// server.
@@ -226,7 +282,7 @@ mod cases {
     }
 
     pub(super) async fn store_reports_its_kind_and_answers_ping(store: Store) {
-        assert!(["memory", "redis", "mongodb"].contains(&store.kind()));
+        assert!(["memory", "redis", "mongodb", "split"].contains(&store.kind()));
         store.ping().await.unwrap();
     }
 

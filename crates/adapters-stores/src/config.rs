@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use apikeyrouter_application::ports::{StateStore, StoreError, StoreErrorKind};
+use apikeyrouter_application::ports::{AuditSink, StateStore, StoreError, StoreErrorKind};
 use serde::{Deserialize, Serialize};
 
 /// The state-store backend and its settings, tagged by `kind`.
@@ -49,6 +49,15 @@ pub enum StoreConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         audit_retention_days: Option<u32>,
     },
+    /// Counters (quota windows, reservations, budget ledgers, key state) in one
+    /// store, records (keys with their material, transitions, budget definitions,
+    /// request records) in another: typically Redis and MongoDB.
+    Split {
+        /// Where the counters live, e.g. `{ kind = "redis", url = "..." }`.
+        counters: Box<StoreConfig>,
+        /// Where the records live, e.g. `{ kind = "mongodb", url = "..." }`.
+        records: Box<StoreConfig>,
+    },
 }
 
 impl StoreConfig {
@@ -58,6 +67,7 @@ impl StoreConfig {
             Self::Memory {} => "memory",
             Self::Redis { .. } => "redis",
             Self::Mongodb { .. } => "mongodb",
+            Self::Split { .. } => "split",
         }
     }
 }
@@ -76,6 +86,19 @@ impl Default for StoreConfig {
 /// key is configured).
 pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn StateStore>, StoreError> {
     match config {
+        StoreConfig::Split { counters, records } => {
+            if matches!(**counters, StoreConfig::Split { .. })
+                || matches!(**records, StoreConfig::Split { .. })
+            {
+                return Err(StoreError::new(
+                    StoreErrorKind::Invalid,
+                    "a split store's counters and records must not be split stores",
+                ));
+            }
+            let counters = Box::pin(connect(counters)).await?;
+            let records = Box::pin(connect(records)).await?;
+            Ok(Arc::new(crate::split::SplitStore::new(counters, records)))
+        }
         StoreConfig::Memory {} => connect_memory(),
         StoreConfig::Redis { url, namespace } => connect_redis(url, namespace.as_deref()).await,
         StoreConfig::Mongodb {
@@ -127,12 +150,12 @@ async fn connect_redis(
 /// Opens MongoDB with the master key the environment names; without one it fails
 /// (`Invalid`) with a message saying how to set it, before touching the network.
 #[cfg(feature = "mongodb")]
-async fn connect_mongodb(
+async fn open_mongodb(
     url: &str,
     database: Option<&str>,
     decisions_days: Option<u32>,
     audit_days: Option<u32>,
-) -> Result<Arc<dyn StateStore>, StoreError> {
+) -> Result<Arc<crate::mongodb::MongoStore>, StoreError> {
     use crate::mongodb::{DEFAULT_DATABASE, MongoStore, Retention, database_from_url};
 
     let cipher = crate::cipher::AeadCipher::from_env()
@@ -156,6 +179,16 @@ async fn connect_mongodb(
     Ok(Arc::new(store))
 }
 
+#[cfg(feature = "mongodb")]
+async fn connect_mongodb(
+    url: &str,
+    database: Option<&str>,
+    decisions_days: Option<u32>,
+    audit_days: Option<u32>,
+) -> Result<Arc<dyn StateStore>, StoreError> {
+    Ok(open_mongodb(url, database, decisions_days, audit_days).await?)
+}
+
 #[cfg(not(feature = "mongodb"))]
 async fn connect_mongodb(
     _url: &str,
@@ -163,6 +196,57 @@ async fn connect_mongodb(
     _decisions_days: Option<u32>,
     _audit_days: Option<u32>,
 ) -> Result<Arc<dyn StateStore>, StoreError> {
+    Err(unavailable("built without the `mongodb` feature"))
+}
+
+/// The MongoDB store that `config` names as an audit sink: the `audit` collection,
+/// one document per request, kept `audit_retention_days`.
+///
+/// # Errors
+/// `Invalid` when `config` is not MongoDB; otherwise as [`connect`].
+pub async fn connect_audit_sink(config: &StoreConfig) -> Result<Arc<dyn AuditSink>, StoreError> {
+    match config {
+        StoreConfig::Mongodb {
+            url,
+            database,
+            decisions_retention_days,
+            audit_retention_days,
+        } => {
+            audit_mongodb(
+                url,
+                database.as_deref(),
+                *decisions_retention_days,
+                *audit_retention_days,
+            )
+            .await
+        }
+        other => Err(StoreError::new(
+            StoreErrorKind::Invalid,
+            format!(
+                "a {} store cannot be an audit sink; use mongodb",
+                other.kind_name()
+            ),
+        )),
+    }
+}
+
+#[cfg(feature = "mongodb")]
+async fn audit_mongodb(
+    url: &str,
+    database: Option<&str>,
+    decisions_days: Option<u32>,
+    audit_days: Option<u32>,
+) -> Result<Arc<dyn AuditSink>, StoreError> {
+    Ok(open_mongodb(url, database, decisions_days, audit_days).await?)
+}
+
+#[cfg(not(feature = "mongodb"))]
+async fn audit_mongodb(
+    _url: &str,
+    _database: Option<&str>,
+    _decisions_days: Option<u32>,
+    _audit_days: Option<u32>,
+) -> Result<Arc<dyn AuditSink>, StoreError> {
     Err(unavailable("built without the `mongodb` feature"))
 }
 

@@ -19,12 +19,14 @@ pub mod memory;
 pub mod mongodb;
 #[cfg(feature = "redis")]
 pub mod redis;
+mod split;
 
 pub use cipher::AeadCipher;
-pub use config::{StoreConfig, connect};
+pub use config::{StoreConfig, connect, connect_audit_sink};
 #[cfg(feature = "memory")]
 pub use memory::MemoryStore;
 #[cfg(feature = "mongodb")]
 pub use mongodb::MongoStore;
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
+pub use split::SplitStore;

@@ -91,6 +91,12 @@ impl ApiKeyRouter {
                     JsonLinesAuditSink::file(path)
                         .map_err(|e| BuildError::Setting(format!("audit file {path}: {e}")))?,
                 ),
+                (Some("mongodb"), _) => {
+                    let mongodb = config.audit.mongodb(&config.store).ok_or_else(|| {
+                        BuildError::Setting("audit: kind mongodb needs a url".to_owned())
+                    })?;
+                    apikeyrouter_adapters_stores::connect_audit_sink(&mongodb).await?
+                }
                 _ => Arc::new(DiscardAuditSink),
             };
         let router = Self::builder()

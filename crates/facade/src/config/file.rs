@@ -400,12 +400,51 @@ pub struct PriceConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// `none` (records only kept for look-up), `stdout` or `file`.
+    /// `none` (records only kept for look-up), `stdout`, `file` or `mongodb`.
     #[serde(default)]
     pub kind: Option<String>,
     /// For `kind = "file"`.
     #[serde(default)]
     pub path: Option<String>,
+    /// For `kind = "mongodb"`: the connection string; the store's MongoDB when absent.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// For `kind = "mongodb"`: the database; the store's (or the URL's) when absent.
+    #[serde(default)]
+    pub database: Option<String>,
+}
+
+impl AuditConfig {
+    /// For `kind = "mongodb"`: the MongoDB to write to, from `url` or else from the
+    /// store (a MongoDB store, or the records half of a split store).
+    pub fn mongodb(&self, store: &StoreConfig) -> Option<StoreConfig> {
+        if let Some(url) = &self.url {
+            return Some(StoreConfig::Mongodb {
+                url: url.clone(),
+                database: self.database.clone(),
+                decisions_retention_days: None,
+                audit_retention_days: None,
+            });
+        }
+        let store = match store {
+            StoreConfig::Split { records, .. } => records.as_ref(),
+            other => other,
+        };
+        match store {
+            StoreConfig::Mongodb {
+                url,
+                database,
+                decisions_retention_days,
+                audit_retention_days,
+            } => Some(StoreConfig::Mongodb {
+                url: url.clone(),
+                database: self.database.clone().or_else(|| database.clone()),
+                decisions_retention_days: *decisions_retention_days,
+                audit_retention_days: *audit_retention_days,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// `[limits]`

@@ -636,10 +636,18 @@ impl Validator<'_> {
             (None | Some("none" | "stdout"), _) => {}
             (Some("file"), Some(_)) => {}
             (Some("file"), None) => return Err(self.err("audit.path", "required for kind file")),
+            (Some("mongodb"), _) => {
+                if file.audit.mongodb(&file.store).is_none() {
+                    return Err(self.err(
+                        "audit.url",
+                        "required for kind mongodb unless the store (or its records) is mongodb",
+                    ));
+                }
+            }
             (Some(other), _) => {
                 return Err(self.err(
                     "audit.kind",
-                    format!("unknown audit kind {other:?}; expected none, stdout or file"),
+                    format!("unknown audit kind {other:?}; expected none, stdout, file or mongodb"),
                 ));
             }
         }

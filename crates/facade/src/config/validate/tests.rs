@@ -227,3 +227,55 @@ limit_usd = 5
         }
     );
 }
+
+#[test]
+fn split_store_with_mongodb_audit_parses() {
+    let text = r#"
+[store]
+kind = "split"
+[store.counters]
+kind = "redis"
+url = "redis://127.0.0.1:6379"
+[store.records]
+kind = "mongodb"
+url = "mongodb://127.0.0.1:27017"
+database = "router"
+[audit]
+kind = "mongodb"
+"#;
+    let c = Config::parse(text, "test.toml", &[]).unwrap();
+    assert_eq!(c.store.kind_name(), "split");
+    let StoreConfig::Split { counters, records } = &c.store else {
+        panic!("not split: {:?}", c.store);
+    };
+    assert_eq!(counters.kind_name(), "redis");
+    assert_eq!(records.kind_name(), "mongodb");
+    // The audit sink is the records' MongoDB.
+    assert_eq!(
+        c.audit.mongodb(&c.store),
+        Some(StoreConfig::Mongodb {
+            url: "mongodb://127.0.0.1:27017".to_owned(),
+            database: Some("router".to_owned()),
+            decisions_retention_days: None,
+            audit_retention_days: None,
+        })
+    );
+}
+
+#[test]
+fn mongodb_audit_needs_a_url_without_a_mongodb_store() {
+    assert_eq!(
+        parse_err("[audit]\nkind = \"mongodb\"\n", &[]),
+        "test.toml: audit.url: required for kind mongodb unless the store (or its records) is mongodb"
+    );
+    let c = Config::parse(
+        "[audit]\nkind = \"mongodb\"\nurl = \"mongodb://db:27017\"\n",
+        "test.toml",
+        &[],
+    )
+    .unwrap();
+    assert!(matches!(
+        c.audit.mongodb(&c.store),
+        Some(StoreConfig::Mongodb { url, .. }) if url == "mongodb://db:27017"
+    ));
+}

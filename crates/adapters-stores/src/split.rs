@@ -1,0 +1,293 @@
+//! The split store: counters in one backend (Redis, shared and fast), records in
+//! another (MongoDB, durable).
+//!
+//! | port | goes to |
+//! |---|---|
+//! | quota windows, reservations, budget ledgers, key counters | counters |
+//! | key state (routing view, change events) | counters, mirrored to records |
+//! | keys with their material, transition history, budget definitions, request records | records |
+//!
+//! Key material stays in the records store (sealed at rest in MongoDB): the counters
+//! store holds each key under a placeholder, and reads put the real material back.
+//! A key the records store has but the counters store lost (Redis restarted without
+//! persistence) is restored into the counters store when keys are listed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use apikeyrouter_application::ports::BudgetStore;
+use apikeyrouter_application::ports::{
+    Charge, ChargeRejection, KeyChanges, KeyOutcome, KeyStore, RequestLog, StateStore, StoreError,
+    StoreErrorKind, UsageLedger,
+};
+use apikeyrouter_application::records::AuditRecord;
+use apikeyrouter_domain::{
+    ApiKey, Budget, BudgetStatus, KeyId, KeyMaterial, KeyMetadata, KeyState, KeyStats, Money,
+    QuotaLimits, QuotaObservation, QuotaSnapshot, RequestId, StateTransition, Timestamp,
+    TransitionTrigger,
+};
+use async_trait::async_trait;
+
+/// What the counters store holds instead of key material.
+const PLACEHOLDER: &str = "material-kept-in-the-records-store";
+
+/// Counters in `counters`, records in `records`.
+pub struct SplitStore {
+    counters: Arc<dyn StateStore>,
+    records: Arc<dyn StateStore>,
+}
+
+impl std::fmt::Debug for SplitStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SplitStore")
+            .field("counters", &self.counters.kind())
+            .field("records", &self.records.kind())
+            .finish()
+    }
+}
+
+impl SplitStore {
+    /// Counters (quota, budgets' ledgers, key state) in `counters`; keys, history and
+    /// request records in `records`.
+    pub fn new(counters: Arc<dyn StateStore>, records: Arc<dyn StateStore>) -> Self {
+        Self { counters, records }
+    }
+
+    fn shadow(key: &ApiKey) -> Result<ApiKey, StoreError> {
+        let material = KeyMaterial::parse(PLACEHOLDER)
+            .map_err(|e| StoreError::new(StoreErrorKind::Internal, e.to_string()))?;
+        Ok(ApiKey {
+            material,
+            ..key.clone()
+        })
+    }
+
+    /// The counters store's view of a key with the records store's material.
+    fn join(mut live: ApiKey, durable: &ApiKey) -> ApiKey {
+        live.material = durable.material.clone();
+        live
+    }
+}
+
+/// `Ok` for `NotFound`: the other half of a split operation may already be gone.
+fn tolerate_missing(result: Result<(), StoreError>) -> Result<(), StoreError> {
+    match result {
+        Err(e) if e.kind == StoreErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[async_trait]
+impl KeyStore for SplitStore {
+    async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        let shadow = Self::shadow(&key)?;
+        let id = key.id.clone();
+        self.records.insert_key(key).await?;
+        if let Err(e) = self.counters.insert_key(shadow).await {
+            // Keep the two halves in step: undo the durable insert.
+            if let Err(undo) = self.records.delete_key(&id).await {
+                tracing::error!(key_id = %id, error = %undo, "split store: key left in the records store only");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError> {
+        let durable = self.records.get_key(id).await?;
+        match self.counters.get_key(id).await {
+            Ok(live) => Ok(Self::join(live, &durable)),
+            Err(e) if e.kind == StoreErrorKind::NotFound => {
+                self.counters.insert_key(Self::shadow(&durable)?).await?;
+                Ok(durable)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let durable = self.records.list_keys().await?;
+        let mut live: HashMap<KeyId, ApiKey> = self
+            .counters
+            .list_keys()
+            .await?
+            .into_iter()
+            .map(|k| (k.id.clone(), k))
+            .collect();
+        let mut keys = Vec::with_capacity(durable.len());
+        for key in durable {
+            match live.remove(&key.id) {
+                Some(l) => keys.push(Self::join(l, &key)),
+                None => {
+                    tracing::warn!(key_id = %key.id, "split store: key missing from the counters store; restored");
+                    self.counters.insert_key(Self::shadow(&key)?).await?;
+                    keys.push(key);
+                }
+            }
+        }
+        for orphan in live.keys() {
+            tracing::warn!(key_id = %orphan, "split store: key in the counters store only; ignored");
+        }
+        Ok(keys)
+    }
+
+    async fn update_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<ApiKey, StoreError> {
+        let durable = self.records.update_metadata(id, metadata.clone()).await?;
+        let live = self.counters.update_metadata(id, metadata).await?;
+        Ok(Self::join(live, &durable))
+    }
+
+    async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
+        let counters = self.counters.delete_key(id).await;
+        let records = self.records.delete_key(id).await;
+        match (counters, records) {
+            (Err(a), Err(b)) if a.kind == StoreErrorKind::NotFound => Err(b),
+            (a, b) => {
+                tolerate_missing(a)?;
+                tolerate_missing(b)
+            }
+        }
+    }
+
+    async fn transition(
+        &self,
+        id: &KeyId,
+        to: KeyState,
+        trigger: TransitionTrigger,
+        reason: String,
+        cooldown_until: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<StateTransition, StoreError> {
+        // The counters store decides (atomically, and tells other instances); the
+        // records store keeps the history.
+        let done = self
+            .counters
+            .transition(id, to, trigger, reason.clone(), cooldown_until, now)
+            .await?;
+        if let Err(e) = self
+            .records
+            .transition(id, to, trigger, reason, cooldown_until, now)
+            .await
+        {
+            tracing::warn!(key_id = %id, error = %e, "split store: transition not kept in the records store");
+        }
+        Ok(done)
+    }
+
+    async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
+        self.records.transitions(id).await
+    }
+
+    async fn record_outcome(
+        &self,
+        id: &KeyId,
+        outcome: KeyOutcome,
+    ) -> Result<KeyStats, StoreError> {
+        self.counters.record_outcome(id, outcome).await
+    }
+}
+
+#[async_trait]
+impl UsageLedger for SplitStore {
+    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        self.counters.reserve(charge).await
+    }
+
+    async fn settle(
+        &self,
+        charge: &Charge,
+        actual_tokens: u64,
+        actual_cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.counters
+            .settle(charge, actual_tokens, actual_cost, now)
+            .await
+    }
+
+    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
+        self.counters.release(charge).await
+    }
+
+    async fn observe_quota(
+        &self,
+        id: &KeyId,
+        observation: QuotaObservation,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.counters.observe_quota(id, observation, now).await
+    }
+
+    async fn quota_snapshot(
+        &self,
+        id: &KeyId,
+        limits: &QuotaLimits,
+        now: Timestamp,
+    ) -> Result<QuotaSnapshot, StoreError> {
+        self.counters.quota_snapshot(id, limits, now).await
+    }
+}
+
+#[async_trait]
+impl BudgetStore for SplitStore {
+    async fn put_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        self.records.put_budget(budget.clone(), spent, now).await?;
+        self.counters.put_budget(budget, spent, now).await
+    }
+
+    async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
+        self.records.list_budgets().await
+    }
+
+    async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.counters.budget_statuses(now).await
+    }
+
+    async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
+        let counters = self.counters.delete_budget(id).await;
+        let records = self.records.delete_budget(id).await;
+        match (counters, records) {
+            (Err(a), Err(b)) if a.kind == StoreErrorKind::NotFound => Err(b),
+            (a, b) => {
+                tolerate_missing(a)?;
+                tolerate_missing(b)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl RequestLog for SplitStore {
+    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        self.records.save_request(record).await
+    }
+
+    async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
+        self.records.get_request(id).await
+    }
+}
+
+#[async_trait]
+impl StateStore for SplitStore {
+    fn kind(&self) -> &'static str {
+        "split"
+    }
+
+    async fn key_changes(&self) -> Result<Option<KeyChanges>, StoreError> {
+        self.counters.key_changes().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.counters.ping().await?;
+        self.records.ping().await
+    }
+}
