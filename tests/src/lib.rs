@@ -21,6 +21,8 @@ mod python_sdk;
 #[cfg(test)]
 mod store_conformance;
 #[cfg(test)]
+mod store_faults;
+#[cfg(test)]
 mod streaming;
 #[cfg(test)]
 mod support;

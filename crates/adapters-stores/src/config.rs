@@ -9,6 +9,19 @@ use std::sync::Arc;
 use apikeyrouter_application::ports::{AuditSink, StateStore, StoreError, StoreErrorKind};
 use serde::{Deserialize, Serialize};
 
+/// What the router does when a shared store becomes unreachable during traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Refuse requests (503 `store_unavailable`) until the store is back: limits and
+    /// budgets are never checked against a partial view.
+    #[default]
+    FailClosed,
+    /// Keep serving on local limits (per instance), with a warning and the
+    /// `store_degraded` metric, until the store is back.
+    FailOpen,
+}
+
 /// The state-store backend and its settings, tagged by `kind`.
 ///
 /// ```text
@@ -31,6 +44,9 @@ pub enum StoreConfig {
         /// tests) sharing a server keep apart by using different namespaces.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         namespace: Option<String>,
+        /// When the server is lost during traffic; `fail_closed` when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        on_unavailable: Option<FailMode>,
     },
     /// MongoDB (feature `mongodb`): durable keys (material encrypted with the master
     /// key from `APIKEYROUTER_MASTER_KEY` or `APIKEYROUTER_MASTER_KEY_FILE`), budgets,
@@ -48,6 +64,9 @@ pub enum StoreConfig {
         /// Days the audit trail is kept; 365 when absent, 0 to keep it forever.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         audit_retention_days: Option<u32>,
+        /// When the server is lost during traffic; `fail_closed` when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        on_unavailable: Option<FailMode>,
     },
     /// Counters (quota windows, reservations, budget ledgers, key state) in one
     /// store, records (keys with their material, transitions, budget definitions,
@@ -57,6 +76,10 @@ pub enum StoreConfig {
         counters: Box<StoreConfig>,
         /// Where the records live, e.g. `{ kind = "mongodb", url = "..." }`.
         records: Box<StoreConfig>,
+        /// When either is lost during traffic; `fail_closed` when absent. (The
+        /// halves' own settings are not used.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        on_unavailable: Option<FailMode>,
     },
 }
 
@@ -68,6 +91,16 @@ impl StoreConfig {
             Self::Redis { .. } => "redis",
             Self::Mongodb { .. } => "mongodb",
             Self::Split { .. } => "split",
+        }
+    }
+
+    /// What to do when the store is lost during traffic.
+    pub fn fail_mode(&self) -> FailMode {
+        match self {
+            Self::Memory {} => FailMode::FailClosed,
+            Self::Redis { on_unavailable, .. }
+            | Self::Mongodb { on_unavailable, .. }
+            | Self::Split { on_unavailable, .. } => on_unavailable.unwrap_or_default(),
         }
     }
 }
@@ -85,8 +118,32 @@ impl Default for StoreConfig {
 /// reached; `Invalid` when its settings are wrong (for MongoDB, also when no master
 /// key is configured).
 pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn StateStore>, StoreError> {
+    let store = connect_backend(config).await?;
+    match config.fail_mode() {
+        FailMode::FailClosed => Ok(store),
+        FailMode::FailOpen => fail_open(store).await,
+    }
+}
+
+#[cfg(feature = "memory")]
+async fn fail_open(store: Arc<dyn StateStore>) -> Result<Arc<dyn StateStore>, StoreError> {
+    Ok(Arc::new(
+        crate::fail_open::FailOpenStore::start(store).await?,
+    ))
+}
+
+#[cfg(not(feature = "memory"))]
+async fn fail_open(_store: Arc<dyn StateStore>) -> Result<Arc<dyn StateStore>, StoreError> {
+    Err(unavailable(
+        "on_unavailable = \"fail_open\" needs the `memory` feature",
+    ))
+}
+
+async fn connect_backend(config: &StoreConfig) -> Result<Arc<dyn StateStore>, StoreError> {
     match config {
-        StoreConfig::Split { counters, records } => {
+        StoreConfig::Split {
+            counters, records, ..
+        } => {
             if matches!(**counters, StoreConfig::Split { .. })
                 || matches!(**records, StoreConfig::Split { .. })
             {
@@ -95,17 +152,18 @@ pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn StateStore>, StoreE
                     "a split store's counters and records must not be split stores",
                 ));
             }
-            let counters = Box::pin(connect(counters)).await?;
-            let records = Box::pin(connect(records)).await?;
+            let counters = Box::pin(connect_backend(counters)).await?;
+            let records = Box::pin(connect_backend(records)).await?;
             Ok(Arc::new(crate::split::SplitStore::new(counters, records)))
         }
         StoreConfig::Memory {} => connect_memory(),
-        StoreConfig::Redis { url, namespace } => connect_redis(url, namespace.as_deref()).await,
+        StoreConfig::Redis { url, namespace, .. } => connect_redis(url, namespace.as_deref()).await,
         StoreConfig::Mongodb {
             url,
             database,
             decisions_retention_days,
             audit_retention_days,
+            ..
         } => {
             connect_mongodb(
                 url,
@@ -211,6 +269,7 @@ pub async fn connect_audit_sink(config: &StoreConfig) -> Result<Arc<dyn AuditSin
             database,
             decisions_retention_days,
             audit_retention_days,
+            ..
         } => {
             audit_mongodb(
                 url,
@@ -270,6 +329,7 @@ mod tests {
             StoreConfig::Redis {
                 url: "redis://localhost:6379".to_owned(),
                 namespace: None,
+                on_unavailable: None,
             }
         );
         let mongodb: StoreConfig =
@@ -281,6 +341,7 @@ mod tests {
                 database: None,
                 decisions_retention_days: None,
                 audit_retention_days: None,
+                on_unavailable: None,
             }
         );
     }
@@ -297,6 +358,7 @@ mod tests {
         let config = StoreConfig::Redis {
             url: "redis://:hunter2@127.0.0.1:1".to_owned(),
             namespace: None,
+            on_unavailable: None,
         };
         let err = connect(&config).await.err().unwrap();
         assert_eq!(err.kind, StoreErrorKind::Unavailable);
@@ -321,6 +383,7 @@ mod tests {
             database: Some("apikeyrouter".to_owned()),
             decisions_retention_days: None,
             audit_retention_days: None,
+            on_unavailable: None,
         };
         let err = connect(&config).await.err().unwrap();
         assert!(!err.message.contains("hunter2"), "{}", err.message);

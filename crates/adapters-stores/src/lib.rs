@@ -14,6 +14,8 @@
 pub mod cipher;
 mod config;
 #[cfg(feature = "memory")]
+mod fail_open;
+#[cfg(feature = "memory")]
 pub mod memory;
 #[cfg(feature = "mongodb")]
 pub mod mongodb;
@@ -22,7 +24,9 @@ pub mod redis;
 mod split;
 
 pub use cipher::AeadCipher;
-pub use config::{StoreConfig, connect, connect_audit_sink};
+pub use config::{FailMode, StoreConfig, connect, connect_audit_sink};
+#[cfg(feature = "memory")]
+pub use fail_open::FailOpenStore;
 #[cfg(feature = "memory")]
 pub use memory::MemoryStore;
 #[cfg(feature = "mongodb")]

@@ -36,7 +36,7 @@ pub use router::ApiKeyRouter;
 pub use apikeyrouter_application::ports::{
     AuditSink, ChatChunk, ChatResponse, ChatStream, Clock, EmbeddingCall, EmbeddingResponse,
     FinishReason, ManualClock, ModelSet, Provider, ProviderCall, ProviderError, StateStore,
-    StoreError, StreamStart, SystemClock, ToolCallDelta,
+    StoreError, StoreHealth, StreamStart, SystemClock, ToolCallDelta,
 };
 pub use apikeyrouter_application::services::{
     BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind, RoutedStream,

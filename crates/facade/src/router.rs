@@ -270,6 +270,12 @@ impl ApiKeyRouter {
         self.core.flush_records(timeout).await
     }
 
+    /// Whether the store is degraded (fail-open on local limits) and how many
+    /// operations it served locally.
+    pub fn store_health(&self) -> crate::StoreHealth {
+        self.core.store_health()
+    }
+
     /// Counters of the background audit delivery: pending, delivered, dropped
     /// (queue full), rejected and retried.
     pub fn record_delivery(&self) -> crate::DeliveryStats {

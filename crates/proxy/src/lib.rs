@@ -100,6 +100,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         }
     }
     state.metrics.set_audit(state.router.record_delivery());
+    state.metrics.set_store_health(state.router.store_health());
     (
         [(
             header::CONTENT_TYPE,

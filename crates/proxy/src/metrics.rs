@@ -59,6 +59,8 @@ pub struct Metrics {
     pub failovers: Family<ModelLabels, Counter>,
     pub keys: Family<KeyStateLabels, Gauge>,
     pub audit: Family<AuditLabels, Gauge>,
+    pub store_degraded: Gauge,
+    pub store_local_fallbacks: Gauge,
 }
 
 impl Metrics {
@@ -106,6 +108,18 @@ impl Metrics {
             "Audit records by delivery state: pending, delivered, dropped (queue full), rejected, retries",
             audit.clone(),
         );
+        let store_degraded = Gauge::default();
+        registry.register(
+            "store_degraded",
+            "1 while the shared state store is unreachable and requests run on local limits (fail-open)",
+            store_degraded.clone(),
+        );
+        let store_local_fallbacks = Gauge::default();
+        registry.register(
+            "store_local_fallbacks",
+            "Store operations served on local limits because the shared store was unreachable",
+            store_local_fallbacks.clone(),
+        );
         Self {
             registry,
             requests,
@@ -115,6 +129,8 @@ impl Metrics {
             failovers,
             keys,
             audit,
+            store_degraded,
+            store_local_fallbacks,
         }
     }
 
@@ -163,6 +179,13 @@ impl Metrics {
                 .get_or_create(&AuditLabels { state })
                 .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Sets the store health gauges.
+    pub fn set_store_health(&self, health: apikeyrouter::StoreHealth) {
+        self.store_degraded.set(i64::from(health.degraded));
+        self.store_local_fallbacks
+            .set(i64::try_from(health.local_fallbacks).unwrap_or(i64::MAX));
     }
 
     /// The text exposition format.

@@ -18,7 +18,7 @@ pub use provider::{
 };
 pub use store::{
     BudgetStore, Charge, ChargeRejection, KeyChanges, KeyOutcome, KeyStore, RequestLog, StateStore,
-    StoreError, StoreErrorKind, UsageLedger,
+    StoreError, StoreErrorKind, StoreHealth, UsageLedger,
 };
 
 #[cfg(any(test, feature = "test-util"))]

@@ -308,6 +308,16 @@ pub trait RequestLog: Send + Sync + 'static {
 /// instance sharing a store; ends when the subscription is lost.
 pub type KeyChanges = std::pin::Pin<Box<dyn futures_core::Stream<Item = KeyId> + Send>>;
 
+/// How a store is faring, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// The shared backend is unreachable and the store is running on local limits
+    /// (fail-open).
+    pub degraded: bool,
+    /// Operations served locally because the shared backend was unreachable.
+    pub local_fallbacks: u64,
+}
+
 /// Everything a store adapter provides.
 #[async_trait]
 pub trait StateStore: KeyStore + UsageLedger + BudgetStore + RequestLog {
@@ -328,4 +338,10 @@ pub trait StateStore: KeyStore + UsageLedger + BudgetStore + RequestLog {
     /// # Errors
     /// `Unavailable` when it is not.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether the store is degraded (running on local limits); healthy unless the
+    /// adapter falls back.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
 }

@@ -406,6 +406,11 @@ impl ApiKeyRouterCore {
         self.shared.records.stats()
     }
 
+    /// Whether the store runs degraded (fail-open on local limits), for metrics.
+    pub fn store_health(&self) -> crate::ports::StoreHealth {
+        self.shared.store.health()
+    }
+
     /// The store's backend name.
     pub fn store_kind(&self) -> &'static str {
         self.shared.store.kind()

@@ -424,6 +424,7 @@ impl AuditConfig {
                 database: self.database.clone(),
                 decisions_retention_days: None,
                 audit_retention_days: None,
+                on_unavailable: None,
             });
         }
         let store = match store {
@@ -436,11 +437,13 @@ impl AuditConfig {
                 database,
                 decisions_retention_days,
                 audit_retention_days,
+                ..
             } => Some(StoreConfig::Mongodb {
                 url: url.clone(),
                 database: self.database.clone().or_else(|| database.clone()),
                 decisions_retention_days: *decisions_retention_days,
                 audit_retention_days: *audit_retention_days,
+                on_unavailable: None,
             }),
             _ => None,
         }

@@ -245,7 +245,10 @@ kind = "mongodb"
 "#;
     let c = Config::parse(text, "test.toml", &[]).unwrap();
     assert_eq!(c.store.kind_name(), "split");
-    let StoreConfig::Split { counters, records } = &c.store else {
+    let StoreConfig::Split {
+        counters, records, ..
+    } = &c.store
+    else {
         panic!("not split: {:?}", c.store);
     };
     assert_eq!(counters.kind_name(), "redis");
@@ -258,6 +261,7 @@ kind = "mongodb"
             database: Some("router".to_owned()),
             decisions_retention_days: None,
             audit_retention_days: None,
+            on_unavailable: None,
         })
     );
 }

@@ -1,0 +1,420 @@
+//! Fail-open: keep routing on local limits while a shared store is unreachable.
+//!
+//! [`FailOpenStore`] wraps a shared store (Redis, MongoDB, split) with an in-process
+//! [`MemoryStore`] that mirrors its keys and budgets. While the shared store answers,
+//! everything goes to it and the mirror follows. When it is unreachable, the routing
+//! path (quota windows, reservations, settlement, key counters and state) runs on the
+//! mirror: limits then hold per instance rather than across instances, and spend
+//! during the outage is counted locally only. Administrative writes (keys, budgets)
+//! still fail, so nothing is accepted that the shared store would not keep. The
+//! shared store is retried at most once a second, and on the first answer the mirror
+//! is refreshed from it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use apikeyrouter_application::ports::{
+    BudgetStore, Charge, ChargeRejection, KeyChanges, KeyOutcome, KeyStore, RequestLog, StateStore,
+    StoreError, StoreHealth, UsageLedger,
+};
+use apikeyrouter_application::records::AuditRecord;
+use apikeyrouter_domain::{
+    ApiKey, Budget, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money, QuotaLimits,
+    QuotaObservation, QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
+};
+use async_trait::async_trait;
+
+use crate::memory::MemoryStore;
+
+/// How long the shared store is left alone after it failed.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// A shared store with a local fallback; see the module documentation.
+pub struct FailOpenStore {
+    remote: Arc<dyn StateStore>,
+    local: MemoryStore,
+    budgets: RwLock<Vec<Budget>>,
+    degraded: AtomicBool,
+    /// Milliseconds after `started` before which the shared store is not tried.
+    retry_at_ms: AtomicU64,
+    fallbacks: AtomicU64,
+    started: Instant,
+}
+
+impl std::fmt::Debug for FailOpenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailOpenStore")
+            .field("remote", &self.remote.kind())
+            .field("degraded", &self.degraded.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn wall_clock() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Timestamp::from_millis(ms)
+}
+
+impl FailOpenStore {
+    /// Wraps `remote`, copying its keys and budgets into the local mirror.
+    ///
+    /// # Errors
+    /// The shared store's error when it cannot be read now: starting needs it once.
+    pub async fn start(remote: Arc<dyn StateStore>) -> Result<Self, StoreError> {
+        let store = Self {
+            remote,
+            local: MemoryStore::new(),
+            budgets: RwLock::new(Vec::new()),
+            degraded: AtomicBool::new(false),
+            retry_at_ms: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            started: Instant::now(),
+        };
+        store.resync().await?;
+        Ok(store)
+    }
+
+    /// Copies the shared store's keys and budgets (with their spend) into the mirror.
+    async fn resync(&self) -> Result<(), StoreError> {
+        let keys = self.remote.list_keys().await?;
+        let budgets = self.remote.list_budgets().await?;
+        let now = wall_clock();
+        let statuses = self.remote.budget_statuses(now).await?;
+        for key in keys {
+            self.mirror_key(key).await;
+        }
+        for budget in &budgets {
+            let spent = statuses
+                .iter()
+                .find(|s| s.budget_id == budget.id)
+                .map_or(Money::ZERO, |s| s.spent);
+            let _ = self.local.put_budget(budget.clone(), spent, now).await;
+        }
+        *self.budgets.write().unwrap_or_else(PoisonError::into_inner) = budgets;
+        Ok(())
+    }
+
+    /// Replaces the mirror's copy of `key` (its local counters restart).
+    async fn mirror_key(&self, key: ApiKey) {
+        let _ = self.local.delete_key(&key.id).await;
+        let _ = self.local.insert_key(key).await;
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether to try the shared store now.
+    fn try_remote(&self) -> bool {
+        !self.degraded.load(Ordering::Relaxed)
+            || self.elapsed_ms() >= self.retry_at_ms.load(Ordering::Relaxed)
+    }
+
+    /// The shared store failed with `e`: true when this is an outage to ride out.
+    fn went_down(&self, e: &StoreError) -> bool {
+        if !e.is_retryable() {
+            return false;
+        }
+        let retry_at = self.elapsed_ms() + u64::try_from(RETRY_EVERY.as_millis()).unwrap_or(0);
+        self.retry_at_ms.store(retry_at, Ordering::Relaxed);
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::warn!(store = self.remote.kind(), error = %e, "state store unreachable: failing open on local limits");
+        }
+        true
+    }
+
+    /// The shared store answered: leave degraded mode, refreshing the mirror once.
+    async fn answered(&self) {
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                store = self.remote.kind(),
+                "state store reachable again: shared limits resume"
+            );
+            if let Err(e) = self.resync().await {
+                tracing::warn!(error = %e, "local mirror not refreshed");
+            }
+        }
+    }
+
+    fn fell_back(&self) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Keeps the mirror's budget spend in step with what the shared store settled.
+    async fn mirror_spend(&self, statuses: &[BudgetStatus], now: Timestamp) {
+        let budgets = self
+            .budgets
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for status in statuses {
+            if let Some(budget) = budgets.iter().find(|b| b.id == status.budget_id) {
+                let _ = self
+                    .local
+                    .put_budget(budget.clone(), status.spent, now)
+                    .await;
+            }
+        }
+    }
+}
+
+/// Runs `$call` on the shared store, or on the mirror while it is unreachable.
+macro_rules! fail_open {
+    ($self:ident, |$s:ident| $call:expr) => {{
+        if $self.try_remote() {
+            let $s = &*$self.remote;
+            match $call.await {
+                Err(e) if $self.went_down(&e) => {}
+                other => {
+                    $self.answered().await;
+                    return other;
+                }
+            }
+        }
+        $self.fell_back();
+        let $s = &$self.local;
+        $call.await
+    }};
+}
+
+#[async_trait]
+impl KeyStore for FailOpenStore {
+    async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        self.remote.insert_key(key.clone()).await?;
+        self.mirror_key(key).await;
+        Ok(())
+    }
+
+    async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError> {
+        if self.try_remote() {
+            match self.remote.get_key(id).await {
+                Err(e) if self.went_down(&e) => {}
+                Ok(key) => {
+                    self.answered().await;
+                    self.mirror_key(key.clone()).await;
+                    return Ok(key);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.fell_back();
+        self.local.get_key(id).await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        fail_open!(self, |s| s.list_keys())
+    }
+
+    async fn update_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<ApiKey, StoreError> {
+        let key = self.remote.update_metadata(id, metadata).await?;
+        self.mirror_key(key.clone()).await;
+        Ok(key)
+    }
+
+    async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
+        self.remote.delete_key(id).await?;
+        let _ = self.local.delete_key(id).await;
+        Ok(())
+    }
+
+    async fn transition(
+        &self,
+        id: &KeyId,
+        to: KeyState,
+        trigger: TransitionTrigger,
+        reason: String,
+        cooldown_until: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<StateTransition, StoreError> {
+        if self.try_remote() {
+            match self
+                .remote
+                .transition(id, to, trigger, reason.clone(), cooldown_until, now)
+                .await
+            {
+                Err(e) if self.went_down(&e) => {}
+                other => {
+                    self.answered().await;
+                    if other.is_ok() {
+                        let _ = self
+                            .local
+                            .transition(id, to, trigger, reason, cooldown_until, now)
+                            .await;
+                    }
+                    return other;
+                }
+            }
+        }
+        self.fell_back();
+        self.local
+            .transition(id, to, trigger, reason, cooldown_until, now)
+            .await
+    }
+
+    async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
+        fail_open!(self, |s| s.transitions(id))
+    }
+
+    async fn record_outcome(
+        &self,
+        id: &KeyId,
+        outcome: KeyOutcome,
+    ) -> Result<KeyStats, StoreError> {
+        fail_open!(self, |s| s.record_outcome(id, outcome))
+    }
+}
+
+#[async_trait]
+impl UsageLedger for FailOpenStore {
+    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        if self.try_remote() {
+            match self.remote.reserve(charge).await {
+                Err(ChargeRejection::Store(e)) if self.went_down(&e) => {}
+                other => {
+                    self.answered().await;
+                    return other;
+                }
+            }
+        }
+        self.fell_back();
+        self.local.reserve(charge).await
+    }
+
+    async fn settle(
+        &self,
+        charge: &Charge,
+        actual_tokens: u64,
+        actual_cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        if self.try_remote() {
+            match self
+                .remote
+                .settle(charge, actual_tokens, actual_cost, now)
+                .await
+            {
+                Err(e) if self.went_down(&e) => {}
+                other => {
+                    self.answered().await;
+                    if let Ok(statuses) = &other {
+                        self.mirror_spend(statuses, now).await;
+                    }
+                    return other;
+                }
+            }
+        }
+        self.fell_back();
+        self.local
+            .settle(charge, actual_tokens, actual_cost, now)
+            .await
+    }
+
+    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
+        fail_open!(self, |s| s.release(charge))
+    }
+
+    async fn observe_quota(
+        &self,
+        id: &KeyId,
+        observation: QuotaObservation,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        fail_open!(self, |s| s.observe_quota(id, observation, now))
+    }
+
+    async fn quota_snapshot(
+        &self,
+        id: &KeyId,
+        limits: &QuotaLimits,
+        now: Timestamp,
+    ) -> Result<QuotaSnapshot, StoreError> {
+        fail_open!(self, |s| s.quota_snapshot(id, limits, now))
+    }
+}
+
+#[async_trait]
+impl BudgetStore for FailOpenStore {
+    async fn put_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let status = self.remote.put_budget(budget.clone(), spent, now).await?;
+        let _ = self.local.put_budget(budget.clone(), spent, now).await;
+        let mut budgets = self.budgets.write().unwrap_or_else(PoisonError::into_inner);
+        budgets.retain(|b| b.id != budget.id);
+        budgets.push(budget);
+        Ok(status)
+    }
+
+    async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
+        fail_open!(self, |s| s.list_budgets())
+    }
+
+    async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
+        fail_open!(self, |s| s.budget_statuses(now))
+    }
+
+    async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
+        self.remote.delete_budget(id).await?;
+        let _ = self.local.delete_budget(id).await;
+        self.budgets
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|b| b.id != id);
+        Ok(())
+    }
+}
+
+/// Request records go to the shared store only: the audit delivery retries them
+/// until it is back.
+#[async_trait]
+impl RequestLog for FailOpenStore {
+    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        self.remote.save_request(record).await
+    }
+
+    async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
+        self.remote.get_request(id).await
+    }
+}
+
+#[async_trait]
+impl StateStore for FailOpenStore {
+    fn kind(&self) -> &'static str {
+        self.remote.kind()
+    }
+
+    async fn key_changes(&self) -> Result<Option<KeyChanges>, StoreError> {
+        self.remote.key_changes().await
+    }
+
+    /// Ready while the mirror can serve: an unreachable shared store degrades this
+    /// instance (see [`StateStore::health`]) but does not stop it.
+    async fn ping(&self) -> Result<(), StoreError> {
+        match self.remote.ping().await {
+            Err(e) if self.went_down(&e) => Ok(()),
+            other => {
+                if other.is_ok() {
+                    self.answered().await;
+                }
+                other
+            }
+        }
+    }
+
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            degraded: self.degraded.load(Ordering::Relaxed),
+            local_fallbacks: self.fallbacks.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! A shared store lost during traffic: fail-closed answers 503 in OpenAI's error
+//! shape, fail-open keeps serving on local limits; both recover when the store comes
+//! back, and the audit records of the outage are delivered, not lost.
+//!
+//! Each test runs its own `redis-server` (from Debian's package, installed by
+//! `cargo xtask services up`) on a free port, with an append-only file so that a
+//! restart keeps the data, and kills it mid-test.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apikeyrouter::providers::SimulatedProvider;
+use apikeyrouter::{ApiKeyRouter, KeyMetadata, ManualClock, Objective, RequestContext};
+use apikeyrouter_adapters_stores::{FailMode, StoreConfig};
+use apikeyrouter_proxy::server;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{T0, ask};
+
+/// A private redis-server that can be killed and started again on the same port.
+struct OwnRedis {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("akr-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("redis data dir");
+        let mut redis = Self {
+            port,
+            dir,
+            child: None,
+        };
+        redis.resume();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: run `cargo xtask services up`");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Retries `attempt` until it returns `Some`, for at most `within`.
+async fn eventually<T, F: Future<Output = Option<T>>>(
+    within: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = attempt().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not recovered within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_answers_503_then_recovers_and_delivers_the_outage_records() {
+    let mut redis = OwnRedis::start();
+    let text = format!(
+        r#"listen = "127.0.0.1:0"
+[store]
+kind = "redis"
+url = "{}"
+on_unavailable = "fail_closed"
+[[providers]]
+id = "sim"
+kind = "simulated"
+models = ["gpt-4o-mini"]
+[[keys]]
+provider = "sim"
+material = "sk-sim-fault-000001"
+"#,
+        redis.url()
+    );
+    let config = apikeyrouter::config::Config::parse(&text, "faults.toml", &[]).expect("config");
+    let state = server::build_state(&config).await.expect("state");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(server::serve(state, config.listen, None, move |addr| {
+        let _ = tx.send(addr);
+    }));
+    let base = format!("http://{}", rx.await.expect("bound"));
+    let client = reqwest::Client::new();
+    let chat = |id: &str| {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("x-request-id", id)
+            .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+
+    assert_eq!(chat("before").await.unwrap().status(), StatusCode::OK);
+
+    redis.kill();
+    let down = chat("during").await.unwrap();
+    assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = down.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
+    let ready = client.get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    redis.resume();
+    let mut n = 0;
+    eventually(Duration::from_secs(10), || {
+        n += 1;
+        let id = format!("after-{n}");
+        let sent = chat(&id);
+        async move { (sent.await.ok()?.status() == StatusCode::OK).then_some(()) }
+    })
+    .await;
+
+    // Every request has its record, the refused one included: it waited in the
+    // delivery queue while Redis was down.
+    for id in ["before", "during", &format!("after-{n}")] {
+        let record: Value = client
+            .get(format!("{base}/api/v1/requests/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(record["request_id"], id, "{record}");
+    }
+    let record: Value = client
+        .get(format!("{base}/api/v1/requests/during"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["outcome"]["code"], "store_unavailable", "{record}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_serves_on_local_limits_and_resumes_shared_ones() {
+    let mut redis = OwnRedis::start();
+    let clock = Arc::new(ManualClock::new(T0));
+    let router = ApiKeyRouter::builder()
+        .clock(clock.clone())
+        .store_config(StoreConfig::Redis {
+            url: redis.url(),
+            namespace: None,
+            on_unavailable: Some(FailMode::FailOpen),
+        })
+        .build()
+        .await
+        .expect("router");
+    router.register_provider("sim", Arc::new(SimulatedProvider::new()));
+    let metadata = KeyMetadata {
+        rpm: Some(3),
+        ..KeyMetadata::default()
+    };
+    let key = router
+        .register_key("sk-sim-fault-000002", "sim", metadata)
+        .await
+        .expect("key")
+        .id;
+    let objective = Objective::default();
+    let route = |i: usize| {
+        router.route_with(
+            ask("gpt-4o-mini", "hi"),
+            &objective,
+            RequestContext {
+                request_id: Some(apikeyrouter::RequestId::new(format!("open-{i}"))),
+                correlation_id: None,
+            },
+        )
+    };
+
+    route(0).await.expect("served with redis up");
+    assert!(!router.store_health().degraded);
+
+    redis.kill();
+    // Served locally: the local mirror counts its own rpm window.
+    route(1).await.expect("served on local limits");
+    let health = router.store_health();
+    assert!(health.degraded);
+    assert!(health.local_fallbacks > 0);
+    route(2).await.expect("served on local limits");
+    route(3).await.expect("served on local limits");
+    let refused = route(4).await.expect_err("local rpm limit of 3 holds");
+    assert_eq!(refused.kind.code(), "no_eligible_key", "{refused}");
+
+    redis.resume();
+    clock.advance(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut i = 4;
+    eventually(Duration::from_secs(10), || {
+        i += 1;
+        let sent = route(i);
+        async move { sent.await.ok() }
+    })
+    .await;
+    assert!(!router.store_health().degraded);
+    // The shared window counts again: the new minute's request is in Redis.
+    let quota = router.quota(&key).await.expect("quota from redis");
+    let rpm = quota
+        .windows
+        .iter()
+        .find(|w| w.kind == apikeyrouter::domain::quota::WindowKind::MinuteRequests)
+        .expect("rpm window");
+    assert_eq!(rpm.used, 1, "{quota:?}");
+
+    // The records of the outage reached the request log once Redis was back.
+    assert!(router.flush_records(Duration::from_secs(10)).await);
+    for n in 1..=4 {
+        let id = apikeyrouter::RequestId::new(format!("open-{n}"));
+        assert!(router.request(&id).await.unwrap().is_some(), "open-{n}");
+    }
+}
