@@ -145,3 +145,51 @@ async fn a_keys_rpm_holds_across_instances() {
     let quota = a.quota(&key.id).await.unwrap();
     assert!(quota.windows.iter().any(|w| w.limit == 10));
 }
+
+/// A hard budget added through one instance stops requests on the other within a
+/// second, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_added_on_one_instance_binds_the_other() {
+    let ns = namespace();
+    let (a, _) = instance(&ns).await;
+    let (b, _) = instance(&ns).await;
+    a.register_key(
+        "sk-openai-multi-budget-01",
+        "openai",
+        KeyMetadata::default(),
+    )
+    .await
+    .unwrap();
+    eventually("the key reaching instance b", async || {
+        b.route(ask("gpt-4o-mini", "hi"), Objective::default())
+            .await
+            .is_ok()
+    })
+    .await;
+
+    // A budget too small for any request: $0.000001.
+    let budget = apikeyrouter::Budget::new(
+        "tiny",
+        apikeyrouter::BudgetScope::Global,
+        0.000_001,
+        apikeyrouter::BudgetPeriod::Monthly,
+        apikeyrouter::Enforcement::Hard,
+    )
+    .unwrap();
+    a.add_budget(budget).await.unwrap();
+    eventually("the budget reaching instance b", async || {
+        matches!(
+            b.route(ask("gpt-4o-mini", "hi"), Objective::default()).await,
+            Err(e) if matches!(e.kind, RouteErrorKind::BudgetExceeded(_))
+        )
+    })
+    .await;
+
+    a.delete_budget("tiny").await.unwrap();
+    eventually("the deletion reaching instance b", async || {
+        b.route(ask("gpt-4o-mini", "hi"), Objective::default())
+            .await
+            .is_ok()
+    })
+    .await;
+}

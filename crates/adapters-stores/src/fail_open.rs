@@ -15,8 +15,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyChanges, KeyOutcome, KeyStore, RequestLog, StateStore,
-    StoreError, StoreHealth, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore,
+    StoreChanges, StoreError, StoreHealth, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -393,8 +393,8 @@ impl StateStore for FailOpenStore {
         self.remote.kind()
     }
 
-    async fn key_changes(&self) -> Result<Option<KeyChanges>, StoreError> {
-        self.remote.key_changes().await
+    async fn changes(&self) -> Result<Option<StoreChanges>, StoreError> {
+        self.remote.changes().await
     }
 
     /// Ready while the mirror can serve: an unreachable shared store degrades this

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use apikeyrouter_application::ports::BudgetStore;
 use apikeyrouter_application::ports::{
-    Charge, ChargeRejection, KeyChanges, KeyOutcome, KeyStore, RequestLog, StateStore, StoreError,
-    StoreErrorKind, UsageLedger,
+    Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore, StoreChanges,
+    StoreError, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -282,8 +282,8 @@ impl StateStore for SplitStore {
         "split"
     }
 
-    async fn key_changes(&self) -> Result<Option<KeyChanges>, StoreError> {
-        self.counters.key_changes().await
+    async fn changes(&self) -> Result<Option<StoreChanges>, StoreError> {
+        self.counters.changes().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -244,6 +244,14 @@ impl ApiKeyRouter {
         self.core.budgets().put(budget, spent).await
     }
 
+    /// Removes a budget.
+    ///
+    /// # Errors
+    /// Not found, or a store failure.
+    pub async fn delete_budget(&self, id: &str) -> Result<(), BudgetServiceError> {
+        self.core.budgets().remove(id).await
+    }
+
     /// Every budget's status.
     ///
     /// # Errors

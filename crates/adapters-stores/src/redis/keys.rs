@@ -68,6 +68,11 @@ impl Names {
         format!("{{{}}}:key-events", self.ns)
     }
 
+    /// The channel on which budget changes are announced (payload: the budget id).
+    pub(super) fn budget_events(&self) -> String {
+        format!("{{{}}}:budget-events", self.ns)
+    }
+
     /// The set of budget ids.
     pub(super) fn budget_ids(&self) -> String {
         format!("{{{}:budgets}}:ids", self.ns)

@@ -59,8 +59,9 @@
 //! # Change events
 //!
 //! Inserting, updating, transitioning and deleting a key publishes its id on
-//! `{ns}:key-events`; [`RedisStore::subscribe_key_events`] turns that into a stream
-//! so other instances can refresh their view of the key.
+//! `{ns}:key-events`, putting or deleting a budget its id on `{ns}:budget-events`;
+//! [`RedisStore::subscribe_changes`] turns both into one stream so other instances
+//! can refresh their view of keys and budgets.
 //!
 //! # Failures
 //!

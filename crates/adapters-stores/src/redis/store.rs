@@ -11,8 +11,8 @@ use std::fmt;
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyChanges, KeyOutcome, KeyStore, RequestLog, StateStore,
-    StoreError, StoreErrorKind, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore,
+    StoreChange, StoreChanges, StoreError, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::quota::QuotaDenial;
@@ -150,22 +150,30 @@ impl RedisStore {
     ///
     /// # Errors
     /// `Unavailable` when the server cannot be reached.
-    pub async fn subscribe_key_events(
+    pub async fn subscribe_changes(
         &self,
-    ) -> Result<impl Stream<Item = KeyId> + Send + 'static + use<>, StoreError> {
-        let channel = self.names.key_events();
+    ) -> Result<impl Stream<Item = StoreChange> + Send + 'static + use<>, StoreError> {
+        let keys = self.names.key_events();
+        let budgets = self.names.budget_events();
         let mut pubsub = self
             .client
             .get_async_pubsub()
             .await
-            .map_err(|err| from_redis(err, &channel))?;
+            .map_err(|err| from_redis(err, &keys))?;
         pubsub
-            .subscribe(&channel)
+            .subscribe(&[&keys, &budgets])
             .await
-            .map_err(|err| from_redis(err, &channel))?;
-        Ok(pubsub
-            .into_on_message()
-            .filter_map(|msg| future::ready(msg.get_payload::<String>().ok().map(KeyId::new))))
+            .map_err(|err| from_redis(err, &keys))?;
+        Ok(pubsub.into_on_message().filter_map(move |msg| {
+            let change = if msg.get_channel_name() == budgets {
+                Some(StoreChange::Budgets)
+            } else {
+                msg.get_payload::<String>()
+                    .ok()
+                    .map(|id| StoreChange::Key(KeyId::new(id)))
+            };
+            future::ready(change)
+        }))
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -804,6 +812,8 @@ impl BudgetStore for RedisStore {
             .ignore()
             .sadd(self.names.budget_ids(), &budget.id)
             .ignore()
+            .publish(self.names.budget_events(), &budget.id)
+            .ignore()
             .query_async(&mut self.conn())
             .await
             .map_err(|err| from_redis(err, &ledger_key))?;
@@ -835,6 +845,8 @@ impl BudgetStore for RedisStore {
             .del(self.names.budget(id))
             .ignore()
             .del(self.names.reservations(id))
+            .ignore()
+            .publish(self.names.budget_events(), id)
             .ignore()
             .query_async(&mut self.conn())
             .await
@@ -885,9 +897,9 @@ impl StateStore for RedisStore {
         "redis"
     }
 
-    /// Key events published on the namespace's channel by every instance.
-    async fn key_changes(&self) -> Result<Option<KeyChanges>, StoreError> {
-        Ok(Some(Box::pin(self.subscribe_key_events().await?)))
+    /// Key and budget events published on the namespace's channels by every instance.
+    async fn changes(&self) -> Result<Option<StoreChanges>, StoreError> {
+        Ok(Some(Box::pin(self.subscribe_changes().await?)))
     }
 
     /// `PING`.

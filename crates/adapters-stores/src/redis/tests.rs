@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, StateStore, StoreErrorKind,
-    UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, StateStore, StoreChange,
+    StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
@@ -251,7 +251,7 @@ async fn corrupt_json_and_counters_are_invalid_and_name_the_redis_key() {
 #[tokio::test]
 async fn key_changes_are_announced_to_subscribers() {
     let store = store().await;
-    let mut events = Box::pin(store.subscribe_key_events().await.unwrap());
+    let mut events = Box::pin(store.subscribe_changes().await.unwrap());
     let id = KeyId::new("k1");
 
     store.insert_key(key("k1")).await.unwrap();
@@ -276,7 +276,29 @@ async fn key_changes_are_announced_to_subscribers() {
         let event = tokio::time::timeout(Duration::from_secs(5), events.next())
             .await
             .expect("an event within 5 s");
-        assert_eq!(event, Some(id.clone()));
+        assert_eq!(event, Some(StoreChange::Key(id.clone())));
+    }
+}
+
+#[tokio::test]
+async fn budget_changes_are_announced_to_subscribers() {
+    let store = store().await;
+    let mut events = Box::pin(store.subscribe_changes().await.unwrap());
+    let budget = Budget::new(
+        "b1",
+        BudgetScope::Global,
+        5.0,
+        BudgetPeriod::Monthly,
+        Enforcement::Hard,
+    )
+    .unwrap();
+    store.put_budget(budget, Money::ZERO, NOW).await.unwrap();
+    store.delete_budget("b1").await.unwrap();
+    for _ in 0..2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event within 5 s");
+        assert_eq!(event, Some(StoreChange::Budgets));
     }
 }
 

@@ -304,9 +304,17 @@ pub trait RequestLog: Send + Sync + 'static {
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError>;
 }
 
-/// Ids of keys changed (added, updated, moved to another state, deleted) by any
-/// instance sharing a store; ends when the subscription is lost.
-pub type KeyChanges = std::pin::Pin<Box<dyn futures_core::Stream<Item = KeyId> + Send>>;
+/// A change another instance made through a shared store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreChange {
+    /// A key was added, updated, moved to another state or deleted.
+    Key(KeyId),
+    /// A budget was added, redefined or deleted.
+    Budgets,
+}
+
+/// Changes made by any instance sharing a store; ends when the subscription is lost.
+pub type StoreChanges = std::pin::Pin<Box<dyn futures_core::Stream<Item = StoreChange> + Send>>;
 
 /// How a store is faring, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -324,12 +332,12 @@ pub trait StateStore: KeyStore + UsageLedger + BudgetStore + RequestLog {
     /// The backend's name (`memory`, `redis`, `mongodb`).
     fn kind(&self) -> &'static str;
 
-    /// Key changes made through this store by other instances, so each can refresh
-    /// its local routing view. `None` for stores used by one process only.
+    /// Key and budget changes made through this store by other instances, so each
+    /// can refresh its local view. `None` for stores used by one process only.
     ///
     /// # Errors
     /// `Unavailable` when the subscription cannot be made.
-    async fn key_changes(&self) -> Result<Option<KeyChanges>, StoreError> {
+    async fn changes(&self) -> Result<Option<StoreChanges>, StoreError> {
         Ok(None)
     }
 

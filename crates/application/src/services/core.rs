@@ -21,7 +21,7 @@ use super::keys::KeyService;
 use super::quota::QuotaService;
 use super::router::RouterService;
 use super::settings::RouterSettings;
-use crate::ports::{AuditSink, Clock, ModelSet, Provider, StateStore, StoreError};
+use crate::ports::{AuditSink, Clock, ModelSet, Provider, StateStore, StoreChange, StoreError};
 use crate::records::AuditRecord;
 
 /// Per-provider settings given at registration.
@@ -174,6 +174,14 @@ async fn refresh_key(shared: &Shared, id: &KeyId) {
     }
 }
 
+/// Re-reads the budget definitions after another instance changed one.
+async fn refresh_budgets(shared: &Shared) {
+    match shared.store.list_budgets().await {
+        Ok(budgets) => shared.set_budgets(budgets),
+        Err(e) => tracing::warn!(error = %e, "changed budgets not refreshed"),
+    }
+}
+
 /// The assembled services over one store, audit sink and clock.
 #[derive(Clone)]
 pub struct ApiKeyRouterCore {
@@ -247,31 +255,36 @@ impl ApiKeyRouterCore {
         Ok(keys.len())
     }
 
-    /// Follows key changes other instances make through a shared store (Redis): each
-    /// changed key is re-read and the local routing table updated, so a key disabled
-    /// elsewhere stops getting traffic here within moments. Returns whether the store
+    /// Follows the key and budget changes other instances make through a shared
+    /// store (Redis): each changed key is re-read and the local routing table
+    /// updated, so a key disabled elsewhere stops getting traffic here within
+    /// moments; a budget change re-reads the budgets. Returns whether the store
     /// offers change events. The follower stops when the router is dropped.
     ///
     /// # Errors
     /// The store's error when the first subscription fails.
     pub async fn follow_key_changes(&self) -> Result<bool, StoreError> {
-        let Some(first) = self.shared.store.key_changes().await? else {
+        let Some(first) = self.shared.store.changes().await? else {
             return Ok(false);
         };
         let weak = Arc::downgrade(&self.shared);
         tokio::spawn(async move {
             let mut changes = first;
             loop {
-                while let Some(id) = std::future::poll_fn(|cx| changes.as_mut().poll_next(cx)).await
+                while let Some(change) =
+                    std::future::poll_fn(|cx| changes.as_mut().poll_next(cx)).await
                 {
                     let Some(shared) = weak.upgrade() else { return };
-                    refresh_key(&shared, &id).await;
+                    match change {
+                        StoreChange::Key(id) => refresh_key(&shared, &id).await,
+                        StoreChange::Budgets => refresh_budgets(&shared).await,
+                    }
                 }
                 // The subscription was lost: events in between are gone, so resubscribe
-                // and re-read every key.
+                // and re-read every key and budget.
                 loop {
                     let Some(shared) = weak.upgrade() else { return };
-                    match shared.store.key_changes().await {
+                    match shared.store.changes().await {
                         Ok(Some(next)) => {
                             changes = next;
                             if let Ok(keys) = shared.store.list_keys().await {
@@ -279,11 +292,12 @@ impl ApiKeyRouterCore {
                                     shared.cache_key(key);
                                 }
                             }
+                            refresh_budgets(&shared).await;
                             break;
                         }
                         Ok(None) => return,
                         Err(e) => {
-                            tracing::warn!(error = %e, "key change subscription lost; retrying")
+                            tracing::warn!(error = %e, "change subscription lost; retrying")
                         }
                     }
                     drop(shared);
