@@ -17,8 +17,8 @@ pub use provider::{
     Provider, ProviderCall, ProviderError, StreamStart, ToolCallDelta,
 };
 pub use store::{
-    BudgetStore, Charge, ChargeRejection, KeyChanges, KeyOutcome, KeyStore, RequestLog, StateStore,
-    StoreError, StoreErrorKind, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyChanges, KeyOutcome, KeyStore, RequestLog, Settled,
+    Settlement, StateStore, StoreError, StoreErrorKind, UsageLedger,
 };
 
 #[cfg(any(test, feature = "test-util"))]
