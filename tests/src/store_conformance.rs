@@ -35,7 +35,8 @@ macro_rules! conformance_suite {
                 key_crud_round_trips_and_reports_conflict_and_not_found,
                 forbidden_transition_is_invalid_and_changes_nothing,
                 transitions_persist_in_order,
-                record_outcome_accumulates_counters,
+                settle_and_release_accumulate_counters,
+                settle_updates_windows_counters_observation_and_budget_at_once,
                 unknown_key_is_not_found_and_unknown_budgets_are_ignored,
                 budget_refusal_leaves_the_key_windows_unchanged,
                 quota_refusal_reserves_nothing_in_budgets,
@@ -188,7 +189,7 @@ mod cases {
     use std::time::Duration;
 
     use apikeyrouter_application::ports::{
-        Charge, ChargeRejection, KeyOutcome, StateStore, StoreErrorKind,
+        Charge, ChargeRejection, KeyOutcome, Settlement, StateStore, StoreErrorKind,
     };
     use apikeyrouter_application::records::{AuditRecord, Outcome};
     use apikeyrouter_domain::{
@@ -236,6 +237,40 @@ mod cases {
             est_cost: Money::from_usd(est_usd),
             budget_ids: vec!["b".to_owned()],
             now: NOW,
+        }
+    }
+
+    /// A successful call that used `tokens` (all completion) and cost `cost`.
+    fn spent(tokens: u64, cost: Money, now: Timestamp) -> Settlement {
+        Settlement {
+            outcome: KeyOutcome {
+                success: true,
+                rate_limited: false,
+                latency: Duration::from_millis(100),
+                usage: TokenUsage {
+                    prompt_tokens: 0,
+                    completion_tokens: tokens,
+                    cached_tokens: 0,
+                },
+                cost,
+                now,
+            },
+            observation: None,
+        }
+    }
+
+    /// A failed call that cost nothing.
+    fn nothing_spent(now: Timestamp) -> Settlement {
+        Settlement {
+            outcome: KeyOutcome {
+                success: false,
+                rate_limited: false,
+                latency: Duration::from_millis(100),
+                usage: TokenUsage::default(),
+                cost: Money::ZERO,
+                now,
+            },
+            observation: None,
         }
     }
 
@@ -357,22 +392,17 @@ mod cases {
                 .kind,
             StoreErrorKind::NotFound
         );
-        let outcome = KeyOutcome {
-            success: true,
-            rate_limited: false,
-            latency: Duration::from_millis(1),
-            usage: TokenUsage::default(),
-            cost: Money::ZERO,
-            now: NOW,
-        };
-        assert_eq!(
-            store
-                .record_outcome(&missing, outcome)
-                .await
-                .unwrap_err()
-                .kind,
-            StoreErrorKind::NotFound
-        );
+        // Settling for a key deleted since the reserve has no counters to update.
+        let settled = store
+            .settle(&charge(0, "k1", None, 0.0), &spent(10, Money::ZERO, NOW))
+            .await
+            .unwrap();
+        assert_eq!(settled.stats, None);
+        let released = store
+            .release(&charge(1, "k1", None, 0.0), &nothing_spent(NOW))
+            .await
+            .unwrap();
+        assert_eq!(released, None);
         let transition = store
             .transition(
                 &missing,
@@ -472,19 +502,24 @@ mod cases {
         assert_eq!(disabled.cooldown_until, None);
     }
 
-    pub(super) async fn record_outcome_accumulates_counters(store: Store) {
+    pub(super) async fn settle_and_release_accumulate_counters(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
         let id = KeyId::new("k1");
-        let rate_limited = KeyOutcome {
-            success: false,
-            rate_limited: true,
-            latency: Duration::from_millis(50),
-            usage: TokenUsage::default(),
-            cost: Money::ZERO,
-            now: NOW,
+        let mut c = charge(0, "k1", None, 0.0);
+        c.budget_ids.clear();
+        let rate_limited = Settlement {
+            outcome: KeyOutcome {
+                success: false,
+                rate_limited: true,
+                latency: Duration::from_millis(50),
+                usage: TokenUsage::default(),
+                cost: Money::ZERO,
+                now: NOW,
+            },
+            observation: None,
         };
-        store.record_outcome(&id, rate_limited).await.unwrap();
-        let stats = store.record_outcome(&id, rate_limited).await.unwrap();
+        store.release(&c, &rate_limited).await.unwrap();
+        let stats = store.release(&c, &rate_limited).await.unwrap().unwrap();
         assert_eq!(
             (
                 stats.failures,
@@ -494,23 +529,28 @@ mod cases {
             (2, 2, 2)
         );
 
-        let success = |latency_ms: u64, at: Timestamp| KeyOutcome {
-            success: true,
-            rate_limited: false,
-            latency: Duration::from_millis(latency_ms),
-            usage: TokenUsage {
-                prompt_tokens: 30,
-                completion_tokens: 12,
-                cached_tokens: 0,
+        let success = |latency_ms: u64, at: Timestamp| Settlement {
+            outcome: KeyOutcome {
+                success: true,
+                rate_limited: false,
+                latency: Duration::from_millis(latency_ms),
+                usage: TokenUsage {
+                    prompt_tokens: 30,
+                    completion_tokens: 12,
+                    cached_tokens: 0,
+                },
+                cost: Money::from_usd(0.002),
+                now: at,
             },
-            cost: Money::from_usd(0.002),
-            now: at,
+            observation: None,
         };
-        store.record_outcome(&id, success(200, NOW)).await.unwrap();
+        store.settle(&c, &success(200, NOW)).await.unwrap();
         let later = NOW.plus(Duration::from_secs(5));
         let stats = store
-            .record_outcome(&id, success(137, later))
+            .settle(&c, &success(137, later))
             .await
+            .unwrap()
+            .stats
             .unwrap();
 
         // The domain's arithmetic is the reference, to the last bit of the averages.
@@ -531,6 +571,127 @@ mod cases {
         assert_eq!(store.get_key(&id).await.unwrap().stats, stats);
     }
 
+    /// One settle call does the whole reconciliation: token windows, the key's
+    /// counters, the provider's observation and every budget.
+    pub(super) async fn settle_updates_windows_counters_observation_and_budget_at_once(
+        store: Store,
+    ) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.1), NOW)
+            .await
+            .unwrap();
+        let id = KeyId::new("k1");
+        let limits = QuotaLimits {
+            rpm: Some(10),
+            tpm: Some(1_000),
+            ..QuotaLimits::default()
+        };
+        let mut c = charge(1, "k1", Some(10), 0.05);
+        c.limits = limits;
+        c.est_tokens = 500;
+        store.reserve(&c).await.unwrap();
+        let reset = NOW.plus(Duration::from_secs(20));
+        let settlement = Settlement {
+            outcome: KeyOutcome {
+                success: true,
+                rate_limited: false,
+                latency: Duration::from_millis(80),
+                usage: TokenUsage {
+                    prompt_tokens: 30,
+                    completion_tokens: 12,
+                    cached_tokens: 0,
+                },
+                cost: Money::from_usd(0.02),
+                now: NOW,
+            },
+            observation: Some(QuotaObservation {
+                limit_requests: Some(100),
+                remaining_requests: Some(0),
+                reset_requests_at: Some(reset),
+                limit_tokens: None,
+                remaining_tokens: None,
+                reset_tokens_at: None,
+            }),
+        };
+
+        let settled = store.settle(&c, &settlement).await.unwrap();
+
+        assert_eq!(settled.budgets.len(), 1);
+        let status = &settled.budgets[0];
+        assert_eq!(status.budget_id, "b");
+        assert_eq!(
+            (status.spent, status.reserved),
+            (Money::from_usd(0.12), Money::ZERO)
+        );
+        let mut expected = apikeyrouter_domain::KeyStats::new();
+        expected.record(true, Duration::from_millis(80), NOW);
+        expected.prompt_tokens = 30;
+        expected.completion_tokens = 12;
+        expected.cost = Money::from_usd(0.02);
+        assert_eq!(settled.stats.as_ref(), Some(&expected));
+        assert_eq!(store.get_key(&id).await.unwrap().stats, expected);
+        assert_eq!(store.budget_statuses(NOW).await.unwrap(), settled.budgets);
+        assert_eq!(
+            window_used(&store, "k1", limits, WindowKind::MinuteTokens).await,
+            42
+        );
+        assert_eq!(
+            window_used(&store, "k1", limits, WindowKind::MinuteRequests).await,
+            1
+        );
+        // The provider said no requests are left until `reset`.
+        let Err(ChargeRejection::Quota(denial)) = store.reserve(&charge(2, "k1", None, 0.0)).await
+        else {
+            panic!("the observation stored by settle must block the key");
+        };
+        assert_eq!(
+            (denial.window, denial.retry_at),
+            (WindowKind::MinuteRequests, reset)
+        );
+
+        // A release does the same for a failed attempt and gives the estimate back.
+        let mut after_reset = charge(3, "k1", Some(10), 0.3);
+        after_reset.limits = limits;
+        after_reset.now = reset;
+        store.reserve(&after_reset).await.unwrap();
+        let throttled = Settlement {
+            outcome: KeyOutcome {
+                success: false,
+                rate_limited: true,
+                latency: Duration::from_millis(10),
+                usage: TokenUsage::default(),
+                cost: Money::ZERO,
+                now: reset,
+            },
+            observation: Some(QuotaObservation {
+                remaining_requests: Some(0),
+                reset_requests_at: Some(reset.plus(Duration::from_secs(30))),
+                ..QuotaObservation::default()
+            }),
+        };
+        let stats = store
+            .release(&after_reset, &throttled)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (stats.requests, stats.failures, stats.throttle_streak),
+            (2, 1, 1)
+        );
+        let status = &store.budget_statuses(reset).await.unwrap()[0];
+        assert_eq!(
+            (status.spent, status.reserved),
+            (Money::from_usd(0.12), Money::ZERO)
+        );
+        let mut next = charge(4, "k1", None, 0.0);
+        next.now = reset;
+        assert!(matches!(
+            store.reserve(&next).await,
+            Err(ChargeRejection::Quota(_))
+        ));
+    }
+
     pub(super) async fn unknown_key_is_not_found_and_unknown_budgets_are_ignored(store: Store) {
         let Err(ChargeRejection::Store(err)) = store.reserve(&charge(0, "nope", None, 0.01)).await
         else {
@@ -542,9 +703,12 @@ mod cases {
         // Budget "b" does not exist: nothing limits the charge and settling reports nothing.
         let c = charge(1, "k1", None, 1_000.0);
         store.reserve(&c).await.unwrap();
-        let statuses = store.settle(&c, 10, Money::from_usd(1_000.0), NOW).await;
-        assert!(statuses.unwrap().is_empty());
-        store.release(&c).await.unwrap();
+        let settled = store
+            .settle(&c, &spent(10, Money::from_usd(1_000.0), NOW))
+            .await
+            .unwrap();
+        assert!(settled.budgets.is_empty());
+        store.release(&c, &nothing_spent(NOW)).await.unwrap();
     }
 
     pub(super) async fn budget_refusal_leaves_the_key_windows_unchanged(store: Store) {
@@ -680,7 +844,10 @@ mod cases {
         assert_eq!(denial.window, WindowKind::MinuteTokens);
         assert_eq!(denial.retry_at, NOW.plus(Duration::from_secs(60)));
 
-        store.settle(&big, 100, Money::ZERO, NOW).await.unwrap();
+        store
+            .settle(&big, &spent(100, Money::ZERO, NOW))
+            .await
+            .unwrap();
         assert_eq!(
             window_used(&store, "k1", limits, WindowKind::MinuteTokens).await,
             100
@@ -713,9 +880,10 @@ mod cases {
         assert!(reserved.iter().all(|s| s.reserved == Money::from_usd(0.05)));
 
         let statuses = store
-            .settle(&c, 100, Money::from_usd(0.03), NOW)
+            .settle(&c, &spent(100, Money::from_usd(0.03), NOW))
             .await
-            .unwrap();
+            .unwrap()
+            .budgets;
 
         let ids: Vec<&str> = statuses.iter().map(|s| s.budget_id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
@@ -738,9 +906,10 @@ mod cases {
 
         // Settling again (a retried settle) never forgets money spent.
         let again = store
-            .settle(&c, 100, Money::from_usd(0.03), NOW)
+            .settle(&c, &spent(100, Money::from_usd(0.03), NOW))
             .await
-            .unwrap();
+            .unwrap()
+            .budgets;
         assert_eq!(again[1].spent, Money::from_usd(0.06));
     }
 
@@ -763,7 +932,7 @@ mod cases {
             Money::from_usd(0.6)
         );
 
-        store.release(&c).await.unwrap();
+        store.release(&c, &nothing_spent(NOW)).await.unwrap();
 
         let status = &store.budget_statuses(NOW).await.unwrap()[0];
         assert_eq!((status.spent, status.reserved), (Money::ZERO, Money::ZERO));
@@ -808,9 +977,10 @@ mod cases {
         let c = charge(1, "k1", None, 0.5);
         store.reserve(&c).await.unwrap();
         let statuses = store
-            .settle(&c, 10, Money::from_usd(0.4), NOW)
+            .settle(&c, &spent(10, Money::from_usd(0.4), NOW))
             .await
-            .unwrap();
+            .unwrap()
+            .budgets;
 
         assert_eq!(statuses[0].spent, Money::from_usd(1.3));
         assert_eq!(statuses[0].remaining, Money::ZERO);
@@ -846,9 +1016,10 @@ mod cases {
         store.reserve(&next_day).await.unwrap();
         // The old reservation is committed into the new period.
         let statuses = store
-            .settle(&held, 10, Money::from_usd(0.1), tomorrow)
+            .settle(&held, &spent(10, Money::from_usd(0.1), tomorrow))
             .await
-            .unwrap();
+            .unwrap()
+            .budgets;
         assert_eq!(statuses[0].spent, Money::from_usd(0.1));
         assert_eq!(statuses[0].reserved, Money::from_usd(0.8));
     }
@@ -875,7 +1046,7 @@ mod cases {
         c.now = start;
         store.reserve(&c).await.unwrap();
         store
-            .settle(&c, 10, Money::from_usd(1.0), start)
+            .settle(&c, &spent(10, Money::from_usd(1.0), start))
             .await
             .unwrap();
 
@@ -943,21 +1114,20 @@ mod cases {
     pub(super) async fn observed_quota_blocks_until_its_reset(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
         let reset = NOW.plus(Duration::from_secs(20));
-        store
-            .observe_quota(
-                &KeyId::new("k1"),
-                QuotaObservation {
-                    limit_requests: Some(100),
-                    remaining_requests: Some(0),
-                    reset_requests_at: Some(reset),
-                    limit_tokens: Some(10_000),
-                    remaining_tokens: Some(5_000),
-                    reset_tokens_at: Some(reset),
-                },
-                NOW,
-            )
-            .await
-            .unwrap();
+        // The provider's headers arrive with an attempt's settlement.
+        let mut first = charge(9, "k1", None, 0.0);
+        first.budget_ids.clear();
+        store.reserve(&first).await.unwrap();
+        let mut with_headers = spent(10, Money::ZERO, NOW);
+        with_headers.observation = Some(QuotaObservation {
+            limit_requests: Some(100),
+            remaining_requests: Some(0),
+            reset_requests_at: Some(reset),
+            limit_tokens: Some(10_000),
+            remaining_tokens: Some(5_000),
+            reset_tokens_at: Some(reset),
+        });
+        store.settle(&first, &with_headers).await.unwrap();
 
         let Err(ChargeRejection::Quota(denial)) = store.reserve(&charge(0, "k1", None, 0.0)).await
         else {
@@ -975,14 +1145,6 @@ mod cases {
         let mut after_reset = charge(1, "k1", None, 0.0);
         after_reset.now = reset;
         store.reserve(&after_reset).await.unwrap();
-        assert_eq!(
-            store
-                .observe_quota(&KeyId::new("nope"), QuotaObservation::default(), NOW)
-                .await
-                .unwrap_err()
-                .kind,
-            StoreErrorKind::NotFound
-        );
     }
 
     pub(super) async fn quota_snapshot_reports_capacity_and_prediction(store: Store) {
@@ -1081,9 +1243,10 @@ mod cases {
                     match store.reserve(&c).await {
                         Ok(()) => {
                             let statuses = store
-                                .settle(&c, 100, Money::from_usd(0.01), NOW)
+                                .settle(&c, &spent(100, Money::from_usd(0.01), NOW))
                                 .await
-                                .unwrap();
+                                .unwrap()
+                                .budgets;
                             assert!(statuses[0].spent <= limit);
                             true
                         }

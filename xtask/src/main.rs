@@ -1,7 +1,7 @@
 //! Project automation, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
 //!
-//! Tasks: `ci`, `tidy`, `check-layers`, `bench [-- criterion args]`, `example`,
-//! `python-sdk`, `services up|down`.
+//! Tasks: `ci`, `tidy`, `check-layers`, `bench [-- criterion args]`, `bench proxy`,
+//! `bench redis`, `example`, `python-sdk`, `services up|down`.
 //! This crate must not depend on anything in `crates/`: it has to build even when they don't.
 
 mod bench_proxy;
@@ -24,6 +24,8 @@ tasks:
   check-layers          check workspace dependency edges against the layer rule
   bench [-- ARGS...]    cargo bench for the workspace; ARGS go to criterion
   bench proxy [SECS]    load test: wrk through the proxy vs directly against a mock upstream
+  bench redis [N]       route() on Redis vs memory: requests/s, p50/p99, Redis round
+                        trips per request (needs Redis: `cargo xtask services up`)
   example               run the facade's quickstart example in release mode
   python-sdk            create target/python-sdk with the OpenAI SDK for the client tests
   services up|down      start (installing if needed) or stop the local Redis and the
@@ -65,6 +67,19 @@ fn run() -> Result<()> {
                 .map_or(Ok(10), |s| s.parse())
                 .context("seconds must be a number")?;
             bench_proxy::run(&sh, seconds)
+        }
+        Some("bench") if rest.first().map(String::as_str) == Some("redis") => {
+            let requests: u64 = rest
+                .get(1)
+                .map_or(Ok(20_000), |s| s.parse())
+                .context("the number of requests must be a number")?;
+            let requests = requests.to_string();
+            cmd!(
+                sh,
+                "cargo bench -p apikeyrouter --features redis --bench route_redis -- --requests {requests}"
+            )
+            .run()?;
+            Ok(())
         }
         Some("bench") => bench(&sh, rest),
         Some("services") => services::run(&sh, &rest),

@@ -15,13 +15,13 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore,
+    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore,
     StoreChanges, StoreError, StoreHealth, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money, QuotaLimits,
-    QuotaObservation, QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
+    QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
 };
 use async_trait::async_trait;
 
@@ -261,14 +261,6 @@ impl KeyStore for FailOpenStore {
     async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
         fail_open!(self, |s| s.transitions(id))
     }
-
-    async fn record_outcome(
-        &self,
-        id: &KeyId,
-        outcome: KeyOutcome,
-    ) -> Result<KeyStats, StoreError> {
-        fail_open!(self, |s| s.record_outcome(id, outcome))
-    }
 }
 
 #[async_trait]
@@ -290,43 +282,31 @@ impl UsageLedger for FailOpenStore {
     async fn settle(
         &self,
         charge: &Charge,
-        actual_tokens: u64,
-        actual_cost: Money,
-        now: Timestamp,
-    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
         if self.try_remote() {
-            match self
-                .remote
-                .settle(charge, actual_tokens, actual_cost, now)
-                .await
-            {
+            match self.remote.settle(charge, settlement).await {
                 Err(e) if self.went_down(&e) => {}
                 other => {
                     self.answered().await;
-                    if let Ok(statuses) = &other {
-                        self.mirror_spend(statuses, now).await;
+                    if let Ok(settled) = &other {
+                        self.mirror_spend(&settled.budgets, settlement.outcome.now)
+                            .await;
                     }
                     return other;
                 }
             }
         }
         self.fell_back();
-        self.local
-            .settle(charge, actual_tokens, actual_cost, now)
-            .await
+        self.local.settle(charge, settlement).await
     }
 
-    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
-        fail_open!(self, |s| s.release(charge))
-    }
-
-    async fn observe_quota(
+    async fn release(
         &self,
-        id: &KeyId,
-        observation: QuotaObservation,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        fail_open!(self, |s| s.observe_quota(id, observation, now))
+        charge: &Charge,
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError> {
+        fail_open!(self, |s| s.release(charge, settlement))
     }
 
     async fn quota_snapshot(

@@ -17,14 +17,13 @@ use std::sync::Arc;
 
 use apikeyrouter_application::ports::BudgetStore;
 use apikeyrouter_application::ports::{
-    Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore, StoreChanges,
+    Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore, StoreChanges,
     StoreError, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetStatus, KeyId, KeyMaterial, KeyMetadata, KeyState, KeyStats, Money,
-    QuotaLimits, QuotaObservation, QuotaSnapshot, RequestId, StateTransition, Timestamp,
-    TransitionTrigger,
+    QuotaLimits, QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
 };
 use async_trait::async_trait;
 
@@ -181,14 +180,6 @@ impl KeyStore for SplitStore {
     async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
         self.records.transitions(id).await
     }
-
-    async fn record_outcome(
-        &self,
-        id: &KeyId,
-        outcome: KeyOutcome,
-    ) -> Result<KeyStats, StoreError> {
-        self.counters.record_outcome(id, outcome).await
-    }
 }
 
 #[async_trait]
@@ -200,26 +191,17 @@ impl UsageLedger for SplitStore {
     async fn settle(
         &self,
         charge: &Charge,
-        actual_tokens: u64,
-        actual_cost: Money,
-        now: Timestamp,
-    ) -> Result<Vec<BudgetStatus>, StoreError> {
-        self.counters
-            .settle(charge, actual_tokens, actual_cost, now)
-            .await
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        self.counters.settle(charge, settlement).await
     }
 
-    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
-        self.counters.release(charge).await
-    }
-
-    async fn observe_quota(
+    async fn release(
         &self,
-        id: &KeyId,
-        observation: QuotaObservation,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.counters.observe_quota(id, observation, now).await
+        charge: &Charge,
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError> {
+        self.counters.release(charge, settlement).await
     }
 
     async fn quota_snapshot(

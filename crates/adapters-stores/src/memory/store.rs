@@ -21,14 +21,14 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore, StoreError,
-    StoreErrorKind, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore,
+    StoreError, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetLedger, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money,
-    QuotaLimits, QuotaObservation, QuotaSnapshot, QuotaWindows, RequestId, StateTransition,
-    Timestamp, TransitionTrigger,
+    QuotaLimits, QuotaSnapshot, QuotaWindows, RequestId, StateTransition, Timestamp,
+    TransitionTrigger,
 };
 use async_trait::async_trait;
 
@@ -188,12 +188,37 @@ impl MemoryStore {
 
     /// Adjusts the key's token windows by replacing `estimated` with `actual`. A key
     /// deleted in the meantime has no windows left to adjust.
-    fn reconcile_key_tokens(&self, id: &KeyId, estimated: u64, actual: u64) {
-        if let Ok(slot) = self.key_slot(id) {
-            if let Some(entry) = lock(&slot).as_mut() {
-                entry.quota.reconcile_tokens(estimated, actual);
+    /// The key's part of a settlement, under its lock: tokens reconciled, the
+    /// provider's observation stored, the outcome counted. `None` when the key is gone.
+    fn settle_key(
+        &self,
+        charge: &Charge,
+        actual_tokens: u64,
+        settlement: &Settlement,
+    ) -> Option<KeyStats> {
+        let outcome = &settlement.outcome;
+        self.with_key(&charge.key_id, |entry| {
+            entry
+                .quota
+                .reconcile_tokens(charge.est_tokens, actual_tokens);
+            if let Some(observation) = settlement.observation {
+                entry.quota.observe(observation, outcome.now);
             }
-        }
+            let stats = &mut entry.key.stats;
+            stats.record(outcome.success, outcome.latency, outcome.now);
+            stats.prompt_tokens = stats
+                .prompt_tokens
+                .saturating_add(outcome.usage.prompt_tokens);
+            stats.completion_tokens = stats
+                .completion_tokens
+                .saturating_add(outcome.usage.completion_tokens);
+            stats.cost = stats.cost.saturating_add(outcome.cost);
+            if outcome.rate_limited {
+                stats.throttle_streak = stats.throttle_streak.saturating_add(1);
+            }
+            stats.clone()
+        })
+        .ok()
     }
 
     fn list_keys_now(&self) -> Vec<ApiKey> {
@@ -352,28 +377,6 @@ impl KeyStore for MemoryStore {
     async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
         self.with_key(id, |entry| entry.transitions.clone())
     }
-
-    async fn record_outcome(
-        &self,
-        id: &KeyId,
-        outcome: KeyOutcome,
-    ) -> Result<KeyStats, StoreError> {
-        self.with_key(id, |entry| {
-            let stats = &mut entry.key.stats;
-            stats.record(outcome.success, outcome.latency, outcome.now);
-            stats.prompt_tokens = stats
-                .prompt_tokens
-                .saturating_add(outcome.usage.prompt_tokens);
-            stats.completion_tokens = stats
-                .completion_tokens
-                .saturating_add(outcome.usage.completion_tokens);
-            stats.cost = stats.cost.saturating_add(outcome.cost);
-            if outcome.rate_limited {
-                stats.throttle_streak = stats.throttle_streak.saturating_add(1);
-            }
-            stats.clone()
-        })
-    }
 }
 
 /// Unknown budget ids in a [`Charge`] are ignored (the budget was deleted or never
@@ -388,42 +391,36 @@ impl UsageLedger for MemoryStore {
     async fn settle(
         &self,
         charge: &Charge,
-        actual_tokens: u64,
-        actual_cost: Money,
-        now: Timestamp,
-    ) -> Result<Vec<BudgetStatus>, StoreError> {
-        self.reconcile_key_tokens(&charge.key_id, charge.est_tokens, actual_tokens);
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        let outcome = &settlement.outcome;
+        let stats = self.settle_key(charge, outcome.usage.total(), settlement);
         // One budget at a time: settling needs no cross-budget atomicity.
-        let statuses = self
+        let budgets = self
             .budget_slots(&charge.budget_ids)
             .iter()
             .filter_map(|slot| {
                 lock(slot).as_mut().map(|ledger| {
-                    ledger.commit(charge.reservation, actual_cost, now);
+                    ledger.commit(charge.reservation, outcome.cost, outcome.now);
                     ledger.status()
                 })
             })
             .collect();
-        Ok(statuses)
+        Ok(Settled { budgets, stats })
     }
 
-    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
-        self.reconcile_key_tokens(&charge.key_id, charge.est_tokens, 0);
+    async fn release(
+        &self,
+        charge: &Charge,
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError> {
+        let stats = self.settle_key(charge, 0, settlement);
         for slot in self.budget_slots(&charge.budget_ids) {
             if let Some(ledger) = lock(&slot).as_mut() {
                 ledger.release(charge.reservation);
             }
         }
-        Ok(())
-    }
-
-    async fn observe_quota(
-        &self,
-        id: &KeyId,
-        observation: QuotaObservation,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.with_key(id, |entry| entry.quota.observe(observation, now))
+        Ok(stats)
     }
 
     async fn quota_snapshot(

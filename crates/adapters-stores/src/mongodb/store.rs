@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use apikeyrouter_application::ports::{
     AuditError, AuditSink, BudgetStore, Charge, ChargeRejection, CipherError, KeyOutcome, KeyStore,
-    RequestLog, SecretCipher, StateStore, StoreError, StoreErrorKind, UsageLedger,
+    RequestLog, SecretCipher, Settled, Settlement, StateStore, StoreError, StoreErrorKind,
+    UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetError, BudgetStatus, Enforcement, KeyId, KeyMaterial, KeyMetadata,
-    KeyState, KeyStats, Money, ProviderId, QuotaLimits, QuotaObservation, QuotaSnapshot, RequestId,
-    StateTransition, Timestamp, TransitionError, TransitionTrigger, WindowKind,
+    KeyState, KeyStats, Money, ProviderId, QuotaLimits, QuotaSnapshot, RequestId, StateTransition,
+    Timestamp, TransitionError, TransitionTrigger, WindowKind,
 };
 use async_trait::async_trait;
 use futures_util::TryStreamExt as _;
@@ -270,6 +271,56 @@ impl MongoStore {
         }
         // Sustained contention: the sample is dropped from the averages only.
         Ok(stats)
+    }
+
+    /// The key's part of a settlement after its tokens are reconciled: the outcome
+    /// counted and the provider's observation stored in one update of the key's
+    /// document; the moving averages follow by compare-and-set (see the module docs).
+    /// `None` when the key is gone.
+    async fn record_key_outcome(
+        &self,
+        id: &KeyId,
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError> {
+        let outcome = &settlement.outcome;
+        let mut inc = doc! {
+            "stats.requests": 1_i64,
+            "stats.prompt_tokens": to_i64(outcome.usage.prompt_tokens),
+            "stats.completion_tokens": to_i64(outcome.usage.completion_tokens),
+            "stats.cost_nanos": nanos(outcome.cost),
+        };
+        let mut set = doc! { "stats.last_used": millis(outcome.now) };
+        if outcome.success {
+            inc.insert("stats.successes", 1_i64);
+            set.insert("stats.consecutive_failures", 0_i64);
+            set.insert("stats.throttle_streak", i64::from(outcome.rate_limited));
+        } else {
+            inc.insert("stats.failures", 1_i64);
+            inc.insert("stats.consecutive_failures", 1_i64);
+            if outcome.rate_limited {
+                inc.insert("stats.throttle_streak", 1_i64);
+            }
+        }
+        if let Some(observation) = settlement.observation {
+            let observed = observation_bson(ObservationDoc::from_domain(&observation, outcome.now));
+            set.insert("quota.observation", observed);
+            // Charges read with an older observation must not count against this one.
+            inc.insert("quota.observation_seq", 1_i64);
+        }
+        let Some(after) = self
+            .keys
+            .find_one_and_update(
+                doc! { "_id": id.as_str() },
+                doc! { "$inc": inc, "$set": set },
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| map_err(KEYS, "record an outcome", e))?
+        else {
+            return Ok(None);
+        };
+        let stats = Self::stats_of(&after)?;
+        self.update_averages(id, stats, outcome).await.map(Some)
     }
 
     // -----------------------------------------------------------------------------
@@ -1004,45 +1055,6 @@ impl KeyStore for MongoStore {
         docs.sort_by_key(|d| (d.at.timestamp_millis(), d.seq));
         Ok(docs.iter().map(TransitionDoc::to_domain).collect())
     }
-
-    /// Counters are incremented atomically; the moving averages follow by
-    /// compare-and-set (see the module docs).
-    async fn record_outcome(
-        &self,
-        id: &KeyId,
-        outcome: KeyOutcome,
-    ) -> Result<KeyStats, StoreError> {
-        let mut inc = doc! {
-            "stats.requests": 1_i64,
-            "stats.prompt_tokens": to_i64(outcome.usage.prompt_tokens),
-            "stats.completion_tokens": to_i64(outcome.usage.completion_tokens),
-            "stats.cost_nanos": nanos(outcome.cost),
-        };
-        let mut set = doc! { "stats.last_used": millis(outcome.now) };
-        if outcome.success {
-            inc.insert("stats.successes", 1_i64);
-            set.insert("stats.consecutive_failures", 0_i64);
-            set.insert("stats.throttle_streak", i64::from(outcome.rate_limited));
-        } else {
-            inc.insert("stats.failures", 1_i64);
-            inc.insert("stats.consecutive_failures", 1_i64);
-            if outcome.rate_limited {
-                inc.insert("stats.throttle_streak", 1_i64);
-            }
-        }
-        let after = self
-            .keys
-            .find_one_and_update(
-                doc! { "_id": id.as_str() },
-                doc! { "$inc": inc, "$set": set },
-            )
-            .return_document(ReturnDocument::After)
-            .await
-            .map_err(|e| map_err(KEYS, "record an outcome", e))?
-            .ok_or_else(|| StoreError::key_not_found(id))?;
-        let stats = Self::stats_of(&after)?;
-        self.update_averages(id, stats, &outcome).await
-    }
 }
 
 /// A charge is a saga over the key's document and each budget's (see the module
@@ -1073,53 +1085,40 @@ impl UsageLedger for MongoStore {
         Ok(())
     }
 
+    /// The key's document takes one update for the tokens and one for the counters
+    /// and observation (plus the averages' compare-and-set), then one per budget:
+    /// single-document updates, no transaction (see the module docs).
     async fn settle(
         &self,
         charge: &Charge,
-        actual_tokens: u64,
-        actual_cost: Money,
-        now: Timestamp,
-    ) -> Result<Vec<BudgetStatus>, StoreError> {
-        self.reconcile_tokens(charge, actual_tokens).await?;
-        let mut statuses = Vec::new();
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        let outcome = &settlement.outcome;
+        self.reconcile_tokens(charge, outcome.usage.total()).await?;
+        let stats = self.record_key_outcome(&charge.key_id, settlement).await?;
+        let mut budgets = Vec::new();
         for id in sorted_ids(&charge.budget_ids) {
-            if let Some(status) = self.commit_budget(id, charge, actual_cost, now).await? {
-                statuses.push(status);
+            if let Some(status) = self
+                .commit_budget(id, charge, outcome.cost, outcome.now)
+                .await?
+            {
+                budgets.push(status);
             }
         }
-        Ok(statuses)
+        Ok(Settled { budgets, stats })
     }
 
-    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        charge: &Charge,
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError> {
         self.reconcile_tokens(charge, 0).await?;
+        let stats = self.record_key_outcome(&charge.key_id, settlement).await?;
         for id in sorted_ids(&charge.budget_ids) {
             self.release_budget(id, charge).await?;
         }
-        Ok(())
-    }
-
-    async fn observe_quota(
-        &self,
-        id: &KeyId,
-        observation: QuotaObservation,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        let observed = observation_bson(ObservationDoc::from_domain(&observation, now));
-        let res = self
-            .keys
-            .update_one(
-                doc! { "_id": id.as_str() },
-                doc! {
-                    "$set": { "quota.observation": observed },
-                    "$inc": { "quota.observation_seq": 1_i64 },
-                },
-            )
-            .await
-            .map_err(|e| map_err(KEYS, "record a quota observation", e))?;
-        if res.matched_count == 0 {
-            return Err(StoreError::key_not_found(id));
-        }
-        Ok(())
+        Ok(stats)
     }
 
     async fn quota_snapshot(

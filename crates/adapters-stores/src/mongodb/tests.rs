@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apikeyrouter_application::ports::{
-    AuditSink, BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore,
-    StoreErrorKind, UsageLedger,
+    AuditSink, BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, Settlement,
+    StateStore, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::{AttemptRecord, AuditRecord, Outcome};
 use apikeyrouter_domain::{
@@ -34,6 +34,40 @@ const NOW: Timestamp = Timestamp::from_millis(1_795_775_400_000);
 const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const KEY_B: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
 const MATERIAL: &str = "sk-test-SECRETSECRET0000";
+
+/// A successful call that used `tokens` (all completion) and cost `cost`.
+fn spent(tokens: u64, cost: Money, now: Timestamp) -> Settlement {
+    Settlement {
+        outcome: KeyOutcome {
+            success: true,
+            rate_limited: false,
+            latency: Duration::from_millis(100),
+            usage: TokenUsage {
+                prompt_tokens: 0,
+                completion_tokens: tokens,
+                cached_tokens: 0,
+            },
+            cost,
+            now,
+        },
+        observation: None,
+    }
+}
+
+/// A failed call that cost nothing.
+fn nothing_spent(now: Timestamp) -> Settlement {
+    Settlement {
+        outcome: KeyOutcome {
+            success: false,
+            rate_limited: false,
+            latency: Duration::from_millis(100),
+            usage: TokenUsage::default(),
+            cost: Money::ZERO,
+            now,
+        },
+        observation: None,
+    }
+}
 
 fn url() -> String {
     std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".to_owned())
@@ -368,60 +402,6 @@ async fn transitions_are_persisted_in_order_and_survive_a_reconnect() {
 }
 
 #[tokio::test]
-async fn record_outcome_accumulates_usage_and_moving_averages() {
-    let store = open().await;
-    store.insert_key(key("k1", None)).await.unwrap();
-    let id = KeyId::new("k1");
-    let rate_limited = KeyOutcome {
-        success: false,
-        rate_limited: true,
-        latency: Duration::from_millis(50),
-        usage: TokenUsage::default(),
-        cost: Money::ZERO,
-        now: NOW,
-    };
-    store.record_outcome(&id, rate_limited).await.unwrap();
-    let stats = store.record_outcome(&id, rate_limited).await.unwrap();
-    assert_eq!((stats.failures, stats.throttle_streak), (2, 2));
-    assert!((stats.success_ewma - 0.64).abs() < 1e-9);
-
-    let stats = store
-        .record_outcome(
-            &id,
-            KeyOutcome {
-                success: true,
-                rate_limited: false,
-                latency: Duration::from_millis(200),
-                usage: TokenUsage {
-                    prompt_tokens: 30,
-                    completion_tokens: 12,
-                    cached_tokens: 0,
-                },
-                cost: Money::from_usd(0.002),
-                now: NOW,
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (stats.requests, stats.successes, stats.throttle_streak),
-        (3, 1, 0)
-    );
-    assert_eq!((stats.prompt_tokens, stats.completion_tokens), (30, 12));
-    assert_eq!(stats.cost, Money::from_usd(0.002));
-    assert!((stats.latency_ewma_ms - 200.0).abs() < 1e-9);
-    assert_eq!(stats.last_used, Some(NOW));
-    assert_eq!(store.get_key(&id).await.unwrap().stats, stats);
-
-    let err = store
-        .record_outcome(&KeyId::new("nope"), rate_limited)
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind, StoreErrorKind::NotFound);
-    finish(store).await;
-}
-
-#[tokio::test]
 async fn rpm_limit_denies_until_the_next_minute() {
     let store = open().await;
     store.insert_key(key("k1", Some(3))).await.unwrap();
@@ -463,8 +443,11 @@ async fn unknown_key_is_not_found_and_unknown_budgets_are_ignored() {
     store.insert_key(key("k1", None)).await.unwrap();
     let c = charge(1, "k1", None, 1_000.0);
     store.reserve(&c).await.unwrap();
-    let statuses = store.settle(&c, 10, Money::from_usd(1_000.0), NOW).await;
-    assert!(statuses.unwrap().is_empty());
+    let settled = store
+        .settle(&c, &spent(10, Money::from_usd(1_000.0), NOW))
+        .await
+        .unwrap();
+    assert!(settled.budgets.is_empty());
     finish(store).await;
 }
 
@@ -548,9 +531,10 @@ async fn settle_commits_actual_cost_and_tokens() {
     assert!(reserved.iter().all(|s| s.reserved == Money::from_usd(0.05)));
 
     let statuses = store
-        .settle(&c, 100, Money::from_usd(0.03), NOW)
+        .settle(&c, &spent(100, Money::from_usd(0.03), NOW))
         .await
-        .unwrap();
+        .unwrap()
+        .budgets;
 
     let ids: Vec<&str> = statuses.iter().map(|s| s.budget_id.as_str()).collect();
     assert_eq!(ids, ["a", "b"]);
@@ -567,9 +551,10 @@ async fn settle_commits_actual_cost_and_tokens() {
 
     // Settling again (a retried settle) still counts the money: never forgotten.
     let again = store
-        .settle(&c, 100, Money::from_usd(0.03), NOW)
+        .settle(&c, &spent(100, Money::from_usd(0.03), NOW))
         .await
-        .unwrap();
+        .unwrap()
+        .budgets;
     assert_eq!(again[1].spent, Money::from_usd(0.06));
     finish(store).await;
 }
@@ -595,7 +580,7 @@ async fn release_gives_back_budget_and_tokens_but_counts_the_request() {
         Money::from_usd(0.6)
     );
 
-    store.release(&c).await.unwrap();
+    store.release(&c, &nothing_spent(NOW)).await.unwrap();
 
     let status = &store.budget_statuses(NOW).await.unwrap()[0];
     assert_eq!((status.spent, status.reserved), (Money::ZERO, Money::ZERO));
@@ -652,9 +637,10 @@ async fn soft_budget_allows_and_flags_the_overrun() {
     let c = charge(1, "k1", None, 0.05);
     store.reserve(&c).await.unwrap();
     let statuses = store
-        .settle(&c, 100, Money::from_usd(0.05), NOW)
+        .settle(&c, &spent(100, Money::from_usd(0.05), NOW))
         .await
-        .unwrap();
+        .unwrap()
+        .budgets;
     assert!(statuses[0].over_limit);
     assert_eq!(statuses[0].remaining, Money::ZERO);
     finish(store).await;
@@ -722,19 +708,18 @@ async fn observed_quota_blocks_until_its_reset() {
     let store = open().await;
     store.insert_key(key("k1", None)).await.unwrap();
     let reset = NOW.plus(Duration::from_secs(20));
-    store
-        .observe_quota(
-            &KeyId::new("k1"),
-            QuotaObservation {
-                limit_requests: Some(100),
-                remaining_requests: Some(1),
-                reset_requests_at: Some(reset),
-                ..Default::default()
-            },
-            NOW,
-        )
-        .await
-        .unwrap();
+    // The provider's headers arrive with an attempt's settlement.
+    let mut first = charge(9, "k1", None, 0.0);
+    first.budget_ids.clear();
+    store.reserve(&first).await.unwrap();
+    let mut with_headers = spent(10, Money::ZERO, NOW);
+    with_headers.observation = Some(QuotaObservation {
+        limit_requests: Some(100),
+        remaining_requests: Some(1),
+        reset_requests_at: Some(reset),
+        ..Default::default()
+    });
+    store.settle(&first, &with_headers).await.unwrap();
 
     store.reserve(&charge(0, "k1", None, 0.0)).await.unwrap();
     let Err(ChargeRejection::Quota(denial)) = store.reserve(&charge(1, "k1", None, 0.0)).await
@@ -755,12 +740,6 @@ async fn observed_quota_blocks_until_its_reset() {
         .find(|w| w.kind == WindowKind::MinuteRequests)
         .unwrap();
     assert_eq!(provider_window.remaining, 99);
-
-    let err = store
-        .observe_quota(&KeyId::new("nope"), Default::default(), NOW)
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind, StoreErrorKind::NotFound);
     finish(store).await;
 }
 
@@ -782,9 +761,10 @@ async fn concurrent_charges_never_overspend_a_hard_budget() {
                 match store.reserve(&c).await {
                     Ok(()) => {
                         let statuses = store
-                            .settle(&c, 100, Money::from_usd(0.01), NOW)
+                            .settle(&c, &spent(100, Money::from_usd(0.01), NOW))
                             .await
-                            .unwrap();
+                            .unwrap()
+                            .budgets;
                         assert!(statuses[0].spent <= limit);
                         true
                     }

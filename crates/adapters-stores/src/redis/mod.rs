@@ -42,7 +42,10 @@
 //! observation and every hard budget, and only if all fit increments all of them
 //! and records the reservation. Redis runs a script alone, so concurrent charges
 //! from any number of instances never overspend a hard budget, and a request costs
-//! one round trip. `settle` and `release` are one script each too.
+//! one round trip. `settle` and `release` (after the call) are one pipeline of two
+//! scripts, so one round trip too: the key's part (token windows, the provider's
+//! observation, the key's counters) and the budgets' part, each under one hash tag.
+//! They need no joint check, so splitting them costs no atomicity that matters.
 //!
 //! # Redis Cluster
 //!

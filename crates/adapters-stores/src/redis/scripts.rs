@@ -2,7 +2,8 @@
 //!
 //! Each script is `scripts/common.lua` followed by its own file. [`Script`] sends
 //! `EVALSHA` and falls back to loading the script on `NOSCRIPT`, so after the first
-//! call every operation is one round trip.
+//! call every operation is one round trip. Pipelined scripts (`settle`, `release`)
+//! do the same fallback in `RedisStore::run_scripts`.
 
 use redis::Script;
 
@@ -17,17 +18,16 @@ macro_rules! source {
 }
 
 /// Every script's source, in [`Scripts`] field order.
-const SOURCES: [&str; 11] = [
+const SOURCES: [&str; 10] = [
     source!("insert_key.lua"),
     source!("update_metadata.lua"),
     source!("delete_key.lua"),
     source!("transition.lua"),
-    source!("record_outcome.lua"),
-    source!("observe_quota.lua"),
+    source!("settle_key.lua"),
     source!("quota_read.lua"),
     source!("reserve.lua"),
-    source!("settle.lua"),
-    source!("release.lua"),
+    source!("settle_budgets.lua"),
+    source!("release_budgets.lua"),
     source!("budgets.lua"),
 ];
 
@@ -37,12 +37,11 @@ pub(super) struct Scripts {
     pub(super) update_metadata: Script,
     pub(super) delete_key: Script,
     pub(super) transition: Script,
-    pub(super) record_outcome: Script,
-    pub(super) observe_quota: Script,
+    pub(super) settle_key: Script,
     pub(super) quota_read: Script,
     pub(super) reserve: Script,
-    pub(super) settle: Script,
-    pub(super) release: Script,
+    pub(super) settle_budgets: Script,
+    pub(super) release_budgets: Script,
     pub(super) budgets: Script,
 }
 
@@ -53,12 +52,11 @@ impl Scripts {
             update_metadata,
             delete_key,
             transition,
-            record_outcome,
-            observe_quota,
+            settle_key,
             quota_read,
             reserve,
-            settle,
-            release,
+            settle_budgets,
+            release_budgets,
             budgets,
         ] = SOURCES.map(Script::new);
         Self {
@@ -66,12 +64,11 @@ impl Scripts {
             update_metadata,
             delete_key,
             transition,
-            record_outcome,
-            observe_quota,
+            settle_key,
             quota_read,
             reserve,
-            settle,
-            release,
+            settle_budgets,
+            release_budgets,
             budgets,
         }
     }

@@ -1,17 +1,20 @@
 //! [`RedisStore`]: every state-store port over Redis, each operation one command,
 //! pipeline or script.
 //!
-//! Round trips: `reserve`, `settle`, `release`, `record_outcome`, `observe_quota`,
-//! `quota_snapshot`, `insert_key`, `update_metadata`, `delete_key`, the budget
-//! operations and the request log take one each (after a script's first use, which
-//! loads it); `transition` takes two (read the state, then compare-and-set), more
-//! only when another instance changed the key's state in between; `list_keys` two.
+//! Round trips: `reserve`, `settle`, `release`, `quota_snapshot`, `insert_key`,
+//! `update_metadata`, `delete_key`, the budget operations and the request log take
+//! one each (one more, once, when the server lost its script cache); `transition`
+//! takes two (read the state, then compare-and-set), more only when another instance
+//! changed the key's state in between; `list_keys` two. [`RedisStore::round_trips`]
+//! counts them.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore,
+    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore,
     StoreChange, StoreChanges, StoreError, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
@@ -24,8 +27,11 @@ use apikeyrouter_domain::{
 };
 use async_trait::async_trait;
 use futures_util::{Stream, StreamExt, future};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{
+    AsyncCommands, Client, Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, ScriptInvocation,
+    ServerErrorKind, Value,
+};
 
 use super::codec::{
     Hash, budget_fields, budget_row, cooldown_text, from_json, from_redis, invalid, key_fields,
@@ -57,6 +63,37 @@ pub struct RedisStore {
     /// The URL with its password masked; the only form ever printed.
     url: String,
     request_ttl: Duration,
+    /// Commands and pipelines sent through `conn`, each one network round trip.
+    round_trips: Arc<AtomicU64>,
+}
+
+/// The shared connection, counting every command or pipeline it sends: each is one
+/// network round trip (a pipeline's commands travel and come back together).
+#[derive(Clone)]
+struct Counted {
+    conn: ConnectionManager,
+    round_trips: Arc<AtomicU64>,
+}
+
+impl ConnectionLike for Counted {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.conn.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.conn.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
 }
 
 impl RedisStore {
@@ -121,6 +158,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             url: shown,
             request_ttl: DEFAULT_REQUEST_TTL,
+            round_trips: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -176,8 +214,114 @@ impl RedisStore {
         }))
     }
 
-    fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
+    /// Network round trips this store has made since it connected: each command,
+    /// pipeline or script call counts one (connecting and key-change subscriptions
+    /// are not counted). For tests and benchmarks of the per-request cost.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    fn conn(&self) -> Counted {
+        Counted {
+            conn: self.conn.clone(),
+            round_trips: self.round_trips.clone(),
+        }
+    }
+
+    /// Runs scripts in one pipeline, so one round trip, returning each one's reply.
+    /// Not atomic across scripts: used where they touch different hash-tag groups
+    /// and need no joint check. A pipelined `EVALSHA` does not load its script on
+    /// `NOSCRIPT` (the server lost its cache), so a script failing that way is run
+    /// again alone, which loads it; the others ran already and are not repeated.
+    async fn run_scripts(&self, invocations: &[&ScriptInvocation<'_>]) -> RedisResult<Vec<Value>> {
+        let mut pipe = redis::pipe();
+        for invocation in invocations {
+            pipe.invoke_script(invocation);
+        }
+        let replies: Vec<RedisResult<Value>> =
+            pipe.ignore_errors().query_async(&mut self.conn()).await?;
+        let mut values = Vec::with_capacity(replies.len());
+        for (reply, invocation) in replies.into_iter().zip(invocations) {
+            values.push(match reply {
+                Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    invocation.invoke_async(&mut self.conn()).await?
+                }
+                other => other?,
+            });
+        }
+        Ok(values)
+    }
+
+    /// The key's part of a settlement: tokens reconciled, observation stored,
+    /// outcome counted (`settle_key.lua`).
+    fn settle_key_invocation(
+        &self,
+        charge: &Charge,
+        actual_tokens: u64,
+        settlement: &Settlement,
+    ) -> ScriptInvocation<'_> {
+        let id = &charge.key_id;
+        let outcome = &settlement.outcome;
+        // The same f64 the domain's KeyStats::record computes, printed so that it reads
+        // back exactly.
+        let latency_ms = outcome.latency.as_secs_f64() * 1000.0;
+        let mut invocation = self.scripts.settle_key.prepare_invoke();
+        invocation
+            .key(self.names.key(id))
+            .key(self.names.observation(id))
+            .arg(self.names.window_prefix(id))
+            .arg(clamp_i64(charge.est_tokens))
+            .arg(clamp_i64(actual_tokens));
+        for start in token_window_starts(charge.now) {
+            invocation.arg(start);
+        }
+        invocation
+            .arg(if outcome.success { "1" } else { "0" })
+            .arg(if outcome.rate_limited { "1" } else { "0" })
+            .arg(format!("{latency_ms:?}"))
+            .arg(clamp_i64(outcome.usage.prompt_tokens))
+            .arg(clamp_i64(outcome.usage.completion_tokens))
+            .arg(clamp_i64(outcome.cost.as_nanos()))
+            .arg(outcome.now.as_millis().to_string())
+            .arg(if settlement.observation.is_some() {
+                "1"
+            } else {
+                "0"
+            });
+        if let Some(observation) = settlement.observation {
+            let fields = [
+                ("lr", observation.limit_requests),
+                ("rr", observation.remaining_requests),
+                (
+                    "rrat",
+                    observation.reset_requests_at.map(Timestamp::as_millis),
+                ),
+                ("lt", observation.limit_tokens),
+                ("rt", observation.remaining_tokens),
+                (
+                    "rtat",
+                    observation.reset_tokens_at.map(Timestamp::as_millis),
+                ),
+            ];
+            for (field, value) in fields {
+                if let Some(value) = value {
+                    invocation.arg(field).arg(clamp_i64(value));
+                }
+            }
+        }
+        invocation
+    }
+
+    /// The key's counters from the `settle_key` reply; `None` when the key is gone.
+    fn stats_reply(reply: Option<Value>, redis_key: &str) -> Result<Option<KeyStats>, StoreError> {
+        let hash: Option<Hash> = match reply {
+            Some(value) => {
+                redis::from_redis_value(value).map_err(|err| from_redis(err.into(), redis_key))?
+            }
+            None => return Err(invalid(redis_key, "no reply from the settle script")),
+        };
+        hash.map(|hash| stats_from_hash(&hash, redis_key))
+            .transpose()
     }
 
     async fn key_hash(&self, id: &KeyId) -> Result<Hash, StoreError> {
@@ -555,33 +699,6 @@ impl KeyStore for RedisStore {
             .map(|item| from_json(item, &list_key))
             .collect()
     }
-
-    async fn record_outcome(
-        &self,
-        id: &KeyId,
-        outcome: KeyOutcome,
-    ) -> Result<KeyStats, StoreError> {
-        let redis_key = self.names.key(id);
-        // The same f64 the domain's KeyStats::record computes, printed so that it reads
-        // back exactly.
-        let latency_ms = outcome.latency.as_secs_f64() * 1000.0;
-        let hash: Option<Hash> = self
-            .scripts
-            .record_outcome
-            .key(&redis_key)
-            .arg(if outcome.success { "1" } else { "0" })
-            .arg(if outcome.rate_limited { "1" } else { "0" })
-            .arg(format!("{latency_ms:?}"))
-            .arg(clamp_i64(outcome.usage.prompt_tokens))
-            .arg(clamp_i64(outcome.usage.completion_tokens))
-            .arg(clamp_i64(outcome.cost.as_nanos()))
-            .arg(outcome.now.as_millis().to_string())
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|err| from_redis(err, &redis_key))?;
-        let hash = hash.ok_or_else(|| StoreError::key_not_found(id))?;
-        stats_from_hash(&hash, &redis_key)
-    }
 }
 
 /// Unknown budget ids in a [`Charge`] are ignored (the budget was deleted or never
@@ -629,109 +746,80 @@ impl UsageLedger for RedisStore {
         rejection(&reply, charge, &redis_key)
     }
 
+    /// One pipeline of two scripts, one round trip: the key's part (`settle_key`)
+    /// and the budgets' part (`settle_budgets`). Not one script because they touch
+    /// two hash-tag groups (`{ns:key:<id>}` and `{ns:budgets}`), which Cluster
+    /// would refuse in one script; nothing here needs them atomic together.
     async fn settle(
         &self,
         charge: &Charge,
-        actual_tokens: u64,
-        actual_cost: Money,
-        now: Timestamp,
-    ) -> Result<Vec<BudgetStatus>, StoreError> {
-        let id = &charge.key_id;
-        let redis_key = self.names.key(id);
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        let redis_key = self.names.key(&charge.key_id);
+        let outcome = &settlement.outcome;
+        let key_part = self.settle_key_invocation(charge, outcome.usage.total(), settlement);
         let (budget_ids, budget_keys) = self.budget_keys(&charge.budget_ids);
-
-        let mut invocation = self.scripts.settle.prepare_invoke();
-        invocation.key(&redis_key);
+        let mut budget_part = self.scripts.settle_budgets.prepare_invoke();
         for key in &budget_keys {
-            invocation.key(key);
+            budget_part.key(key);
         }
-        invocation
-            .arg(now.as_millis().to_string())
-            .arg(self.names.window_prefix(id))
-            .arg(clamp_i64(charge.est_tokens))
-            .arg(clamp_i64(actual_tokens));
-        for start in token_window_starts(charge.now) {
-            invocation.arg(start);
-        }
-        invocation
-            .arg(clamp_i64(actual_cost.as_nanos()))
+        budget_part
+            .arg(outcome.now.as_millis().to_string())
+            .arg(clamp_i64(outcome.cost.as_nanos()))
             .arg(charge.reservation.0.to_string());
-        for bound in period_bounds(now) {
-            invocation.arg(bound);
+        for bound in period_bounds(outcome.now) {
+            budget_part.arg(bound);
         }
         for budget_id in &budget_ids {
-            invocation.arg(budget_id);
+            budget_part.arg(budget_id);
         }
-        let rows: Vec<Vec<String>> = invocation
-            .invoke_async(&mut self.conn())
+        let invocations: &[&ScriptInvocation<'_>] = if budget_ids.is_empty() {
+            &[&key_part]
+        } else {
+            &[&key_part, &budget_part]
+        };
+        let mut replies = self
+            .run_scripts(invocations)
             .await
-            .map_err(|err| from_redis(err, &redis_key))?;
-        self.statuses_from_rows(&rows)
+            .map_err(|err| from_redis(err, &redis_key))?
+            .into_iter();
+        let stats = Self::stats_reply(replies.next(), &redis_key)?;
+        let rows: Vec<Vec<String>> = match replies.next() {
+            Some(value) => redis::from_redis_value(value)
+                .map_err(|err| from_redis(err.into(), &self.names.budget_prefix()))?,
+            None => Vec::new(),
+        };
+        Ok(Settled {
+            budgets: self.statuses_from_rows(&rows)?,
+            stats,
+        })
     }
 
-    async fn release(&self, charge: &Charge) -> Result<(), StoreError> {
-        let id = &charge.key_id;
-        let redis_key = self.names.key(id);
-        let (_, budget_keys) = self.budget_keys(&charge.budget_ids);
-
-        let mut invocation = self.scripts.release.prepare_invoke();
-        invocation.key(&redis_key);
-        for key in &budget_keys {
-            invocation.key(key);
-        }
-        invocation
-            .arg(self.names.window_prefix(id))
-            .arg(clamp_i64(charge.est_tokens));
-        for start in token_window_starts(charge.now) {
-            invocation.arg(start);
-        }
-        invocation.arg(charge.reservation.0.to_string());
-        let _: i64 = invocation
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|err| from_redis(err, &redis_key))?;
-        Ok(())
-    }
-
-    async fn observe_quota(
+    /// One pipeline of two scripts, one round trip, as for `settle`.
+    async fn release(
         &self,
-        id: &KeyId,
-        observation: QuotaObservation,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        let redis_key = self.names.key(id);
-        let mut invocation = self.scripts.observe_quota.prepare_invoke();
-        invocation
-            .key(&redis_key)
-            .key(self.names.observation(id))
-            .arg(now.as_millis().to_string());
-        let fields = [
-            ("lr", observation.limit_requests),
-            ("rr", observation.remaining_requests),
-            (
-                "rrat",
-                observation.reset_requests_at.map(Timestamp::as_millis),
-            ),
-            ("lt", observation.limit_tokens),
-            ("rt", observation.remaining_tokens),
-            (
-                "rtat",
-                observation.reset_tokens_at.map(Timestamp::as_millis),
-            ),
-        ];
-        for (field, value) in fields {
-            if let Some(value) = value {
-                invocation.arg(field).arg(clamp_i64(value));
-            }
+        charge: &Charge,
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError> {
+        let redis_key = self.names.key(&charge.key_id);
+        let key_part = self.settle_key_invocation(charge, 0, settlement);
+        let (_, budget_keys) = self.budget_keys(&charge.budget_ids);
+        let mut budget_part = self.scripts.release_budgets.prepare_invoke();
+        for key in &budget_keys {
+            budget_part.key(key);
         }
-        let observed: i64 = invocation
-            .invoke_async(&mut self.conn())
+        budget_part.arg(charge.reservation.0.to_string());
+        let invocations: &[&ScriptInvocation<'_>] = if budget_keys.is_empty() {
+            &[&key_part]
+        } else {
+            &[&key_part, &budget_part]
+        };
+        let mut replies = self
+            .run_scripts(invocations)
             .await
-            .map_err(|err| from_redis(err, &redis_key))?;
-        if observed == 0 {
-            return Err(StoreError::key_not_found(id));
-        }
-        Ok(())
+            .map_err(|err| from_redis(err, &redis_key))?
+            .into_iter();
+        Self::stats_reply(replies.next(), &redis_key)
     }
 
     async fn quota_snapshot(

@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, StateStore, StoreChange,
-    StoreErrorKind, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, Settlement, StateStore,
+    StoreChange, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
-    KeyState, Money, ProviderId, QuotaLimits, RequestId, ReservationId, Timestamp,
+    KeyState, Money, ProviderId, QuotaLimits, RequestId, ReservationId, Timestamp, TokenUsage,
     TransitionTrigger, WindowKind,
 };
 use futures_util::StreamExt;
@@ -355,7 +355,7 @@ async fn instances_sharing_a_namespace_never_overspend_together() {
                 match store.reserve(&c).await {
                     Ok(()) => {
                         store
-                            .settle(&c, 100, Money::from_usd(0.01), NOW)
+                            .settle(&c, &spent(100, Money::from_usd(0.01)))
                             .await
                             .unwrap();
                         true
@@ -377,6 +377,94 @@ async fn instances_sharing_a_namespace_never_overspend_together() {
     let status = &second.budget_statuses(NOW).await.unwrap()[0];
     assert_eq!(status.spent, Money::from_usd(0.5));
     assert_eq!(status.reserved, Money::ZERO);
+}
+
+/// A successful call at `NOW` that used `tokens` and cost `cost`.
+fn spent(tokens: u64, cost: Money) -> Settlement {
+    Settlement {
+        outcome: KeyOutcome {
+            success: true,
+            rate_limited: false,
+            latency: Duration::from_millis(100),
+            usage: TokenUsage {
+                prompt_tokens: 0,
+                completion_tokens: tokens,
+                cached_tokens: 0,
+            },
+            cost,
+            now: NOW,
+        },
+        observation: None,
+    }
+}
+
+#[tokio::test]
+async fn reserve_settle_and_release_take_one_round_trip_each() {
+    let store = store().await;
+    store.insert_key(key("k1")).await.unwrap();
+    store
+        .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+        .await
+        .unwrap();
+    let c = charge(1, "k1", 0.1);
+    let failed = Settlement {
+        outcome: KeyOutcome {
+            success: false,
+            ..spent(0, Money::ZERO).outcome
+        },
+        observation: None,
+    };
+
+    let before = store.round_trips();
+    store.reserve(&c).await.unwrap();
+    assert_eq!(store.round_trips() - before, 1);
+    let stats = store.release(&c, &failed).await.unwrap().unwrap();
+    assert_eq!(store.round_trips() - before, 2);
+    assert_eq!((stats.requests, stats.failures), (1, 1));
+
+    let c = charge(2, "k1", 0.1);
+    store.reserve(&c).await.unwrap();
+    let settled = store
+        .settle(&c, &spent(40, Money::from_usd(0.05)))
+        .await
+        .unwrap();
+    assert_eq!(store.round_trips() - before, 4);
+    assert_eq!(settled.budgets[0].spent, Money::from_usd(0.05));
+    assert_eq!(settled.stats.unwrap().successes, 1);
+}
+
+#[tokio::test]
+async fn settle_loads_its_scripts_again_after_the_server_lost_them() {
+    let store = store().await;
+    store.insert_key(key("k1")).await.unwrap();
+    store
+        .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+        .await
+        .unwrap();
+    let c = charge(1, "k1", 0.1);
+    store.reserve(&c).await.unwrap();
+    // Other tests' stores reload on NOSCRIPT too, so flushing the shared cache is safe.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw().await)
+        .await
+        .unwrap();
+
+    let settled = store
+        .settle(&c, &spent(40, Money::from_usd(0.05)))
+        .await
+        .unwrap();
+
+    // Each part ran exactly once: spent once, counted once.
+    assert_eq!(settled.budgets[0].spent, Money::from_usd(0.05));
+    assert_eq!(settled.budgets[0].reserved, Money::ZERO);
+    let stats = settled.stats.unwrap();
+    assert_eq!((stats.requests, stats.successes), (1, 1));
+    assert_eq!(store.get_key(&KeyId::new("k1")).await.unwrap().stats, stats);
+    assert_eq!(
+        store.budget_statuses(NOW).await.unwrap()[0].spent,
+        Money::from_usd(0.05)
+    );
 }
 
 #[tokio::test]

@@ -17,8 +17,8 @@ pub use provider::{
     Provider, ProviderCall, ProviderError, StreamStart, ToolCallDelta,
 };
 pub use store::{
-    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, StateStore,
-    StoreChange, StoreChanges, StoreError, StoreErrorKind, StoreHealth, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, Settled, Settlement,
+    StateStore, StoreChange, StoreChanges, StoreError, StoreErrorKind, StoreHealth, UsageLedger,
 };
 
 #[cfg(any(test, feature = "test-util"))]

@@ -156,13 +156,6 @@ pub trait KeyStore: Send + Sync + 'static {
     /// # Errors
     /// `NotFound` if the key is absent.
     async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError>;
-
-    /// Adds one call's outcome to a key's counters and returns them.
-    ///
-    /// # Errors
-    /// `NotFound` if absent.
-    async fn record_outcome(&self, id: &KeyId, outcome: KeyOutcome)
-    -> Result<KeyStats, StoreError>;
 }
 
 /// Everything charged for one attempt, all-or-nothing.
@@ -201,6 +194,26 @@ impl From<StoreError> for ChargeRejection {
     }
 }
 
+/// How an attempt ended, for [`UsageLedger::settle`] and [`UsageLedger::release`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settlement {
+    /// The call's result for the key's counters. For `settle` its usage and cost are
+    /// what the attempt actually spent; `release` charges nothing whatever they say.
+    pub outcome: KeyOutcome,
+    /// Rate-limit headers the provider sent, if any.
+    pub observation: Option<QuotaObservation>,
+}
+
+/// What [`UsageLedger::settle`] leaves.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Settled {
+    /// The status of every budget charged that still exists, in id order.
+    pub budgets: Vec<BudgetStatus>,
+    /// The key's counters after the outcome; `None` when the key was deleted since
+    /// the reserve.
+    pub stats: Option<KeyStats>,
+}
+
 /// Request and token windows, budget reservations, quota observations.
 #[async_trait]
 pub trait UsageLedger: Send + Sync + 'static {
@@ -212,36 +225,33 @@ pub trait UsageLedger: Send + Sync + 'static {
     /// [`ChargeRejection`] naming the first window or budget that did not fit.
     async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection>;
 
-    /// Replaces the estimate with the actual tokens and cost, and returns the status
-    /// of every budget charged.
+    /// Reconciles a finished attempt in one call: replaces the estimate with the
+    /// outcome's actual tokens and cost in the key's token windows and every budget
+    /// charged, adds the outcome to the key's counters, and stores the provider's
+    /// observation if there is one. One call so that the step after a provider
+    /// call costs one round trip on a networked store.
+    ///
+    /// A key deleted since the reserve still has its budgets settled; its stats
+    /// come back as `None`.
     ///
     /// # Errors
     /// `Unavailable` when the backend is down.
-    async fn settle(
+    async fn settle(&self, charge: &Charge, settlement: &Settlement)
+    -> Result<Settled, StoreError>;
+
+    /// Gives back the whole estimate of an attempt that cost nothing, adds the
+    /// outcome to the key's counters and stores the provider's observation if there
+    /// is one, in one call. The request still counts against the key's request
+    /// windows (the provider counted it too). Returns the key's counters, `None`
+    /// when the key was deleted since the reserve.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn release(
         &self,
         charge: &Charge,
-        actual_tokens: u64,
-        actual_cost: Money,
-        now: Timestamp,
-    ) -> Result<Vec<BudgetStatus>, StoreError>;
-
-    /// Gives back the estimate of an attempt that cost nothing. The request still
-    /// counts against the key's request windows (the provider counted it too).
-    ///
-    /// # Errors
-    /// `Unavailable` when the backend is down.
-    async fn release(&self, charge: &Charge) -> Result<(), StoreError>;
-
-    /// Applies rate-limit headers the provider sent for a key.
-    ///
-    /// # Errors
-    /// `Unavailable` when the backend is down.
-    async fn observe_quota(
-        &self,
-        id: &KeyId,
-        observation: QuotaObservation,
-        now: Timestamp,
-    ) -> Result<(), StoreError>;
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError>;
 
     /// A key's quota state.
     ///

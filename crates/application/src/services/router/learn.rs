@@ -1,46 +1,26 @@
 //! After a call: update the key's counters, quota view and state from the outcome.
 
 use apikeyrouter_domain::{
-    FailureKind, KeyAction, KeyId, KeyState, QuotaObservation, Timestamp, TransitionTrigger,
+    FailureKind, KeyAction, KeyId, KeyState, KeyStats, Timestamp, TransitionTrigger,
 };
 
 use crate::ports::{KeyOutcome, ProviderError};
 use crate::services::core::Shared;
 
-/// Stores rate-limit headers the provider sent.
-pub(crate) async fn observe(shared: &Shared, key_id: &KeyId, observation: QuotaObservation) {
-    if let Err(e) = shared
-        .store
-        .observe_quota(key_id, observation, shared.clock.now())
-        .await
-    {
-        tracing::warn!(key_id = %key_id, error = %e, "quota observation not stored");
-    }
-}
-
-/// Updates the key's counters, quota view and state after a call; returns whether the
-/// request may be retried elsewhere.
+/// Updates the key's routing view and state after a call, from the counters the
+/// store's `settle` or `release` returned (`None` when they were not updated);
+/// returns whether the request may be retried elsewhere.
 pub(crate) async fn learn(
     shared: &Shared,
     key_id: &KeyId,
-    outcome: KeyOutcome,
-    quota: Option<QuotaObservation>,
+    outcome: &KeyOutcome,
+    stats: Option<KeyStats>,
     failure: Option<&ProviderError>,
 ) -> bool {
     let now = outcome.now;
-    if let Some(observation) = quota {
-        observe(shared, key_id, observation).await;
+    if let Some(stats) = &stats {
+        shared.table().record_outcome(key_id, stats);
     }
-    let stats = match shared.store.record_outcome(key_id, outcome).await {
-        Ok(stats) => {
-            shared.table().record_outcome(key_id, &stats);
-            Some(stats)
-        }
-        Err(e) => {
-            tracing::warn!(key_id = %key_id, error = %e, "key outcome not recorded");
-            None
-        }
-    };
     let Some(failure) = failure else {
         if shared.table().state(key_id) == Some(KeyState::Recovering) {
             let reason = "request succeeded after recovery".to_owned();

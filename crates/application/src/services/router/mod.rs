@@ -29,7 +29,7 @@ use super::errors::{RouteError, RouteErrorKind};
 use super::keys::persist_transitions;
 use crate::ports::{
     Charge, ChargeRejection, ChatResponse, EmbeddingCall, EmbeddingResponse, KeyOutcome, Provider,
-    ProviderCall, ProviderError, StreamStart,
+    ProviderCall, ProviderError, Settled, Settlement, StreamStart,
 };
 use crate::records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, RouteResponse};
 
@@ -213,6 +213,8 @@ pub(crate) struct Served<T> {
     pub(crate) charge: Charge,
     pub(crate) cost_estimate: CostEstimate,
     pub(crate) latency: Duration,
+    /// Rate-limit headers the provider sent, stored when the call is settled.
+    pub(crate) quota: Option<QuotaObservation>,
 }
 
 const fn millis(d: Duration) -> u64 {
@@ -450,22 +452,6 @@ impl RouterService {
             .catalogue()
             .price(&served.provider, &served.model)
             .map(|p| p.cost(&usage));
-        let budgets = match shared
-            .store
-            .settle(
-                &served.charge,
-                usage.total(),
-                actual_cost.unwrap_or(Money::ZERO),
-                now,
-            )
-            .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(key_id = %served.key_id, error = %e, "spend not settled");
-                Vec::new()
-            }
-        };
         let outcome = KeyOutcome {
             success: true,
             rate_limited: false,
@@ -474,7 +460,18 @@ impl RouterService {
             cost: actual_cost.unwrap_or(Money::ZERO),
             now,
         };
-        learn::learn(shared, &served.key_id, outcome, None, None).await;
+        let settlement = Settlement {
+            outcome,
+            observation: served.quota,
+        };
+        let settled = match shared.store.settle(&served.charge, &settlement).await {
+            Ok(settled) => settled,
+            Err(e) => {
+                tracing::error!(key_id = %served.key_id, error = %e, "spend not settled");
+                Settled::default()
+            }
+        };
+        learn::learn(shared, &served.key_id, &outcome, settled.stats, None).await;
         run.attempts.push(AttemptRecord {
             key_id: served.key_id.clone(),
             provider: served.provider.clone(),
@@ -484,7 +481,7 @@ impl RouterService {
             status: None,
             latency_ms: millis(served.latency),
         });
-        (actual_cost, budgets)
+        (actual_cost, settled.budgets)
     }
 
     /// Tries keys and fallback models until one call of `op` succeeds, within the
@@ -613,10 +610,8 @@ impl RouterService {
                 let latency = call_started.elapsed();
                 match result {
                     Ok(output) => {
-                        if let Some(observation) = O::quota(&output) {
-                            learn::observe(shared, &key_id, observation).await;
-                        }
                         return Ok(Served {
+                            quota: O::quota(&output),
                             output,
                             key_id,
                             provider: key.provider.clone(),
@@ -627,9 +622,6 @@ impl RouterService {
                         });
                     }
                     Err(failure) => {
-                        if let Err(e) = shared.store.release(&charge).await {
-                            tracing::warn!(key_id = %key_id, error = %e, "reservation not released");
-                        }
                         tracing::info!(key_id = %key_id, kind = failure.kind.as_str(), status = failure.status, "attempt failed");
                         let outcome = KeyOutcome {
                             success: false,
@@ -639,9 +631,19 @@ impl RouterService {
                             cost: Money::ZERO,
                             now: shared.clock.now(),
                         };
+                        let settlement = Settlement {
+                            outcome,
+                            observation: failure.quota,
+                        };
+                        let stats = match shared.store.release(&charge, &settlement).await {
+                            Ok(stats) => stats,
+                            Err(e) => {
+                                tracing::warn!(key_id = %key_id, error = %e, "reservation not released");
+                                None
+                            }
+                        };
                         let retry_elsewhere =
-                            learn::learn(shared, &key_id, outcome, failure.quota, Some(&failure))
-                                .await;
+                            learn::learn(shared, &key_id, &outcome, stats, Some(&failure)).await;
                         run.attempts.push(AttemptRecord {
                             key_id: key_id.clone(),
                             provider: key.provider.clone(),

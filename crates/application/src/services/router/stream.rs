@@ -9,13 +9,16 @@ use std::task::{Context, Poll};
 
 use apikeyrouter_domain::cost::TokenEstimate;
 use apikeyrouter_domain::{
-    Decision, FailureKind, KeyId, ModelId, Money, ProviderId, RequestId, TokenUsage,
+    Decision, FailureKind, KeyId, ModelId, Money, ProviderId, QuotaObservation, RequestId,
+    TokenUsage,
 };
 use futures_core::Stream;
 use tokio::time::Instant;
 
 use super::{Run, Served, learn, millis, write_audit};
-use crate::ports::{Charge, ChatChunk, ChatStream, KeyOutcome, ProviderError, StreamStart};
+use crate::ports::{
+    Charge, ChatChunk, ChatStream, KeyOutcome, ProviderError, Settlement, StreamStart,
+};
 use crate::records::{AttemptRecord, Outcome};
 use crate::services::core::Shared;
 
@@ -59,6 +62,7 @@ struct Tally {
     provider: ProviderId,
     model: ModelId,
     charge: Charge,
+    quota: Option<QuotaObservation>,
     estimate: TokenEstimate,
     started: Instant,
     usage: Option<TokenUsage>,
@@ -83,6 +87,7 @@ impl RoutedStream {
             model,
             charge,
             cost_estimate,
+            quota,
             ..
         } = served;
         let decision = run
@@ -105,6 +110,7 @@ impl RoutedStream {
                 provider,
                 model,
                 charge,
+                quota,
                 estimate,
                 started: Instant::now(),
                 usage: None,
@@ -208,6 +214,7 @@ async fn settle(tally: Tally) {
         provider,
         model,
         charge,
+        quota,
         estimate,
         started,
         usage,
@@ -227,18 +234,6 @@ async fn settle(tally: Tally) {
         .catalogue()
         .price(&provider, &model)
         .map(|p| p.cost(&usage));
-    if let Err(e) = shared
-        .store
-        .settle(
-            &charge,
-            usage.total(),
-            actual_cost.unwrap_or(Money::ZERO),
-            now,
-        )
-        .await
-    {
-        tracing::error!(parent: &span, key_id = %key_id, error = %e, "stream spend not settled");
-    }
     let latency = started.elapsed();
     let outcome = KeyOutcome {
         success: failure.is_none(),
@@ -250,7 +245,20 @@ async fn settle(tally: Tally) {
         cost: actual_cost.unwrap_or(Money::ZERO),
         now,
     };
-    learn::learn(&shared, &key_id, outcome, None, failure.as_ref()).await;
+    // The headers came with the stream's start; they are stored with its settlement
+    // so the whole reconciliation stays one store call.
+    let settlement = Settlement {
+        outcome,
+        observation: quota,
+    };
+    let stats = match shared.store.settle(&charge, &settlement).await {
+        Ok(settled) => settled.stats,
+        Err(e) => {
+            tracing::error!(parent: &span, key_id = %key_id, error = %e, "stream spend not settled");
+            None
+        }
+    };
+    learn::learn(&shared, &key_id, &outcome, stats, failure.as_ref()).await;
     run.attempts.push(AttemptRecord {
         key_id: key_id.clone(),
         provider,
