@@ -433,16 +433,31 @@ token_env = "CLIENT_SHARED"
         (StatusCode::FORBIDDEN, Some("model_not_allowed"))
     );
 
-    assert_eq!(
-        p.chat(hello("gpt-4o"), Some("client-a-token-123"))
-            .await
-            .status(),
-        StatusCode::OK
-    );
-    let (status, body) = error_of(p.chat(hello("gpt-4o"), Some("client-a-token-123")).await).await;
+    // rpm 3, counted in the store with each routed request (the refused one above
+    // did not count): two more pass, the next is refused with a Retry-After.
+    for _ in 0..2 {
+        assert_eq!(
+            p.chat(hello("gpt-4o"), Some("client-a-token-123"))
+                .await
+                .status(),
+            StatusCode::OK
+        );
+    }
+    let refused = p.chat(hello("gpt-4o"), Some("client-a-token-123")).await;
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let (status, body) = error_of(refused).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (StatusCode::TOO_MANY_REQUESTS, Some("rate_limit_exceeded"))
+    );
+    assert_eq!(
+        body["error"]["message"],
+        "Rate limit of 3 requests per minute reached for client a."
     );
 }
 

@@ -40,6 +40,7 @@ macro_rules! conformance_suite {
                 unknown_key_is_not_found_and_unknown_budgets_are_ignored,
                 budget_refusal_leaves_the_key_windows_unchanged,
                 quota_refusal_reserves_nothing_in_budgets,
+                client_rpm_counts_once_per_charge_and_refusals_charge_nothing,
                 rpm_window_refuses_until_the_next_minute_then_rolls_over,
                 tpm_estimate_is_reconciled_to_the_actual_tokens,
                 settle_returns_statuses_with_spent_equal_to_actual,
@@ -236,6 +237,7 @@ mod cases {
             est_tokens: 100,
             est_cost: Money::from_usd(est_usd),
             budget_ids: vec!["b".to_owned()],
+            client: None,
             now: NOW,
         }
     }
@@ -792,6 +794,70 @@ mod cases {
                 status.budget_id
             );
         }
+    }
+
+    pub(super) async fn client_rpm_counts_once_per_charge_and_refusals_charge_nothing(
+        store: Store,
+    ) {
+        use apikeyrouter_application::ports::ClientLimit;
+
+        store.insert_key(key("k1", None)).await.unwrap();
+        store.insert_key(key("k2", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        let limited = |reservation: u64, key_id: &str, usd: f64| {
+            let mut c = charge(reservation, key_id, None, usd);
+            c.client = Some(ClientLimit {
+                client: "client-a".to_owned(),
+                rpm: 2,
+            });
+            c.now = NOW.plus(Duration::from_secs(reservation));
+            c
+        };
+        // A charge refused by the budget does not use the client's allowance.
+        assert!(matches!(
+            store.reserve(&limited(0, "k1", 5.0)).await,
+            Err(ChargeRejection::Budget(_))
+        ));
+        // Two requests, on different keys: the client's limit spans keys.
+        store.reserve(&limited(1, "k1", 0.1)).await.unwrap();
+        store.reserve(&limited(2, "k2", 0.1)).await.unwrap();
+        let Err(ChargeRejection::Client { retry_at }) = store.reserve(&limited(3, "k1", 0.1)).await
+        else {
+            panic!("the third request of the minute must be refused for the client");
+        };
+        assert_eq!(retry_at, NOW.plus(Duration::from_secs(60)));
+        // The refusal charged nothing: the key's window and the budget are unchanged.
+        let limits = QuotaLimits {
+            rpm: Some(100),
+            ..QuotaLimits::default()
+        };
+        let snapshot = store
+            .quota_snapshot(&KeyId::new("k1"), &limits, NOW.plus(Duration::from_secs(3)))
+            .await
+            .unwrap();
+        let rpm = snapshot
+            .windows
+            .iter()
+            .find(|w| w.kind == WindowKind::MinuteRequests)
+            .unwrap();
+        assert_eq!(rpm.used, 1);
+        let budget = &store.budget_statuses(NOW).await.unwrap()[0];
+        assert_eq!(budget.reserved, Money::from_usd(0.2));
+        // Other clients and requests without a client are not affected.
+        let mut other = limited(4, "k1", 0.1);
+        other.client = Some(ClientLimit {
+            client: "client-b".to_owned(),
+            rpm: 2,
+        });
+        store.reserve(&other).await.unwrap();
+        store.reserve(&charge(5, "k1", None, 0.1)).await.unwrap();
+        // The next minute has a fresh allowance.
+        let mut next = limited(6, "k1", 0.1);
+        next.now = NOW.plus(Duration::from_secs(61));
+        store.reserve(&next).await.unwrap();
     }
 
     pub(super) async fn rpm_window_refuses_until_the_next_minute_then_rolls_over(store: Store) {

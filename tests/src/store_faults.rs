@@ -215,7 +215,7 @@ async fn fail_open_serves_on_local_limits_and_resumes_shared_ones() {
             &objective,
             RequestContext {
                 request_id: Some(apikeyrouter::RequestId::new(format!("open-{i}"))),
-                correlation_id: None,
+                ..RequestContext::default()
             },
         )
     };

@@ -34,9 +34,9 @@ pub use builder::{ApiKeyRouterBuilder, BuildError};
 pub use router::ApiKeyRouter;
 
 pub use apikeyrouter_application::ports::{
-    AuditSink, ChatChunk, ChatResponse, ChatStream, Clock, EmbeddingCall, EmbeddingResponse,
-    FinishReason, ManualClock, ModelSet, Provider, ProviderCall, ProviderError, StateStore,
-    StoreError, StoreHealth, StreamStart, SystemClock, ToolCallDelta,
+    AuditSink, ChatChunk, ChatResponse, ChatStream, ClientLimit, Clock, EmbeddingCall,
+    EmbeddingResponse, FinishReason, ManualClock, ModelSet, Provider, ProviderCall, ProviderError,
+    StateStore, StoreError, StoreHealth, StreamStart, SystemClock, ToolCallDelta,
 };
 pub use apikeyrouter_application::services::{
     BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind, RoutedStream,

@@ -4,7 +4,6 @@
 //! Tokens are kept only as SHA-256 digests and compared in constant time.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 
 use apikeyrouter::config::{Config, ResolvedVirtualKey};
 use apikeyrouter::domain::secret::constant_time_eq;
@@ -67,8 +66,6 @@ pub struct VirtualKey {
     pub rpm: Option<u32>,
     /// Tag that its budget charges (`virtual_key=<name>`), when it has one.
     pub budget_tag: Option<(String, String)>,
-    /// Requests counted in the current minute: (minute since epoch, count).
-    window: Mutex<(u64, u32)>,
 }
 
 impl VirtualKey {
@@ -81,36 +78,7 @@ impl VirtualKey {
             budget_tag: v
                 .budget_usd
                 .map(|_| ("virtual_key".to_owned(), v.name.clone())),
-            window: Mutex::new((0, 0)),
         }
-    }
-
-    /// Counts a request against the key's rpm.
-    ///
-    /// # Errors
-    /// 429 when the minute's allowance is used up.
-    pub fn admit(&self, now_ms: u64) -> Result<(), ApiError> {
-        let Some(rpm) = self.rpm else { return Ok(()) };
-        let minute = now_ms / 60_000;
-        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
-        if window.0 != minute {
-            *window = (minute, 0);
-        }
-        if window.1 >= rpm {
-            let mut e = ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "rate_limit_exceeded",
-                format!(
-                    "Rate limit of {rpm} requests per minute reached for client {}.",
-                    self.name
-                ),
-            );
-            e.retry_after_secs = Some(60 - (now_ms / 1000) % 60);
-            return Err(e);
-        }
-        window.1 += 1;
-        Ok(())
     }
 
     /// Whether the key may use `model`.

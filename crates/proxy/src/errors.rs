@@ -115,6 +115,29 @@ impl ApiError {
                 }
             }
             RouteErrorKind::BudgetExceeded(b) => Self::forbidden("budget_exceeded", b.to_string()),
+            RouteErrorKind::ClientRateLimited {
+                client,
+                rpm,
+                retry_at,
+            } => {
+                let mut e = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "rate_limit_exceeded",
+                    format!("Rate limit of {rpm} requests per minute reached for client {client}."),
+                );
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                e.retry_after_secs = Some(
+                    retry_at
+                        .as_millis()
+                        .saturating_sub(now_ms)
+                        .div_ceil(1000)
+                        .max(1),
+                );
+                e
+            }
             RouteErrorKind::Rejected(p) => Self::bad_request(
                 "provider_rejected_request",
                 format!("The provider rejected the request: {}", p.message),

@@ -2,7 +2,7 @@
 //! requests over both), sharing counters in Redis and records in MongoDB (the split
 //! store, with MongoDB as the audit sink), in front of one mock upstream:
 //!
-//! - a key's rpm limit holds across both instances;
+//! - a key's rpm limit, and a client's, hold across both instances;
 //! - a hard budget is never exceeded;
 //! - a key disabled through one instance gets no traffic from the other a second later;
 //! - the audit trail in MongoDB has exactly one record per request.
@@ -28,6 +28,9 @@ use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_apikeyrouter");
 const MASTER_KEY: &str = "test:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+/// Client tokens: one without limits, one with rpm 3.
+const TEAM: &str = "team-token-0001";
+const LIMITED_CLIENT: &str = "limited-client-token-0002";
 
 /// Upstream calls by key material.
 type Calls = Arc<Mutex<HashMap<String, usize>>>;
@@ -71,6 +74,8 @@ impl Instance {
             .args(["serve", "--config"])
             .arg(config)
             .env("APIKEYROUTER_MASTER_KEY", MASTER_KEY)
+            .env("TEAM_TOKEN", TEAM)
+            .env("LIMITED_CLIENT_TOKEN", LIMITED_CLIENT)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -110,12 +115,13 @@ impl Drop for Instance {
     }
 }
 
-/// Sends `n` chat requests for `model` concurrently, alternating between the
-/// instances, with request ids `<prefix>-<i>`; returns the statuses.
+/// Sends `n` chat requests for `model` concurrently as the client with `token`,
+/// alternating between the instances, with request ids `<prefix>-<i>`; returns the
+/// statuses.
 async fn burst(
     client: &reqwest::Client,
     instances: &[&Instance; 2],
-    model: &str,
+    (model, token): (&str, &str),
     prefix: &str,
     n: usize,
     sent: &mut Vec<String>,
@@ -127,6 +133,7 @@ async fn burst(
         let request = client
             .post(format!("{}/v1/chat/completions", instances[i % 2].base))
             .header("x-request-id", id)
+            .bearer_auth(token)
             .json(&json!({"model": model, "max_tokens": 16,
                 "messages": [{"role": "user", "content": "What is the capital of France?"}]}))
             .send();
@@ -210,12 +217,34 @@ id = "priced-c"
 provider = "priced"
 material = "sk-priced-key-cccc"
 
+[[providers]]
+id = "open"
+kind = "openai-compatible"
+base_url = "http://{upstream}/v1"
+models = ["open-model"]
+[[prices]]
+model = "open-model"
+input_per_mtok = 0.0
+output_per_mtok = 0.0
+[[keys]]
+id = "open-d"
+provider = "open"
+material = "sk-open-key-dddd"
+
 [[budgets]]
 id = "global"
 scope = "global"
 limit_usd = 0.05
 period = "monthly"
 enforcement = "hard"
+
+[[virtual_keys]]
+name = "team"
+token_env = "TEAM_TOKEN"
+[[virtual_keys]]
+name = "limited-client"
+token_env = "LIMITED_CLIENT_TOKEN"
+rpm = 3
 "#
     );
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{unique}.toml"));
@@ -236,7 +265,7 @@ enforcement = "hard"
     if second > 45 {
         tokio::time::sleep(Duration::from_secs(61 - second)).await;
     }
-    let statuses = burst(&client, &both, "free-model", "rpm", 20, &mut sent).await;
+    let statuses = burst(&client, &both, ("free-model", TEAM), "rpm", 20, &mut sent).await;
     assert_eq!(count(&statuses, 200), 8, "{statuses:?}");
     assert_eq!(count(&statuses, 429), 12, "{statuses:?}");
     {
@@ -244,6 +273,19 @@ enforcement = "hard"
         assert_eq!(calls.get("sk-limited-key-aaaa"), Some(&4), "{calls:?}");
         assert_eq!(calls.get("sk-limited-key-bbbb"), Some(&4), "{calls:?}");
     }
+    // A client's rpm holds across instances too: 3 of 9, whichever instance.
+    let statuses = burst(
+        &client,
+        &both,
+        ("open-model", LIMITED_CLIENT),
+        "client",
+        9,
+        &mut sent,
+    )
+    .await;
+    assert_eq!(count(&statuses, 200), 3, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 6, "{statuses:?}");
+    assert_eq!(calls.lock().unwrap().get("sk-open-key-dddd"), Some(&3));
 
     // 2. A key disabled through one instance gets no traffic from the other after a
     // second.
@@ -255,7 +297,15 @@ enforcement = "hard"
         .unwrap();
     assert_eq!(disabled.status().as_u16(), 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let statuses = burst(&client, &[&two, &two], "priced-model", "off", 4, &mut sent).await;
+    let statuses = burst(
+        &client,
+        &[&two, &two],
+        ("priced-model", TEAM),
+        "off",
+        4,
+        &mut sent,
+    )
+    .await;
     assert_eq!(count(&statuses, 503), 4, "{statuses:?}");
     assert_eq!(calls.lock().unwrap().get("sk-priced-key-cccc"), None);
     let enabled = client
@@ -268,7 +318,15 @@ enforcement = "hard"
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // 3. The hard budget holds across instances under concurrency.
-    let statuses = burst(&client, &both, "priced-model", "budget", 20, &mut sent).await;
+    let statuses = burst(
+        &client,
+        &both,
+        ("priced-model", TEAM),
+        "budget",
+        20,
+        &mut sent,
+    )
+    .await;
     let served = count(&statuses, 200);
     assert!(served >= 1, "{statuses:?}");
     assert_eq!(count(&statuses, 403), 20 - served, "{statuses:?}");

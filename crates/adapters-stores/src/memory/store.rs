@@ -28,7 +28,7 @@ use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetLedger, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money,
     QuotaLimits, QuotaSnapshot, QuotaWindows, RequestId, StateTransition, Timestamp,
-    TransitionTrigger,
+    TransitionTrigger, WindowKind,
 };
 use async_trait::async_trait;
 
@@ -87,6 +87,8 @@ impl RequestRing {
 pub struct MemoryStore {
     keys: RwLock<HashMap<KeyId, KeySlot>>,
     budgets: RwLock<HashMap<String, BudgetSlot>>,
+    /// Per client: the current minute's start and its request count.
+    clients: Mutex<HashMap<String, (Timestamp, u32)>>,
     requests: Mutex<RequestRing>,
 }
 
@@ -101,6 +103,7 @@ impl MemoryStore {
         Self {
             keys: RwLock::new(HashMap::new()),
             budgets: RwLock::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
             requests: Mutex::new(RequestRing {
                 capacity,
                 order: VecDeque::new(),
@@ -147,6 +150,26 @@ impl MemoryStore {
     }
 
     fn reserve_now(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        let Some(limit) = &charge.client else {
+            return self.reserve_key_and_budgets(charge);
+        };
+        // The client's window is checked first and counted last, under its lock, so
+        // a refusal anywhere charges nothing.
+        let (start, end) = WindowKind::MinuteRequests.bounds(charge.now);
+        let mut clients = lock(&self.clients);
+        let used = clients
+            .get(&limit.client)
+            .filter(|(s, _)| *s == start)
+            .map_or(0, |(_, n)| *n);
+        if used >= limit.rpm {
+            return Err(ChargeRejection::Client { retry_at: end });
+        }
+        self.reserve_key_and_budgets(charge)?;
+        clients.insert(limit.client.clone(), (start, used + 1));
+        Ok(())
+    }
+
+    fn reserve_key_and_budgets(&self, charge: &Charge) -> Result<(), ChargeRejection> {
         let key_slot = self.key_slot(&charge.key_id)?;
         let budget_slots = self.budget_slots(&charge.budget_ids);
         let mut key_guard = lock(&key_slot);
@@ -186,8 +209,6 @@ impl MemoryStore {
             .map_err(ChargeRejection::Quota)
     }
 
-    /// Adjusts the key's token windows by replacing `estimated` with `actual`. A key
-    /// deleted in the meantime has no windows left to adjust.
     /// The key's part of a settlement, under its lock: tokens reconciled, the
     /// provider's observation stored, the outcome counted. `None` when the key is gone.
     fn settle_key(

@@ -32,6 +32,8 @@ pub(super) const BUDGETS: &str = "budgets";
 pub(super) const REQUESTS: &str = "requests";
 /// The audit trail, append-only.
 pub(super) const AUDIT: &str = "audit";
+/// One document per client: `{ _id: client, start, count }` for its current minute.
+pub(super) const CLIENTS: &str = "clients";
 /// Store metadata: the schema version.
 pub(super) const META: &str = "meta";
 

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
-    AuditError, AuditSink, BudgetStore, Charge, ChargeRejection, CipherError, KeyOutcome, KeyStore,
-    RequestLog, SecretCipher, Settled, Settlement, StateStore, StoreError, StoreErrorKind,
-    UsageLedger,
+    AuditError, AuditSink, BudgetStore, Charge, ChargeRejection, CipherError, ClientLimit,
+    KeyOutcome, KeyStore, RequestLog, SecretCipher, Settled, Settlement, StateStore, StoreError,
+    StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -27,10 +27,10 @@ use mongodb::options::{ClientOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database};
 
 use super::documents::{
-    AUDIT, BUDGETS, BudgetDoc, KEYS, KeyDoc, ObservationDoc, QuotaDoc, REQUESTS, RequestDoc,
-    StatsDoc, TRANSITIONS, TransitionDoc, WindowDoc, current_start, date, enforcement_name, millis,
-    nanos, record_id, reservation_key, rolled_exhausted, to_i64, to_u64, window_field,
-    window_increment,
+    AUDIT, BUDGETS, BudgetDoc, CLIENTS, KEYS, KeyDoc, ObservationDoc, QuotaDoc, REQUESTS,
+    RequestDoc, StatsDoc, TRANSITIONS, TransitionDoc, WindowDoc, current_start, date,
+    enforcement_name, millis, nanos, record_id, reservation_key, rolled_exhausted, to_i64, to_u64,
+    window_field, window_increment,
 };
 use super::{Retention, is_duplicate_key, malformed, map_err, redact_url, schema};
 
@@ -56,6 +56,7 @@ pub struct MongoStore {
     budgets: Collection<Document>,
     requests: Collection<Document>,
     audit: Collection<Document>,
+    clients: Collection<Document>,
     cipher: Arc<dyn SecretCipher>,
     shown_url: String,
     retention: Retention,
@@ -143,6 +144,7 @@ impl MongoStore {
             budgets: db.collection(BUDGETS),
             requests: db.collection(REQUESTS),
             audit: db.collection(AUDIT),
+            clients: db.collection(CLIENTS),
             db,
             cipher,
             shown_url,
@@ -1059,9 +1061,70 @@ impl KeyStore for MongoStore {
 
 /// A charge is a saga over the key's document and each budget's (see the module
 /// docs). Unknown budget ids are ignored, as by the memory store.
-#[async_trait]
-impl UsageLedger for MongoStore {
-    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+impl MongoStore {
+    /// Counts one request against the client's minute with conditional updates of its
+    /// one document; returns the minute's start (ms) for compensation.
+    async fn count_client(
+        &self,
+        client: &ClientLimit,
+        now: Timestamp,
+    ) -> Result<i64, ChargeRejection> {
+        let (start, end) = WindowKind::MinuteRequests.bounds(now);
+        let start = millis(start);
+        let id = client.client.as_str();
+        let rpm = i64::from(client.rpm);
+        let failed = |e| ChargeRejection::Store(map_err(CLIENTS, "count a request", e));
+        for _ in 0..MAX_ATTEMPTS {
+            let counted = self
+                .clients
+                .update_one(
+                    doc! { "_id": id, "start": start, "count": { "$lt": rpm } },
+                    doc! { "$inc": { "count": 1_i64 } },
+                )
+                .await
+                .map_err(failed)?;
+            if counted.matched_count > 0 {
+                return Ok(start);
+            }
+            let current = self
+                .clients
+                .find_one(doc! { "_id": id })
+                .await
+                .map_err(failed)?;
+            match current {
+                None => match self
+                    .clients
+                    .insert_one(doc! { "_id": id, "start": start, "count": 1_i64 })
+                    .await
+                {
+                    Ok(_) => return Ok(start),
+                    Err(e) if is_duplicate_key(&e) => {}
+                    Err(e) => return Err(failed(e)),
+                },
+                Some(doc) if doc.get_i64("start").ok() == Some(start) => {
+                    return Err(ChargeRejection::Client { retry_at: end });
+                }
+                Some(doc) => {
+                    // An older minute: start this one, unless another instance did.
+                    let seen = doc.get("start").cloned().unwrap_or(Bson::Null);
+                    let rolled = self
+                        .clients
+                        .update_one(
+                            doc! { "_id": id, "start": seen },
+                            doc! { "$set": { "start": start, "count": 1_i64 } },
+                        )
+                        .await
+                        .map_err(failed)?;
+                    if rolled.matched_count > 0 {
+                        return Ok(start);
+                    }
+                }
+            }
+        }
+        Err(ChargeRejection::Store(contention(CLIENTS, id)))
+    }
+
+    async fn reserve_key_and_budgets(&self, charge: &Charge) -> Result<(), ChargeRejection> {
         let quota = self.load_quota(&charge.key_id).await?;
         quota
             .to_domain(&charge.limits, charge.now)
@@ -1083,6 +1146,30 @@ impl UsageLedger for MongoStore {
             return Err(rejection);
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl UsageLedger for MongoStore {
+    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        let Some(client) = &charge.client else {
+            return self.reserve_key_and_budgets(charge).await;
+        };
+        let start = self.count_client(client, charge.now).await?;
+        let result = self.reserve_key_and_budgets(charge).await;
+        if result.is_err() {
+            let undo = self
+                .clients
+                .update_one(
+                    doc! { "_id": client.client.as_str(), "start": start },
+                    doc! { "$inc": { "count": -1 } },
+                )
+                .await;
+            if let Err(e) = undo {
+                tracing::warn!(client = %client.client, error = %e, "client request count not given back");
+            }
+        }
+        result
     }
 
     /// The key's document takes one update for the tokens and one for the counters

@@ -146,6 +146,7 @@ fn charge(reservation: u64, key_id: &str, rpm: Option<u64>, est_usd: f64) -> Cha
         est_tokens: 100,
         est_cost: Money::from_usd(est_usd),
         budget_ids: vec!["b".to_owned()],
+        client: None,
         now: NOW,
     }
 }

@@ -58,6 +58,11 @@ impl Names {
         format!("{}:w:", self.key_tag(id))
     }
 
+    /// A client's request counter for the minute starting at `start` (ms).
+    pub(super) fn client_window(&self, client: &str, start: u64) -> String {
+        format!("{{{}:client:{client}}}:rpm:{start}", self.ns)
+    }
+
     /// The set of registered key ids.
     pub(super) fn key_ids(&self) -> String {
         format!("{{{}}}:keys", self.ns)

@@ -457,6 +457,11 @@ fn rejection(reply: &[String], charge: &Charge, redis_key: &str) -> Result<(), C
         [missing] if missing == "missing" => Err(ChargeRejection::Store(
             StoreError::key_not_found(&charge.key_id),
         )),
+        [client, retry_at] if client == "client" => Err(ChargeRejection::Client {
+            retry_at: parse_num(retry_at, redis_key, "retry_at")
+                .map(Timestamp::from_millis)
+                .map_err(ChargeRejection::Store)?,
+        }),
         [quota, window, retry_at] if quota == "quota" => {
             let window = window_kind(window).ok_or_else(|| {
                 ChargeRejection::Store(invalid(redis_key, format!("unknown window {window:?}")))
@@ -718,6 +723,13 @@ impl UsageLedger for RedisStore {
         for key in &budget_keys {
             invocation.key(key);
         }
+        let (minute_start, minute_end) = WindowKind::MinuteRequests.bounds(charge.now);
+        if let Some(client) = &charge.client {
+            invocation.key(
+                self.names
+                    .client_window(&client.client, minute_start.as_millis()),
+            );
+        }
         invocation
             .arg(charge.now.as_millis().to_string())
             .arg(self.names.window_prefix(id))
@@ -736,6 +748,14 @@ impl UsageLedger for RedisStore {
         for bound in period_bounds(charge.now) {
             invocation.arg(bound);
         }
+        invocation
+            .arg(
+                charge
+                    .client
+                    .as_ref()
+                    .map_or(String::new(), |c| c.rpm.to_string()),
+            )
+            .arg(minute_end.as_millis().to_string());
         for budget_id in &budget_ids {
             invocation.arg(budget_id);
         }

@@ -97,6 +97,7 @@ fn charge(reservation: u64, key_id: &str, est_usd: f64) -> Charge {
         est_tokens: 100,
         est_cost: Money::from_usd(est_usd),
         budget_ids: vec!["b".to_owned()],
+        client: None,
         now: NOW,
     }
 }

@@ -173,8 +173,20 @@ pub struct Charge {
     pub est_cost: Money,
     /// Budgets the attempt counts against.
     pub budget_ids: Vec<String>,
+    /// The calling client's request rate limit, shared by every instance; set on a
+    /// request's first attempt only, so a failover does not count twice.
+    pub client: Option<ClientLimit>,
     /// When.
     pub now: Timestamp,
+}
+
+/// A client's (virtual key's) requests-per-minute limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientLimit {
+    /// Stable id of the client (not its secret token).
+    pub client: String,
+    /// Requests per calendar minute.
+    pub rpm: u32,
 }
 
 /// Why a charge was refused.
@@ -184,6 +196,11 @@ pub enum ChargeRejection {
     Quota(QuotaDenial),
     /// A hard budget cannot take the estimate.
     Budget(BudgetError),
+    /// The client used its requests for this minute; it may try again at `retry_at`.
+    Client {
+        /// When the client's window resets.
+        retry_at: Timestamp,
+    },
     /// The store failed.
     Store(StoreError),
 }

@@ -2,7 +2,8 @@
 
 use apikeyrouter_domain::routing::NoEligibleKey;
 use apikeyrouter_domain::{
-    BudgetError, KeyId, KeyMaterialError, ModelId, ProviderId, RequestId, TransitionError,
+    BudgetError, KeyId, KeyMaterialError, ModelId, ProviderId, RequestId, Timestamp,
+    TransitionError,
 };
 use thiserror::Error;
 
@@ -57,6 +58,16 @@ pub enum RouteErrorKind {
     /// The state store failed.
     #[error("state store failure: {0}")]
     Store(StoreError),
+    /// The calling client used its requests for this minute.
+    #[error("client {client} reached its limit of {rpm} requests per minute")]
+    ClientRateLimited {
+        /// The client.
+        client: String,
+        /// Its limit.
+        rpm: u32,
+        /// When its window resets.
+        retry_at: Timestamp,
+    },
 }
 
 impl RouteErrorKind {
@@ -71,6 +82,7 @@ impl RouteErrorKind {
             Self::AttemptsExhausted { .. } => "upstream_failed",
             Self::DeadlineExceeded(_) => "deadline_exceeded",
             Self::Store(_) => "store_unavailable",
+            Self::ClientRateLimited { .. } => "rate_limit_exceeded",
         }
     }
 }

@@ -11,7 +11,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use apikeyrouter::{EmbeddingIntent, ModelId, Objective, RequestContext, RequestId, TenantId};
+use apikeyrouter::{
+    ClientLimit, EmbeddingIntent, ModelId, Objective, RequestContext, RequestId, TenantId,
+};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -74,7 +76,6 @@ struct Routing {
 fn routing(state: &AppState, headers: &HeaderMap, model: &str) -> Result<Routing, ApiError> {
     let client = state.auth().client(headers)?;
     if let Some(vk) = &client {
-        vk.admit(unix_now() * 1000)?;
         if !vk.allows(&ModelId::new(model)) {
             return Err(ApiError::forbidden(
                 "model_not_allowed",
@@ -137,6 +138,14 @@ fn routing(state: &AppState, headers: &HeaderMap, model: &str) -> Result<Routing
         ctx: RequestContext {
             request_id,
             correlation_id,
+            // Counted in the store with the request's first charge, so the limit holds
+            // across every instance sharing it.
+            client: client.as_ref().and_then(|vk| {
+                vk.rpm.map(|rpm| ClientLimit {
+                    client: vk.name.clone(),
+                    rpm,
+                })
+            }),
         },
         objective,
         tenant,

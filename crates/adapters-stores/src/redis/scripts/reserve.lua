@@ -3,14 +3,15 @@
 -- one round trip and atomic: either everything is charged or nothing is.
 --
 -- KEYS[1] key hash, KEYS[2] the key's provider observation hash, then per budget
--- (ascending id, no duplicates) its ledger hash and its reservations hash.
+-- (ascending id, no duplicates) its ledger hash and its reservations hash, then, with
+-- a client limit, the client's counter for this minute.
 -- ARGV: 1 now, 2 window key prefix, 3 estimated tokens, 4 estimated cost (nano-dollars),
 -- 5 reservation id, 6-10 limits (rpm, tpm, rpd, tpd, monthly tokens; '' = none),
 -- 11-15 window starts, 16-20 window ends, 21-26 day/week/month period bounds,
--- 27.. budget ids.
+-- 27 client rpm ('' = none), 28 end of the client's minute, 29.. budget ids.
 --
--- Returns {'ok'}, {'missing'} (no such key), {'quota', kind, retry_at} or
--- {'budget', id, limit, spent, reserved, requested}.
+-- Returns {'ok'}, {'missing'} (no such key), {'client', retry_at},
+-- {'quota', kind, retry_at} or {'budget', id, limit, spent, reserved, requested}.
 
 local KINDS = { 'rpm', 'tpm', 'rpd', 'tpd', 'mtok' }
 local COUNTS_TOKENS = { false, true, false, true, true }
@@ -29,6 +30,15 @@ end
 local generation = call('HGET', doc, 'g')
 if not generation then
   return { 'missing' }
+end
+
+-- The client's allowance for this minute, shared by every instance.
+local client_key = nil
+if ARGV[27] ~= '' then
+  client_key = KEYS[#KEYS]
+  if tonumber(call('GET', client_key) or '0') >= tonumber(ARGV[27]) then
+    return { 'client', ARGV[28] }
+  end
 end
 
 -- Check the windows (QuotaWindows::check), in the domain's order.
@@ -75,13 +85,13 @@ end
 
 -- Check the budgets (BudgetLedger::check after roll). Unknown ids are ignored.
 local ledgers = {}
-local n_budgets = (#KEYS - 2) / 2
+local n_budgets = (#KEYS - 2 - (client_key and 1 or 0)) / 2
 for i = 1, n_budgets do
   local l = load_ledger(KEYS[1 + 2 * i])
   if l then
     roll_ledger(l, now, bounds)
     if l.hard and l.spent + l.reserved + cost > l.limit then
-      return { 'budget', ARGV[26 + i], fmt(l.limit), fmt(l.spent), fmt(l.reserved), ARGV[4] }
+      return { 'budget', ARGV[28 + i], fmt(l.limit), fmt(l.spent), fmt(l.reserved), ARGV[4] }
     end
     l.reservations = KEYS[2 + 2 * i]
     ledgers[#ledgers + 1] = l
@@ -110,5 +120,9 @@ for _, l in ipairs(ledgers) do
   call('HSET', l.reservations, reservation, ARGV[4])
   l.reserved = l.reserved + cost
   call('HSET', l.key, 'reserved', fmt(l.reserved))
+end
+if client_key then
+  call('INCR', client_key)
+  call('PEXPIREAT', client_key, fmt(tonumber(ARGV[28]) + 60000))
 end
 return { 'ok' }

@@ -28,8 +28,8 @@ use super::core::Shared;
 use super::errors::{RouteError, RouteErrorKind};
 use super::keys::persist_transitions;
 use crate::ports::{
-    Charge, ChargeRejection, ChatResponse, EmbeddingCall, EmbeddingResponse, KeyOutcome, Provider,
-    ProviderCall, ProviderError, Settled, Settlement, StreamStart,
+    Charge, ChargeRejection, ChatResponse, ClientLimit, EmbeddingCall, EmbeddingResponse,
+    KeyOutcome, Provider, ProviderCall, ProviderError, Settled, Settlement, StreamStart,
 };
 use crate::records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, RouteResponse};
 
@@ -42,6 +42,9 @@ pub struct RequestContext {
     pub request_id: Option<RequestId>,
     /// The caller's correlation id, copied into the audit record.
     pub correlation_id: Option<String>,
+    /// The calling client's rate limit, counted once per request in the store (so
+    /// every instance sharing it enforces it together).
+    pub client: Option<ClientLimit>,
 }
 
 /// Routes requests.
@@ -67,6 +70,8 @@ pub(crate) struct Run {
     pub(crate) attempts: Vec<AttemptRecord>,
     pub(crate) decision: Option<Decision>,
     pub(crate) estimated_cost: Option<Money>,
+    /// The client's rate limit, until a reservation has counted it.
+    pub(crate) client: Option<ClientLimit>,
 }
 
 impl Run {
@@ -238,6 +243,7 @@ impl RouterService {
                 .request_id
                 .unwrap_or_else(|| self.shared.ids.request_id()),
             correlation_id: ctx.correlation_id,
+            client: ctx.client,
             tenant: tenant.cloned(),
             tags: tags.clone(),
             requested_model: model.clone(),
@@ -567,10 +573,22 @@ impl RouterService {
                     est_tokens: cost_estimate.usage.total(),
                     est_cost: cost_estimate.cost.unwrap_or(Money::ZERO),
                     budget_ids: shared.applicable_budgets(&ctx),
+                    client: run.client.clone(),
                     now,
                 };
                 match shared.store.reserve(&charge).await {
-                    Ok(()) => {}
+                    Ok(()) => run.client = None,
+                    Err(ChargeRejection::Client { retry_at }) => {
+                        let limit = charge.client.unwrap_or(ClientLimit {
+                            client: String::new(),
+                            rpm: 0,
+                        });
+                        return Err(RouteErrorKind::ClientRateLimited {
+                            client: limit.client,
+                            rpm: limit.rpm,
+                            retry_at,
+                        });
+                    }
                     Err(ChargeRejection::Quota(denial)) => {
                         shared.table().park(&key_id, denial.retry_at);
                         tried.push((key_id, Ineligibility::RateLimited));
