@@ -74,6 +74,8 @@ fn run() -> Result<()> {
                 .map_or(Ok(20_000), |s| s.parse())
                 .context("the number of requests must be a number")?;
             let requests = requests.to_string();
+            // The Redis half needs a server: start (or reuse) the one tests use.
+            services::up(&sh)?;
             cmd!(
                 sh,
                 "cargo bench -p apikeyrouter --features redis --bench route_redis -- --requests {requests}"
@@ -250,6 +252,8 @@ fn bench(sh: &Shell, args: Vec<String>) -> Result<()> {
         Some((first, rest)) if first == "--" => rest.to_vec(),
         _ => args,
     };
+    // `route_redis` is among the benches and needs Redis.
+    services::up(sh)?;
     // `--bench *` selects only the [[bench]] targets (criterion). Without it cargo also
     // runs every lib and bin target under libtest, which rejects criterion's flags such
     // as `--quick` and costs a release build of each unit-test harness.
