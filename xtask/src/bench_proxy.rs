@@ -2,8 +2,15 @@
 //! measured directly against the mock and through the proxy in the same run.
 //!
 //! Uses `wrk` (installed from Debian's packages when missing) at fixed concurrency,
-//! 1,000 keys configured, and reports RPS, p50/p99 latency, the latency the proxy adds
-//! and its resident memory.
+//! 1,000 keys configured, and reports RPS, p50/p99 latency, the latency the proxy adds,
+//! the CPU time each process spends per request (user + system, from `/proc/PID/stat`,
+//! which stays meaningful when other work shares the machine and makes RPS noisy) and
+//! the proxy's resident memory.
+//!
+//! At 64 connections a closed-loop test measures queueing as much as the proxy: by
+//! Little's law latency = 64 / throughput, so the added p50 there is bounded below by
+//! the proxy's CPU cost times the queue. The latency the proxy adds to one request is
+//! therefore also measured below saturation, with a single connection.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -12,9 +19,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
-const MOCK: &str = "127.0.0.1:19100";
-const PROXY: &str = "127.0.0.1:19101";
+/// The mock listens on this port and the proxy on the next; `BENCH_PROXY_PORT`
+/// overrides it (e.g. when another checkout's bench holds the default ports).
+const DEFAULT_PORT: u16 = 19100;
 const CONNECTIONS: u32 = 64;
+/// Connections of the below-saturation run (one request in flight at a time).
+const LOW_CONNECTIONS: u32 = 1;
 const N_KEYS: usize = 1_000;
 
 /// Kills a child process when dropped.
@@ -32,6 +42,7 @@ struct Run {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    requests: u64,
 }
 
 fn parse_duration_us(s: &str) -> Option<f64> {
@@ -57,6 +68,8 @@ fn parse_wrk(out: &str) -> Result<Run> {
             run.p50_us = parse_duration_us(v).context("p50")?;
         } else if let Some(v) = line.strip_prefix("99%") {
             run.p99_us = parse_duration_us(v).context("p99")?;
+        } else if let Some((n, _)) = line.split_once(" requests in ") {
+            run.requests = n.trim().parse().context("requests")?;
         }
     }
     if run.rps == 0.0 {
@@ -91,7 +104,65 @@ fn rss_mb(pid: u32) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
+/// CPU time (user + system) a process has used so far, in microseconds.
+fn cpu_us(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .context("utime/stime")
+    };
+    Ok((ticks(14)? + ticks(15)?) * 1e6 / clock_ticks_per_sec())
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A wrk run with the CPU each process spent per request during it.
+#[derive(Debug, Default)]
+struct Measured {
+    run: Run,
+    mock_cpu_us: f64,
+    proxy_cpu_us: f64,
+}
+
+fn measured(pids: (u32, u32), run: impl FnOnce() -> Result<Run>) -> Result<Measured> {
+    let before = (cpu_us(pids.0)?, cpu_us(pids.1)?);
+    let run = run()?;
+    let after = (cpu_us(pids.0)?, cpu_us(pids.1)?);
+    let n = run.requests.max(1) as f64;
+    Ok(Measured {
+        mock_cpu_us: (after.0 - before.0) / n,
+        proxy_cpu_us: (after.1 - before.1) / n,
+        run,
+    })
+}
+
 pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
+    let port: u16 = match std::env::var("BENCH_PROXY_PORT") {
+        Ok(v) => v.parse().context("BENCH_PROXY_PORT")?,
+        Err(_) => DEFAULT_PORT,
+    };
+    let mock_at = format!("127.0.0.1:{port}");
+    let proxy_at = format!("127.0.0.1:{}", port + 1);
+    // A leftover server on these ports would be measured instead of ours.
+    for addr in [&mock_at, &proxy_at] {
+        if std::net::TcpListener::bind(addr).is_err() {
+            bail!("{addr} is in use; stop what listens there or set BENCH_PROXY_PORT");
+        }
+    }
     if cmd!(sh, "wrk --version")
         .quiet()
         .ignore_stdout()
@@ -114,7 +185,7 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     let dir = "target/bench-proxy";
     sh.create_dir(dir)?;
     let mut config = format!(
-        "listen = \"{PROXY}\"\n[routing]\nobjective = \"fairness\"\n[[providers]]\nid = \"mock\"\nkind = \"openai-compatible\"\nbase_url = \"http://{MOCK}/v1\"\nmodels = [\"gpt-4o-mini\"]\n"
+        "listen = \"{proxy_at}\"\n[routing]\nobjective = \"fairness\"\n[[providers]]\nid = \"mock\"\nkind = \"openai-compatible\"\nbase_url = \"http://{mock_at}/v1\"\nmodels = [\"gpt-4o-mini\"]\n"
     );
     for i in 0..N_KEYS {
         config.push_str(&format!(
@@ -127,9 +198,9 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{\"model\":\"gpt-4o-mini\",\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'\n",
     )?;
 
-    let _mock = Guard(
+    let mock = Guard(
         Command::new("target/release/examples/mock_upstream")
-            .arg(MOCK)
+            .arg(&mock_at)
             .stdout(Stdio::null())
             .spawn()?,
     );
@@ -147,47 +218,62 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         let _ = lines.next();
         std::thread::spawn(move || lines.for_each(drop));
     }
-    wait_ready(&format!("http://{PROXY}/ready"))?;
+    wait_ready(&format!("http://{proxy_at}/ready"))?;
     let rss_idle = rss_mb(proxy.0.id())?;
 
     let secs = seconds.to_string();
-    let c = CONNECTIONS.to_string();
     let lua = format!("{dir}/post.lua");
-    let wrk = |url: String| -> Result<Run> {
-        let out = cmd!(sh, "wrk -t2 -c{c} -d{secs}s --latency -s {lua} {url}").read()?;
+    let wrk = |connections: u32, threads: u32, url: String| -> Result<Run> {
+        let c = connections.to_string();
+        let t = threads.to_string();
+        let out = cmd!(sh, "wrk -t{t} -c{c} -d{secs}s --latency -s {lua} {url}").read()?;
         parse_wrk(&out)
     };
+    let c = CONNECTIONS.to_string();
     // Warm both paths (connections, pools, caches) before measuring.
     let _ = cmd!(
         sh,
-        "wrk -t2 -c{c} -d2s -s {lua} http://{PROXY}/v1/chat/completions"
+        "wrk -t2 -c{c} -d2s -s {lua} http://{proxy_at}/v1/chat/completions"
     )
     .quiet()
     .ignore_stdout()
     .run();
-    let direct = wrk(format!("http://{MOCK}/v1/chat/completions"))?;
-    let through = wrk(format!("http://{PROXY}/v1/chat/completions"))?;
+    let pids = (mock.0.id(), proxy.0.id());
+    let direct_url = format!("http://{mock_at}/v1/chat/completions");
+    let proxy_url = format!("http://{proxy_at}/v1/chat/completions");
+    let direct = measured(pids, || wrk(CONNECTIONS, 2, direct_url.clone()))?;
+    let through = measured(pids, || wrk(CONNECTIONS, 2, proxy_url.clone()))?;
     let rss_loaded = rss_mb(proxy.0.id())?;
+    let direct_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, direct_url.clone()))?;
+    let through_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, proxy_url.clone()))?;
 
+    println!("proxy load test: {seconds} s per run, {N_KEYS} keys, wrk");
+    println!("| path | connections | requests/s | p50 | p99 | CPU mock | CPU proxy |");
+    println!("|---|---|---|---|---|---|---|");
+    for (path, connections, m) in [
+        ("mock directly", CONNECTIONS, &direct),
+        ("through the proxy", CONNECTIONS, &through),
+        ("mock directly", LOW_CONNECTIONS, &direct_low),
+        ("through the proxy", LOW_CONNECTIONS, &through_low),
+    ] {
+        println!(
+            "| {path} | {connections} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs/req | {:.1} µs/req |",
+            m.run.rps, m.run.p50_us, m.run.p99_us, m.mock_cpu_us, m.proxy_cpu_us
+        );
+    }
+    for (connections, direct, through) in [
+        (CONNECTIONS, &direct, &through),
+        (LOW_CONNECTIONS, &direct_low, &through_low),
+    ] {
+        println!(
+            "added by the proxy at {connections} connection(s): p50 {:.0} µs, p99 {:.0} µs",
+            through.run.p50_us - direct.run.p50_us,
+            through.run.p99_us - direct.run.p99_us,
+        );
+    }
     println!(
-        "proxy load test: {CONNECTIONS} connections, {seconds} s each, {N_KEYS} keys, wrk -t2"
-    );
-    println!("| path | requests/s | p50 | p99 |");
-    println!("|---|---|---|---|");
-    println!(
-        "| mock directly | {:.0} | {:.0} µs | {:.0} µs |",
-        direct.rps, direct.p50_us, direct.p99_us
-    );
-    println!(
-        "| through the proxy | {:.0} | {:.0} µs | {:.0} µs |",
-        through.rps, through.p50_us, through.p99_us
-    );
-    println!(
-        "added by the proxy: p50 {:.0} µs, p99 {:.0} µs; resident memory {:.1} MB idle, {:.1} MB after load",
-        through.p50_us - direct.p50_us,
-        through.p99_us - direct.p99_us,
-        rss_idle,
-        rss_loaded
+        "proxy CPU per request: {:.1} µs at {CONNECTIONS} connections; resident memory {:.1} MB idle, {:.1} MB after load",
+        through.proxy_cpu_us, rss_idle, rss_loaded
     );
     Ok(())
 }
@@ -198,8 +284,11 @@ mod tests {
 
     #[test]
     fn wrk_output_is_parsed() {
-        let out = "  Latency Distribution\n     50%  512.00us\n     75%    1.20ms\n     99%    3.50ms\n  1000 requests in 1.00s\nRequests/sec:  12345.67\n";
+        let out = "  Latency Distribution\n     50%  512.00us\n     75%    1.20ms\n     99%    3.50ms\n  1000 requests in 1.00s, 1.2MB read\nRequests/sec:  12345.67\n";
         let run = parse_wrk(out).unwrap();
-        assert_eq!((run.rps, run.p50_us, run.p99_us), (12345.67, 512.0, 3500.0));
+        assert_eq!(
+            (run.rps, run.p50_us, run.p99_us, run.requests),
+            (12345.67, 512.0, 3500.0, 1000)
+        );
     }
 }

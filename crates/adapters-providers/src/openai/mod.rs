@@ -147,6 +147,38 @@ pub(crate) struct OpenAiClient {
     http: Client,
     settings: HttpSettings,
     endpoint: Endpoint,
+    /// The URLs of the operations, built once when they do not depend on the model
+    /// (all but Azure): building one per request re-parses the path each time.
+    fixed_urls: Option<FixedUrls>,
+}
+
+/// Prebuilt operation URLs of an endpoint whose URLs do not depend on the model.
+#[derive(Debug)]
+struct FixedUrls {
+    chat_completions: Url,
+    embeddings: Url,
+    models: Url,
+}
+
+impl FixedUrls {
+    fn of(endpoint: &Endpoint) -> Option<Self> {
+        match endpoint {
+            Endpoint::Azure { .. } => None,
+            Endpoint::OpenAi { .. } | Endpoint::Compatible { .. } => Some(Self {
+                chat_completions: endpoint.url(Operation::ChatCompletions, ""),
+                embeddings: endpoint.url(Operation::Embeddings, ""),
+                models: endpoint.url(Operation::Models, ""),
+            }),
+        }
+    }
+
+    fn get(&self, operation: Operation) -> &Url {
+        match operation {
+            Operation::ChatCompletions => &self.chat_completions,
+            Operation::Embeddings => &self.embeddings,
+            Operation::Models => &self.models,
+        }
+    }
 }
 
 impl OpenAiClient {
@@ -155,6 +187,7 @@ impl OpenAiClient {
         Ok(Self {
             http: http::build_client(&settings)?,
             settings,
+            fixed_urls: FixedUrls::of(&endpoint),
             endpoint,
         })
     }
@@ -169,10 +202,11 @@ impl OpenAiClient {
         body: Option<&B>,
     ) -> Result<RequestBuilder, ProviderError> {
         let (name, value) = self.endpoint.auth_header(material)?;
-        let mut request = self
-            .http
-            .request(method, self.endpoint.url(operation, model))
-            .header(name, value);
+        let url = match &self.fixed_urls {
+            Some(urls) => urls.get(operation).clone(),
+            None => self.endpoint.url(operation, model),
+        };
+        let mut request = self.http.request(method, url).header(name, value);
         if let Some(body) = body {
             let bytes = serde_json::to_vec(body).map_err(|err| {
                 ProviderError::new(

@@ -259,23 +259,29 @@ pub async fn chat_completions(
         served.actual_cost.map(apikeyrouter::Money::as_usd),
         served.attempts.len(),
     );
-    let mut headers_out = vec![
-        ("x-request-id", served.request_id.to_string()),
-        ("x-apikeyrouter-key-id", served.key_id.to_string()),
-        ("x-apikeyrouter-provider", served.provider.to_string()),
-    ];
+    // Header values are built straight from the ids (no intermediate `String`s) before
+    // `served` moves into the body.
+    let mut headers_out: Vec<(&'static str, HeaderValue)> = Vec::with_capacity(6);
+    let mut push = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers_out.push((name, v));
+        }
+    };
+    push("x-request-id", served.request_id.as_str());
+    push("x-apikeyrouter-key-id", served.key_id.as_str());
+    push("x-apikeyrouter-provider", served.provider.as_str());
     if let Some(cost) = served.actual_cost {
-        headers_out.push(("x-apikeyrouter-cost-usd", usd(cost)));
+        push("x-apikeyrouter-cost-usd", &usd(cost));
     }
     if let Some(cost) = served.estimated_cost {
-        headers_out.push(("x-apikeyrouter-estimated-cost-usd", usd(cost)));
+        push("x-apikeyrouter-estimated-cost-usd", &usd(cost));
     }
     if let Some(remaining) = served.budget_remaining() {
-        headers_out.push(("x-apikeyrouter-budget-remaining-usd", usd(remaining)));
+        push("x-apikeyrouter-budget-remaining-usd", &usd(remaining));
     }
     let mut response = axum::Json(convert::completion(served, created)).into_response();
     for (name, value) in headers_out {
-        set_header(&mut response, name, value);
+        response.headers_mut().insert(name, value);
     }
     state
         .metrics
