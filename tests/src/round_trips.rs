@@ -116,7 +116,7 @@ impl BudgetStore for RoutePathOnly {
 
 #[async_trait]
 impl RequestLog for RoutePathOnly {
-    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
         self.requests.save_request(record).await
     }
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {

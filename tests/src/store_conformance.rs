@@ -1269,7 +1269,7 @@ mod cases {
 
     pub(super) async fn request_log_round_trips(store: Store) {
         let first = record("r1");
-        store.save_request(&first).await.unwrap();
+        store.save_request(Arc::new(first.clone())).await.unwrap();
         assert_eq!(
             store.get_request(&RequestId::new("r1")).await.unwrap(),
             Some(first)
@@ -1285,7 +1285,10 @@ mod cases {
             code: "rate_limited".to_owned(),
             message: "every key is throttled".to_owned(),
         };
-        store.save_request(&replaced).await.unwrap();
+        store
+            .save_request(Arc::new(replaced.clone()))
+            .await
+            .unwrap();
         assert_eq!(
             store.get_request(&RequestId::new("r1")).await.unwrap(),
             Some(replaced)

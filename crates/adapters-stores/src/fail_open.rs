@@ -358,7 +358,7 @@ impl BudgetStore for FailOpenStore {
 /// until it is back.
 #[async_trait]
 impl RequestLog for FailOpenStore {
-    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
         self.remote.save_request(record).await
     }
 

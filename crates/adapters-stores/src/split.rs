@@ -249,7 +249,7 @@ impl BudgetStore for SplitStore {
 
 #[async_trait]
 impl RequestLog for SplitStore {
-    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
         self.records.save_request(record).await
     }
 

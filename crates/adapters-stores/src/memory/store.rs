@@ -496,9 +496,8 @@ impl BudgetStore for MemoryStore {
 /// Keeps the newest records up to its capacity; older ones are forgotten.
 #[async_trait]
 impl RequestLog for MemoryStore {
-    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
-        // Cloned before locking, so the lock covers only the O(1) bookkeeping.
-        self.save_request_now(Arc::new(record.clone()));
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+        self.save_request_now(record);
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! (`tests/src/store_conformance.rs`), the memory store included.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use apikeyrouter_application::ports::RequestLog;
 use apikeyrouter_application::records::{AuditRecord, Outcome};
@@ -38,12 +39,18 @@ fn record(id: &str) -> AuditRecord {
 async fn request_log_keeps_the_newest_records() {
     let store = MemoryStore::with_request_capacity(3);
     for n in 0..5 {
-        store.save_request(&record(&format!("r{n}"))).await.unwrap();
+        store
+            .save_request(Arc::new(record(&format!("r{n}"))))
+            .await
+            .unwrap();
     }
     // Saving a kept id again replaces it without evicting anything.
     let mut replaced = record("r2");
     replaced.correlation_id = Some("second".to_owned());
-    store.save_request(&replaced).await.unwrap();
+    store
+        .save_request(Arc::new(replaced.clone()))
+        .await
+        .unwrap();
 
     for gone in ["r0", "r1"] {
         let res = store.get_request(&RequestId::new(gone)).await.unwrap();
@@ -60,7 +67,7 @@ async fn request_log_keeps_the_newest_records() {
 #[tokio::test]
 async fn zero_capacity_request_log_keeps_nothing() {
     let store = MemoryStore::with_request_capacity(0);
-    store.save_request(&record("r0")).await.unwrap();
+    store.save_request(Arc::new(record("r0"))).await.unwrap();
     assert_eq!(
         store.get_request(&RequestId::new("r0")).await.unwrap(),
         None

@@ -1283,8 +1283,8 @@ impl BudgetStore for MongoStore {
 /// server's TTL monitor.
 #[async_trait]
 impl RequestLog for MongoStore {
-    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
-        let raw = Self::request_doc(record)?;
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+        let raw = Self::request_doc(&record)?;
         let filter = doc! { "request_id": record.request_id.as_str() };
         match self
             .requests

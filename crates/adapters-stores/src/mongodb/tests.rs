@@ -922,7 +922,7 @@ async fn request_log_and_audit_trail_round_trip() {
         None
     );
     let first = record("r1");
-    store.save_request(&first).await.unwrap();
+    store.save_request(Arc::new(first.clone())).await.unwrap();
     assert_eq!(
         store.get_request(&RequestId::new("r1")).await.unwrap(),
         Some(first.clone())
@@ -933,7 +933,10 @@ async fn request_log_and_audit_trail_round_trip() {
         code: "no_eligible_key".to_owned(),
         message: "every key is throttled".to_owned(),
     };
-    store.save_request(&replaced).await.unwrap();
+    store
+        .save_request(Arc::new(replaced.clone()))
+        .await
+        .unwrap();
     assert_eq!(
         store.get_request(&RequestId::new("r1")).await.unwrap(),
         Some(replaced)

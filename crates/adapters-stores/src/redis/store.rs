@@ -973,9 +973,9 @@ impl BudgetStore for RedisStore {
 /// with [`RedisStore::with_request_ttl`]); saving an id again replaces its record.
 #[async_trait]
 impl RequestLog for RedisStore {
-    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
         let redis_key = self.names.request(&record.request_id);
-        let json = to_json(record, "request record")?;
+        let json = to_json(&*record, "request record")?;
         let ttl_ms = u64::try_from(self.request_ttl.as_millis()).unwrap_or(u64::MAX);
         let _: () = redis::cmd("SET")
             .arg(&redis_key)

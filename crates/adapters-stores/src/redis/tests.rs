@@ -489,7 +489,7 @@ async fn request_records_expire_after_their_ttl() {
         started_at: NOW,
         finished_at: NOW,
     };
-    store.save_request(&record).await.unwrap();
+    store.save_request(Arc::new(record.clone())).await.unwrap();
     assert_eq!(
         store.get_request(&RequestId::new("r1")).await.unwrap(),
         Some(record)

@@ -4,6 +4,7 @@
 //! them so the services hold a single `Arc<dyn StateStore>`.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use apikeyrouter_domain::quota::QuotaDenial;
@@ -322,7 +323,7 @@ pub trait RequestLog: Send + Sync + 'static {
     ///
     /// # Errors
     /// `Unavailable` when the backend is down.
-    async fn save_request(&self, record: &AuditRecord) -> Result<(), StoreError>;
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError>;
 
     /// A request's record, if kept.
     ///

@@ -143,6 +143,8 @@ async fn run(
     finished: Arc<watch::Sender<u64>>,
 ) {
     while let Some(record) = rx.recv().await {
+        // Shared with the request log without copying it.
+        let record = Arc::new(record);
         let audited = deliver(
             &counters,
             &record,
@@ -155,7 +157,7 @@ async fn run(
             &counters,
             &record,
             "request log",
-            || store.save_request(&record),
+            || store.save_request(record.clone()),
             |e| e.kind == StoreErrorKind::Unavailable,
         )
         .await;
