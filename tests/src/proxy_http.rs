@@ -409,6 +409,37 @@ token_env = "CLIENT_SHARED"
     let (status, _) = error_of(p.chat(hello("gpt-4o"), Some("wrong-token-000")).await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
+    // /v1/models follows routing: a tenant's client sees what its tenant's keys
+    // serve (within its allowed models); an untenanted client what shared keys serve.
+    let models = async |token: &str| {
+        let r: Value = p
+            .client
+            .get(p.url("/v1/models"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(models("client-a-token-123").await, ["gpt-4o"]);
+    assert_eq!(
+        models("shared-token-456").await,
+        [
+            "claude-sonnet-4-5",
+            "gpt-4o",
+            "gpt-4o-mini",
+            "text-embedding-3-small"
+        ]
+    );
+
     let r = p.chat(hello("gpt-4o"), Some("client-a-token-123")).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(

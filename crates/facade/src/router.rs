@@ -244,6 +244,18 @@ impl ApiKeyRouter {
         self.core.budgets().put(budget, spent).await
     }
 
+    /// The models a request of `tenant` can be routed to, with the provider serving
+    /// each (see [`ApiKeyRouterCore::served_models`]).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn served_models(
+        &self,
+        tenant: Option<&crate::TenantId>,
+    ) -> Result<Vec<(crate::ModelId, crate::ProviderId)>, crate::StoreError> {
+        self.core.served_models(tenant).await
+    }
+
     /// Removes a budget.
     ///
     /// # Errors

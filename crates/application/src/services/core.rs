@@ -10,8 +10,8 @@ use apikeyrouter_domain::budget::ChargeContext;
 use apikeyrouter_domain::cost::TokenEstimate;
 use apikeyrouter_domain::routing::ProviderOffer;
 use apikeyrouter_domain::{
-    ApiKey, Budget, KeyId, KeyMaterial, ModelId, PriceCatalogue, ProviderId, QuotaLimits,
-    RequestId, RoutingTable,
+    ApiKey, Budget, KeyId, KeyMaterial, KeyState, ModelId, PriceCatalogue, ProviderId, QuotaLimits,
+    RequestId, RoutingTable, TenantId,
 };
 
 use super::budgets::BudgetService;
@@ -355,6 +355,44 @@ impl ApiKeyRouterCore {
                 (p.id.clone(), models)
             })
             .collect()
+    }
+
+    /// The models a request of `tenant` can be routed to, each with the first
+    /// registered provider serving it: a model counts when a provider serves it and
+    /// one of that provider's keys for the tenant (untenanted keys when `tenant` is
+    /// `None`, as routing does) serves it and is not disabled or invalid. Sorted by
+    /// model id.
+    ///
+    /// # Errors
+    /// The store's error when the keys cannot be read.
+    pub async fn served_models(
+        &self,
+        tenant: Option<&TenantId>,
+    ) -> Result<Vec<(ModelId, ProviderId)>, StoreError> {
+        let keys = self.shared.store.list_keys().await?;
+        let catalogue = self.shared.catalogue();
+        let mut served: std::collections::BTreeMap<ModelId, ProviderId> =
+            std::collections::BTreeMap::new();
+        for provider in self.shared.providers().iter() {
+            let usable: Vec<_> = keys
+                .iter()
+                .filter(|k| k.provider == provider.id && k.metadata.tenant.as_ref() == tenant)
+                .filter(|k| !matches!(k.state, KeyState::Disabled | KeyState::Invalid))
+                .collect();
+            if usable.is_empty() {
+                continue;
+            }
+            let models = match &provider.models {
+                ModelSet::Only(list) => list.clone(),
+                ModelSet::Any => catalogue.models(),
+            };
+            for model in models {
+                if usable.iter().any(|k| k.metadata.serves(&model)) {
+                    served.entry(model).or_insert_with(|| provider.id.clone());
+                }
+            }
+        }
+        Ok(served.into_iter().collect())
     }
 
     /// Replaces the router settings (objective, attempts, fallbacks...).

@@ -399,7 +399,8 @@ pub async fn models(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let client = state.auth().client(&headers)?;
-    let keys = state.router.keys().await.map_err(|e| {
+    let tenant = client.as_ref().and_then(|vk| vk.tenant.as_ref());
+    let served = state.router.served_models(tenant).await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
@@ -407,42 +408,15 @@ pub async fn models(
             format!("{e}"),
         )
     })?;
-    let catalogue = state.router.core().catalogue();
-    let mut entries: BTreeMap<String, String> = BTreeMap::new();
-    for (provider, models) in state.router.core().models() {
-        let provider_keys: Vec<_> = keys
-            .iter()
-            .filter(|k| k.provider_id == provider)
-            .filter(|k| {
-                client
-                    .as_ref()
-                    .is_none_or(|vk| vk.tenant.is_none() || k.metadata.tenant == vk.tenant)
-            })
-            .collect();
-        if provider_keys.is_empty() {
-            continue;
-        }
-        let served: Vec<ModelId> = match models {
-            Some(list) => list,
-            None => catalogue.models(),
-        };
-        for model in served {
-            let usable = provider_keys.iter().any(|k| k.metadata.serves(&model));
-            let allowed = client.as_ref().is_none_or(|vk| vk.allows(&model));
-            if usable && allowed {
-                entries
-                    .entry(model.to_string())
-                    .or_insert_with(|| provider.to_string());
-            }
-        }
-    }
-    let data = entries
+    let entries = served
         .into_iter()
+        .filter(|(model, _)| client.as_ref().is_none_or(|vk| vk.allows(model)));
+    let data = entries
         .map(|(id, owned_by)| ModelEntry {
-            id,
+            id: id.to_string(),
             object: "model",
             created: 0,
-            owned_by,
+            owned_by: owned_by.to_string(),
         })
         .collect();
     Ok(axum::Json(ModelList {
