@@ -137,6 +137,69 @@ async fn split_store_keeps_material_in_the_records_and_restores_lost_counters() 
     assert_eq!(listed[0].material.expose(), material.expose());
     assert!(counters.get_key(&KeyId::new("k1")).await.is_ok());
     assert_eq!(split.kind(), "split");
+
+    // A budget ledger the counters store lost is restored from the records, so a
+    // hard budget keeps being enforced.
+    let budget = apikeyrouter_domain::Budget::new(
+        "b1",
+        apikeyrouter_domain::BudgetScope::Global,
+        1.0,
+        apikeyrouter_domain::BudgetPeriod::Monthly,
+        apikeyrouter_domain::Enforcement::Hard,
+    )
+    .unwrap();
+    split
+        .put_budget(
+            budget,
+            apikeyrouter_domain::Money::ZERO,
+            Timestamp::from_millis(1_000),
+        )
+        .await
+        .unwrap();
+    counters.delete_budget("b1").await.unwrap();
+    assert!(counters.list_budgets().await.unwrap().is_empty());
+    let budgets = split.list_budgets().await.unwrap();
+    assert_eq!(budgets.len(), 1);
+    assert_eq!(counters.list_budgets().await.unwrap()[0].id, "b1");
+}
+
+/// MongoDB as the audit sink needs no master key: it stores no key material.
+#[tokio::test]
+async fn mongodb_audit_sink_records_without_a_master_key() {
+    use apikeyrouter_adapters_stores::{StoreConfig, connect_audit_sink};
+
+    let url =
+        std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".to_owned());
+    let sink = connect_audit_sink(&StoreConfig::Mongodb {
+        url,
+        database: Some(format!("audit_sink_{}", std::process::id())),
+        decisions_retention_days: None,
+        audit_retention_days: None,
+        on_unavailable: None,
+    })
+    .await
+    .expect("audit sink opens (run `cargo xtask services up`)");
+    let record = apikeyrouter_application::records::AuditRecord {
+        request_id: apikeyrouter_domain::RequestId::new("audit-sink-1"),
+        correlation_id: None,
+        tenant: None,
+        tags: Default::default(),
+        requested_model: apikeyrouter_domain::ModelId::new("gpt-4o"),
+        key_id: None,
+        provider: None,
+        model: None,
+        decision: None,
+        attempts: Vec::new(),
+        usage: Default::default(),
+        estimated_cost: None,
+        actual_cost: None,
+        outcome: apikeyrouter_application::records::Outcome::Success,
+        started_at: apikeyrouter_domain::Timestamp::from_millis(1_000),
+        finished_at: apikeyrouter_domain::Timestamp::from_millis(2_000),
+    };
+    sink.record(&record).await.unwrap();
+    // Recording the same request again keeps one record and is not an error.
+    sink.record(&record).await.unwrap();
 }
 
 /// A MongoDB store in a database no other test uses; fails (never skips) without a

@@ -205,6 +205,21 @@ async fn connect_redis(
     Err(unavailable("built without the `redis` feature"))
 }
 
+/// Retention from configured days: absent means the default, 0 means forever.
+#[cfg(feature = "mongodb")]
+fn retention(decisions_days: Option<u32>, audit_days: Option<u32>) -> crate::mongodb::Retention {
+    let defaults = crate::mongodb::Retention::default();
+    let days = |configured: Option<u32>, default: Option<u32>| match configured {
+        None => default,
+        Some(0) => None,
+        Some(n) => Some(n),
+    };
+    crate::mongodb::Retention {
+        decisions_days: days(decisions_days, defaults.decisions_days),
+        audit_days: days(audit_days, defaults.audit_days),
+    }
+}
+
 /// Opens MongoDB with the master key the environment names; without one it fails
 /// (`Invalid`) with a message saying how to set it, before touching the network.
 #[cfg(feature = "mongodb")]
@@ -214,7 +229,7 @@ async fn open_mongodb(
     decisions_days: Option<u32>,
     audit_days: Option<u32>,
 ) -> Result<Arc<crate::mongodb::MongoStore>, StoreError> {
-    use crate::mongodb::{DEFAULT_DATABASE, MongoStore, Retention, database_from_url};
+    use crate::mongodb::{DEFAULT_DATABASE, MongoStore, database_from_url};
 
     let cipher = crate::cipher::AeadCipher::from_env()
         .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
@@ -222,17 +237,7 @@ async fn open_mongodb(
         .map(str::to_owned)
         .or_else(|| database_from_url(url))
         .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
-    // 0 days means forever; absent means the default.
-    let days = |configured: Option<u32>, default: Option<u32>| match configured {
-        None => default,
-        Some(0) => None,
-        Some(n) => Some(n),
-    };
-    let defaults = Retention::default();
-    let retention = Retention {
-        decisions_days: days(decisions_days, defaults.decisions_days),
-        audit_days: days(audit_days, defaults.audit_days),
-    };
+    let retention = retention(decisions_days, audit_days);
     let store = MongoStore::connect(url, &database, Arc::new(cipher), retention).await?;
     Ok(Arc::new(store))
 }
@@ -289,6 +294,8 @@ pub async fn connect_audit_sink(config: &StoreConfig) -> Result<Arc<dyn AuditSin
     }
 }
 
+/// The audit sink stores no key material, so it needs no master key: without one it
+/// opens the database with a cipher that refuses to seal or open anything.
 #[cfg(feature = "mongodb")]
 async fn audit_mongodb(
     url: &str,
@@ -296,7 +303,33 @@ async fn audit_mongodb(
     decisions_days: Option<u32>,
     audit_days: Option<u32>,
 ) -> Result<Arc<dyn AuditSink>, StoreError> {
-    Ok(open_mongodb(url, database, decisions_days, audit_days).await?)
+    use crate::mongodb::{DEFAULT_DATABASE, MongoStore, database_from_url};
+    use apikeyrouter_application::ports::{CipherError, SecretCipher};
+
+    struct NoKeyMaterial;
+    impl SecretCipher for NoKeyMaterial {
+        fn seal(&self, _: &[u8]) -> Result<Vec<u8>, CipherError> {
+            Err(CipherError::Internal(
+                "the audit sink's connection keeps no key material".to_owned(),
+            ))
+        }
+        fn open(&self, _: &[u8]) -> Result<Vec<u8>, CipherError> {
+            Err(CipherError::Open)
+        }
+    }
+
+    let cipher: Arc<dyn SecretCipher> = match crate::cipher::AeadCipher::from_env() {
+        Ok(c) => Arc::new(c),
+        Err(_) => Arc::new(NoKeyMaterial),
+    };
+    let database = database
+        .map(str::to_owned)
+        .or_else(|| database_from_url(url))
+        .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+    let retention = retention(decisions_days, audit_days);
+    Ok(Arc::new(
+        MongoStore::connect(url, &database, cipher, retention).await?,
+    ))
 }
 
 #[cfg(not(feature = "mongodb"))]

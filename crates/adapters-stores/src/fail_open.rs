@@ -5,10 +5,12 @@
 //! everything goes to it and the mirror follows. When it is unreachable, the routing
 //! path (quota windows, reservations, settlement, key counters and state) runs on the
 //! mirror: limits then hold per instance rather than across instances, and spend
-//! during the outage is counted locally only. Administrative writes (keys, budgets)
+//! during the outage is counted locally only (it does not reach the shared budget
+//! afterwards; a request reserved on the shared store just before the outage and
+//! settled locally leaves its reservation there until the budget is redefined). Administrative writes (keys, budgets)
 //! still fail, so nothing is accepted that the shared store would not keep. The
-//! shared store is retried at most once a second, and on the first answer the mirror
-//! is refreshed from it.
+//! shared store is retried by one caller at most once a second, and on the first
+//! answer the mirror is refreshed from it (by that caller, inline).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -81,10 +83,21 @@ impl FailOpenStore {
     async fn resync(&self) -> Result<(), StoreError> {
         let keys = self.remote.list_keys().await?;
         let budgets = self.remote.list_budgets().await?;
-        let now = wall_clock();
-        let statuses = self.remote.budget_statuses(now).await?;
         for key in keys {
             self.mirror_key(key).await;
+        }
+        self.mirror_budgets(budgets).await
+    }
+
+    /// Makes the mirror's budgets those of the shared store (added, redefined or
+    /// deleted by any instance), with the shared spend.
+    async fn mirror_budgets(&self, budgets: Vec<Budget>) -> Result<(), StoreError> {
+        let now = wall_clock();
+        let statuses = self.remote.budget_statuses(now).await?;
+        for stale in self.local.list_budgets().await? {
+            if !budgets.iter().any(|b| b.id == stale.id) {
+                let _ = self.local.delete_budget(&stale.id).await;
+            }
         }
         for budget in &budgets {
             let spent = statuses
@@ -107,10 +120,25 @@ impl FailOpenStore {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether to try the shared store now.
+    /// Whether to try the shared store now: always while it is up; while it is down,
+    /// one caller per second (the one that moves the retry time on), so a dead
+    /// server costs one probe's timeout, not one per request.
     fn try_remote(&self) -> bool {
-        !self.degraded.load(Ordering::Relaxed)
-            || self.elapsed_ms() >= self.retry_at_ms.load(Ordering::Relaxed)
+        if !self.degraded.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = self.elapsed_ms();
+        let retry_at = self.retry_at_ms.load(Ordering::Relaxed);
+        now >= retry_at
+            && self
+                .retry_at_ms
+                .compare_exchange(
+                    retry_at,
+                    now + u64::try_from(RETRY_EVERY.as_millis()).unwrap_or(0),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// The shared store failed with `e`: true when this is an outage to ride out.
@@ -335,8 +363,24 @@ impl BudgetStore for FailOpenStore {
         Ok(status)
     }
 
+    /// Read when budgets change anywhere (change events) and at start: the mirror
+    /// follows, so limits set elsewhere hold here during an outage too.
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
-        fail_open!(self, |s| s.list_budgets())
+        if self.try_remote() {
+            match self.remote.list_budgets().await {
+                Err(e) if self.went_down(&e) => {}
+                Ok(budgets) => {
+                    self.answered().await;
+                    if let Err(e) = self.mirror_budgets(budgets.clone()).await {
+                        tracing::warn!(error = %e, "local mirror of budgets not refreshed");
+                    }
+                    return Ok(budgets);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.fell_back();
+        self.local.list_budgets().await
     }
 
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {

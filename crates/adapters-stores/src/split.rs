@@ -61,11 +61,27 @@ impl SplitStore {
         })
     }
 
+    /// Puts a key the counters store lost back into it; another instance restoring it
+    /// at the same moment is as good.
+    async fn restore(&self, key: &ApiKey) -> Result<(), StoreError> {
+        match self.counters.insert_key(Self::shadow(key)?).await {
+            Err(e) if e.kind != StoreErrorKind::Conflict => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// The counters store's view of a key with the records store's material.
     fn join(mut live: ApiKey, durable: &ApiKey) -> ApiKey {
         live.material = durable.material.clone();
         live
     }
+}
+
+fn wall_clock() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Timestamp::from_millis(ms)
 }
 
 /// `Ok` for `NotFound`: the other half of a split operation may already be gone.
@@ -97,7 +113,7 @@ impl KeyStore for SplitStore {
         match self.counters.get_key(id).await {
             Ok(live) => Ok(Self::join(live, &durable)),
             Err(e) if e.kind == StoreErrorKind::NotFound => {
-                self.counters.insert_key(Self::shadow(&durable)?).await?;
+                self.restore(&durable).await?;
                 Ok(durable)
             }
             Err(e) => Err(e),
@@ -119,7 +135,7 @@ impl KeyStore for SplitStore {
                 Some(l) => keys.push(Self::join(l, &key)),
                 None => {
                     tracing::warn!(key_id = %key.id, "split store: key missing from the counters store; restored");
-                    self.counters.insert_key(Self::shadow(&key)?).await?;
+                    self.restore(&key).await?;
                     keys.push(key);
                 }
             }
@@ -226,8 +242,29 @@ impl BudgetStore for SplitStore {
         self.counters.put_budget(budget, spent, now).await
     }
 
+    /// The records' definitions; a budget the counters store lost (a Redis restarted
+    /// without persistence) is put back, with the spend the records know, so hard
+    /// budgets keep being enforced.
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
-        self.records.list_budgets().await
+        let budgets = self.records.list_budgets().await?;
+        let live = self.counters.list_budgets().await?;
+        let missing: Vec<&Budget> = budgets
+            .iter()
+            .filter(|b| !live.iter().any(|l| l.id == b.id))
+            .collect();
+        if !missing.is_empty() {
+            let now = wall_clock();
+            let statuses = self.records.budget_statuses(now).await?;
+            for budget in missing {
+                let spent = statuses
+                    .iter()
+                    .find(|s| s.budget_id == budget.id)
+                    .map_or(Money::ZERO, |s| s.spent);
+                tracing::warn!(budget_id = %budget.id, "split store: budget missing from the counters store; restored");
+                self.counters.put_budget(budget.clone(), spent, now).await?;
+            }
+        }
+        Ok(budgets)
     }
 
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {

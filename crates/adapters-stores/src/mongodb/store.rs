@@ -1101,7 +1101,23 @@ impl MongoStore {
                     Err(e) if is_duplicate_key(&e) => {}
                     Err(e) => return Err(failed(e)),
                 },
-                Some(doc) if doc.get_i64("start").ok() == Some(start) => {
+                // This minute (or a later one, written by an instance whose clock is
+                // ahead) is full: the step above found no room in it.
+                Some(doc) if doc.get_i64("start").is_ok_and(|seen| seen >= start) => {
+                    let seen = doc.get_i64("start").unwrap_or(start);
+                    if seen > start {
+                        let counted = self
+                            .clients
+                            .update_one(
+                                doc! { "_id": id, "start": seen, "count": { "$lt": rpm } },
+                                doc! { "$inc": { "count": 1_i64 } },
+                            )
+                            .await
+                            .map_err(failed)?;
+                        if counted.matched_count > 0 {
+                            return Ok(seen);
+                        }
+                    }
                     return Err(ChargeRejection::Client { retry_at: end });
                 }
                 Some(doc) => {
@@ -1122,6 +1138,24 @@ impl MongoStore {
             }
         }
         Err(ChargeRejection::Store(contention(CLIENTS, id)))
+    }
+
+    /// The key's part of a settlement: tokens reconciled, outcome and observation
+    /// counted. `None` when the key was deleted since the reserve.
+    async fn settle_key(
+        &self,
+        charge: &Charge,
+        actual_tokens: u64,
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError> {
+        let settled = async {
+            self.reconcile_tokens(charge, actual_tokens).await?;
+            self.record_key_outcome(&charge.key_id, settlement).await
+        };
+        match settled.await {
+            Err(e) if e.kind == StoreErrorKind::NotFound => Ok(None),
+            other => other,
+        }
     }
 
     async fn reserve_key_and_budgets(&self, charge: &Charge) -> Result<(), ChargeRejection> {
@@ -1180,9 +1214,8 @@ impl UsageLedger for MongoStore {
         charge: &Charge,
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
+        // The money first: a key deleted or failing meanwhile must not lose the spend.
         let outcome = &settlement.outcome;
-        self.reconcile_tokens(charge, outcome.usage.total()).await?;
-        let stats = self.record_key_outcome(&charge.key_id, settlement).await?;
         let mut budgets = Vec::new();
         for id in sorted_ids(&charge.budget_ids) {
             if let Some(status) = self
@@ -1192,6 +1225,9 @@ impl UsageLedger for MongoStore {
                 budgets.push(status);
             }
         }
+        let stats = self
+            .settle_key(charge, outcome.usage.total(), settlement)
+            .await?;
         Ok(Settled { budgets, stats })
     }
 
@@ -1200,12 +1236,10 @@ impl UsageLedger for MongoStore {
         charge: &Charge,
         settlement: &Settlement,
     ) -> Result<Option<KeyStats>, StoreError> {
-        self.reconcile_tokens(charge, 0).await?;
-        let stats = self.record_key_outcome(&charge.key_id, settlement).await?;
         for id in sorted_ids(&charge.budget_ids) {
             self.release_budget(id, charge).await?;
         }
-        Ok(stats)
+        self.settle_key(charge, 0, settlement).await
     }
 
     async fn quota_snapshot(

@@ -174,8 +174,8 @@ pub struct Charge {
     pub est_cost: Money,
     /// Budgets the attempt counts against.
     pub budget_ids: Vec<String>,
-    /// The calling client's request rate limit, shared by every instance; set on a
-    /// request's first attempt only, so a failover does not count twice.
+    /// The calling client's request rate limit, shared by every instance; set until
+    /// one of a request's reservations succeeds, so a failover does not count twice.
     pub client: Option<ClientLimit>,
     /// When.
     pub now: Timestamp,

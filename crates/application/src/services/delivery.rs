@@ -39,7 +39,9 @@ pub struct DeliveryStats {
 
 #[derive(Default)]
 struct Counters {
-    accepted: AtomicU64,
+    /// Records in the queue's order: `settled` waits on these only, so a record
+    /// dropped later cannot make an earlier queued one look delivered.
+    queued: AtomicU64,
     delivered: AtomicU64,
     dropped: AtomicU64,
     rejected: AtomicU64,
@@ -54,7 +56,7 @@ pub(crate) struct RecordDelivery {
     capacity: usize,
     tx: OnceLock<mpsc::Sender<AuditRecord>>,
     counters: Arc<Counters>,
-    /// How many handed-over records are finished (delivered, rejected or dropped).
+    /// How many queued records the worker has finished (delivered or rejected).
     finished: Arc<watch::Sender<u64>>,
 }
 
@@ -94,27 +96,35 @@ impl RecordDelivery {
 
     /// Queues `record` for delivery without waiting.
     pub(crate) fn submit(&self, record: AuditRecord) {
-        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        let refused = match self.sender() {
-            Some(tx) => match tx.try_send(record) {
-                Ok(()) => return,
-                Err(e) => e.into_inner(),
-            },
-            None => record,
+        let Some(tx) = self.sender() else {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(request_id = %record.request_id, "audit record dropped: no async runtime to deliver it");
+            return;
         };
-        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-        self.finished.send_modify(|n| *n += 1);
-        tracing::error!(
-            request_id = %refused.request_id,
-            capacity = self.capacity,
-            "audit record dropped: the delivery queue is full (destinations down or too slow)"
-        );
+        match tx.try_send(record) {
+            // The worker may finish it before this count: `settled` only needs
+            // `finished` to reach it eventually.
+            Ok(()) => {
+                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                let (record, why) = match e {
+                    mpsc::error::TrySendError::Full(r) => (
+                        r,
+                        "the delivery queue is full (destinations down or too slow)",
+                    ),
+                    mpsc::error::TrySendError::Closed(r) => (r, "the delivery task has stopped"),
+                };
+                tracing::error!(request_id = %record.request_id, capacity = self.capacity, "audit record dropped: {why}");
+            }
+        }
     }
 
     /// Waits until every record handed over before this call is finished, or until
     /// `timeout`; returns whether they all were.
     pub(crate) async fn settled(&self, timeout: Duration) -> bool {
-        let target = self.counters.accepted.load(Ordering::Relaxed);
+        let target = self.counters.queued.load(Ordering::Relaxed);
         let mut rx = self.finished.subscribe();
         tokio::time::timeout(timeout, rx.wait_for(|n| *n >= target))
             .await
@@ -123,10 +133,10 @@ impl RecordDelivery {
 
     pub(crate) fn stats(&self) -> DeliveryStats {
         let c = &self.counters;
-        let accepted = c.accepted.load(Ordering::Relaxed);
+        let queued = c.queued.load(Ordering::Relaxed);
         let finished = *self.finished.borrow();
         DeliveryStats {
-            pending: accepted.saturating_sub(finished),
+            pending: queued.saturating_sub(finished),
             delivered: c.delivered.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),

@@ -102,9 +102,12 @@ end
 for i = 1, 5 do
   local w = windows[i]
   call('HINCRBY', w.key, 'u', w.add)
-  call('HINCRBY', w.key, 's', 1)
-  -- Kept one more window length, so the next window can tell whether this one ran out.
-  call('PEXPIRE', w.key, fmt(math.max(w['end'] - now, 0) + (w['end'] - w.start) + 1000))
+  -- Kept one more window length, so the next window can tell whether this one ran
+  -- out. The expiry is absolute (window end + one length), so it is set once, by
+  -- the window's first charge.
+  if call('HINCRBY', w.key, 's', 1) == 1 then
+    call('PEXPIREAT', w.key, fmt(w['end'] + (w['end'] - w.start) + 1000))
+  end
 end
 if next(obs) ~= nil then
   if obs.rr then
@@ -121,8 +124,7 @@ for _, l in ipairs(ledgers) do
   l.reserved = l.reserved + cost
   call('HSET', l.key, 'reserved', fmt(l.reserved))
 end
-if client_key then
-  call('INCR', client_key)
+if client_key and call('INCR', client_key) == 1 then
   call('PEXPIREAT', client_key, fmt(tonumber(ARGV[28]) + 60000))
 end
 return { 'ok' }
