@@ -10,13 +10,15 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The running cluster: its nodes' ports.
 pub struct TestCluster {
     ports: Vec<u16>,
+    /// The watchdog shells; they end with their servers, after this process.
+    _watchdogs: Vec<Child>,
 }
 
 impl TestCluster {
@@ -57,9 +59,7 @@ impl TestCluster {
                 ports.push(port);
             }
         }
-        for port in &ports {
-            spawn_node(*port, &dir);
-        }
+        let watchdogs = ports.iter().map(|port| spawn_node(*port, &dir)).collect();
         for port in &ports {
             wait_until(Duration::from_secs(10), || {
                 cli(*port, &["PING"]).is_some_and(|out| out.trim() == "PONG")
@@ -85,7 +85,10 @@ impl TestCluster {
                 panic!("cluster node on port {port} never reached cluster_state:ok")
             });
         }
-        Self { ports }
+        Self {
+            ports,
+            _watchdogs: watchdogs,
+        }
     }
 }
 
@@ -104,7 +107,7 @@ fn free_port() -> u16 {
 
 /// Starts a cluster-enabled `redis-server` on `port` under a watchdog shell that
 /// stops it once this process is gone.
-fn spawn_node(port: u16, dir: &std::path::Path) {
+fn spawn_node(port: u16, dir: &std::path::Path) -> Child {
     let port_text = port.to_string();
     let config: PathBuf = dir.join(format!("nodes-{port}.conf"));
     Command::new("sh")
@@ -125,7 +128,7 @@ wait "$srv""#,
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("sh not found");
+        .expect("sh not found")
 }
 
 /// `redis-cli -p port args...`'s output, `None` when it fails.
