@@ -58,10 +58,12 @@ pub const DEFAULT_REQUEST_TTL: Duration = Duration::from_secs(7 * 86_400);
 /// Transitions that lose a race retry this many times before giving up.
 const MAX_TRANSITION_ATTEMPTS: usize = 16;
 
-/// Every state-store port over one Redis server, under a namespace.
+/// Every state-store port over one Redis server or a Redis Cluster, under a
+/// namespace.
 ///
-/// Several processes sharing a server and a namespace share every key, window,
-/// budget and request record; every charge is one atomic script, so a hard budget is
+/// Several processes sharing a server (or cluster) and a namespace share every key,
+/// window, budget and request record; every charge is one atomic script (on
+/// Cluster, one per hash tag with the budgets' part atomic), so a hard budget is
 /// never exceeded whatever the number of instances. Cheap to share as
 /// `Arc<dyn StateStore>`: the connection is multiplexed and reconnects on its own.
 pub struct RedisStore {
