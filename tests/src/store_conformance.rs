@@ -288,6 +288,79 @@ async fn redis_cluster_spreads_one_namespace_over_several_nodes() {
     assert!(nodes_with_keys >= 2, "keys on {nodes_with_keys} node(s)");
 }
 
+/// On Cluster, key and budget changes made through any node reach a subscriber
+/// (subscribed through the first seed node; Cluster broadcasts `PUBLISH`), and the
+/// `cluster = true` configuration opens such a store.
+#[tokio::test]
+async fn redis_cluster_announces_key_and_budget_changes_and_opens_from_config() {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use apikeyrouter_adapters_stores::{StoreConfig, connect};
+    use apikeyrouter_application::ports::{BudgetStore, KeyStore, StoreChange};
+    use apikeyrouter_domain::{
+        ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
+        Money, ProviderId, Timestamp,
+    };
+    use futures_util::StreamExt;
+
+    let watcher = redis_cluster_store().await;
+    let config = StoreConfig::Redis {
+        url: crate::redis_cluster::TestCluster::shared().urls(),
+        namespace: Some(watcher.namespace().to_owned()),
+        cluster: Some(true),
+        on_unavailable: None,
+    };
+    let writer = connect(&config).await.unwrap();
+    writer.ping().await.unwrap();
+    let mut changes = Box::pin(watcher.subscribe_changes().await.unwrap());
+    let now = Timestamp::from_millis(1_000);
+    let mut expected = BTreeSet::new();
+    for n in 0..8 {
+        let id = format!("k{n}");
+        writer
+            .insert_key(ApiKey::new(
+                KeyId::new(id.as_str()),
+                ProviderId::new("openai"),
+                KeyMaterial::parse("sk-cluster-0000000002").unwrap(),
+                KeyMetadata::default(),
+                now,
+            ))
+            .await
+            .unwrap();
+        expected.insert(id);
+    }
+    let budget = Budget::new(
+        "b",
+        BudgetScope::Global,
+        1.0,
+        BudgetPeriod::Daily,
+        Enforcement::Hard,
+    )
+    .unwrap();
+    writer.put_budget(budget, Money::ZERO, now).await.unwrap();
+    writer.delete_key(&KeyId::new("k0")).await.unwrap();
+    let mut seen = BTreeSet::new();
+    let mut budgets = 0;
+    let mut deleted_seen = false;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while seen != expected || budgets == 0 || !deleted_seen {
+            match changes.next().await.expect("the change stream ended") {
+                StoreChange::Key(id) if seen.contains(id.as_str()) => {
+                    deleted_seen |= id.as_str() == "k0";
+                }
+                StoreChange::Key(id) => {
+                    seen.insert(id.as_str().to_owned());
+                }
+                StoreChange::Budgets => budgets += 1,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("changes seen: {seen:?}, budgets: {budgets}"));
+    assert_eq!(writer.list_keys().await.unwrap().len(), 7);
+}
+
 /// A Redis store in a namespace no other test uses; fails (never skips) without a
 /// server.
 async fn redis_store() -> RedisStore {
