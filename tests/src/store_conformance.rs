@@ -297,7 +297,7 @@ async fn redis_cluster_announces_key_and_budget_changes_and_opens_from_config() 
     use std::time::Duration;
 
     use apikeyrouter_adapters_stores::{StoreConfig, connect};
-    use apikeyrouter_application::ports::{BudgetStore, KeyStore, StoreChange};
+    use apikeyrouter_application::ports::StoreChange;
     use apikeyrouter_domain::{
         ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
         Money, ProviderId, Timestamp,
