@@ -361,6 +361,13 @@ async fn redis_cluster_announces_key_and_budget_changes_and_opens_from_config() 
     assert_eq!(writer.list_keys().await.unwrap().len(), 7);
 }
 
+/// What the per-slot path costs on Cluster, as documented: a charge with budgets
+/// and a client takes three sequential calls, settle and release two each.
+#[tokio::test]
+async fn redis_cluster_charge_round_trips() {
+    cases::redis_cluster_charge_round_trips(redis_cluster_store().await).await;
+}
+
 /// A Redis store in a namespace no other test uses; fails (never skips) without a
 /// server.
 async fn redis_store() -> RedisStore {
@@ -1105,6 +1112,36 @@ mod cases {
         ));
         let budget = &store.budget_statuses(NOW).await.unwrap()[0];
         assert_eq!(budget.reserved, Money::from_usd(0.6));
+    }
+
+    /// See [`super::redis_cluster_charge_round_trips`].
+    pub(super) async fn redis_cluster_charge_round_trips(store: super::RedisStore) {
+        use apikeyrouter_application::ports::{BudgetStore, ClientLimit, KeyStore, UsageLedger};
+
+        store.insert_key(key("k1", Some(10))).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        let mut c = charge(1, "k1", Some(10), 0.1);
+        c.client = Some(ClientLimit {
+            client: "client-a".to_owned(),
+            rpm: 5,
+        });
+        let before = store.round_trips();
+        store.reserve(&c).await.unwrap();
+        assert_eq!(store.round_trips() - before, 3);
+        store
+            .settle(&c, &spent(10, Money::from_usd(0.05), NOW))
+            .await
+            .unwrap();
+        assert_eq!(store.round_trips() - before, 5);
+        // Without a client: budgets and key only.
+        let c = charge(2, "k1", Some(10), 0.1);
+        store.reserve(&c).await.unwrap();
+        assert_eq!(store.round_trips() - before, 7);
+        store.release(&c, &nothing_spent(NOW)).await.unwrap();
+        assert_eq!(store.round_trips() - before, 9);
     }
 
     pub(super) async fn rpm_window_refuses_until_the_next_minute_then_rolls_over(store: Store) {
