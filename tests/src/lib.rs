@@ -19,6 +19,8 @@ mod proxy_http;
 #[cfg(test)]
 mod python_sdk;
 #[cfg(test)]
+mod redis_cluster;
+#[cfg(test)]
 mod round_trips;
 #[cfg(test)]
 mod store_conformance;

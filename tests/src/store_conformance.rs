@@ -2,9 +2,11 @@
 //! async function of an `Arc<dyn StateStore>`, and [`conformance_suite!`] turns the
 //! whole list into `#[tokio::test]`s for one backend.
 //!
-//! Backends: `memory`, and `redis` against the server at `REDIS_URL` (default
-//! `redis://127.0.0.1:6379`), each test in a fresh namespace. The Redis tests never
-//! skip: without a server they fail, saying to run `cargo xtask services up`.
+//! Backends: `memory`, `redis` against the server at `REDIS_URL` (default
+//! `redis://127.0.0.1:6379`), `redis_cluster` against a private three-node Redis
+//! Cluster started by the tests ([`crate::redis_cluster`]), `mongodb` and `split`,
+//! each test in a fresh namespace. The Redis tests never skip: without a server they
+//! fail, saying to run `cargo xtask services up`.
 //! Adding a backend is one line:
 //!
 //! ```ignore
@@ -41,6 +43,7 @@ macro_rules! conformance_suite {
                 budget_refusal_leaves_the_key_windows_unchanged,
                 quota_refusal_reserves_nothing_in_budgets,
                 client_rpm_counts_once_per_charge_and_refusals_charge_nothing,
+                key_refusal_gives_back_the_budget_and_the_client_count,
                 rpm_window_refuses_until_the_next_minute_then_rolls_over,
                 tpm_estimate_is_reconciled_to_the_actual_tokens,
                 settle_returns_statuses_with_spent_equal_to_actual,
@@ -77,6 +80,10 @@ conformance_suite!(memory, || async {
 
 conformance_suite!(redis, || async {
     Arc::new(redis_store().await) as Arc<dyn StateStore>
+});
+
+conformance_suite!(redis_cluster, || async {
+    Arc::new(redis_cluster_store().await) as Arc<dyn StateStore>
 });
 
 conformance_suite!(mongodb, || async {
@@ -222,6 +229,143 @@ async fn mongo_store() -> MongoStore {
     MongoStore::connect(&url, &database, Arc::new(AeadCipher::new(keys)), Retention::default())
         .await
         .unwrap_or_else(|e| panic!("MongoDB-compatible server unreachable at {url}: {e}; run `cargo xtask services up` (or set MONGODB_URL)"))
+}
+
+/// A Redis Cluster store (the process's private cluster) in a namespace no other
+/// test uses.
+async fn redis_cluster_store() -> RedisStore {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let cluster = crate::redis_cluster::TestCluster::shared();
+    let namespace = format!(
+        "cluster-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let store = RedisStore::connect_cluster(&cluster.urls(), &namespace)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to the test cluster at {}: {e}",
+                cluster.urls()
+            )
+        });
+    assert!(store.is_cluster());
+    store
+}
+
+/// On Cluster the keys of one namespace spread over several nodes (each key id is
+/// its own hash tag), so the per-slot paths are really exercised.
+#[tokio::test]
+async fn redis_cluster_spreads_one_namespace_over_several_nodes() {
+    use apikeyrouter_application::ports::KeyStore;
+    use apikeyrouter_domain::{ApiKey, KeyId, KeyMaterial, KeyMetadata, ProviderId, Timestamp};
+
+    let store = redis_cluster_store().await;
+    for n in 0..24 {
+        let key = ApiKey::new(
+            KeyId::new(format!("k{n}")),
+            ProviderId::new("openai"),
+            KeyMaterial::parse("sk-cluster-0000000001").unwrap(),
+            KeyMetadata::default(),
+            Timestamp::from_millis(1_000),
+        );
+        store.insert_key(key).await.unwrap();
+    }
+    assert_eq!(store.list_keys().await.unwrap().len(), 24);
+    let pattern = format!("{{{}:key:*", store.namespace());
+    let nodes_with_keys = crate::redis_cluster::TestCluster::shared()
+        .ports()
+        .iter()
+        .filter(|port| {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["--scan", "--pattern", &pattern])
+                .output()
+                .expect("redis-cli");
+            !out.stdout.is_empty()
+        })
+        .count();
+    assert!(nodes_with_keys >= 2, "keys on {nodes_with_keys} node(s)");
+}
+
+/// On Cluster, key and budget changes made through any node reach a subscriber
+/// (subscribed through the first seed node; Cluster broadcasts `PUBLISH`), and the
+/// `cluster = true` configuration opens such a store.
+#[tokio::test]
+async fn redis_cluster_announces_key_and_budget_changes_and_opens_from_config() {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use apikeyrouter_adapters_stores::{StoreConfig, connect};
+    use apikeyrouter_application::ports::StoreChange;
+    use apikeyrouter_domain::{
+        ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
+        Money, ProviderId, Timestamp,
+    };
+    use futures_util::StreamExt;
+
+    let watcher = redis_cluster_store().await;
+    let config = StoreConfig::Redis {
+        url: crate::redis_cluster::TestCluster::shared().urls(),
+        namespace: Some(watcher.namespace().to_owned()),
+        cluster: Some(true),
+        on_unavailable: None,
+    };
+    let writer = connect(&config).await.unwrap();
+    writer.ping().await.unwrap();
+    let mut changes = Box::pin(watcher.subscribe_changes().await.unwrap());
+    let now = Timestamp::from_millis(1_000);
+    let mut expected = BTreeSet::new();
+    for n in 0..8 {
+        let id = format!("k{n}");
+        writer
+            .insert_key(ApiKey::new(
+                KeyId::new(id.as_str()),
+                ProviderId::new("openai"),
+                KeyMaterial::parse("sk-cluster-0000000002").unwrap(),
+                KeyMetadata::default(),
+                now,
+            ))
+            .await
+            .unwrap();
+        expected.insert(id);
+    }
+    let budget = Budget::new(
+        "b",
+        BudgetScope::Global,
+        1.0,
+        BudgetPeriod::Daily,
+        Enforcement::Hard,
+    )
+    .unwrap();
+    writer.put_budget(budget, Money::ZERO, now).await.unwrap();
+    writer.delete_key(&KeyId::new("k0")).await.unwrap();
+    let mut seen = BTreeSet::new();
+    let mut budgets = 0;
+    let mut deleted_seen = false;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while seen != expected || budgets == 0 || !deleted_seen {
+            match changes.next().await.expect("the change stream ended") {
+                StoreChange::Key(id) if seen.contains(id.as_str()) => {
+                    deleted_seen |= id.as_str() == "k0";
+                }
+                StoreChange::Key(id) => {
+                    seen.insert(id.as_str().to_owned());
+                }
+                StoreChange::Budgets => budgets += 1,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("changes seen: {seen:?}, budgets: {budgets}"));
+    assert_eq!(writer.list_keys().await.unwrap().len(), 7);
+}
+
+/// What the per-slot path costs on Cluster, as documented: a charge with budgets
+/// and a client takes three sequential calls, settle and release two each.
+#[tokio::test]
+async fn redis_cluster_charge_round_trips() {
+    cases::redis_cluster_charge_round_trips(redis_cluster_store().await).await;
 }
 
 /// A Redis store in a namespace no other test uses; fails (never skips) without a
@@ -921,6 +1065,83 @@ mod cases {
         let mut next = limited(6, "k1", 0.1);
         next.now = NOW.plus(Duration::from_secs(61));
         store.reserve(&next).await.unwrap();
+    }
+
+    /// A charge the key's windows refuse, after its budgets and its client's minute
+    /// would fit, leaves nothing reserved or counted (on Cluster the earlier parts
+    /// are given back).
+    pub(super) async fn key_refusal_gives_back_the_budget_and_the_client_count(store: Store) {
+        use apikeyrouter_application::ports::ClientLimit;
+
+        store.insert_key(key("k1", Some(1))).await.unwrap();
+        store.insert_key(key("k2", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        let limited = |reservation: u64, key_id: &str, rpm: Option<u64>| {
+            let mut c = charge(reservation, key_id, rpm, 0.3);
+            c.client = Some(ClientLimit {
+                client: "client-a".to_owned(),
+                rpm: 2,
+            });
+            c
+        };
+        store.reserve(&limited(1, "k1", Some(1))).await.unwrap();
+        // k1's minute is full: refused by the key, after budget and client fit.
+        assert!(matches!(
+            store.reserve(&limited(2, "k1", Some(1))).await,
+            Err(ChargeRejection::Quota(_))
+        ));
+        let budget = &store.budget_statuses(NOW).await.unwrap()[0];
+        assert_eq!(budget.reserved, Money::from_usd(0.3));
+        // The client's second request of the minute is still available, and the
+        // budget still has room for it (and for a third, which the client's minute
+        // refuses).
+        store.reserve(&limited(3, "k2", None)).await.unwrap();
+        let budget = &store.budget_statuses(NOW).await.unwrap()[0];
+        assert_eq!(budget.reserved, Money::from_usd(0.6));
+        assert!(matches!(
+            store.reserve(&limited(4, "k2", None)).await,
+            Err(ChargeRejection::Client { .. })
+        ));
+        // A key that does not exist gives everything back too.
+        assert!(matches!(
+            store.reserve(&charge(5, "nope", None, 0.1)).await,
+            Err(ChargeRejection::Store(_))
+        ));
+        let budget = &store.budget_statuses(NOW).await.unwrap()[0];
+        assert_eq!(budget.reserved, Money::from_usd(0.6));
+    }
+
+    /// See [`super::redis_cluster_charge_round_trips`].
+    pub(super) async fn redis_cluster_charge_round_trips(store: super::RedisStore) {
+        use apikeyrouter_application::ports::{BudgetStore, ClientLimit, KeyStore, UsageLedger};
+
+        store.insert_key(key("k1", Some(10))).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
+        let mut c = charge(1, "k1", Some(10), 0.1);
+        c.client = Some(ClientLimit {
+            client: "client-a".to_owned(),
+            rpm: 5,
+        });
+        let before = store.round_trips();
+        store.reserve(&c).await.unwrap();
+        assert_eq!(store.round_trips() - before, 3);
+        store
+            .settle(&c, &spent(10, Money::from_usd(0.05), NOW))
+            .await
+            .unwrap();
+        assert_eq!(store.round_trips() - before, 5);
+        // Without a client: budgets and key only.
+        let c = charge(2, "k1", Some(10), 0.1);
+        store.reserve(&c).await.unwrap();
+        assert_eq!(store.round_trips() - before, 7);
+        store.release(&c, &nothing_spent(NOW)).await.unwrap();
+        assert_eq!(store.round_trips() - before, 9);
     }
 
     pub(super) async fn rpm_window_refuses_until_the_next_minute_then_rolls_over(store: Store) {

@@ -193,6 +193,7 @@ async fn fail_open_serves_on_local_limits_and_resumes_shared_ones() {
         .store_config(StoreConfig::Redis {
             url: redis.url(),
             namespace: None,
+            cluster: None,
             on_unavailable: Some(FailMode::FailOpen),
         })
         .build()

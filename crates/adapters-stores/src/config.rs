@@ -27,6 +27,7 @@ pub enum FailMode {
 /// ```text
 /// { "kind": "memory" }
 /// { "kind": "redis", "url": "redis://localhost:6379" }
+/// { "kind": "redis", "url": "redis://node-a:6379,redis://node-b:6379", "cluster": true }
 /// { "kind": "mongodb", "url": "mongodb://localhost:27017", "database": "apikeyrouter" }
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +45,11 @@ pub enum StoreConfig {
         /// tests) sharing a server keep apart by using different namespaces.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         namespace: Option<String>,
+        /// `true` for a Redis Cluster: `url` then names one or more seed nodes,
+        /// comma-separated (`redis://a:6379,redis://b:6379`), and the rest of the
+        /// cluster is discovered from them. A single server when absent or `false`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster: Option<bool>,
         /// When the server is lost during traffic; `fail_closed` when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         on_unavailable: Option<FailMode>,
@@ -157,7 +163,12 @@ async fn connect_backend(config: &StoreConfig) -> Result<Arc<dyn StateStore>, St
             Ok(Arc::new(crate::split::SplitStore::new(counters, records)))
         }
         StoreConfig::Memory {} => connect_memory(),
-        StoreConfig::Redis { url, namespace, .. } => connect_redis(url, namespace.as_deref()).await,
+        StoreConfig::Redis {
+            url,
+            namespace,
+            cluster,
+            ..
+        } => connect_redis(url, namespace.as_deref(), cluster.unwrap_or(false)).await,
         StoreConfig::Mongodb {
             url,
             database,
@@ -190,17 +201,22 @@ fn connect_memory() -> Result<Arc<dyn StateStore>, StoreError> {
 async fn connect_redis(
     url: &str,
     namespace: Option<&str>,
+    cluster: bool,
 ) -> Result<Arc<dyn StateStore>, StoreError> {
     let namespace = namespace.unwrap_or(crate::redis::DEFAULT_NAMESPACE);
-    Ok(Arc::new(
-        crate::redis::RedisStore::connect(url, namespace).await?,
-    ))
+    let store = if cluster {
+        crate::redis::RedisStore::connect_cluster(url, namespace).await?
+    } else {
+        crate::redis::RedisStore::connect(url, namespace).await?
+    };
+    Ok(Arc::new(store))
 }
 
 #[cfg(not(feature = "redis"))]
 async fn connect_redis(
     _url: &str,
     _namespace: Option<&str>,
+    _cluster: bool,
 ) -> Result<Arc<dyn StateStore>, StoreError> {
     Err(unavailable("built without the `redis` feature"))
 }
@@ -362,6 +378,20 @@ mod tests {
             StoreConfig::Redis {
                 url: "redis://localhost:6379".to_owned(),
                 namespace: None,
+                cluster: None,
+                on_unavailable: None,
+            }
+        );
+        let cluster: StoreConfig = serde_json::from_str(
+            r#"{"kind":"redis","url":"redis://a:7000,redis://b:7001","cluster":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            cluster,
+            StoreConfig::Redis {
+                url: "redis://a:7000,redis://b:7001".to_owned(),
+                namespace: None,
+                cluster: Some(true),
                 on_unavailable: None,
             }
         );
@@ -391,6 +421,7 @@ mod tests {
         let config = StoreConfig::Redis {
             url: "redis://:hunter2@127.0.0.1:1".to_owned(),
             namespace: None,
+            cluster: None,
             on_unavailable: None,
         };
         let err = connect(&config).await.err().unwrap();

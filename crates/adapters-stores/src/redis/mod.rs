@@ -17,6 +17,7 @@
 //! | `{ns:key:<id>}:w:<gen>:<kind>:<start>` | hash | one quota window: used, samples; expires one window length after it ends |
 //! | `{ns:key:<id>}:gen` | string | registrations of this id, so a re-registered id starts with fresh windows |
 //! | `{ns}:keys` | set | registered key ids |
+//! | `{ns:client:<name>}:rpm:<start>` | string | a client's requests in the minute starting at `start` |
 //! | `{ns:budgets}:ledger:<id>` | hash | a budget: definition (JSON), limit, hard, period, period bounds, spent, reserved |
 //! | `{ns:budgets}:reservations:<id>` | hash | its outstanding reservations: reservation id to amount |
 //! | `{ns:budgets}:ids` | set | budget ids |
@@ -42,29 +43,65 @@
 //! observation and every hard budget, and only if all fit increments all of them
 //! and records the reservation. Redis runs a script alone, so concurrent charges
 //! from any number of instances never overspend a hard budget, and a request costs
-//! one round trip. `settle` and `release` (after the call) are one pipeline of two
-//! scripts, so one round trip too: the key's part (token windows, the provider's
+//! one round trip (on a single server; Redis Cluster splits it, see below).
+//! `settle` and `release` (after the call) are one pipeline of two scripts, so one
+//! round trip too: the key's part (token windows, the provider's
 //! observation, the key's counters) and the budgets' part, each under one hash tag.
 //! They need no joint check, so splitting them costs no atomicity that matters.
 //!
 //! # Redis Cluster
 //!
 //! The names are laid out for Cluster: everything of one key shares the hash tag
-//! `{ns:key:<id>}`, and all budget ledgers share `{ns:budgets}`, so one script can
-//! charge several budgets atomically (budgets are few, and a global budget is touched
-//! by every request whatever the layout). A charge therefore spans two slots: the
-//! key's and the budgets'. This store connects to a single server (or a primary)
-//! and runs the one-script path there. On Cluster the charge would be split per
-//! slot: the budget part first (reserve, refusing on a hard budget), then the key
-//! part, with the budget reservation released if the key's windows refuse; that
-//! split path is not implemented yet.
+//! `{ns:key:<id>}`, all budget ledgers share `{ns:budgets}`, a client's minute
+//! counters share `{ns:client:<name>}`, and the set of key ids is `{ns}:keys`. So one
+//! namespace's keys spread over the whole cluster (each key id hashes to its own
+//! slot), and one script can still charge several budgets atomically (budgets are
+//! few, and a global budget is touched by every request whatever the layout).
+//!
+//! [`RedisStore::connect_cluster`] (config: `cluster = true`, `url` listing one or
+//! more seed nodes, comma-separated) connects with the redis crate's async cluster
+//! client, which routes each command to the node of its keys' slot. Nothing is then
+//! sent that spans hash tags in one script, pipeline or `MULTI` (Cluster refuses
+//! those):
+//!
+//! - `reserve` is split per slot, in this order: the hard budgets
+//!   (`scripts/reserve_budgets.lua`: checked and reserved together, so concurrent
+//!   charges from any number of instances still never overspend a hard budget; a
+//!   refusal charges nothing), then the client's minute (`reserve_client.lua`), then
+//!   the key's windows and the provider's observation (`reserve_key.lua`). Each part
+//!   is atomic; when a later part refuses (or fails), what the earlier parts took is
+//!   given back: the budget reservation released (`release_budgets.lua`), the
+//!   client's counter decremented. A charge therefore takes one to three sequential
+//!   round trips (budgets and client only when the charge has them), plus one
+//!   concurrent pair for the compensation of a refusal, instead of one. It is not
+//!   atomic as a whole: between the parts another charge may see a reservation that
+//!   is about to be given back and be refused for it (never the opposite), and when
+//!   several limits would refuse the same charge, a budget's refusal is reported
+//!   before the client's and the key's (the single-server script checks the key and
+//!   the client first). If the compensation itself fails (connection lost), a
+//!   budget reservation stays held until the budget is put again and a client count
+//!   until its minute ends; this is logged.
+//! - `settle` and `release` send their two scripts as two concurrent calls (a
+//!   pipeline goes to one node).
+//! - `insert_key` adds the id to `{ns}:keys` before its script, `delete_key` removes
+//!   it after; a failure in between leaves an id without a key, which `list_keys`
+//!   skips. `list_keys` reads each key with its own `HGETALL`, concurrently.
+//! - `put_budget` and `delete_budget` keep their `MULTI` (all names under
+//!   `{ns:budgets}`) and publish the change right after it.
+//! - Scripts are loaded on every node at connect (`SCRIPT LOAD` is sent to all
+//!   nodes), and reloaded on `NOSCRIPT`.
+//!
+//! On a single server (or a primary, [`RedisStore::connect`]) every charge is the
+//! one script above, one round trip.
 //!
 //! # Change events
 //!
 //! Inserting, updating, transitioning and deleting a key publishes its id on
 //! `{ns}:key-events`, putting or deleting a budget its id on `{ns}:budget-events`;
 //! [`RedisStore::subscribe_changes`] turns both into one stream so other instances
-//! can refresh their view of keys and budgets.
+//! can refresh their view of keys and budgets. On Cluster, which broadcasts
+//! `PUBLISH` to every node, it subscribes through a plain connection to the first
+//! seed node.
 //!
 //! # Failures
 //!

@@ -18,7 +18,7 @@ macro_rules! source {
 }
 
 /// Every script's source, in [`Scripts`] field order.
-const SOURCES: [&str; 10] = [
+const SOURCES: [&str; 13] = [
     source!("insert_key.lua"),
     source!("update_metadata.lua"),
     source!("delete_key.lua"),
@@ -29,6 +29,9 @@ const SOURCES: [&str; 10] = [
     source!("settle_budgets.lua"),
     source!("release_budgets.lua"),
     source!("budgets.lua"),
+    source!("reserve_budgets.lua"),
+    source!("reserve_client.lua"),
+    source!("reserve_key.lua"),
 ];
 
 /// Every script, hashed once at start.
@@ -43,6 +46,10 @@ pub(super) struct Scripts {
     pub(super) settle_budgets: Script,
     pub(super) release_budgets: Script,
     pub(super) budgets: Script,
+    /// Cluster only: the three per-slot parts of `reserve`.
+    pub(super) reserve_budgets: Script,
+    pub(super) reserve_client: Script,
+    pub(super) reserve_key: Script,
 }
 
 impl Scripts {
@@ -58,6 +65,9 @@ impl Scripts {
             settle_budgets,
             release_budgets,
             budgets,
+            reserve_budgets,
+            reserve_client,
+            reserve_key,
         ] = SOURCES.map(Script::new);
         Self {
             insert_key,
@@ -70,6 +80,9 @@ impl Scripts {
             settle_budgets,
             release_budgets,
             budgets,
+            reserve_budgets,
+            reserve_client,
+            reserve_key,
         }
     }
 

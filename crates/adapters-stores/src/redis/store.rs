@@ -7,6 +7,13 @@
 //! takes two (read the state, then compare-and-set), more only when another instance
 //! changed the key's state in between; `list_keys` two. [`RedisStore::round_trips`]
 //! counts them.
+//!
+//! On Redis Cluster ([`RedisStore::connect_cluster`]) operations whose names span
+//! several hash tags are split per tag: `reserve` takes up to three sequential calls
+//! (budgets, client, key; plus the compensation when a later part refuses),
+//! `settle` and `release` two concurrent calls, `insert_key`, `delete_key`,
+//! `put_budget` and `delete_budget` two, `list_keys` one plus one per key (sent
+//! concurrently). The round-trip counter counts each command sent.
 
 use std::fmt;
 use std::sync::Arc;
@@ -28,6 +35,8 @@ use apikeyrouter_domain::{
 use async_trait::async_trait;
 use futures_util::{Stream, StreamExt, future};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
 use redis::{
     AsyncCommands, Client, Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, ScriptInvocation,
     ServerErrorKind, Value,
@@ -49,15 +58,19 @@ pub const DEFAULT_REQUEST_TTL: Duration = Duration::from_secs(7 * 86_400);
 /// Transitions that lose a race retry this many times before giving up.
 const MAX_TRANSITION_ATTEMPTS: usize = 16;
 
-/// Every state-store port over one Redis server, under a namespace.
+/// Every state-store port over one Redis server or a Redis Cluster, under a
+/// namespace.
 ///
-/// Several processes sharing a server and a namespace share every key, window,
-/// budget and request record; every charge is one atomic script, so a hard budget is
+/// Several processes sharing a server (or cluster) and a namespace share every key,
+/// window, budget and request record; every charge is one atomic script (on
+/// Cluster, one per hash tag with the budgets' part atomic), so a hard budget is
 /// never exceeded whatever the number of instances. Cheap to share as
 /// `Arc<dyn StateStore>`: the connection is multiplexed and reconnects on its own.
 pub struct RedisStore {
+    /// The server, or on Cluster the first seed node: change events are subscribed
+    /// through it (Cluster broadcasts `PUBLISH` to every node).
     client: Client,
-    conn: ConnectionManager,
+    conn: Conn,
     names: Names,
     scripts: Scripts,
     /// The URL with its password masked; the only form ever printed.
@@ -67,18 +80,29 @@ pub struct RedisStore {
     round_trips: Arc<AtomicU64>,
 }
 
+/// The multiplexed connection: to one server, or to a Redis Cluster (routing each
+/// command to the node serving its keys' slot, following `MOVED` and `ASK`).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 /// The shared connection, counting every command or pipeline it sends: each is one
 /// network round trip (a pipeline's commands travel and come back together).
 #[derive(Clone)]
 struct Counted {
-    conn: ConnectionManager,
+    conn: Conn,
     round_trips: Arc<AtomicU64>,
 }
 
 impl ConnectionLike for Counted {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.conn.req_packed_command(cmd)
+        match &mut self.conn {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
     }
 
     fn req_packed_commands<'a>(
@@ -88,12 +112,30 @@ impl ConnectionLike for Counted {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.conn.req_packed_commands(cmd, offset, count)
+        match &mut self.conn {
+            Conn::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
     }
 
     fn get_db(&self) -> i64 {
-        self.conn.get_db()
+        match &self.conn {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
     }
+}
+
+/// `StoreError::Invalid` for a namespace that would break our hash tags.
+fn names_for(namespace: &str) -> Result<Names, StoreError> {
+    Names::new(namespace).ok_or_else(|| {
+        StoreError::new(
+            StoreErrorKind::Invalid,
+            format!(
+                "redis namespace {namespace:?} must be non-empty and hold no braces or whitespace"
+            ),
+        )
+    })
 }
 
 impl RedisStore {
@@ -107,14 +149,7 @@ impl RedisStore {
     /// Messages name the URL with its password masked.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self, StoreError> {
         let shown = redact_url(url);
-        let names = Names::new(namespace).ok_or_else(|| {
-            StoreError::new(
-                StoreErrorKind::Invalid,
-                format!(
-                    "redis namespace {namespace:?} must be non-empty and hold no braces or whitespace"
-                ),
-            )
-        })?;
+        let names = names_for(namespace)?;
         // The parse error is left out: it may quote the URL, password included.
         let client = Client::open(url).map_err(|_| {
             StoreError::new(
@@ -151,15 +186,91 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(|err| from_redis(err, "SCRIPT LOAD"))?;
-        Ok(Self {
+        Ok(Self::new(client, Conn::Single(conn), names, shown))
+    }
+
+    /// Connects to the Redis Cluster reachable through the seed nodes `urls`
+    /// (comma-separated `redis://[user:password@]host:port`; the other nodes are
+    /// discovered) and keeps everything under `namespace`, as [`Self::connect`].
+    ///
+    /// Every script touches one hash tag. `reserve` is split per slot (budgets,
+    /// then the client's minute, then the key's windows), each part atomic, a
+    /// refusal by a later part giving back what the earlier parts took; see the
+    /// module docs. Change events are subscribed through the first seed node, since
+    /// Cluster broadcasts `PUBLISH` to every node.
+    ///
+    /// # Errors
+    /// As [`Self::connect`].
+    pub async fn connect_cluster(urls: &str, namespace: &str) -> Result<Self, StoreError> {
+        let seeds: Vec<&str> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
+        let shown = seeds
+            .iter()
+            .map(|url| redact_url(url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let names = names_for(namespace)?;
+        let invalid_url = || {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("invalid redis cluster url {shown}"),
+            )
+        };
+        let first = seeds.first().ok_or_else(invalid_url)?;
+        // The parse errors are left out: they may quote a URL, password included.
+        let client = Client::open(*first).map_err(|_| invalid_url())?;
+        let cluster = ClusterClientBuilder::new(seeds.clone())
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .retries(2)
+            .max_retry_wait(500)
+            .build()
+            .map_err(|_| invalid_url())?;
+        let unreachable = |err: redis::RedisError| {
+            StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!("cannot reach redis cluster at {shown}: {err}"),
+            )
+            .with_source(err)
+        };
+        let mut conn = cluster.get_async_connection().await.map_err(unreachable)?;
+        // Routed to every primary.
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        // One command per script: `SCRIPT LOAD` alone is sent to every node, while
+        // in a pipeline it would reach only one.
+        for source in Scripts::sources() {
+            let _: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(*source)
+                .query_async(&mut conn)
+                .await
+                .map_err(|err| from_redis(err, "SCRIPT LOAD"))?;
+        }
+        Ok(Self::new(client, Conn::Cluster(conn), names, shown))
+    }
+
+    fn new(client: Client, conn: Conn, names: Names, url: String) -> Self {
+        Self {
             client,
             conn,
             names,
             scripts: Scripts::new(),
-            url: shown,
+            url,
             request_ttl: DEFAULT_REQUEST_TTL,
             round_trips: Arc::new(AtomicU64::new(0)),
-        })
+        }
+    }
+
+    /// Whether this store talks to a Redis Cluster (names of different hash tags
+    /// are then never combined in one script, pipeline or transaction).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
     }
 
     /// Keeps request records for `ttl` (at least a millisecond) instead of
@@ -233,7 +344,17 @@ impl RedisStore {
     /// and need no joint check. A pipelined `EVALSHA` does not load its script on
     /// `NOSCRIPT` (the server lost its cache), so a script failing that way is run
     /// again alone, which loads it; the others ran already and are not repeated.
+    ///
+    /// On Cluster a pipeline is sent to one node and refused when its commands span
+    /// slots, so the scripts are sent as separate calls, concurrently.
     async fn run_scripts(&self, invocations: &[&ScriptInvocation<'_>]) -> RedisResult<Vec<Value>> {
+        if self.is_cluster() {
+            return future::try_join_all(invocations.iter().map(|invocation| {
+                let mut conn = self.conn();
+                async move { invocation.invoke_async(&mut conn).await }
+            }))
+            .await;
+        }
         let mut pipe = redis::pipe();
         for invocation in invocations {
             pipe.invoke_script(invocation);
@@ -250,6 +371,158 @@ impl RedisStore {
             });
         }
         Ok(values)
+    }
+
+    /// Runs a transaction on the budgets' hash tag and announces `payload` on
+    /// `channel`: in the same transaction on a single server; on Cluster right after
+    /// it, as its own command (the channel name hashes to another slot, and
+    /// Cluster broadcasts `PUBLISH` to every node anyway). Returns the
+    /// transaction's reply.
+    async fn with_event(
+        &self,
+        mut pipe: Pipeline,
+        channel: &str,
+        payload: &str,
+    ) -> RedisResult<Value> {
+        if !self.is_cluster() {
+            pipe.publish(channel, payload).ignore();
+            return pipe.query_async(&mut self.conn()).await;
+        }
+        let reply: Value = pipe.query_async(&mut self.conn()).await?;
+        let _: i64 = self.conn().publish(channel, payload).await?;
+        Ok(reply)
+    }
+
+    /// `reserve` on Cluster, one atomic script per hash tag, in this order: the
+    /// hard budgets (`reserve_budgets.lua`; a refusal charges nothing), the
+    /// client's minute (`reserve_client.lua`), the key's windows and observation
+    /// (`reserve_key.lua`). When a later part refuses or fails, what the earlier
+    /// parts took is given back (the budget reservation released, the client's
+    /// counter decremented), so a refused charge leaves nothing behind once this
+    /// returns. Concurrent charges never overspend a hard budget: the budgets are
+    /// checked and reserved in one script; between the parts another charge may
+    /// see a reservation that is about to be given back and be refused for it.
+    async fn reserve_per_slot(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        let id = &charge.key_id;
+        let redis_key = self.names.key(id);
+        let store_error =
+            |err: redis::RedisError| ChargeRejection::Store(from_redis(err, &redis_key));
+        let (budget_ids, budget_keys) = self.budget_keys(&charge.budget_ids);
+
+        if !budget_keys.is_empty() {
+            let mut invocation = self.scripts.reserve_budgets.prepare_invoke();
+            for key in &budget_keys {
+                invocation.key(key);
+            }
+            invocation
+                .arg(charge.now.as_millis().to_string())
+                .arg(clamp_i64(charge.est_cost.as_nanos()))
+                .arg(charge.reservation.0.to_string());
+            for bound in period_bounds(charge.now) {
+                invocation.arg(bound);
+            }
+            for budget_id in &budget_ids {
+                invocation.arg(budget_id);
+            }
+            let reply: Vec<String> = invocation
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            rejection(&reply, charge, &redis_key)?;
+        }
+
+        let mut client_key = None;
+        if let Some(client) = &charge.client {
+            let (minute_start, minute_end) = WindowKind::MinuteRequests.bounds(charge.now);
+            let key = self
+                .names
+                .client_window(&client.client, minute_start.as_millis());
+            let reply: RedisResult<Vec<String>> = self
+                .scripts
+                .reserve_client
+                .key(&key)
+                .arg(client.rpm.to_string())
+                .arg(minute_end.as_millis().to_string())
+                .invoke_async(&mut self.conn())
+                .await;
+            let outcome = reply
+                .map_err(store_error)
+                .and_then(|reply| rejection(&reply, charge, &redis_key));
+            if outcome.is_err() {
+                self.undo_reserve(charge, &budget_keys, None).await;
+                return outcome;
+            }
+            client_key = Some(key);
+        }
+
+        let windows = WindowKind::ALL.map(|kind| kind.bounds(charge.now));
+        let mut invocation = self.scripts.reserve_key.prepare_invoke();
+        invocation
+            .key(&redis_key)
+            .key(self.names.observation(id))
+            .arg(charge.now.as_millis().to_string())
+            .arg(self.names.window_prefix(id))
+            .arg(clamp_i64(charge.est_tokens));
+        for kind in WindowKind::ALL {
+            invocation.arg(limit_text(charge.limits.limit(kind)));
+        }
+        for (start, _) in windows {
+            invocation.arg(start.as_millis().to_string());
+        }
+        for (_, end) in windows {
+            invocation.arg(end.as_millis().to_string());
+        }
+        let reply: RedisResult<Vec<String>> = invocation.invoke_async(&mut self.conn()).await;
+        let outcome = reply
+            .map_err(store_error)
+            .and_then(|reply| rejection(&reply, charge, &redis_key));
+        if outcome.is_err() {
+            self.undo_reserve(charge, &budget_keys, client_key.as_deref())
+                .await;
+        }
+        outcome
+    }
+
+    /// Gives back what the first parts of a refused per-slot `reserve` took: the
+    /// budget reservation and the client's count. Best effort: a failure is logged
+    /// (the reservation then stays held until the budget's next `put_budget`; the
+    /// client's count expires with its minute).
+    async fn undo_reserve(
+        &self,
+        charge: &Charge,
+        budget_keys: &[String],
+        client_key: Option<&str>,
+    ) {
+        let mut budget_part = self.scripts.release_budgets.prepare_invoke();
+        for key in budget_keys {
+            budget_part.key(key);
+        }
+        budget_part.arg(charge.reservation.0.to_string());
+        let budgets = async {
+            if budget_keys.is_empty() {
+                return Ok(());
+            }
+            budget_part
+                .invoke_async::<i64>(&mut self.conn())
+                .await
+                .map(drop)
+        };
+        let client = async {
+            match client_key {
+                Some(key) => self.conn().decr::<_, _, i64>(key, 1).await.map(drop),
+                None => Ok(()),
+            }
+        };
+        let (budgets, client) = future::join(budgets, client).await;
+        for (part, result) in [("budget reservation", budgets), ("client count", client)] {
+            if let Err(err) = result {
+                tracing::warn!(
+                    key_id = %charge.key_id,
+                    error = %err,
+                    "could not give back the {part} of a refused charge"
+                );
+            }
+        }
     }
 
     /// The key's part of a settlement: tokens reconciled, observation stored,
@@ -381,6 +654,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("url", &self.url)
+            .field("cluster", &self.is_cluster())
             .field("namespace", &self.names.namespace())
             .field("request_ttl", &self.request_ttl)
             .finish_non_exhaustive()
@@ -527,10 +801,21 @@ impl KeyStore for RedisStore {
             .key(&redis_key)
             .key(self.names.transitions(id))
             .key(self.names.observation(id))
-            .key(self.names.generation(id))
-            .key(self.names.key_ids())
-            .arg(id.as_str())
-            .arg(self.names.key_events());
+            .key(self.names.generation(id));
+        if self.is_cluster() {
+            // The id set has its own hash tag: add the id first, so a failure
+            // between the two calls leaves at most an id without a key, which
+            // `list_keys` skips (as one deleted between its reads).
+            let ids_key = self.names.key_ids();
+            let _: i64 = self
+                .conn()
+                .sadd(&ids_key, id.as_str())
+                .await
+                .map_err(|err| from_redis(err, &ids_key))?;
+        } else {
+            invocation.key(self.names.key_ids());
+        }
+        invocation.arg(id.as_str()).arg(self.names.key_events());
         for (field, value) in key_fields(&key)? {
             invocation.arg(field).arg(value);
         }
@@ -566,14 +851,24 @@ impl KeyStore for RedisStore {
             .iter()
             .map(|id| self.names.key(&KeyId::new(id.as_str())))
             .collect();
-        let mut pipe = redis::pipe();
-        for redis_key in &redis_keys {
-            pipe.hgetall(redis_key);
-        }
-        let hashes: Vec<Hash> = pipe
-            .query_async(&mut conn)
+        let hashes: Vec<Hash> = if self.is_cluster() {
+            // Each key has its own hash tag, so its own slot: one command each,
+            // sent concurrently (a pipeline must stay within one slot).
+            future::try_join_all(redis_keys.iter().map(|redis_key| {
+                let mut conn = self.conn();
+                async move { conn.hgetall::<_, Hash>(redis_key).await }
+            }))
             .await
-            .map_err(|err| from_redis(err, &ids_key))?;
+            .map_err(|err| from_redis(err, &ids_key))?
+        } else {
+            let mut pipe = redis::pipe();
+            for redis_key in &redis_keys {
+                pipe.hgetall(redis_key);
+            }
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(|err| from_redis(err, &ids_key))?
+        };
         let mut keys = Vec::with_capacity(hashes.len());
         for (hash, redis_key) in hashes.iter().zip(&redis_keys) {
             // Deleted between the two reads.
@@ -607,13 +902,16 @@ impl KeyStore for RedisStore {
 
     async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
         let redis_key = self.names.key(id);
-        let deleted: i64 = self
-            .scripts
-            .delete_key
+        let ids_key = self.names.key_ids();
+        let mut invocation = self.scripts.delete_key.prepare_invoke();
+        invocation
             .key(&redis_key)
             .key(self.names.transitions(id))
-            .key(self.names.observation(id))
-            .key(self.names.key_ids())
+            .key(self.names.observation(id));
+        if !self.is_cluster() {
+            invocation.key(&ids_key);
+        }
+        let deleted: i64 = invocation
             .arg(id.as_str())
             .arg(self.names.key_events())
             .invoke_async(&mut self.conn())
@@ -621,6 +919,15 @@ impl KeyStore for RedisStore {
             .map_err(|err| from_redis(err, &redis_key))?;
         if deleted == 0 {
             return Err(StoreError::key_not_found(id));
+        }
+        if self.is_cluster() {
+            // The id set has its own hash tag: the id goes after the key, so a
+            // failure in between leaves an id without a key, which `list_keys` skips.
+            let _: i64 = self
+                .conn()
+                .srem(&ids_key, id.as_str())
+                .await
+                .map_err(|err| from_redis(err, &ids_key))?;
         }
         Ok(())
     }
@@ -713,6 +1020,9 @@ impl KeyStore for RedisStore {
 #[async_trait]
 impl UsageLedger for RedisStore {
     async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        if self.is_cluster() {
+            return self.reserve_per_slot(charge).await;
+        }
         let id = &charge.key_id;
         let redis_key = self.names.key(id);
         let (budget_ids, budget_keys) = self.budget_keys(&charge.budget_ids);
@@ -910,8 +1220,8 @@ impl BudgetStore for RedisStore {
     ) -> Result<BudgetStatus, StoreError> {
         let ledger_key = self.names.budget(&budget.id);
         let fields = budget_fields(&budget, spent, now)?;
-        let _: () = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .del(&ledger_key)
             .ignore()
             .del(self.names.reservations(&budget.id))
@@ -919,10 +1229,8 @@ impl BudgetStore for RedisStore {
             .hset_multiple(&ledger_key, &fields)
             .ignore()
             .sadd(self.names.budget_ids(), &budget.id)
-            .ignore()
-            .publish(self.names.budget_events(), &budget.id)
-            .ignore()
-            .query_async(&mut self.conn())
+            .ignore();
+        self.with_event(pipe, &self.names.budget_events(), &budget.id)
             .await
             .map_err(|err| from_redis(err, &ledger_key))?;
         Ok(BudgetLedger::new(budget, now).with_spent(spent).status())
@@ -947,18 +1255,19 @@ impl BudgetStore for RedisStore {
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
         let ids_key = self.names.budget_ids();
-        let (removed,): (i64,) = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .srem(&ids_key, id)
             .del(self.names.budget(id))
             .ignore()
             .del(self.names.reservations(id))
-            .ignore()
-            .publish(self.names.budget_events(), id)
-            .ignore()
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|err| from_redis(err, &ids_key))?;
+            .ignore();
+        let (removed,): (i64,) = redis::from_redis_value(
+            self.with_event(pipe, &self.names.budget_events(), id)
+                .await
+                .map_err(|err| from_redis(err, &ids_key))?,
+        )
+        .map_err(|err| from_redis(err.into(), &ids_key))?;
         if removed == 0 {
             return Err(StoreError::new(
                 StoreErrorKind::NotFound,

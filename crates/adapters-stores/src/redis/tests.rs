@@ -136,6 +136,40 @@ async fn unreachable_server_is_unavailable_and_the_password_stays_hidden() {
 }
 
 #[tokio::test]
+async fn unreachable_cluster_is_unavailable_and_the_passwords_stay_hidden() {
+    let err = RedisStore::connect_cluster(
+        "redis://:s3cret@127.0.0.1:1, redis://:s3cret@127.0.0.1:2",
+        "ns",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Unavailable, "{}", err.message);
+    assert!(
+        err.message.starts_with(
+            "cannot reach redis cluster at redis://:***@127.0.0.1:1,redis://:***@127.0.0.1:2:"
+        ),
+        "{}",
+        err.message
+    );
+    assert!(!err.message.contains("s3cret"));
+}
+
+#[tokio::test]
+async fn malformed_cluster_urls_and_namespace_are_invalid() {
+    let err = RedisStore::connect_cluster("http://:s3cret@host", "ns")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Invalid);
+    assert_eq!(err.message, "invalid redis cluster url http://:***@host");
+    let err = RedisStore::connect_cluster(" , ", "ns").await.unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Invalid);
+    let err = RedisStore::connect_cluster("redis://127.0.0.1:1", "a b")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Invalid);
+}
+
+#[tokio::test]
 async fn malformed_url_and_namespace_are_invalid() {
     let err = RedisStore::connect("http://:s3cret@host", "ns")
         .await
