@@ -601,12 +601,22 @@ mod cases {
                 .kind,
             StoreErrorKind::NotFound
         );
-        // Settling for a key deleted since the reserve has no counters to update.
+        // Settling for a key deleted since the reserve has no counters to update, but
+        // its budgets are still charged.
+        store
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .await
+            .unwrap();
         let settled = store
-            .settle(&charge(0, "k1", None, 0.0), &spent(10, Money::ZERO, NOW))
+            .settle(
+                &charge(0, "k1", None, 0.0),
+                &spent(10, Money::from_usd(0.25), NOW),
+            )
             .await
             .unwrap();
         assert_eq!(settled.stats, None);
+        assert_eq!(settled.budgets.len(), 1);
+        assert_eq!(settled.budgets[0].spent, Money::from_usd(0.25));
         let released = store
             .release(&charge(1, "k1", None, 0.0), &nothing_spent(NOW))
             .await

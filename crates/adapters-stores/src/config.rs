@@ -244,17 +244,16 @@ async fn open_mongodb(
     database: Option<&str>,
     decisions_days: Option<u32>,
     audit_days: Option<u32>,
+    cipher: Arc<dyn apikeyrouter_application::ports::SecretCipher>,
 ) -> Result<Arc<crate::mongodb::MongoStore>, StoreError> {
     use crate::mongodb::{DEFAULT_DATABASE, MongoStore, database_from_url};
 
-    let cipher = crate::cipher::AeadCipher::from_env()
-        .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
     let database = database
         .map(str::to_owned)
         .or_else(|| database_from_url(url))
         .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
     let retention = retention(decisions_days, audit_days);
-    let store = MongoStore::connect(url, &database, Arc::new(cipher), retention).await?;
+    let store = MongoStore::connect(url, &database, cipher, retention).await?;
     Ok(Arc::new(store))
 }
 
@@ -265,7 +264,9 @@ async fn connect_mongodb(
     decisions_days: Option<u32>,
     audit_days: Option<u32>,
 ) -> Result<Arc<dyn StateStore>, StoreError> {
-    Ok(open_mongodb(url, database, decisions_days, audit_days).await?)
+    let cipher = crate::cipher::AeadCipher::from_env()
+        .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
+    Ok(open_mongodb(url, database, decisions_days, audit_days, Arc::new(cipher)).await?)
 }
 
 #[cfg(not(feature = "mongodb"))]
@@ -319,7 +320,6 @@ async fn audit_mongodb(
     decisions_days: Option<u32>,
     audit_days: Option<u32>,
 ) -> Result<Arc<dyn AuditSink>, StoreError> {
-    use crate::mongodb::{DEFAULT_DATABASE, MongoStore, database_from_url};
     use apikeyrouter_application::ports::{CipherError, SecretCipher};
 
     struct NoKeyMaterial;
@@ -338,14 +338,7 @@ async fn audit_mongodb(
         Ok(c) => Arc::new(c),
         Err(_) => Arc::new(NoKeyMaterial),
     };
-    let database = database
-        .map(str::to_owned)
-        .or_else(|| database_from_url(url))
-        .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
-    let retention = retention(decisions_days, audit_days);
-    Ok(Arc::new(
-        MongoStore::connect(url, &database, cipher, retention).await?,
-    ))
+    Ok(open_mongodb(url, database, decisions_days, audit_days, cipher).await?)
 }
 
 #[cfg(not(feature = "mongodb"))]

@@ -17,8 +17,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore,
-    StoreChanges, StoreError, StoreHealth, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, Clock, KeyStore, RequestLog, Settled, Settlement,
+    StateStore, StoreChanges, StoreError, StoreHealth, SystemClock, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -53,13 +53,6 @@ impl std::fmt::Debug for FailOpenStore {
     }
 }
 
-fn wall_clock() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    Timestamp::from_millis(ms)
-}
-
 impl FailOpenStore {
     /// Wraps `remote`, copying its keys and budgets into the local mirror.
     ///
@@ -92,7 +85,7 @@ impl FailOpenStore {
     /// Makes the mirror's budgets those of the shared store (added, redefined or
     /// deleted by any instance), with the shared spend.
     async fn mirror_budgets(&self, budgets: Vec<Budget>) -> Result<(), StoreError> {
-        let now = wall_clock();
+        let now = SystemClock.now();
         let statuses = self.remote.budget_statuses(now).await?;
         for stale in self.local.list_budgets().await? {
             if !budgets.iter().any(|b| b.id == stale.id) {
@@ -189,15 +182,43 @@ impl FailOpenStore {
     }
 }
 
-/// Runs `$call` on the shared store, or on the mirror while it is unreachable.
+/// A store error that may mean the shared store is unreachable.
+trait Outage {
+    fn store_error(&self) -> Option<&StoreError>;
+}
+
+impl Outage for StoreError {
+    fn store_error(&self) -> Option<&StoreError> {
+        Some(self)
+    }
+}
+
+impl Outage for ChargeRejection {
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            Self::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Runs `$call` on the shared store, or on the mirror while it is unreachable; the
+/// optional `|value| { ... }` runs on what the shared store returned, to keep the
+/// mirror in step.
 macro_rules! fail_open {
-    ($self:ident, |$s:ident| $call:expr) => {{
+    ($self:ident, |$s:ident| $call:expr) => {
+        fail_open!($self, |$s| $call, |_value| {})
+    };
+    ($self:ident, |$s:ident| $call:expr, |$value:ident| $then:block) => {{
         if $self.try_remote() {
             let $s = &*$self.remote;
             match $call.await {
-                Err(e) if $self.went_down(&e) => {}
+                Err(e) if e.store_error().is_some_and(|e| $self.went_down(e)) => {}
                 other => {
                     $self.answered().await;
+                    if let Ok($value) = &other {
+                        $then
+                    }
                     return other;
                 }
             }
@@ -217,19 +238,9 @@ impl KeyStore for FailOpenStore {
     }
 
     async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError> {
-        if self.try_remote() {
-            match self.remote.get_key(id).await {
-                Err(e) if self.went_down(&e) => {}
-                Ok(key) => {
-                    self.answered().await;
-                    self.mirror_key(key.clone()).await;
-                    return Ok(key);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        self.fell_back();
-        self.local.get_key(id).await
+        fail_open!(self, |s| s.get_key(id), |key| {
+            self.mirror_key(key.clone()).await;
+        })
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
@@ -261,29 +272,16 @@ impl KeyStore for FailOpenStore {
         cooldown_until: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<StateTransition, StoreError> {
-        if self.try_remote() {
-            match self
-                .remote
-                .transition(id, to, trigger, reason.clone(), cooldown_until, now)
-                .await
-            {
-                Err(e) if self.went_down(&e) => {}
-                other => {
-                    self.answered().await;
-                    if other.is_ok() {
-                        let _ = self
-                            .local
-                            .transition(id, to, trigger, reason, cooldown_until, now)
-                            .await;
-                    }
-                    return other;
-                }
+        fail_open!(
+            self,
+            |s| s.transition(id, to, trigger, reason.clone(), cooldown_until, now),
+            |_done| {
+                let _ = self
+                    .local
+                    .transition(id, to, trigger, reason.clone(), cooldown_until, now)
+                    .await;
             }
-        }
-        self.fell_back();
-        self.local
-            .transition(id, to, trigger, reason, cooldown_until, now)
-            .await
+        )
     }
 
     async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
@@ -294,17 +292,7 @@ impl KeyStore for FailOpenStore {
 #[async_trait]
 impl UsageLedger for FailOpenStore {
     async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
-        if self.try_remote() {
-            match self.remote.reserve(charge).await {
-                Err(ChargeRejection::Store(e)) if self.went_down(&e) => {}
-                other => {
-                    self.answered().await;
-                    return other;
-                }
-            }
-        }
-        self.fell_back();
-        self.local.reserve(charge).await
+        fail_open!(self, |s| s.reserve(charge))
     }
 
     async fn settle(
@@ -312,21 +300,10 @@ impl UsageLedger for FailOpenStore {
         charge: &Charge,
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
-        if self.try_remote() {
-            match self.remote.settle(charge, settlement).await {
-                Err(e) if self.went_down(&e) => {}
-                other => {
-                    self.answered().await;
-                    if let Ok(settled) = &other {
-                        self.mirror_spend(&settled.budgets, settlement.outcome.now)
-                            .await;
-                    }
-                    return other;
-                }
-            }
-        }
-        self.fell_back();
-        self.local.settle(charge, settlement).await
+        fail_open!(self, |s| s.settle(charge, settlement), |settled| {
+            self.mirror_spend(&settled.budgets, settlement.outcome.now)
+                .await;
+        })
     }
 
     async fn release(
@@ -366,21 +343,11 @@ impl BudgetStore for FailOpenStore {
     /// Read when budgets change anywhere (change events) and at start: the mirror
     /// follows, so limits set elsewhere hold here during an outage too.
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
-        if self.try_remote() {
-            match self.remote.list_budgets().await {
-                Err(e) if self.went_down(&e) => {}
-                Ok(budgets) => {
-                    self.answered().await;
-                    if let Err(e) = self.mirror_budgets(budgets.clone()).await {
-                        tracing::warn!(error = %e, "local mirror of budgets not refreshed");
-                    }
-                    return Ok(budgets);
-                }
-                Err(e) => return Err(e),
+        fail_open!(self, |s| s.list_budgets(), |budgets| {
+            if let Err(e) = self.mirror_budgets(budgets.clone()).await {
+                tracing::warn!(error = %e, "local mirror of budgets not refreshed");
             }
-        }
-        self.fell_back();
-        self.local.list_budgets().await
+        })
     }
 
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {

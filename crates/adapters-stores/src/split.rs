@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use apikeyrouter_application::ports::BudgetStore;
 use apikeyrouter_application::ports::{
-    Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore, StoreChanges,
-    StoreError, StoreErrorKind, UsageLedger,
+    Charge, ChargeRejection, Clock, KeyStore, RequestLog, Settled, Settlement, StateStore,
+    StoreChanges, StoreError, StoreErrorKind, SystemClock, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -75,13 +75,6 @@ impl SplitStore {
         live.material = durable.material.clone();
         live
     }
-}
-
-fn wall_clock() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    Timestamp::from_millis(ms)
 }
 
 /// `Ok` for `NotFound`: the other half of a split operation may already be gone.
@@ -253,7 +246,7 @@ impl BudgetStore for SplitStore {
             .filter(|b| !live.iter().any(|l| l.id == b.id))
             .collect();
         if !missing.is_empty() {
-            let now = wall_clock();
+            let now = SystemClock.now();
             let statuses = self.records.budget_statuses(now).await?;
             for budget in missing {
                 let spent = statuses

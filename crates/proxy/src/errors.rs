@@ -126,9 +126,7 @@ impl ApiError {
                     "rate_limit_exceeded",
                     format!("Rate limit of {rpm} requests per minute reached for client {client}."),
                 );
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                let now_ms = apikeyrouter::Clock::now(&apikeyrouter::SystemClock).as_millis();
                 e.retry_after_secs = Some(
                     retry_at
                         .as_millis()

@@ -133,3 +133,77 @@ local function reconcile_tokens(doc, prefix, starts, estimated, actual)
     end
   end
 end
+
+local KINDS = { 'rpm', 'tpm', 'rpd', 'tpd', 'mtok' }
+local COUNTS_TOKENS = { false, true, false, true, true }
+
+-- Checks a key's five quota windows (QuotaWindows::check, in the domain's order)
+-- and the provider's observation, which overrides our view until its reset time.
+-- ARGV[limit0 + i], ARGV[start0 + i], ARGV[end0 + i] are window i's limit ('' =
+-- none), start and end; `tokens_text` is the estimated tokens as given. Rolling the
+-- observation to `now` is not a change (every reader rolls), so it is written back
+-- even when the charge is refused. Returns the windows and the observation, or
+-- nil, nil and the refusal {'quota', kind, retry_at}.
+local function check_key(prefix, generation, obs_key, now, tokens_text, limit0, start0, end0)
+  local tokens = tonumber(tokens_text)
+  local windows = {}
+  for i = 1, 5 do
+    local wkey = window_key(prefix, generation, KINDS[i], ARGV[start0 + i])
+    local add = COUNTS_TOKENS[i] and tokens_text or '1'
+    windows[i] = { key = wkey, add = add, start = tonumber(ARGV[start0 + i]), ['end'] = tonumber(ARGV[end0 + i]) }
+    local limit = ARGV[limit0 + i]
+    if limit ~= '' then
+      local used = num(wkey, 'u', call('HGET', wkey, 'u') or '0')
+      if used + tonumber(add) > tonumber(limit) then
+        return nil, nil, { 'quota', KINDS[i], ARGV[end0 + i] }
+      end
+    end
+  end
+  local obs = hgetall(obs_key)
+  if next(obs) ~= nil then
+    if obs.rrat and num(obs_key, 'rrat', obs.rrat) <= now then
+      obs.rr, obs.rrat = obs.lr, nil
+      call('HDEL', obs_key, 'rrat', 'rr')
+      if obs.rr then
+        call('HSET', obs_key, 'rr', obs.rr)
+      end
+    end
+    if obs.rtat and num(obs_key, 'rtat', obs.rtat) <= now then
+      obs.rt, obs.rtat = obs.lt, nil
+      call('HDEL', obs_key, 'rtat', 'rt')
+      if obs.rt then
+        call('HSET', obs_key, 'rt', obs.rt)
+      end
+    end
+    if obs.rr and num(obs_key, 'rr', obs.rr) == 0 and obs.rrat then
+      return nil, nil, { 'quota', 'rpm', obs.rrat }
+    end
+    if tokens > 0 and obs.rt and num(obs_key, 'rt', obs.rt) == 0 and obs.rtat then
+      return nil, nil, { 'quota', 'tpm', obs.rtat }
+    end
+  end
+  return windows, obs
+end
+
+-- Counts the request and its tokens in the windows and the observation that
+-- check_key returned.
+local function charge_key(windows, obs_key, obs, tokens)
+  for i = 1, 5 do
+    local w = windows[i]
+    call('HINCRBY', w.key, 'u', w.add)
+    -- Kept one more window length, so the next window can tell whether this one ran
+    -- out. The expiry is absolute (window end + one length), so it is set once, by
+    -- the window's first charge.
+    if call('HINCRBY', w.key, 's', 1) == 1 then
+      call('PEXPIREAT', w.key, fmt(w['end'] + (w['end'] - w.start) + 1000))
+    end
+  end
+  if next(obs) ~= nil then
+    if obs.rr then
+      call('HSET', obs_key, 'rr', fmt(math.max(num(obs_key, 'rr', obs.rr) - 1, 0)))
+    end
+    if obs.rt then
+      call('HSET', obs_key, 'rt', fmt(math.max(num(obs_key, 'rt', obs.rt) - tokens, 0)))
+    end
+  end
+end

@@ -7,7 +7,6 @@
 -- Returns {'missing', {}, {}} or {'ok', counts, observation}: counts holds used, samples and
 -- the previous window's used for each kind in order; observation is the flat hash.
 
-local KINDS = { 'rpm', 'tpm', 'rpd', 'tpd', 'mtok' }
 local generation = call('HGET', KEYS[1], 'g')
 if not generation then
   return { 'missing', {}, {} }
