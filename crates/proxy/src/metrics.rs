@@ -4,7 +4,8 @@
 
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use apikeyrouter::{ModelId, ProviderId};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -23,22 +24,33 @@ pub struct EndpointLabels {
     pub endpoint: &'static str,
 }
 
+/// A label value kept as the router's id: building the labels of a request is then an
+/// `Arc` clone, not a `String` copy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct IdLabel<T>(pub T);
+
+impl<T: AsRef<str>> EncodeLabelValue for IdLabel<T> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.0.as_ref())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
-    pub provider: String,
-    pub model: String,
+    pub provider: IdLabel<ProviderId>,
+    pub model: IdLabel<ModelId>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    pub provider: String,
-    pub model: String,
+    pub provider: IdLabel<ProviderId>,
+    pub model: IdLabel<ModelId>,
     pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyStateLabels {
-    pub provider: String,
+    pub provider: IdLabel<ProviderId>,
     pub state: &'static str,
 }
 
@@ -137,16 +149,16 @@ impl Metrics {
     /// Counts a served request's usage.
     pub fn record_usage(
         &self,
-        provider: &str,
-        model: &str,
+        provider: &ProviderId,
+        model: &ModelId,
         prompt: u64,
         completion: u64,
         cost_usd: Option<f64>,
         attempts: usize,
     ) {
         let labels = |kind| TokenLabels {
-            provider: provider.to_owned(),
-            model: model.to_owned(),
+            provider: IdLabel(provider.clone()),
+            model: IdLabel(model.clone()),
             kind,
         };
         self.tokens.get_or_create(&labels("prompt")).inc_by(prompt);
@@ -154,8 +166,8 @@ impl Metrics {
             .get_or_create(&labels("completion"))
             .inc_by(completion);
         let model_labels = ModelLabels {
-            provider: provider.to_owned(),
-            model: model.to_owned(),
+            provider: IdLabel(provider.clone()),
+            model: IdLabel(model.clone()),
         };
         if let Some(usd) = cost_usd {
             self.cost.get_or_create(&model_labels).inc_by(usd);

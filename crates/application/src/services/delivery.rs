@@ -22,6 +22,9 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// Records taken from the queue per wake-up of the delivery task.
+const BATCH: usize = 256;
+
 /// Counters of the record delivery, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeliveryStats {
@@ -152,31 +155,38 @@ async fn run(
     counters: Arc<Counters>,
     finished: Arc<watch::Sender<u64>>,
 ) {
-    while let Some(record) = rx.recv().await {
-        // Shared with the request log without copying it.
-        let record = Arc::new(record);
-        let audited = deliver(
-            &counters,
-            &record,
-            "audit sink",
-            || sink.record(&record),
-            |e| matches!(e, AuditError::Unavailable(_)),
-        )
-        .await;
-        let logged = deliver(
-            &counters,
-            &record,
-            "request log",
-            || store.save_request(record.clone()),
-            |e| e.kind == StoreErrorKind::Unavailable,
-        )
-        .await;
-        if audited && logged {
-            counters.delivered.fetch_add(1, Ordering::Relaxed);
-        } else {
-            counters.rejected.fetch_add(1, Ordering::Relaxed);
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let taken = batch.len() as u64;
+        for record in batch.drain(..) {
+            // Shared with the request log without copying it.
+            let record = Arc::new(record);
+            let audited = deliver(
+                &counters,
+                &record,
+                "audit sink",
+                || sink.record(&record),
+                |e| matches!(e, AuditError::Unavailable(_)),
+            )
+            .await;
+            let logged = deliver(
+                &counters,
+                &record,
+                "request log",
+                || store.save_request(record.clone()),
+                |e| e.kind == StoreErrorKind::Unavailable,
+            )
+            .await;
+            if audited && logged {
+                counters.delivered.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counters.rejected.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        finished.send_modify(|n| *n += 1);
+        finished.send_modify(|n| *n += taken);
+        // Give the request tasks a turn before looking again: records queued meanwhile
+        // are then taken together, and a sender does not wake this task for each one.
+        tokio::task::yield_now().await;
     }
 }
 

@@ -198,7 +198,7 @@ pub async fn chat_completions(
         if let Some(cost) = routed.estimated_cost {
             response_headers.push(("x-apikeyrouter-estimated-cost-usd", usd(cost)));
         }
-        let provider = routed.provider.to_string();
+        let (provider, model_id) = (routed.provider.clone(), routed.model.clone());
         let attempts = routed.attempts.len() + 1;
         let metrics_state = state.clone();
         let mut first = true;
@@ -216,7 +216,7 @@ pub async fn chat_completions(
                         out.push(Event::default().json_data(&json));
                     }
                     if let Some(u) = &chunk.usage {
-                        metrics_state.metrics.record_usage(&provider, &model, u.prompt_tokens, u.completion_tokens, None, attempts);
+                        metrics_state.metrics.record_usage(&provider, &model_id, u.prompt_tokens, u.completion_tokens, None, attempts);
                         if include_usage {
                             out.push(Event::default().json_data(convert::usage_chunk(&id, &model, created, u)));
                         }
@@ -252,8 +252,8 @@ pub async fn chat_completions(
         .await
         .map_err(|e| ApiError::from_route(&e))?;
     state.metrics.record_usage(
-        served.provider.as_str(),
-        served.model.as_str(),
+        &served.provider,
+        &served.model,
         served.usage.prompt_tokens,
         served.usage.completion_tokens,
         served.actual_cost.map(apikeyrouter::Money::as_usd),
@@ -337,8 +337,8 @@ pub async fn embeddings(
         .await
         .map_err(|e| ApiError::from_route(&e))?;
     state.metrics.record_usage(
-        served.provider.as_str(),
-        served.model.as_str(),
+        &served.provider,
+        &served.model,
         served.usage.prompt_tokens,
         0,
         served.actual_cost.map(apikeyrouter::Money::as_usd),
