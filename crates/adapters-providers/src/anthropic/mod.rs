@@ -178,13 +178,14 @@ impl AnthropicProvider {
             self.default_max_tokens(&call.model),
             false,
         )?;
-        let response = self.post(&call.material, &request.body).await?;
+        let mut response = self.post(&call.material, &request.body).await?;
         let now = SystemTime::now();
         let quota = http::anthropic_quota(response.headers(), now);
         let status = response.status().as_u16();
-        let headers = response.headers().clone();
         http::expect_content_type(&response, "application/json")
             .map_err(|e| e.with_quota(quota))?;
+        // Moved out rather than cloned: only an error in the body needs them again.
+        let headers = std::mem::take(response.headers_mut());
         let body = http::read_body(response, http::MAX_BODY_BYTES)
             .await
             .map_err(|e| e.with_quota(quota))?;

@@ -182,10 +182,11 @@ impl GeminiProvider {
     where
         T: serde::de::DeserializeOwned,
     {
-        let response = self.post(url, material, body).await?;
+        let mut response = self.post(url, material, body).await?;
         let status = response.status().as_u16();
-        let headers = response.headers().clone();
         http::expect_content_type(&response, "application/json")?;
+        // Moved out rather than cloned: only an error in the body needs them again.
+        let headers = std::mem::take(response.headers_mut());
         let bytes = http::read_body(response, http::MAX_BODY_BYTES).await?;
         let parsed: T =
             serde_json::from_slice(&bytes).map_err(|e| http::malformed_body(status, &e))?;

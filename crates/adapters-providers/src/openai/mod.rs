@@ -236,13 +236,14 @@ impl OpenAiClient {
         &self,
         request: RequestBuilder,
     ) -> Result<(T, Option<apikeyrouter_domain::QuotaObservation>), ProviderError> {
-        let response = self.send(request).await?;
+        let mut response = self.send(request).await?;
         let now = SystemTime::now();
         let status = response.status().as_u16();
-        let headers: HeaderMap = response.headers().clone();
-        let quota = openai_quota(&headers, now);
+        let quota = openai_quota(response.headers(), now);
         expect_content_type(&response, "application/json")
             .map_err(|error| error.with_quota(quota))?;
+        // Moved out rather than cloned: only an error in the body needs them again.
+        let headers: HeaderMap = std::mem::take(response.headers_mut());
         let body = read_body(response, MAX_BODY_BYTES).await?;
         let parsed: T = serde_json::from_slice(&body)
             .map_err(|err| malformed_body(status, &err).with_quota(quota))?;

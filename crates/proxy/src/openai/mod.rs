@@ -15,8 +15,8 @@ use apikeyrouter::{
     ClientLimit, EmbeddingIntent, ModelId, Objective, RequestContext, RequestId, TenantId,
 };
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -63,6 +63,26 @@ pub fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> R
         };
         ApiError::bad_request("invalid_json", format!("The request body {what}: {e}"))
     })
+}
+
+/// A request's headers and body. axum's `HeaderMap` extractor clones the headers (and
+/// each value's buffer on first share); this moves them out of the request instead.
+#[derive(Debug)]
+pub struct HeadersAndBody {
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+}
+
+impl<S: Send + Sync> FromRequest<S> for HeadersAndBody {
+    type Rejection = Infallible;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Infallible> {
+        let (mut parts, body) = request.into_parts();
+        let headers = std::mem::take(&mut parts.headers);
+        // The body limit travels in the extensions, which stay with the body.
+        let body = Bytes::from_request(Request::from_parts(parts, body), state).await;
+        Ok(Self { headers, body })
+    }
 }
 
 /// What the routing headers and the client's credential say about a request.
@@ -166,8 +186,7 @@ fn usd(m: apikeyrouter::Money) -> String {
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    HeadersAndBody { headers, body }: HeadersAndBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let request: wire::ChatRequest = parse_json(body)?;
@@ -294,8 +313,7 @@ pub async fn chat_completions(
 /// `POST /v1/embeddings`
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    HeadersAndBody { headers, body }: HeadersAndBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let request: EmbeddingRequest = parse_json(body)?;
