@@ -409,8 +409,7 @@ mod cases {
 
     type Store = Arc<dyn StateStore>;
 
-    /// A minute boundary (2026-11-27T10:30:00Z).
-    const NOW: Timestamp = Timestamp::from_millis(1_795_775_400_000);
+    use crate::support::base_now;
 
     fn key(id: &str, rpm: Option<u64>) -> ApiKey {
         ApiKey::new(
@@ -421,7 +420,7 @@ mod cases {
                 rpm,
                 ..Default::default()
             },
-            NOW,
+            base_now(),
         )
     }
 
@@ -445,7 +444,7 @@ mod cases {
             est_cost: Money::from_usd(est_usd),
             budget_ids: vec!["b".to_owned()],
             client: None,
-            now: NOW,
+            now: base_now(),
         }
     }
 
@@ -494,7 +493,7 @@ mod cases {
 
     async fn window_used(store: &Store, id: &str, limits: QuotaLimits, kind: WindowKind) -> u64 {
         let snapshot = store
-            .quota_snapshot(&KeyId::new(id), &limits, NOW)
+            .quota_snapshot(&KeyId::new(id), &limits, base_now())
             .await
             .unwrap();
         used(&snapshot, kind)
@@ -520,8 +519,8 @@ mod cases {
             estimated_cost: Some(Money::from_usd(0.002)),
             actual_cost: Some(Money::from_usd(0.0015)),
             outcome: Outcome::Success,
-            started_at: NOW,
-            finished_at: NOW.plus(Duration::from_millis(420)),
+            started_at: base_now(),
+            finished_at: base_now().plus(Duration::from_millis(420)),
         }
     }
 
@@ -552,7 +551,7 @@ mod cases {
         assert_eq!(got.state_reason, k1.state_reason);
         assert_eq!(got.cooldown_until, None);
         assert_eq!(got.stats, k1.stats);
-        assert_eq!(got.created_at, NOW);
+        assert_eq!(got.created_at, base_now());
         let ids: Vec<String> = store
             .list_keys()
             .await
@@ -604,13 +603,13 @@ mod cases {
         // Settling for a key deleted since the reserve has no counters to update, but
         // its budgets are still charged.
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
         let settled = store
             .settle(
                 &charge(0, "k1", None, 0.0),
-                &spent(10, Money::from_usd(0.25), NOW),
+                &spent(10, Money::from_usd(0.25), base_now()),
             )
             .await
             .unwrap();
@@ -618,7 +617,7 @@ mod cases {
         assert_eq!(settled.budgets.len(), 1);
         assert_eq!(settled.budgets[0].spent, Money::from_usd(0.25));
         let released = store
-            .release(&charge(1, "k1", None, 0.0), &nothing_spent(NOW))
+            .release(&charge(1, "k1", None, 0.0), &nothing_spent(base_now()))
             .await
             .unwrap();
         assert_eq!(released, None);
@@ -629,7 +628,7 @@ mod cases {
                 TransitionTrigger::Manual,
                 "off".to_owned(),
                 None,
-                NOW,
+                base_now(),
             )
             .await;
         assert_eq!(transition.unwrap_err().kind, StoreErrorKind::NotFound);
@@ -651,7 +650,7 @@ mod cases {
                 TransitionTrigger::QuotaReset,
                 "reset".to_owned(),
                 None,
-                NOW,
+                base_now(),
             )
             .await
             .unwrap_err();
@@ -667,7 +666,7 @@ mod cases {
     pub(super) async fn transitions_persist_in_order(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
         let id = KeyId::new("k1");
-        let cooldown = NOW.plus(Duration::from_secs(30));
+        let cooldown = base_now().plus(Duration::from_secs(30));
 
         let first = store
             .transition(
@@ -676,13 +675,13 @@ mod cases {
                 TransitionTrigger::RateLimited,
                 "429 from provider".to_owned(),
                 Some(cooldown),
-                NOW,
+                base_now(),
             )
             .await
             .unwrap();
         assert_eq!(
             (first.from, first.to, first.at),
-            (KeyState::Available, KeyState::Throttled, NOW)
+            (KeyState::Available, KeyState::Throttled, base_now())
         );
         let throttled = store.get_key(&id).await.unwrap();
         assert_eq!(throttled.state, KeyState::Throttled);
@@ -733,7 +732,7 @@ mod cases {
                 latency: Duration::from_millis(50),
                 usage: TokenUsage::default(),
                 cost: Money::ZERO,
-                now: NOW,
+                now: base_now(),
             },
             observation: None,
         };
@@ -763,8 +762,8 @@ mod cases {
             },
             observation: None,
         };
-        store.settle(&c, &success(200, NOW)).await.unwrap();
-        let later = NOW.plus(Duration::from_secs(5));
+        store.settle(&c, &success(200, base_now())).await.unwrap();
+        let later = base_now().plus(Duration::from_secs(5));
         let stats = store
             .settle(&c, &success(137, later))
             .await
@@ -774,9 +773,9 @@ mod cases {
 
         // The domain's arithmetic is the reference, to the last bit of the averages.
         let mut expected = apikeyrouter_domain::KeyStats::new();
-        expected.record(false, Duration::from_millis(50), NOW);
-        expected.record(false, Duration::from_millis(50), NOW);
-        expected.record(true, Duration::from_millis(200), NOW);
+        expected.record(false, Duration::from_millis(50), base_now());
+        expected.record(false, Duration::from_millis(50), base_now());
+        expected.record(true, Duration::from_millis(200), base_now());
         expected.record(true, Duration::from_millis(137), later);
         expected.prompt_tokens = 60;
         expected.completion_tokens = 24;
@@ -797,7 +796,7 @@ mod cases {
     ) {
         store.insert_key(key("k1", None)).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.1), NOW)
+            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.1), base_now())
             .await
             .unwrap();
         let id = KeyId::new("k1");
@@ -810,7 +809,7 @@ mod cases {
         c.limits = limits;
         c.est_tokens = 500;
         store.reserve(&c).await.unwrap();
-        let reset = NOW.plus(Duration::from_secs(20));
+        let reset = base_now().plus(Duration::from_secs(20));
         let settlement = Settlement {
             outcome: KeyOutcome {
                 success: true,
@@ -822,7 +821,7 @@ mod cases {
                     cached_tokens: 0,
                 },
                 cost: Money::from_usd(0.02),
-                now: NOW,
+                now: base_now(),
             },
             observation: Some(QuotaObservation {
                 limit_requests: Some(100),
@@ -844,13 +843,16 @@ mod cases {
             (Money::from_usd(0.12), Money::ZERO)
         );
         let mut expected = apikeyrouter_domain::KeyStats::new();
-        expected.record(true, Duration::from_millis(80), NOW);
+        expected.record(true, Duration::from_millis(80), base_now());
         expected.prompt_tokens = 30;
         expected.completion_tokens = 12;
         expected.cost = Money::from_usd(0.02);
         assert_eq!(settled.stats.as_ref(), Some(&expected));
         assert_eq!(store.get_key(&id).await.unwrap().stats, expected);
-        assert_eq!(store.budget_statuses(NOW).await.unwrap(), settled.budgets);
+        assert_eq!(
+            store.budget_statuses(base_now()).await.unwrap(),
+            settled.budgets
+        );
         assert_eq!(
             window_used(&store, "k1", limits, WindowKind::MinuteTokens).await,
             42
@@ -923,17 +925,17 @@ mod cases {
         let c = charge(1, "k1", None, 1_000.0);
         store.reserve(&c).await.unwrap();
         let settled = store
-            .settle(&c, &spent(10, Money::from_usd(1_000.0), NOW))
+            .settle(&c, &spent(10, Money::from_usd(1_000.0), base_now()))
             .await
             .unwrap();
         assert!(settled.budgets.is_empty());
-        store.release(&c, &nothing_spent(NOW)).await.unwrap();
+        store.release(&c, &nothing_spent(base_now())).await.unwrap();
     }
 
     pub(super) async fn budget_refusal_leaves_the_key_windows_unchanged(store: Store) {
         store.insert_key(key("k1", Some(2))).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.995), NOW)
+            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.995), base_now())
             .await
             .unwrap();
         let limits = QuotaLimits {
@@ -967,7 +969,7 @@ mod cases {
             0
         );
         assert_eq!(
-            store.budget_statuses(NOW).await.unwrap()[0].reserved,
+            store.budget_statuses(base_now()).await.unwrap()[0].reserved,
             Money::ZERO
         );
         // Exactly rpm free charges still fit.
@@ -987,11 +989,11 @@ mod cases {
     pub(super) async fn quota_refusal_reserves_nothing_in_budgets(store: Store) {
         store.insert_key(key("k1", Some(1))).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
         store
-            .put_budget(hard_budget("a", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("a", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
         let mut first = charge(0, "k1", Some(1), 0.1);
@@ -1003,7 +1005,7 @@ mod cases {
         let res = store.reserve(&second).await;
 
         assert!(matches!(res, Err(ChargeRejection::Quota(_))));
-        for status in store.budget_statuses(NOW).await.unwrap() {
+        for status in store.budget_statuses(base_now()).await.unwrap() {
             assert_eq!(
                 status.reserved,
                 Money::from_usd(0.1),
@@ -1021,7 +1023,7 @@ mod cases {
         store.insert_key(key("k1", None)).await.unwrap();
         store.insert_key(key("k2", None)).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
         let limited = |reservation: u64, key_id: &str, usd: f64| {
@@ -1030,7 +1032,7 @@ mod cases {
                 client: "client-a".to_owned(),
                 rpm: 2,
             });
-            c.now = NOW.plus(Duration::from_secs(reservation));
+            c.now = base_now().plus(Duration::from_secs(reservation));
             c
         };
         // A charge refused by the budget does not use the client's allowance.
@@ -1045,14 +1047,18 @@ mod cases {
         else {
             panic!("the third request of the minute must be refused for the client");
         };
-        assert_eq!(retry_at, NOW.plus(Duration::from_secs(60)));
+        assert_eq!(retry_at, base_now().plus(Duration::from_secs(60)));
         // The refusal charged nothing: the key's window and the budget are unchanged.
         let limits = QuotaLimits {
             rpm: Some(100),
             ..QuotaLimits::default()
         };
         let snapshot = store
-            .quota_snapshot(&KeyId::new("k1"), &limits, NOW.plus(Duration::from_secs(3)))
+            .quota_snapshot(
+                &KeyId::new("k1"),
+                &limits,
+                base_now().plus(Duration::from_secs(3)),
+            )
             .await
             .unwrap();
         let rpm = snapshot
@@ -1061,7 +1067,7 @@ mod cases {
             .find(|w| w.kind == WindowKind::MinuteRequests)
             .unwrap();
         assert_eq!(rpm.used, 1);
-        let budget = &store.budget_statuses(NOW).await.unwrap()[0];
+        let budget = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!(budget.reserved, Money::from_usd(0.2));
         // Other clients and requests without a client are not affected.
         let mut other = limited(4, "k1", 0.1);
@@ -1073,7 +1079,7 @@ mod cases {
         store.reserve(&charge(5, "k1", None, 0.1)).await.unwrap();
         // The next minute has a fresh allowance.
         let mut next = limited(6, "k1", 0.1);
-        next.now = NOW.plus(Duration::from_secs(61));
+        next.now = base_now().plus(Duration::from_secs(61));
         store.reserve(&next).await.unwrap();
     }
 
@@ -1086,7 +1092,7 @@ mod cases {
         store.insert_key(key("k1", Some(1))).await.unwrap();
         store.insert_key(key("k2", None)).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
         let limited = |reservation: u64, key_id: &str, rpm: Option<u64>| {
@@ -1103,13 +1109,13 @@ mod cases {
             store.reserve(&limited(2, "k1", Some(1))).await,
             Err(ChargeRejection::Quota(_))
         ));
-        let budget = &store.budget_statuses(NOW).await.unwrap()[0];
+        let budget = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!(budget.reserved, Money::from_usd(0.3));
         // The client's second request of the minute is still available, and the
         // budget still has room for it (and for a third, which the client's minute
         // refuses).
         store.reserve(&limited(3, "k2", None)).await.unwrap();
-        let budget = &store.budget_statuses(NOW).await.unwrap()[0];
+        let budget = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!(budget.reserved, Money::from_usd(0.6));
         assert!(matches!(
             store.reserve(&limited(4, "k2", None)).await,
@@ -1120,7 +1126,7 @@ mod cases {
             store.reserve(&charge(5, "nope", None, 0.1)).await,
             Err(ChargeRejection::Store(_))
         ));
-        let budget = &store.budget_statuses(NOW).await.unwrap()[0];
+        let budget = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!(budget.reserved, Money::from_usd(0.6));
     }
 
@@ -1130,7 +1136,7 @@ mod cases {
 
         store.insert_key(key("k1", Some(10))).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
         let mut c = charge(1, "k1", Some(10), 0.1);
@@ -1142,7 +1148,7 @@ mod cases {
         store.reserve(&c).await.unwrap();
         assert_eq!(store.round_trips() - before, 3);
         store
-            .settle(&c, &spent(10, Money::from_usd(0.05), NOW))
+            .settle(&c, &spent(10, Money::from_usd(0.05), base_now()))
             .await
             .unwrap();
         assert_eq!(store.round_trips() - before, 5);
@@ -1150,7 +1156,7 @@ mod cases {
         let c = charge(2, "k1", Some(10), 0.1);
         store.reserve(&c).await.unwrap();
         assert_eq!(store.round_trips() - before, 7);
-        store.release(&c, &nothing_spent(NOW)).await.unwrap();
+        store.release(&c, &nothing_spent(base_now())).await.unwrap();
         assert_eq!(store.round_trips() - before, 9);
     }
 
@@ -1159,17 +1165,17 @@ mod cases {
         // Spread over the minute: the window is the calendar minute, not a sliding one.
         for reservation in 0..3 {
             let mut c = charge(reservation, "k1", Some(3), 0.0);
-            c.now = NOW.plus(Duration::from_secs(reservation * 20));
+            c.now = base_now().plus(Duration::from_secs(reservation * 20));
             store.reserve(&c).await.unwrap();
         }
         let mut fourth = charge(3, "k1", Some(3), 0.0);
-        fourth.now = NOW.plus(Duration::from_secs(59));
+        fourth.now = base_now().plus(Duration::from_secs(59));
         let Err(ChargeRejection::Quota(denial)) = store.reserve(&fourth).await else {
             panic!("the fourth request in a minute must be refused by the rpm window");
         };
 
         assert_eq!(denial.window, WindowKind::MinuteRequests);
-        assert_eq!(denial.retry_at, NOW.plus(Duration::from_secs(60)));
+        assert_eq!(denial.retry_at, base_now().plus(Duration::from_secs(60)));
         let mut next_minute = charge(4, "k1", Some(3), 0.0);
         next_minute.now = denial.retry_at;
         for reservation in 4..7 {
@@ -1202,10 +1208,10 @@ mod cases {
             panic!("900 + 200 tokens must not fit a tpm of 1000");
         };
         assert_eq!(denial.window, WindowKind::MinuteTokens);
-        assert_eq!(denial.retry_at, NOW.plus(Duration::from_secs(60)));
+        assert_eq!(denial.retry_at, base_now().plus(Duration::from_secs(60)));
 
         store
-            .settle(&big, &spent(100, Money::ZERO, NOW))
+            .settle(&big, &spent(100, Money::ZERO, base_now()))
             .await
             .unwrap();
         assert_eq!(
@@ -1222,25 +1228,25 @@ mod cases {
     pub(super) async fn settle_returns_statuses_with_spent_equal_to_actual(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
         store
             .put_budget(
                 budget("a", 5.0, BudgetPeriod::Monthly, Enforcement::Soft),
                 Money::ZERO,
-                NOW,
+                base_now(),
             )
             .await
             .unwrap();
         let mut c = charge(7, "k1", None, 0.05);
         c.budget_ids = vec!["b".to_owned(), "a".to_owned(), "b".to_owned()];
         store.reserve(&c).await.unwrap();
-        let reserved = store.budget_statuses(NOW).await.unwrap();
+        let reserved = store.budget_statuses(base_now()).await.unwrap();
         assert!(reserved.iter().all(|s| s.reserved == Money::from_usd(0.05)));
 
         let statuses = store
-            .settle(&c, &spent(100, Money::from_usd(0.03), NOW))
+            .settle(&c, &spent(100, Money::from_usd(0.03), base_now()))
             .await
             .unwrap()
             .budgets;
@@ -1257,16 +1263,16 @@ mod cases {
             assert!(!status.over_limit);
         }
         assert_eq!(statuses[0].enforcement, Enforcement::Soft);
-        assert_eq!(statuses[0].period_end, NOW.start_of_next_month());
+        assert_eq!(statuses[0].period_end, base_now().start_of_next_month());
         assert_eq!(
             statuses[1].period_end,
-            NOW.start_of_day().plus(Duration::from_secs(86_400))
+            base_now().start_of_day().plus(Duration::from_secs(86_400))
         );
-        assert_eq!(store.budget_statuses(NOW).await.unwrap(), statuses);
+        assert_eq!(store.budget_statuses(base_now()).await.unwrap(), statuses);
 
         // Settling again (a retried settle) never forgets money spent.
         let again = store
-            .settle(&c, &spent(100, Money::from_usd(0.03), NOW))
+            .settle(&c, &spent(100, Money::from_usd(0.03), base_now()))
             .await
             .unwrap()
             .budgets;
@@ -1276,7 +1282,7 @@ mod cases {
     pub(super) async fn release_returns_the_money_but_counts_the_request(store: Store) {
         store.insert_key(key("k1", Some(10))).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
         let limits = QuotaLimits {
@@ -1288,13 +1294,13 @@ mod cases {
         c.limits = limits;
         store.reserve(&c).await.unwrap();
         assert_eq!(
-            store.budget_statuses(NOW).await.unwrap()[0].reserved,
+            store.budget_statuses(base_now()).await.unwrap()[0].reserved,
             Money::from_usd(0.6)
         );
 
-        store.release(&c, &nothing_spent(NOW)).await.unwrap();
+        store.release(&c, &nothing_spent(base_now())).await.unwrap();
 
-        let status = &store.budget_statuses(NOW).await.unwrap()[0];
+        let status = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!((status.spent, status.reserved), (Money::ZERO, Money::ZERO));
         assert_eq!(status.remaining, Money::from_usd(1.0));
         assert_eq!(
@@ -1314,13 +1320,13 @@ mod cases {
     pub(super) async fn reserving_an_id_again_replaces_the_reservation(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
         store.reserve(&charge(1, "k1", None, 0.4)).await.unwrap();
         store.reserve(&charge(1, "k1", None, 0.3)).await.unwrap();
 
-        let status = &store.budget_statuses(NOW).await.unwrap()[0];
+        let status = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!(status.reserved, Money::from_usd(0.3));
     }
 
@@ -1330,14 +1336,14 @@ mod cases {
             .put_budget(
                 budget("b", 1.0, BudgetPeriod::Daily, Enforcement::Soft),
                 Money::from_usd(0.9),
-                NOW,
+                base_now(),
             )
             .await
             .unwrap();
         let c = charge(1, "k1", None, 0.5);
         store.reserve(&c).await.unwrap();
         let statuses = store
-            .settle(&c, &spent(10, Money::from_usd(0.4), NOW))
+            .settle(&c, &spent(10, Money::from_usd(0.4), base_now()))
             .await
             .unwrap()
             .budgets;
@@ -1350,7 +1356,7 @@ mod cases {
     pub(super) async fn budget_period_rolls_over_and_keeps_reservations(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
         let status = store
-            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.7), NOW)
+            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.7), base_now())
             .await
             .unwrap();
         assert_eq!(status.spent, Money::from_usd(0.7));
@@ -1362,7 +1368,7 @@ mod cases {
             Err(ChargeRejection::Budget(_))
         ));
 
-        let tomorrow = NOW.plus(Duration::from_secs(86_400));
+        let tomorrow = base_now().plus(Duration::from_secs(86_400));
         let status = &store.budget_statuses(tomorrow).await.unwrap()[0];
         assert_eq!(status.spent, Money::ZERO);
         assert_eq!(status.reserved, Money::from_usd(0.2));
@@ -1386,12 +1392,12 @@ mod cases {
 
     pub(super) async fn custom_budget_period_rolls_over(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
-        let anchor = NOW.plus(Duration::from_secs(15));
+        let anchor = base_now().plus(Duration::from_secs(15));
         let period = BudgetPeriod::Custom {
             anchor,
             length_secs: 3_600,
         };
-        let start = NOW.plus(Duration::from_secs(30));
+        let start = base_now().plus(Duration::from_secs(30));
         let status = store
             .put_budget(
                 budget("b", 1.0, period, Enforcement::Hard),
@@ -1422,7 +1428,7 @@ mod cases {
     pub(super) async fn budgets_are_listed_replaced_and_deleted(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
         store
-            .put_budget(hard_budget("daily", 2.0), Money::from_usd(0.5), NOW)
+            .put_budget(hard_budget("daily", 2.0), Money::from_usd(0.5), base_now())
             .await
             .unwrap();
         let tenant = Budget::new(
@@ -1436,7 +1442,7 @@ mod cases {
         )
         .unwrap();
         store
-            .put_budget(tenant.clone(), Money::ZERO, NOW)
+            .put_budget(tenant.clone(), Money::ZERO, base_now())
             .await
             .unwrap();
         let mut c = charge(1, "k1", None, 0.1);
@@ -1444,13 +1450,13 @@ mod cases {
         store.reserve(&c).await.unwrap();
         // Replacing keeps one budget under the id and drops its reservations.
         store
-            .put_budget(hard_budget("daily", 3.0), Money::from_usd(0.5), NOW)
+            .put_budget(hard_budget("daily", 3.0), Money::from_usd(0.5), base_now())
             .await
             .unwrap();
 
         let budgets = store.list_budgets().await.unwrap();
         assert_eq!(budgets, [tenant, hard_budget("daily", 3.0)]);
-        let statuses = store.budget_statuses(NOW).await.unwrap();
+        let statuses = store.budget_statuses(base_now()).await.unwrap();
         assert_eq!(statuses[1].limit, Money::from_usd(3.0));
         assert_eq!(statuses[1].spent, Money::from_usd(0.5));
         assert_eq!(statuses[1].reserved, Money::ZERO);
@@ -1473,12 +1479,12 @@ mod cases {
 
     pub(super) async fn observed_quota_blocks_until_its_reset(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
-        let reset = NOW.plus(Duration::from_secs(20));
+        let reset = base_now().plus(Duration::from_secs(20));
         // The provider's headers arrive with an attempt's settlement.
         let mut first = charge(9, "k1", None, 0.0);
         first.budget_ids.clear();
         store.reserve(&first).await.unwrap();
-        let mut with_headers = spent(10, Money::ZERO, NOW);
+        let mut with_headers = spent(10, Money::ZERO, base_now());
         with_headers.observation = Some(QuotaObservation {
             limit_requests: Some(100),
             remaining_requests: Some(0),
@@ -1496,7 +1502,7 @@ mod cases {
         assert_eq!(denial.window, WindowKind::MinuteRequests);
         assert_eq!(denial.retry_at, reset);
         let snapshot = store
-            .quota_snapshot(&KeyId::new("k1"), &QuotaLimits::default(), NOW)
+            .quota_snapshot(&KeyId::new("k1"), &QuotaLimits::default(), base_now())
             .await
             .unwrap();
         assert_eq!(snapshot.uncertainty, Uncertainty::Low);
@@ -1515,11 +1521,14 @@ mod cases {
             rpd: Some(1_000),
             ..QuotaLimits::default()
         };
-        let empty = store.quota_snapshot(&id, &limits, NOW).await.unwrap();
+        let empty = store
+            .quota_snapshot(&id, &limits, base_now())
+            .await
+            .unwrap();
         assert_eq!(empty.capacity, CapacityState::Abundant);
         assert_eq!(empty.uncertainty, Uncertainty::Medium);
         let unknown = store
-            .quota_snapshot(&id, &QuotaLimits::default(), NOW)
+            .quota_snapshot(&id, &QuotaLimits::default(), base_now())
             .await
             .unwrap();
         assert_eq!(unknown.uncertainty, Uncertainty::High);
@@ -1531,7 +1540,7 @@ mod cases {
             c.reservation = ReservationId(reservation);
             store.reserve(&c).await.unwrap();
         }
-        let later = NOW.plus(Duration::from_secs(30));
+        let later = base_now().plus(Duration::from_secs(30));
         let snapshot = store.quota_snapshot(&id, &limits, later).await.unwrap();
         assert_eq!(snapshot.capacity, CapacityState::Constrained);
         assert_eq!(used(&snapshot, WindowKind::MinuteRequests), 6);
@@ -1548,10 +1557,13 @@ mod cases {
             c.reservation = ReservationId(reservation);
             store.reserve(&c).await.unwrap();
         }
-        let full = store.quota_snapshot(&id, &limits, NOW).await.unwrap();
+        let full = store
+            .quota_snapshot(&id, &limits, base_now())
+            .await
+            .unwrap();
         assert_eq!(full.capacity, CapacityState::Exhausted);
         // The first minute after an exhausted window is reported as recovering.
-        let next_minute = NOW.plus(Duration::from_secs(61));
+        let next_minute = base_now().plus(Duration::from_secs(61));
         let recovering = store
             .quota_snapshot(&id, &limits, next_minute)
             .await
@@ -1594,7 +1606,7 @@ mod cases {
         store.insert_key(key("k1", None)).await.unwrap();
         let limit = Money::from_usd(1.0);
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
 
@@ -1606,7 +1618,7 @@ mod cases {
                     match store.reserve(&c).await {
                         Ok(()) => {
                             let statuses = store
-                                .settle(&c, &spent(100, Money::from_usd(0.01), NOW))
+                                .settle(&c, &spent(100, Money::from_usd(0.01), base_now()))
                                 .await
                                 .unwrap()
                                 .budgets;
@@ -1627,7 +1639,7 @@ mod cases {
         }
 
         assert_eq!(n_succeeded, 100);
-        let status = &store.budget_statuses(NOW).await.unwrap()[0];
+        let status = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!((status.spent, status.reserved), (limit, Money::ZERO));
     }
 }

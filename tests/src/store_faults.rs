@@ -19,7 +19,7 @@ use apikeyrouter_proxy::server;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{T0, ask};
+use crate::support::{ask, base_now};
 
 /// A private redis-server that can be killed and started again on the same port.
 struct OwnRedis {
@@ -187,7 +187,7 @@ material = "sk-sim-fault-000001"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_open_serves_on_local_limits_and_resumes_shared_ones() {
     let mut redis = OwnRedis::start();
-    let clock = Arc::new(ManualClock::new(T0));
+    let clock = Arc::new(ManualClock::new(base_now()));
     let router = ApiKeyRouter::builder()
         .clock(clock.clone())
         .store_config(StoreConfig::Redis {

@@ -22,6 +22,8 @@ pub mod mongodb;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod split;
+#[cfg(test)]
+mod test_time;
 
 pub use cipher::AeadCipher;
 pub use config::{FailMode, StoreConfig, connect, connect_audit_sink};

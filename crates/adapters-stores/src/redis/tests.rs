@@ -5,6 +5,7 @@
 //!
 //! These tests never skip: without a server they fail, saying how to start one.
 
+use crate::test_time::base_now;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use apikeyrouter_application::ports::{
 };
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
-    KeyState, Money, ProviderId, QuotaLimits, RequestId, ReservationId, Timestamp, TokenUsage,
+    KeyState, Money, ProviderId, QuotaLimits, RequestId, ReservationId, TokenUsage,
     TransitionTrigger, WindowKind,
 };
 use futures_util::StreamExt;
@@ -24,9 +25,6 @@ use redis::AsyncCommands;
 use super::RedisStore;
 use super::keys::Names;
 use super::store::redact_url;
-
-/// A minute boundary (2026-11-27T10:30:00Z).
-const NOW: Timestamp = Timestamp::from_millis(1_795_775_400_000);
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
@@ -74,7 +72,7 @@ fn key(id: &str) -> ApiKey {
         ProviderId::new("openai"),
         KeyMaterial::parse("sk-test-0000000000").unwrap(),
         KeyMetadata::default(),
-        NOW,
+        base_now(),
     )
 }
 
@@ -98,7 +96,7 @@ fn charge(reservation: u64, key_id: &str, est_usd: f64) -> Charge {
         est_cost: Money::from_usd(est_usd),
         budget_ids: vec!["b".to_owned()],
         client: None,
-        now: NOW,
+        now: base_now(),
     }
 }
 
@@ -232,7 +230,7 @@ async fn corrupt_json_and_counters_are_invalid_and_name_the_redis_key() {
             TransitionTrigger::Manual,
             "off".to_owned(),
             None,
-            NOW,
+            base_now(),
         )
         .await
         .unwrap();
@@ -260,7 +258,7 @@ async fn corrupt_json_and_counters_are_invalid_and_name_the_redis_key() {
     );
 
     store
-        .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+        .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
         .await
         .unwrap();
     let _: () = conn.hset(names.budget("b"), "spent", "lots").await.unwrap();
@@ -300,8 +298,8 @@ async fn key_changes_are_announced_to_subscribers() {
             KeyState::Throttled,
             TransitionTrigger::RateLimited,
             "429".to_owned(),
-            Some(NOW.plus(Duration::from_secs(30))),
-            NOW,
+            Some(base_now().plus(Duration::from_secs(30))),
+            base_now(),
         )
         .await
         .unwrap();
@@ -327,7 +325,10 @@ async fn budget_changes_are_announced_to_subscribers() {
         Enforcement::Hard,
     )
     .unwrap();
-    store.put_budget(budget, Money::ZERO, NOW).await.unwrap();
+    store
+        .put_budget(budget, Money::ZERO, base_now())
+        .await
+        .unwrap();
     store.delete_budget("b1").await.unwrap();
     for _ in 0..2 {
         let event = tokio::time::timeout(Duration::from_secs(5), events.next())
@@ -358,7 +359,10 @@ async fn a_re_registered_key_starts_with_fresh_windows() {
     store.insert_key(key("k1")).await.unwrap();
 
     store.reserve(&c).await.unwrap();
-    let snapshot = store.quota_snapshot(&id, &limits, NOW).await.unwrap();
+    let snapshot = store
+        .quota_snapshot(&id, &limits, base_now())
+        .await
+        .unwrap();
     let window = snapshot
         .windows
         .iter()
@@ -374,7 +378,7 @@ async fn instances_sharing_a_namespace_never_overspend_together() {
     let second: Arc<dyn StateStore> = Arc::new(store_in(&namespace).await);
     first.insert_key(key("k1")).await.unwrap();
     first
-        .put_budget(hard_budget("b", 0.5), Money::ZERO, NOW)
+        .put_budget(hard_budget("b", 0.5), Money::ZERO, base_now())
         .await
         .unwrap();
 
@@ -409,12 +413,12 @@ async fn instances_sharing_a_namespace_never_overspend_together() {
     }
 
     assert_eq!(n_succeeded, 50);
-    let status = &second.budget_statuses(NOW).await.unwrap()[0];
+    let status = &second.budget_statuses(base_now()).await.unwrap()[0];
     assert_eq!(status.spent, Money::from_usd(0.5));
     assert_eq!(status.reserved, Money::ZERO);
 }
 
-/// A successful call at `NOW` that used `tokens` and cost `cost`.
+/// A successful call at `base_now()` that used `tokens` and cost `cost`.
 fn spent(tokens: u64, cost: Money) -> Settlement {
     Settlement {
         outcome: KeyOutcome {
@@ -427,7 +431,7 @@ fn spent(tokens: u64, cost: Money) -> Settlement {
                 cached_tokens: 0,
             },
             cost,
-            now: NOW,
+            now: base_now(),
         },
         observation: None,
     }
@@ -438,7 +442,7 @@ async fn reserve_settle_and_release_take_one_round_trip_each() {
     let store = store().await;
     store.insert_key(key("k1")).await.unwrap();
     store
-        .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+        .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
         .await
         .unwrap();
     let c = charge(1, "k1", 0.1);
@@ -473,7 +477,7 @@ async fn settle_loads_its_scripts_again_after_the_server_lost_them() {
     let store = store().await;
     store.insert_key(key("k1")).await.unwrap();
     store
-        .put_budget(hard_budget("b", 1.0), Money::ZERO, NOW)
+        .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
         .await
         .unwrap();
     let c = charge(1, "k1", 0.1);
@@ -497,7 +501,7 @@ async fn settle_loads_its_scripts_again_after_the_server_lost_them() {
     assert_eq!((stats.requests, stats.successes), (1, 1));
     assert_eq!(store.get_key(&KeyId::new("k1")).await.unwrap().stats, stats);
     assert_eq!(
-        store.budget_statuses(NOW).await.unwrap()[0].spent,
+        store.budget_statuses(base_now()).await.unwrap()[0].spent,
         Money::from_usd(0.05)
     );
 }
@@ -520,8 +524,8 @@ async fn request_records_expire_after_their_ttl() {
         estimated_cost: None,
         actual_cost: None,
         outcome: apikeyrouter_application::records::Outcome::Success,
-        started_at: NOW,
-        finished_at: NOW,
+        started_at: base_now(),
+        finished_at: base_now(),
     };
     store.save_request(Arc::new(record.clone())).await.unwrap();
     assert_eq!(
