@@ -83,11 +83,11 @@ async fn a_full_queue_drops_and_counts_the_overflow() {
     let sink = Arc::new(FlakySink::default());
     sink.down.store(true, Ordering::SeqCst);
     let h = harness(sink.clone(), 3).await;
-    // Three wait in the queue, plus the one the delivery task may already hold and
-    // retry; the rest overflow.
+    // Three wait in the queue, plus the batch (up to three here) the delivery task
+    // may already hold and retry; the rest overflow.
     let ids = route_n(&h, 8).await;
     let stats = h.router.record_delivery();
-    assert!((3..=4).contains(&stats.pending), "{stats:?}");
+    assert!((3..=6).contains(&stats.pending), "{stats:?}");
     assert_eq!(stats.dropped, 8 - stats.pending, "{stats:?}");
     let kept = usize::try_from(stats.pending).unwrap();
 

@@ -1328,6 +1328,13 @@ mod cases {
 
         let status = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!(status.reserved, Money::from_usd(0.3));
+
+        // A replacement that does not fit is refused and keeps the reservation it
+        // would have replaced.
+        let res = store.reserve(&charge(1, "k1", None, 1.5)).await;
+        assert!(matches!(res, Err(ChargeRejection::Budget(_))), "{res:?}");
+        let status = &store.budget_statuses(base_now()).await.unwrap()[0];
+        assert_eq!(status.reserved, Money::from_usd(0.3));
     }
 
     pub(super) async fn soft_budget_allows_overrun_and_flags_it(store: Store) {
@@ -1511,6 +1518,37 @@ mod cases {
         let mut after_reset = charge(1, "k1", None, 0.0);
         after_reset.now = reset;
         store.reserve(&after_reset).await.unwrap();
+        // After the reset the window keeps the limit the provider announced.
+        let snapshot = store
+            .quota_snapshot(&KeyId::new("k1"), &QuotaLimits::default(), reset)
+            .await
+            .unwrap();
+        let window = snapshot
+            .windows
+            .iter()
+            .find(|w| w.kind == WindowKind::MinuteRequests)
+            .unwrap();
+        assert_eq!(window.remaining, 99, "{snapshot:?}");
+
+        // One request left by the provider's count is used by the next reservation.
+        store.insert_key(key("k2", None)).await.unwrap();
+        let mut observed = charge(19, "k2", None, 0.0);
+        observed.budget_ids.clear();
+        store.reserve(&observed).await.unwrap();
+        let mut one_left = spent(10, Money::ZERO, base_now());
+        one_left.observation = Some(QuotaObservation {
+            limit_requests: Some(100),
+            remaining_requests: Some(1),
+            reset_requests_at: Some(reset),
+            ..QuotaObservation::default()
+        });
+        store.settle(&observed, &one_left).await.unwrap();
+        store.reserve(&charge(20, "k2", None, 0.0)).await.unwrap();
+        let Err(ChargeRejection::Quota(denial)) = store.reserve(&charge(21, "k2", None, 0.0)).await
+        else {
+            panic!("the one request the provider had left is used");
+        };
+        assert_eq!(denial.retry_at, reset);
     }
 
     pub(super) async fn quota_snapshot_reports_capacity_and_prediction(store: Store) {
@@ -1641,5 +1679,20 @@ mod cases {
         assert_eq!(n_succeeded, 100);
         let status = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!((status.spent, status.reserved), (limit, Money::ZERO));
+        // The refused charges counted no request against the key.
+        let limits = QuotaLimits {
+            rpm: Some(1_000),
+            ..QuotaLimits::default()
+        };
+        let snapshot = store
+            .quota_snapshot(&KeyId::new("k1"), &limits, base_now())
+            .await
+            .unwrap();
+        let window = snapshot
+            .windows
+            .iter()
+            .find(|w| w.kind == WindowKind::MinuteRequests)
+            .unwrap();
+        assert_eq!(window.used, 100, "{snapshot:?}");
     }
 }

@@ -18,6 +18,7 @@ pub const T0: Timestamp = Timestamp::from_millis(1_795_775_400_000);
 /// The next whole hour of the wall clock, fixed for the test process: the "now" of
 /// tests on Redis, which sets real expiries (`PEXPIREAT`) from the times it is given,
 /// so a fixed date would have every window expire at once after that date had passed.
+/// The store adapters' unit tests have the same helper (`test_time.rs`).
 pub fn base_now() -> Timestamp {
     static BASE: std::sync::OnceLock<Timestamp> = std::sync::OnceLock::new();
     *BASE.get_or_init(|| {

@@ -78,9 +78,9 @@ impl ApiKeyRouterBuilder {
         self
     }
 
-    /// Holds at most `records` audit records while the audit sink or the request log
-    /// is slow or down (default 10,000); beyond that, records are dropped and counted
-    /// in [`ApiKeyRouter::record_delivery`].
+    /// Queues at most `records` audit records while the audit sink or the request log
+    /// is slow or down (default 10,000), besides the up to 256 being delivered; beyond
+    /// that, records are dropped and counted in [`ApiKeyRouter::record_delivery`].
     pub fn audit_queue(mut self, records: usize) -> Self {
         self.audit_queue = records;
         self

@@ -99,9 +99,6 @@ pub fn build_client(settings: &HttpSettings) -> Result<Client, ProviderError> {
         .timeout(settings.total_timeout)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .tcp_nodelay(true)
-        // The router fails over itself; reqwest's replay of refused requests would
-        // also clone every request before sending it.
-        .retry(reqwest::retry::never().max_retries_per_request(0))
         .build()
         .map_err(|err| {
             ProviderError::new(

@@ -22,7 +22,8 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// Records taken from the queue per wake-up of the delivery task.
+/// Records taken from the queue per wake-up of the delivery task; while they are
+/// delivered the queue has room for `capacity` more.
 const BATCH: usize = 256;
 
 /// Counters of the record delivery, for metrics.
@@ -157,7 +158,6 @@ async fn run(
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let taken = batch.len() as u64;
         for record in batch.drain(..) {
             // Shared with the request log without copying it.
             let record = Arc::new(record);
@@ -182,8 +182,9 @@ async fn run(
             } else {
                 counters.rejected.fetch_add(1, Ordering::Relaxed);
             }
+            // Per record, so a look-up waits only for the records queued before it.
+            finished.send_modify(|n| *n += 1);
         }
-        finished.send_modify(|n| *n += taken);
         // Give the request tasks a turn before looking again: records queued meanwhile
         // are then taken together, and a sender does not wake this task for each one.
         tokio::task::yield_now().await;

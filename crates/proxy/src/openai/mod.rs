@@ -67,10 +67,16 @@ pub fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> R
 
 /// A request's headers and body. axum's `HeaderMap` extractor clones the headers (and
 /// each value's buffer on first share); this moves them out of the request instead.
-#[derive(Debug)]
 pub struct HeadersAndBody {
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+}
+
+impl std::fmt::Debug for HeadersAndBody {
+    /// Says nothing of the headers: they carry the client's credential.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadersAndBody").finish_non_exhaustive()
+    }
 }
 
 impl<S: Send + Sync> FromRequest<S> for HeadersAndBody {
