@@ -8,8 +8,9 @@ use apikeyrouter::{KeyId, KeyMetadata, KeyServiceError, KeyState, Money, Request
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -17,6 +18,23 @@ use serde_json::json;
 use crate::errors::ApiError;
 use crate::openai::parse_json;
 use crate::state::AppState;
+
+/// The admin token was checked: handlers take it first, so a request without the
+/// token is refused before its path or body is looked at.
+#[derive(Debug)]
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        state.auth().admin.check(&parts.headers)?;
+        Ok(Self)
+    }
+}
 
 fn key_error(e: KeyServiceError) -> ApiError {
     match e {
@@ -63,10 +81,9 @@ pub struct NewKey {
 /// `POST /api/v1/keys`
 pub async fn create_key(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let new: NewKey = parse_json(body)?;
     let keys = state.router.core().keys();
     let provider = new.provider_id.as_str().into();
@@ -102,9 +119,8 @@ pub async fn create_key(
 /// `GET /api/v1/keys`
 pub async fn list_keys(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let keys = state.router.keys().await.map_err(key_error)?;
     Ok(Json(json!({ "object": "list", "data": keys })).into_response())
 }
@@ -112,10 +128,9 @@ pub async fn list_keys(
 /// `GET /api/v1/keys/{id}`
 pub async fn get_key(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let info = state.router.key(&KeyId::new(id)).await.map_err(key_error)?;
     Ok(Json(info).into_response())
 }
@@ -129,11 +144,10 @@ pub struct KeyPatch {
 /// `PATCH /api/v1/keys/{id}`: replaces the metadata.
 pub async fn update_key(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let patch: KeyPatch = parse_json(body)?;
     let info = state
         .router
@@ -146,10 +160,9 @@ pub async fn update_key(
 /// `DELETE /api/v1/keys/{id}`
 pub async fn delete_key(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     state
         .router
         .delete_key(&KeyId::new(id))
@@ -169,11 +182,10 @@ pub struct StateChange {
 /// `PUT /api/v1/keys/{id}/state` with `{"state": "disabled" | "available", "reason": "..."}`
 pub async fn set_key_state(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let change: StateChange = parse_json(body)?;
     let target = match change.state.as_str() {
         "disabled" => KeyState::Disabled,
@@ -197,10 +209,9 @@ pub async fn set_key_state(
 /// `GET /api/v1/keys/{id}/quota`: capacity state, windows and exhaustion prediction.
 pub async fn key_quota(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let quota = state
         .router
         .quota(&KeyId::new(id))
@@ -212,10 +223,9 @@ pub async fn key_quota(
 /// `GET /api/v1/keys/{id}/transitions`
 pub async fn key_transitions(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let transitions = state
         .router
         .key_transitions(&KeyId::new(id))
@@ -227,9 +237,8 @@ pub async fn key_transitions(
 /// `GET /api/v1/budgets`: every budget with its current spend.
 pub async fn list_budgets(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let budgets = state.router.budgets().await.map_err(store_error)?;
     Ok(Json(json!({ "object": "list", "data": budgets })).into_response())
 }
@@ -245,10 +254,9 @@ pub struct NewBudget {
 /// `POST /api/v1/budgets`: the shape of a `[[budgets]]` entry, plus `spent_usd`.
 pub async fn create_budget(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let new: NewBudget = parse_json(body)?;
     let budget = new.budget.to_budget().map_err(|(field, message)| {
         ApiError::bad_request("invalid_value", message).with_param(field)
@@ -274,9 +282,8 @@ pub async fn create_budget(
 /// `GET /api/v1/policies`: routing settings and fallback chains.
 pub async fn policies(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let s = state.router.core().settings();
     let mut fallbacks: Vec<_> = s
         .fallbacks
@@ -298,9 +305,8 @@ pub async fn policies(
 /// `GET /api/v1/providers`
 pub async fn providers(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     let kinds: std::collections::HashMap<_, _> =
         state.router.core().providers().into_iter().collect();
     let data: Vec<_> = state
@@ -316,10 +322,9 @@ pub async fn providers(
 /// `GET /api/v1/requests/{request_id}`: the decision and audit record.
 pub async fn request_record(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.auth().admin.check(&headers)?;
     match state
         .router
         .request(&RequestId::new(id.as_str()))
