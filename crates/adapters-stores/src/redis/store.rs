@@ -410,24 +410,17 @@ impl RedisStore {
         let (budget_ids, budget_keys) = self.budget_keys(&charge.budget_ids);
 
         if !budget_keys.is_empty() {
-            let mut invocation = self.scripts.reserve_budgets.prepare_invoke();
-            for key in &budget_keys {
-                invocation.key(key);
-            }
-            invocation
-                .arg(charge.now.as_millis().to_string())
-                .arg(clamp_i64(charge.est_cost.as_nanos()))
-                .arg(charge.reservation.0.to_string());
-            for bound in period_bounds(charge.now) {
-                invocation.arg(bound);
-            }
-            for budget_id in &budget_ids {
-                invocation.arg(budget_id);
-            }
-            let reply: Vec<String> = invocation
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
+            let reply: Vec<String> = budgets_invocation(
+                &self.scripts.reserve_budgets,
+                &budget_keys,
+                &budget_ids,
+                charge,
+                charge.now,
+                charge.est_cost,
+            )
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
             rejection(&reply, charge, &redis_key)?;
         }
 
@@ -493,11 +486,7 @@ impl RedisStore {
         budget_keys: &[String],
         client_key: Option<&str>,
     ) {
-        let mut budget_part = self.scripts.release_budgets.prepare_invoke();
-        for key in budget_keys {
-            budget_part.key(key);
-        }
-        budget_part.arg(charge.reservation.0.to_string());
+        let budget_part = self.release_budgets_invocation(budget_keys, charge);
         let budgets = async {
             if budget_keys.is_empty() {
                 return Ok(());
@@ -610,6 +599,20 @@ impl RedisStore {
         Ok(hash)
     }
 
+    /// The script call giving back `charge`'s budget reservations.
+    fn release_budgets_invocation(
+        &self,
+        budget_keys: &[String],
+        charge: &Charge,
+    ) -> ScriptInvocation<'_> {
+        let mut invocation = self.scripts.release_budgets.prepare_invoke();
+        for key in budget_keys {
+            invocation.key(key);
+        }
+        invocation.arg(charge.reservation.0.to_string());
+        invocation
+    }
+
     /// KEYS for the budgets of a charge: ledger and reservations of each distinct id,
     /// in ascending id order (the order the statuses come back in).
     fn budget_keys(&self, ids: &[String]) -> (Vec<String>, Vec<String>) {
@@ -685,6 +688,33 @@ pub(super) fn redact_url(url: &str) -> String {
 
 /// Day, week and month period bounds containing `now`, for the scripts' roll of
 /// budget ledgers (custom periods are computed in the script from their anchor).
+/// A call of a budget script (reserve or settle) that takes the budgets' keys, then
+/// `now`, the amount in nanodollars, the reservation id, the period bounds and the ids.
+fn budgets_invocation<'a>(
+    script: &'a redis::Script,
+    budget_keys: &[String],
+    budget_ids: &[String],
+    charge: &Charge,
+    now: Timestamp,
+    amount: Money,
+) -> ScriptInvocation<'a> {
+    let mut invocation = script.prepare_invoke();
+    for key in budget_keys {
+        invocation.key(key);
+    }
+    invocation
+        .arg(now.as_millis().to_string())
+        .arg(clamp_i64(amount.as_nanos()))
+        .arg(charge.reservation.0.to_string());
+    for bound in period_bounds(now) {
+        invocation.arg(bound);
+    }
+    for budget_id in budget_ids {
+        invocation.arg(budget_id);
+    }
+    invocation
+}
+
 fn period_bounds(now: Timestamp) -> [String; 6] {
     let [(ds, de), (ws, we), (ms, me)] = [
         BudgetPeriod::Daily,
@@ -1089,20 +1119,14 @@ impl UsageLedger for RedisStore {
         let outcome = &settlement.outcome;
         let key_part = self.settle_key_invocation(charge, outcome.usage.total(), settlement);
         let (budget_ids, budget_keys) = self.budget_keys(&charge.budget_ids);
-        let mut budget_part = self.scripts.settle_budgets.prepare_invoke();
-        for key in &budget_keys {
-            budget_part.key(key);
-        }
-        budget_part
-            .arg(outcome.now.as_millis().to_string())
-            .arg(clamp_i64(outcome.cost.as_nanos()))
-            .arg(charge.reservation.0.to_string());
-        for bound in period_bounds(outcome.now) {
-            budget_part.arg(bound);
-        }
-        for budget_id in &budget_ids {
-            budget_part.arg(budget_id);
-        }
+        let budget_part = budgets_invocation(
+            &self.scripts.settle_budgets,
+            &budget_keys,
+            &budget_ids,
+            charge,
+            outcome.now,
+            outcome.cost,
+        );
         let invocations: &[&ScriptInvocation<'_>] = if budget_ids.is_empty() {
             &[&key_part]
         } else {
@@ -1134,11 +1158,7 @@ impl UsageLedger for RedisStore {
         let redis_key = self.names.key(&charge.key_id);
         let key_part = self.settle_key_invocation(charge, 0, settlement);
         let (_, budget_keys) = self.budget_keys(&charge.budget_ids);
-        let mut budget_part = self.scripts.release_budgets.prepare_invoke();
-        for key in &budget_keys {
-            budget_part.key(key);
-        }
-        budget_part.arg(charge.reservation.0.to_string());
+        let budget_part = self.release_budgets_invocation(&budget_keys, charge);
         let invocations: &[&ScriptInvocation<'_>] = if budget_keys.is_empty() {
             &[&key_part]
         } else {
