@@ -5,7 +5,7 @@
 //! Each adapter translates its API's errors into
 //! [`ProviderError`](apikeyrouter_application::ports::ProviderError) at the seam, so no
 //! HTTP-client error type leaves this crate. It depends on the application and domain
-//! crates and on `reqwest`, never on another adapter crate (stores, observability).
+//! crates and on hyper (with rustls), never on another adapter crate (stores, observability).
 //!
 //! - [`anthropic`]: Anthropic's Messages API (Claude), plain and streamed.
 //! - [`gemini`]: Google's Gemini API: generateContent, streaming and batch embeddings.

@@ -30,7 +30,7 @@
 //! `Err` item classified the same way. Every error message is scrubbed of the key
 //! material before it leaves the adapter.
 //!
-//! Depends on the application port and domain types, reqwest through the shared `http`
+//! Depends on the application port and domain types, hyper through the shared `http`
 //! module, and serde for the private wire shapes in `wire`; never on other adapters.
 
 mod wire;
@@ -56,7 +56,9 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use crate::http::{self, HttpSettings, SseEvent};
+use ::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+
+use crate::http::{self, HttpClient, HttpSettings, Response, SseEvent};
 
 use self::wire::{
     BlockDelta, ContentBlock, ImageSource, MessagesRequest, MessagesResponse, ResponseBlock,
@@ -83,10 +85,9 @@ pub const JSON_TOOL: &str = "json_response";
 /// # Ok::<(), apikeyrouter_application::ports::ProviderError>(())
 /// ```
 pub struct AnthropicProvider {
-    client: reqwest::Client,
-    settings: HttpSettings,
+    client: HttpClient,
     /// `{base}/v1/messages`.
-    messages_url: String,
+    messages_url: Uri,
     /// Claude models of the built-in catalogue, sorted.
     models: Vec<ModelId>,
     /// `max_tokens` per catalogue model, for requests that set none.
@@ -97,7 +98,7 @@ impl fmt::Debug for AnthropicProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AnthropicProvider")
             .field("messages_url", &self.messages_url)
-            .field("settings", &self.settings)
+            .field("client", &self.client)
             .field("models", &self.models)
             .finish_non_exhaustive()
     }
@@ -118,7 +119,8 @@ impl AnthropicProvider {
                 "anthropic base url is empty",
             ));
         }
-        let client = http::build_client(&settings)?;
+        let client = HttpClient::new(&settings)?;
+        let messages_url = http::parse_uri(&format!("{base}/v1/messages"))?;
         let catalogue = PriceCatalogue::builtin();
         let provider = apikeyrouter_domain::ProviderId::new("anthropic");
         let models: Vec<ModelId> = catalogue
@@ -136,8 +138,7 @@ impl AnthropicProvider {
             .collect();
         Ok(Self {
             client,
-            settings,
-            messages_url: format!("{base}/v1/messages"),
+            messages_url,
             models,
             default_max_tokens,
         })
@@ -157,14 +158,19 @@ impl AnthropicProvider {
         &self,
         material: &KeyMaterial,
         body: &MessagesRequest<'_>,
-    ) -> Result<reqwest::Response, ProviderError> {
-        let request = self
-            .client
-            .post(&self.messages_url)
-            .header("x-api-key", material.expose())
-            .header("anthropic-version", ANTHROPIC_VERSION)
-            .json(body);
-        let response = http::send(request, &self.settings).await?;
+    ) -> Result<Response, ProviderError> {
+        let headers = [
+            (
+                HeaderName::from_static("x-api-key"),
+                http::secret_header(material.expose())?,
+            ),
+            (
+                HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static(ANTHROPIC_VERSION),
+            ),
+        ];
+        let request = http::request(Method::POST, self.messages_url.clone(), headers, Some(body))?;
+        let response = self.client.send(request).await?;
         if !response.status().is_success() {
             return Err(http::error_from_response(response, http::anthropic_quota).await);
         }
@@ -252,7 +258,7 @@ impl Provider for AnthropicProvider {
 fn event_error(data: &str) -> ProviderError {
     http::error_from_parts(
         200,
-        &reqwest::header::HeaderMap::new(),
+        &HeaderMap::new(),
         data.as_bytes(),
         None,
         SystemTime::now(),

@@ -40,7 +40,7 @@
 //! is classified by the shared `http` module (rate limited, or quota exhausted when the
 //! message speaks of an exceeded quota), with Google's `retryDelay` as retry-after.
 //!
-//! Depends on the application port and domain types, reqwest through the shared `http`
+//! Depends on the application port and domain types, hyper through the shared `http`
 //! module, and serde for the private wire shapes in `wire`; never on other adapters.
 
 mod wire;
@@ -67,7 +67,9 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::http::{self, HttpSettings, SseEvent};
+use ::http::{HeaderMap, HeaderName, Method};
+
+use crate::http::{self, HttpClient, HttpSettings, Response, SseEvent};
 
 use self::wire::{
     BatchEmbedRequest, BatchEmbedResponse, Blob, Content, EmbedContent, EmbedRequest, FileData,
@@ -92,8 +94,7 @@ const EMBEDDING_MODELS: [&str; 2] = ["gemini-embedding-001", "text-embedding-004
 /// # Ok::<(), apikeyrouter_application::ports::ProviderError>(())
 /// ```
 pub struct GeminiProvider {
-    client: reqwest::Client,
-    settings: HttpSettings,
+    client: HttpClient,
     /// The base URL without a trailing slash, e.g. `.../v1beta`.
     base_url: String,
     /// Gemini models of the built-in catalogue and the embedding models, sorted.
@@ -104,7 +105,7 @@ impl fmt::Debug for GeminiProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GeminiProvider")
             .field("base_url", &self.base_url)
-            .field("settings", &self.settings)
+            .field("client", &self.client)
             .field("models", &self.models)
             .finish_non_exhaustive()
     }
@@ -125,7 +126,7 @@ impl GeminiProvider {
                 "gemini base url is empty",
             ));
         }
-        let client = http::build_client(&settings)?;
+        let client = HttpClient::new(&settings)?;
         let mut models: Vec<ModelId> = PriceCatalogue::builtin()
             .models()
             .into_iter()
@@ -136,7 +137,6 @@ impl GeminiProvider {
         models.dedup();
         Ok(Self {
             client,
-            settings,
             base_url: base.to_owned(),
             models,
         })
@@ -157,13 +157,13 @@ impl GeminiProvider {
         url: &str,
         material: &KeyMaterial,
         body: &impl Serialize,
-    ) -> Result<reqwest::Response, ProviderError> {
-        let request = self
-            .client
-            .post(url)
-            .header("x-goog-api-key", material.expose())
-            .json(body);
-        let response = http::send(request, &self.settings).await?;
+    ) -> Result<Response, ProviderError> {
+        let key = (
+            HeaderName::from_static("x-goog-api-key"),
+            http::secret_header(material.expose())?,
+        );
+        let request = http::request(Method::POST, http::parse_uri(url)?, [key], Some(body))?;
+        let response = self.client.send(request).await?;
         if !response.status().is_success() {
             return Err(http::error_from_response(response, http::no_quota).await);
         }
@@ -756,7 +756,7 @@ impl StreamState {
         if body.error.is_some() {
             return Step::Fail(http::error_from_parts(
                 200,
-                &reqwest::header::HeaderMap::new(),
+                &HeaderMap::new(),
                 data.as_bytes(),
                 None,
                 SystemTime::now(),

@@ -13,12 +13,11 @@ use std::time::{Duration, SystemTime};
 
 use apikeyrouter_application::ports::ProviderError;
 use apikeyrouter_domain::{FailureKind, KeyMaterial, QuotaObservation, classify_status};
-use reqwest::Response;
-use reqwest::header::HeaderMap;
+use http::HeaderMap;
 use serde_json::Value;
 
+use super::client::{BodyLimits, Response, next_chunk};
 use super::headers::{parse_go_duration, retry_after};
-use super::idle_timeout;
 
 /// Longest message kept in a [`ProviderError`], in characters.
 pub const MAX_MESSAGE_CHARS: usize = 500;
@@ -37,11 +36,12 @@ pub async fn error_from_response(
 ) -> ProviderError {
     let now = SystemTime::now();
     let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let idle = idle_timeout(&response);
+    // Moved out: the body is all that is read from the response afterwards.
+    let headers = std::mem::take(response.headers_mut());
+    let limits = BodyLimits::of(&response);
     let mut body = Vec::new();
     while body.len() < MAX_ERROR_BODY_BYTES {
-        match tokio::time::timeout(idle, response.chunk()).await {
+        match limits.within(next_chunk(&mut response)).await {
             Ok(Ok(Some(chunk))) => {
                 let room = MAX_ERROR_BODY_BYTES - body.len();
                 body.extend_from_slice(chunk.get(..room).unwrap_or(&chunk));
@@ -224,7 +224,7 @@ fn gemini_exhaustion(details: &ErrorDetails, raw_body: &str) -> FailureKind {
 fn fallback_message(status: u16, body: &str) -> String {
     let collapsed = body.split_whitespace().collect::<Vec<_>>().join(" ");
     if collapsed.is_empty() {
-        reqwest::StatusCode::from_u16(status)
+        http::StatusCode::from_u16(status)
             .ok()
             .and_then(|status| status.canonical_reason())
             .map_or_else(|| "no error message".to_owned(), str::to_lowercase)

@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use apikeyrouter_domain::{QuotaObservation, Timestamp};
-use reqwest::header::HeaderMap;
+use http::HeaderMap;
 
 use super::timestamp;
 

@@ -1,16 +1,18 @@
 //! HTTP plumbing shared by the real provider adapters (OpenAI, OpenAI-compatible,
-//! Anthropic, Gemini): the pooled `reqwest` client, timeouts, rate-limit header
-//! parsing, error classification and server-sent events.
+//! Anthropic, Gemini): the pooled client ([`HttpClient`], hyper over rustls, proxies
+//! from the environment), timeouts, rate-limit header parsing, error classification
+//! and server-sent events.
 //!
-//! Everything here turns `reqwest` types into the application's
+//! Everything here turns HTTP-client failures into the application's
 //! [`ProviderError`] so that no HTTP-client error type leaves this crate. It depends on
-//! the application and domain crates and on `reqwest`; never on another adapter.
+//! the application and domain crates and on hyper; never on another adapter.
 //!
 //! Timeouts, as [`HttpSettings`] describes them:
-//! - `connect_timeout` bounds TCP and TLS set-up (the client's connect timeout);
-//! - `first_byte_timeout` bounds the wait for the response headers ([`send`]) and the
-//!   silence between two chunks of a body ([`sse_stream`], error bodies);
-//! - `total_timeout` bounds the whole exchange, body included (the client's timeout).
+//! - `connect_timeout` bounds the TCP connect (each address tried);
+//! - `first_byte_timeout` bounds the wait for the response headers
+//!   ([`HttpClient::send`]) and the silence between two chunks of a body
+//!   ([`read_body`], [`sse_stream`], error bodies);
+//! - `total_timeout` bounds the whole exchange, body included.
 //!
 //! # Classification
 //!
@@ -34,22 +36,24 @@
 //! or key material; provider messages are scrubbed of anything that looks like a key
 //! and truncated to [`MAX_MESSAGE_CHARS`] characters.
 
+mod client;
 mod errors;
 mod headers;
 mod sse;
 
 #[cfg(test)]
+mod client_tests;
+#[cfg(test)]
 mod tests;
 
-use std::error::Error as _;
-use std::fmt::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use apikeyrouter_application::ports::ProviderError;
 use apikeyrouter_domain::{FailureKind, KeyMaterial, Timestamp};
-use reqwest::header::CONTENT_TYPE;
-use reqwest::{Client, RequestBuilder, Response};
+use http::header::CONTENT_TYPE;
 
+use client::{BodyLimits, next_chunk};
+pub use client::{HttpClient, Response, transport_error};
 pub use errors::{
     MAX_MESSAGE_CHARS, error_from_parts, error_from_response, redact_key, scrub_message,
 };
@@ -62,16 +66,17 @@ pub use sse::{SseEvent, sse_stream};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HttpSettings {
     /// Bound on establishing a connection (TCP and TLS).
-    pub connect_timeout: Duration,
+    pub connect_timeout: std::time::Duration,
     /// Bound on the wait for response headers, and on the silence between two pieces
     /// of a streamed body.
-    pub first_byte_timeout: Duration,
+    pub first_byte_timeout: std::time::Duration,
     /// Bound on the whole call, body included.
-    pub total_timeout: Duration,
+    pub total_timeout: std::time::Duration,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
+        use std::time::Duration;
         Self {
             connect_timeout: Duration::from_secs(10),
             first_byte_timeout: Duration::from_secs(60),
@@ -80,109 +85,65 @@ impl Default for HttpSettings {
     }
 }
 
-/// How long an idle pooled connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
 /// Largest success body read into memory (a chat completion or embeddings response).
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
-/// Builds the client an adapter instance keeps for all its calls: pooled connections,
-/// `TCP_NODELAY`, the connect and total timeouts of `settings`, HTTP/2 when the server
-/// offers it through ALPN, rustls for TLS.
+/// A request of `method` to `uri` with `headers` and, when given, the JSON encoding
+/// of `body`.
 ///
 /// # Errors
-/// [`FailureKind::Network`] when the TLS backend cannot be initialised.
-pub fn build_client(settings: &HttpSettings) -> Result<Client, ProviderError> {
-    Client::builder()
-        .user_agent(concat!("apikeyrouter/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(settings.connect_timeout)
-        .timeout(settings.total_timeout)
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|err| {
+/// [`FailureKind::BadRequest`] when `body` cannot be encoded.
+pub fn request<B: serde::Serialize + ?Sized>(
+    method: http::Method,
+    uri: http::Uri,
+    headers: impl IntoIterator<Item = (http::HeaderName, http::HeaderValue)>,
+    body: Option<&B>,
+) -> Result<http::Request<bytes::Bytes>, ProviderError> {
+    let encoded = match body {
+        Some(body) => serde_json::to_vec(body).map_err(|err| {
             ProviderError::new(
-                FailureKind::Network,
-                format!(
-                    "cannot build http client: {}",
-                    transport_error_text(&err.without_url())
-                ),
+                FailureKind::BadRequest,
+                format!("cannot encode request: {err}"),
             )
-        })
+        })?,
+        None => Vec::new(),
+    };
+    let mut request = http::Request::new(bytes::Bytes::from(encoded));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    request.headers_mut().extend(headers);
+    if body.is_some() {
+        request.headers_mut().insert(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+    }
+    Ok(request)
 }
 
-/// The idle bound [`send`] records on a response for [`sse_stream`] and body reads.
-#[derive(Clone, Copy, Debug)]
-struct IdleTimeout(Duration);
-
-/// The idle bound of `response`: the one [`send`] recorded, else the default
-/// first-byte timeout.
-fn idle_timeout(response: &Response) -> Duration {
-    response
-        .extensions()
-        .get::<IdleTimeout>()
-        .map_or(HttpSettings::default().first_byte_timeout, |idle| idle.0)
-}
-
-/// Sends `request`, waiting at most `settings.first_byte_timeout` for the response
-/// headers, and records that bound on the response as the idle timeout of its body
-/// ([`sse_stream`], [`read_body`]). Any status is returned as `Ok`; see
-/// [`error_from_response`] for non-success ones.
+/// A header value holding key material, marked sensitive so that it is never logged.
 ///
 /// # Errors
-/// [`FailureKind::Timeout`] when no headers arrive in time, else [`transport_error`].
-pub async fn send(
-    request: RequestBuilder,
-    settings: &HttpSettings,
-) -> Result<Response, ProviderError> {
-    match tokio::time::timeout(settings.first_byte_timeout, request.send()).await {
-        Err(_elapsed) => Err(ProviderError::new(
-            FailureKind::Timeout,
-            format!(
-                "no response headers within {} ms",
-                settings.first_byte_timeout.as_millis()
-            ),
-        )),
-        Ok(Err(err)) => Err(transport_error(err)),
-        Ok(Ok(mut response)) => {
-            response
-                .extensions_mut()
-                .insert(IdleTimeout(settings.first_byte_timeout));
-            Ok(response)
-        }
-    }
+/// [`FailureKind::Unauthorized`] when the material cannot be a header value.
+pub fn secret_header(value: &str) -> Result<http::HeaderValue, ProviderError> {
+    let mut value = http::HeaderValue::from_str(value).map_err(|_| {
+        ProviderError::new(
+            FailureKind::Unauthorized,
+            "key material is not a valid http header value",
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
-/// Classifies a `reqwest` failure: timeouts as [`FailureKind::Timeout`], everything
-/// else (connect, request, body, decode) as [`FailureKind::Network`]. The message
-/// holds the error and its causes, never the URL.
-pub fn transport_error(err: reqwest::Error) -> ProviderError {
-    let err = err.without_url();
-    let kind = if err.is_timeout() {
-        FailureKind::Timeout
-    } else {
-        FailureKind::Network
-    };
-    let mut error = ProviderError::new(kind, scrub_message(&transport_error_text(&err)));
-    if let Some(status) = err.status() {
-        error = error.with_status(status.as_u16());
-    }
-    error
-}
-
-/// `err: cause: cause`, each level once (reqwest repeats its source in some displays).
-/// Callers strip the URL first (`without_url`).
-fn transport_error_text(err: &reqwest::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            let _ = write!(text, ": {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
+/// Parses an adapter's request URL.
+///
+/// # Errors
+/// [`FailureKind::BadRequest`] naming what is wrong (never the URL: a query may hold
+/// a key).
+pub fn parse_uri(text: &str) -> Result<http::Uri, ProviderError> {
+    http::Uri::try_from(text)
+        .map_err(|err| ProviderError::new(FailureKind::BadRequest, format!("invalid url: {err}")))
 }
 
 /// Checks that `response` declares the media type `expected` (parameters such as
@@ -211,25 +172,19 @@ pub fn expect_content_type(response: &Response, expected: &str) -> Result<(), Pr
 }
 
 /// Reads a success body of at most `limit` bytes, each piece within the response's
-/// idle timeout.
+/// idle timeout and all of it within the total timeout.
 ///
 /// # Errors
 /// [`transport_error`] on a failed read, [`FailureKind::Timeout`] when the body
 /// stalls, [`FailureKind::ServerError`] when it exceeds `limit`.
 pub async fn read_body(mut response: Response, limit: usize) -> Result<Vec<u8>, ProviderError> {
     let status = response.status().as_u16();
-    let idle = idle_timeout(&response);
+    let limits = BodyLimits::of(&response);
     let mut body = Vec::new();
     loop {
-        let chunk = match tokio::time::timeout(idle, response.chunk()).await {
-            Err(_elapsed) => {
-                return Err(ProviderError::new(
-                    FailureKind::Timeout,
-                    format!("response body stalled for {} ms", idle.as_millis()),
-                )
-                .with_status(status));
-            }
-            Ok(Err(err)) => return Err(transport_error(err).with_status(status)),
+        let chunk = match limits.within(next_chunk(&mut response)).await {
+            Err(cut) => return Err(cut.error("response body").with_status(status)),
+            Ok(Err(err)) => return Err(transport_error(&err).with_status(status)),
             Ok(Ok(None)) => return Ok(body),
             Ok(Ok(Some(chunk))) => chunk,
         };

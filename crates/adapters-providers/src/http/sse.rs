@@ -1,5 +1,4 @@
-//! Server-sent events over a `reqwest` response body, with an idle timeout between
-//! events and detection of a body that ends in the middle of an event.
+//! Server-sent events over a response body, with an idle timeout between events and detection of a body that ends in the middle of an event.
 //!
 //! Parsing is `eventsource-stream`'s; this module adds what it leaves out: it drops a
 //! partial event at the end of the body silently, so the raw bytes are watched and a
@@ -14,9 +13,9 @@ use apikeyrouter_domain::FailureKind;
 use eventsource_stream::{EventStreamError, Eventsource};
 use futures_core::Stream;
 use futures_util::StreamExt;
-use reqwest::Response;
+use http_body_util::BodyDataStream;
 
-use super::idle_timeout;
+use super::client::{BodyLimits, Cut, Response, error_text};
 
 /// One server-sent event.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,32 +28,35 @@ pub struct SseEvent {
 
 /// The events of `response`'s body. Between two events at most the response's idle
 /// timeout passes (the `first_byte_timeout` when the response came from
-/// [`super::send`]), else the stream yields a [`FailureKind::Timeout`] error. A failed
+/// [`super::HttpClient::send`]), and the whole stream ends within the total timeout,
+/// else the stream yields a [`FailureKind::Timeout`] error. A failed
 /// read, invalid UTF-8, or a body ending inside an event yields a
 /// [`FailureKind::Network`] error (`truncated or malformed event stream: ...`). The
 /// stream ends after its first error. Dropping it closes the connection.
 pub fn sse_stream(
     response: Response,
 ) -> impl Stream<Item = Result<SseEvent, ProviderError>> + Send + 'static {
-    let idle = idle_timeout(&response);
+    let limits = BodyLimits::of(&response);
     let status = response.status().as_u16();
     let body = WatchedBody {
-        inner: Box::pin(response.bytes_stream()),
+        inner: Box::pin(BodyDataStream::new(response.into_body())),
         tail: Vec::with_capacity(4),
         finished: false,
     };
     let events = Box::pin(body.eventsource());
     futures_util::stream::unfold(Some(events), move |state| async move {
         let mut events = state?;
-        match tokio::time::timeout(idle, events.next()).await {
-            Err(_elapsed) => Some((
-                Err(ProviderError::new(
-                    FailureKind::Timeout,
-                    format!("event stream idle for {} ms", idle.as_millis()),
-                )
-                .with_status(status)),
-                None,
-            )),
+        match limits.within(events.next()).await {
+            Err(cut) => {
+                let error = match cut {
+                    Cut::Idle(idle) => ProviderError::new(
+                        FailureKind::Timeout,
+                        format!("event stream idle for {} ms", idle.as_millis()),
+                    ),
+                    Cut::Total(_) => cut.error("event stream"),
+                };
+                Some((Err(error.with_status(status)), None))
+            }
             Ok(None) => None,
             Ok(Some(Ok(event))) => {
                 let name =
@@ -95,7 +97,7 @@ fn stream_error(err: EventStreamError<BodyFault>) -> ProviderError {
 #[derive(Debug)]
 enum BodyFault {
     /// Reading failed (reset, timeout).
-    Transport(reqwest::Error),
+    Transport(hyper::Error),
     /// The body ended without the blank line that terminates an event.
     EndedMidEvent,
 }
@@ -103,7 +105,7 @@ enum BodyFault {
 impl fmt::Display for BodyFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Transport(err) => write!(f, "{}", super::transport_error_text(err)),
+            Self::Transport(err) => f.write_str(&error_text(err)),
             Self::EndedMidEvent => f.write_str("the body ended inside an event"),
         }
     }
@@ -119,7 +121,7 @@ struct WatchedBody<S> {
 
 impl<S, B> Stream for WatchedBody<S>
 where
-    S: Stream<Item = Result<B, reqwest::Error>>,
+    S: Stream<Item = Result<B, hyper::Error>>,
     B: AsRef<[u8]>,
 {
     type Item = Result<B, BodyFault>;
@@ -141,7 +143,7 @@ where
             }
             Poll::Ready(Some(Err(err))) => {
                 this.finished = true;
-                Poll::Ready(Some(Err(BodyFault::Transport(err.without_url()))))
+                Poll::Ready(Some(Err(BodyFault::Transport(err))))
             }
             Poll::Ready(None) => {
                 this.finished = true;

@@ -5,13 +5,23 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apikeyrouter_domain::{FailureKind, KeyMaterial, QuotaObservation, Timestamp};
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use super::errors::classify_body;
 use super::*;
+
+/// Sends a request of `method` to `url` with `client`.
+async fn call(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+) -> Result<Response, apikeyrouter_application::ports::ProviderError> {
+    let request = request(method, parse_uri(url)?, [], None::<&()>)?;
+    client.send(request).await
+}
 
 /// 2024-06-01T00:00:00Z.
 const NOW_MS: u64 = 1_717_200_000_000;
@@ -396,9 +406,9 @@ async fn refused_connection_is_a_network_error_without_the_url() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     drop(listener);
-    let client = build_client(&HttpSettings::default()).unwrap();
-    let request = client.get(format!("http://{address}/v1/models?key=secret-in-query"));
-    let error = send(request, &HttpSettings::default()).await.unwrap_err();
+    let client = HttpClient::new(&HttpSettings::default()).unwrap();
+    let url = format!("http://{address}/v1/models?key=secret-in-query");
+    let error = call(&client, Method::GET, &url).await.unwrap_err();
     assert_eq!(error.kind, FailureKind::Network, "{error}");
     assert!(!error.message.contains("secret-in-query"), "{error}");
     assert!(!error.message.contains("/v1/models"), "{error}");
@@ -415,8 +425,8 @@ async fn slow_headers_time_out() {
         first_byte_timeout: Duration::from_millis(100),
         ..HttpSettings::default()
     };
-    let client = build_client(&settings).unwrap();
-    let error = send(client.get(server.uri()), &settings).await.unwrap_err();
+    let client = HttpClient::new(&settings).unwrap();
+    let error = call(&client, Method::GET, &server.uri()).await.unwrap_err();
     assert_eq!(error.kind, FailureKind::Timeout, "{error}");
     assert_eq!(error.status, None);
 }
@@ -432,8 +442,8 @@ async fn total_timeout_is_a_timeout() {
         total_timeout: Duration::from_millis(100),
         ..HttpSettings::default()
     };
-    let client = build_client(&settings).unwrap();
-    let error = send(client.get(server.uri()), &settings).await.unwrap_err();
+    let client = HttpClient::new(&settings).unwrap();
+    let error = call(&client, Method::GET, &server.uri()).await.unwrap_err();
     assert_eq!(error.kind, FailureKind::Timeout, "{error}");
 }
 
@@ -453,8 +463,8 @@ async fn error_response_is_read_and_classified() {
         .mount(&server)
         .await;
     let settings = HttpSettings::default();
-    let client = build_client(&settings).unwrap();
-    let response = send(client.post(server.uri()), &settings).await.unwrap();
+    let client = HttpClient::new(&settings).unwrap();
+    let response = call(&client, Method::POST, &server.uri()).await.unwrap();
     assert!(expect_content_type(&response, "application/json").is_ok());
     let error = error_from_response(response, openai_quota).await;
     assert_eq!(error.kind, FailureKind::QuotaExhausted);
@@ -471,8 +481,8 @@ async fn unexpected_content_type_is_a_server_error() {
         .mount(&server)
         .await;
     let settings = HttpSettings::default();
-    let client = build_client(&settings).unwrap();
-    let response = send(client.get(server.uri()), &settings).await.unwrap();
+    let client = HttpClient::new(&settings).unwrap();
+    let response = call(&client, Method::GET, &server.uri()).await.unwrap();
     let error = expect_content_type(&response, "application/json").unwrap_err();
     assert_eq!(error.kind, FailureKind::ServerError);
     assert_eq!(error.status, Some(200));
@@ -480,17 +490,14 @@ async fn unexpected_content_type_is_a_server_error() {
     assert!(expect_content_type(&response, "TEXT/HTML").is_ok());
 }
 
-async fn sse_response(
-    body: &'static str,
-    settings: &HttpSettings,
-) -> (MockServer, reqwest::Response) {
+async fn sse_response(body: &'static str, settings: &HttpSettings) -> (MockServer, Response) {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
         .respond_with(ResponseTemplate::new(200).set_body_raw(body, "text/event-stream"))
         .mount(&server)
         .await;
-    let client = build_client(settings).unwrap();
-    let response = send(client.get(server.uri()), settings).await.unwrap();
+    let client = HttpClient::new(settings).unwrap();
+    let response = call(&client, Method::GET, &server.uri()).await.unwrap();
     (server, response)
 }
 
@@ -569,14 +576,35 @@ async fn silent_event_stream_times_out() {
         first_byte_timeout: Duration::from_millis(200),
         ..HttpSettings::default()
     };
-    let client = build_client(&settings).unwrap();
-    let response = send(client.get(format!("http://{address}/")), &settings)
+    let client = HttpClient::new(&settings).unwrap();
+    let response = call(&client, Method::GET, &format!("http://{address}/"))
         .await
         .unwrap();
     let events: Vec<_> = sse_stream(response).collect().await;
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[0].as_ref().unwrap().data, "first");
-    assert_eq!(events[1].as_ref().unwrap_err().kind, FailureKind::Timeout);
+    let error = events[1].as_ref().unwrap_err();
+    assert_eq!(error.kind, FailureKind::Timeout);
+    assert!(error.message.contains("idle for 200 ms"), "{error}");
+}
+
+#[tokio::test]
+async fn a_body_still_arriving_at_the_total_timeout_is_cut() {
+    let address = stalling_sse_server().await;
+    let settings = HttpSettings {
+        total_timeout: Duration::from_millis(300),
+        ..HttpSettings::default()
+    };
+    let client = HttpClient::new(&settings).unwrap();
+    let response = call(&client, Method::GET, &format!("http://{address}/"))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let error = read_body(response, MAX_BODY_BYTES).await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::Timeout, "{error}");
+    assert!(error.message.contains("total timeout of 300 ms"), "{error}");
+    assert_eq!(error.status, Some(200));
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[test]

@@ -18,23 +18,26 @@ pub(crate) mod tests;
 use std::pin::Pin;
 use std::time::SystemTime;
 
+use ::http::header::{ACCEPT, AUTHORIZATION};
+use ::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use apikeyrouter_application::ports::{
     ChatChunk, ChatResponse, ChatStream, EmbeddingCall, EmbeddingResponse, ModelSet, Provider,
     ProviderCall, ProviderError, StreamStart,
 };
 use apikeyrouter_domain::{FailureKind, KeyMaterial, ModelId, PriceCatalogue, TokenUsage};
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::StreamExt;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use reqwest::{Client, Method, RequestBuilder, Response, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use url::Url;
 
 use crate::http::{
-    self, HttpSettings, MAX_BODY_BYTES, SseEvent, error_from_parts, error_from_response,
-    expect_content_type, malformed_body, openai_quota, read_body, redact_key, send, sse_stream,
+    self, HttpClient, HttpSettings, MAX_BODY_BYTES, Response, SseEvent, error_from_parts,
+    error_from_response, expect_content_type, malformed_body, openai_quota, read_body, redact_key,
+    sse_stream,
 };
 
 /// Where an OpenAI-shaped API lives and how it authenticates.
@@ -96,29 +99,26 @@ impl Endpoint {
         url
     }
 
+    /// [`Self::url`] as the request URI.
+    fn uri(&self, operation: Operation, model: &str) -> Result<Uri, ProviderError> {
+        http::parse_uri(self.url(operation, model).as_str())
+    }
+
     /// The auth header carrying `material`, marked sensitive so it is never logged.
     fn auth_header(
         &self,
         material: &KeyMaterial,
     ) -> Result<(HeaderName, HeaderValue), ProviderError> {
-        let (name, value) = match self {
+        Ok(match self {
             Self::OpenAi { .. } | Self::Compatible { .. } => (
-                reqwest::header::AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {}", material.expose())),
+                AUTHORIZATION,
+                http::secret_header(&format!("Bearer {}", material.expose()))?,
             ),
             Self::Azure { .. } => (
                 HeaderName::from_static("api-key"),
-                HeaderValue::from_str(material.expose()),
+                http::secret_header(material.expose())?,
             ),
-        };
-        let mut value = value.map_err(|_| {
-            ProviderError::new(
-                FailureKind::Unauthorized,
-                "key material is not a valid http header value",
-            )
-        })?;
-        value.set_sensitive(true);
-        Ok((name, value))
+        })
     }
 }
 
@@ -144,8 +144,7 @@ pub(crate) fn parse_base(text: &str) -> Result<Url, ProviderError> {
 /// timeouts, and the mapping between normalized and wire types.
 #[derive(Debug)]
 pub(crate) struct OpenAiClient {
-    http: Client,
-    settings: HttpSettings,
+    http: HttpClient,
     endpoint: Endpoint,
     /// The URLs of the operations, built once when they do not depend on the model
     /// (all but Azure): building one per request re-parses the path each time.
@@ -155,24 +154,24 @@ pub(crate) struct OpenAiClient {
 /// Prebuilt operation URLs of an endpoint whose URLs do not depend on the model.
 #[derive(Debug)]
 struct FixedUrls {
-    chat_completions: Url,
-    embeddings: Url,
-    models: Url,
+    chat_completions: Uri,
+    embeddings: Uri,
+    models: Uri,
 }
 
 impl FixedUrls {
-    fn of(endpoint: &Endpoint) -> Option<Self> {
-        match endpoint {
+    fn of(endpoint: &Endpoint) -> Result<Option<Self>, ProviderError> {
+        Ok(match endpoint {
             Endpoint::Azure { .. } => None,
             Endpoint::OpenAi { .. } | Endpoint::Compatible { .. } => Some(Self {
-                chat_completions: endpoint.url(Operation::ChatCompletions, ""),
-                embeddings: endpoint.url(Operation::Embeddings, ""),
-                models: endpoint.url(Operation::Models, ""),
+                chat_completions: endpoint.uri(Operation::ChatCompletions, "")?,
+                embeddings: endpoint.uri(Operation::Embeddings, "")?,
+                models: endpoint.uri(Operation::Models, "")?,
             }),
-        }
+        })
     }
 
-    fn get(&self, operation: Operation) -> &Url {
+    fn get(&self, operation: Operation) -> &Uri {
         match operation {
             Operation::ChatCompletions => &self.chat_completions,
             Operation::Embeddings => &self.embeddings,
@@ -185,9 +184,8 @@ impl OpenAiClient {
     /// A client for `endpoint` with its own connection pool.
     pub(crate) fn new(endpoint: Endpoint, settings: HttpSettings) -> Result<Self, ProviderError> {
         Ok(Self {
-            http: http::build_client(&settings)?,
-            settings,
-            fixed_urls: FixedUrls::of(&endpoint),
+            http: HttpClient::new(&settings)?,
+            fixed_urls: FixedUrls::of(&endpoint)?,
             endpoint,
         })
     }
@@ -200,28 +198,18 @@ impl OpenAiClient {
         model: &str,
         material: &KeyMaterial,
         body: Option<&B>,
-    ) -> Result<RequestBuilder, ProviderError> {
-        let (name, value) = self.endpoint.auth_header(material)?;
-        let url = match &self.fixed_urls {
+    ) -> Result<Request<Bytes>, ProviderError> {
+        let auth = self.endpoint.auth_header(material)?;
+        let uri = match &self.fixed_urls {
             Some(urls) => urls.get(operation).clone(),
-            None => self.endpoint.url(operation, model),
+            None => self.endpoint.uri(operation, model)?,
         };
-        let mut request = self.http.request(method, url).header(name, value);
-        if let Some(body) = body {
-            let bytes = serde_json::to_vec(body).map_err(|err| {
-                ProviderError::new(
-                    FailureKind::BadRequest,
-                    format!("cannot encode request: {err}"),
-                )
-            })?;
-            request = request.header(CONTENT_TYPE, "application/json").body(bytes);
-        }
-        Ok(request)
+        http::request(method, uri, [auth], body)
     }
 
     /// Sends `request`; a non-success status becomes a classified error.
-    async fn send(&self, request: RequestBuilder) -> Result<Response, ProviderError> {
-        let response = send(request, &self.settings).await?;
+    async fn send(&self, request: Request<Bytes>) -> Result<Response, ProviderError> {
+        let response = self.http.send(request).await?;
         if response.status().is_success() {
             Ok(response)
         } else {
@@ -234,7 +222,7 @@ impl OpenAiClient {
     /// is; a body that does not parse is a server error.
     async fn json_call<T: DeserializeOwned + HasError>(
         &self,
-        request: RequestBuilder,
+        request: Request<Bytes>,
     ) -> Result<(T, Option<apikeyrouter_domain::QuotaObservation>), ProviderError> {
         let mut response = self.send(request).await?;
         let now = SystemTime::now();
@@ -301,15 +289,16 @@ impl OpenAiClient {
 
     async fn chat_stream_inner(&self, call: ProviderCall) -> Result<StreamStart, ProviderError> {
         let body = wire::chat_request(call.model.as_str(), &call.request, true)?;
-        let request = self
-            .request(
-                Method::POST,
-                Operation::ChatCompletions,
-                call.model.as_str(),
-                &call.material,
-                Some(&body),
-            )?
-            .header(reqwest::header::ACCEPT, "text/event-stream");
+        let mut request = self.request(
+            Method::POST,
+            Operation::ChatCompletions,
+            call.model.as_str(),
+            &call.material,
+            Some(&body),
+        )?;
+        request
+            .headers_mut()
+            .insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
         let response = self.send(request).await?;
         let quota = openai_quota(response.headers(), SystemTime::now());
         expect_content_type(&response, "text/event-stream")

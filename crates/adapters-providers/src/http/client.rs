@@ -1,0 +1,425 @@
+//! The pooled HTTP client of an adapter: hyper's connection pool over rustls (HTTP/2
+//! when the server offers it through ALPN), the proxies of `HTTP_PROXY`,
+//! `HTTPS_PROXY`, `ALL_PROXY` and `NO_PROXY`, and the timeouts of [`HttpSettings`].
+//!
+//! hyper directly rather than a higher-level client: on the proxy's hot path the
+//! higher-level client re-parsed every URL twice (for its redirect policy) and cost
+//! about a tenth of the proxy's CPU per request (docs/benchmarks.md).
+//!
+//! Proxies: an `https` destination is reached through an HTTP `CONNECT` tunnel, a
+//! plain `http` one by sending the request in absolute form to the proxy; a proxy
+//! URL's user and password become `Proxy-Authorization`.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apikeyrouter_application::ports::ProviderError;
+use apikeyrouter_domain::FailureKind;
+use bytes::Bytes;
+use http::header::{PROXY_AUTHORIZATION, USER_AGENT};
+use http::uri::Scheme;
+use http::{HeaderValue, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::{HttpSettings, scrub_message};
+
+/// A response whose body is still to be read.
+pub type Response = http::Response<Incoming>;
+
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+const USER_AGENT_VALUE: &str = concat!("apikeyrouter/", env!("CARGO_PKG_VERSION"));
+
+/// An adapter's client; cheap to clone (the pool is shared).
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<HttpsConnector<ProxyConnector>, Full<Bytes>>,
+    proxies: Arc<Matcher>,
+    settings: HttpSettings,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpClient {
+    /// A client that verifies servers with the platform's trust store and takes its
+    /// proxies from the environment.
+    ///
+    /// # Errors
+    /// [`FailureKind::Network`] when the TLS backend cannot be initialised.
+    pub fn new(settings: &HttpSettings) -> Result<Self, ProviderError> {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_setup_error(&e))?;
+        let tls = tls
+            .try_with_platform_verifier()
+            .map_err(|e| tls_setup_error(&e))?
+            .with_no_client_auth();
+        Ok(Self::with_parts(settings, tls, Matcher::from_env()))
+    }
+
+    /// A client with the given TLS configuration and proxies (tests use their own
+    /// certificate authority and proxy).
+    pub(crate) fn with_parts(
+        settings: &HttpSettings,
+        tls: rustls::ClientConfig,
+        proxies: Matcher,
+    ) -> Self {
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(settings.connect_timeout));
+        // The TLS layer passes `https` destinations through.
+        tcp.enforce_http(false);
+        let proxies = Arc::new(proxies);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(ProxyConnector {
+                tcp,
+                proxies: proxies.clone(),
+            });
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Self {
+            inner,
+            proxies,
+            settings: *settings,
+        }
+    }
+
+    /// Sends `request`, waiting at most the first-byte timeout for the response
+    /// headers, and records the body's idle and total bounds on the response for
+    /// [`super::read_body`], [`super::sse_stream`] and error bodies. Any status is
+    /// returned as `Ok`.
+    ///
+    /// # Errors
+    /// [`FailureKind::Timeout`] when no headers arrive in time, else
+    /// [`transport_error`].
+    pub async fn send(&self, request: Request<Bytes>) -> Result<Response, ProviderError> {
+        let (mut parts, body) = request.into_parts();
+        parts
+            .headers
+            .entry(USER_AGENT)
+            .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
+        if parts.uri.scheme() == Some(&Scheme::HTTP) {
+            // Sent to the proxy itself (absolute form), so it carries the proxy's
+            // credentials; a tunnel carries them in its CONNECT instead.
+            if let Some(auth) = self
+                .proxies
+                .intercept(&parts.uri)
+                .and_then(|proxy| proxy.basic_auth().cloned())
+            {
+                parts.headers.insert(PROXY_AUTHORIZATION, auth);
+            }
+        }
+        let started = Instant::now();
+        let limits = BodyLimits {
+            idle: self.settings.first_byte_timeout,
+            deadline: started + self.settings.total_timeout,
+            total: self.settings.total_timeout,
+        };
+        let headers_by = (started + self.settings.first_byte_timeout).min(limits.deadline);
+        let call = async {
+            let mut nacks = 0;
+            loop {
+                let mut attempt = Request::new(Full::new(body.clone()));
+                *attempt.method_mut() = parts.method.clone();
+                *attempt.uri_mut() = parts.uri.clone();
+                *attempt.headers_mut() = parts.headers.clone();
+                match self.inner.request(attempt).await {
+                    Err(err) if nacks < MAX_NACK_RETRIES && is_protocol_nack(&err) => nacks += 1,
+                    result => return result,
+                }
+            }
+        };
+        match tokio::time::timeout_at(headers_by, call).await {
+            Err(_elapsed) => Err(ProviderError::new(
+                FailureKind::Timeout,
+                format!(
+                    "no response headers within {} ms",
+                    headers_by.saturating_duration_since(started).as_millis()
+                ),
+            )),
+            Ok(Err(err)) => Err(transport_error(&err)),
+            Ok(Ok(mut response)) => {
+                response.extensions_mut().insert(limits);
+                Ok(response)
+            }
+        }
+    }
+}
+
+/// How many times a request the server refused unprocessed is sent again.
+const MAX_NACK_RETRIES: u32 = 2;
+
+/// Whether an HTTP/2 server refused the request without processing it (a graceful
+/// `GOAWAY`, or `REFUSED_STREAM`), so that sending it again is safe: without the retry
+/// a server recycling its connections would count as a failing key.
+fn is_protocol_nack(err: &(dyn StdError + 'static)) -> bool {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            let reason = h2.reason();
+            return h2.is_remote()
+                && ((h2.is_go_away() && reason == Some(h2::Reason::NO_ERROR))
+                    || (h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        source = cause.source();
+    }
+    false
+}
+
+fn tls_setup_error(err: &dyn std::fmt::Display) -> ProviderError {
+    ProviderError::new(
+        FailureKind::Network,
+        format!("cannot build http client: {err}"),
+    )
+}
+
+/// The bounds on reading a response body: the silence between two pieces, and the
+/// end of the whole exchange.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BodyLimits {
+    pub(crate) idle: Duration,
+    deadline: Instant,
+    total: Duration,
+}
+
+/// Why a body read was cut short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// Nothing arrived for the idle bound.
+    Idle(Duration),
+    /// The whole exchange's bound passed.
+    Total(Duration),
+}
+
+impl BodyLimits {
+    /// The limits [`HttpClient::send`] recorded on `response`, else the defaults.
+    pub(crate) fn of(response: &Response) -> Self {
+        response
+            .extensions()
+            .get::<Self>()
+            .copied()
+            .unwrap_or_else(|| {
+                let defaults = HttpSettings::default();
+                Self {
+                    idle: defaults.first_byte_timeout,
+                    deadline: Instant::now() + defaults.total_timeout,
+                    total: defaults.total_timeout,
+                }
+            })
+    }
+
+    /// Awaits `step` within the idle bound and the deadline.
+    pub(crate) async fn within<F: Future>(&self, step: F) -> Result<F::Output, Cut> {
+        let idle_until = Instant::now() + self.idle;
+        let (until, cut) = if idle_until < self.deadline {
+            (idle_until, Cut::Idle(self.idle))
+        } else {
+            (self.deadline, Cut::Total(self.total))
+        };
+        tokio::time::timeout_at(until, step).await.map_err(|_| cut)
+    }
+}
+
+impl Cut {
+    /// The timeout error of a cut body, `what` naming the body ("response body").
+    pub(crate) fn error(self, what: &str) -> ProviderError {
+        let message = match self {
+            Self::Idle(idle) => format!("{what} stalled for {} ms", idle.as_millis()),
+            Self::Total(total) => {
+                format!(
+                    "{what} not complete within the total timeout of {} ms",
+                    total.as_millis()
+                )
+            }
+        };
+        ProviderError::new(FailureKind::Timeout, message)
+    }
+}
+
+/// The next piece of `response`'s body (trailers skipped), `None` at its end.
+pub(crate) async fn next_chunk(response: &mut Response) -> Result<Option<Bytes>, hyper::Error> {
+    loop {
+        match response.body_mut().frame().await {
+            None => return Ok(None),
+            Some(Err(err)) => return Err(err),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
+/// Classifies a failed exchange: an I/O timeout anywhere in the causes as
+/// [`FailureKind::Timeout`], anything else (connect, TLS, proxy, protocol) as
+/// [`FailureKind::Network`]. The message holds the error and its causes; neither
+/// hyper nor this module puts a URL in them.
+pub fn transport_error(err: &(dyn StdError + 'static)) -> ProviderError {
+    let mut kind = FailureKind::Network;
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(cause) = source {
+        let timed_out = cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut)
+            || cause
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout);
+        if timed_out {
+            kind = FailureKind::Timeout;
+        }
+        source = cause.source();
+    }
+    ProviderError::new(kind, scrub_message(&error_text(err)))
+}
+
+/// `err: cause: cause`, each level once (some errors repeat their source).
+pub(crate) fn error_text(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Opens the TCP connection to a destination, or to the proxy that serves it.
+#[derive(Clone, Debug)]
+pub(crate) struct ProxyConnector {
+    tcp: HttpConnector,
+    proxies: Arc<Matcher>,
+}
+
+impl Service<Uri> for ProxyConnector {
+    type Response = ProxiedTcp;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<ProxiedTcp, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let mut tcp = self.tcp.clone();
+        let Some(proxy) = self.proxies.intercept(&dst) else {
+            return Box::pin(async move {
+                let io = tcp.call(dst).await?;
+                Ok(ProxiedTcp { io, proxied: false })
+            });
+        };
+        let proxy_uri = proxy.uri().clone();
+        if proxy_uri.scheme() != Some(&Scheme::HTTP) {
+            let scheme = proxy_uri.scheme_str().unwrap_or("none").to_owned();
+            return Box::pin(async move {
+                Err(format!("proxy scheme {scheme} is not supported (use an http:// proxy)").into())
+            });
+        }
+        if dst.scheme() == Some(&Scheme::HTTPS) {
+            let mut tunnel = Tunnel::new(proxy_uri, tcp);
+            if let Some(auth) = proxy.basic_auth() {
+                tunnel = tunnel.with_auth(auth.clone());
+            }
+            Box::pin(async move {
+                let io = tunnel.call(dst).await?;
+                Ok(ProxiedTcp { io, proxied: false })
+            })
+        } else {
+            Box::pin(async move {
+                let io = tcp.call(proxy_uri).await?;
+                Ok(ProxiedTcp { io, proxied: true })
+            })
+        }
+    }
+}
+
+/// A TCP connection that knows whether it leads to a plain-HTTP proxy (whose
+/// requests must then be in absolute form).
+#[derive(Debug)]
+pub(crate) struct ProxiedTcp {
+    io: TokioIo<TcpStream>,
+    proxied: bool,
+}
+
+impl Connection for ProxiedTcp {
+    fn connected(&self) -> Connected {
+        self.io.connected().proxy(self.proxied)
+    }
+}
+
+impl Read for ProxiedTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl Write for ProxiedTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}

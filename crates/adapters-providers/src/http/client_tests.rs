@@ -1,0 +1,293 @@
+//! Tests of the client's transport: TLS with HTTP/2 through ALPN, certificate
+//! checks, and proxies (a `CONNECT` tunnel for `https`, absolute form for `http`),
+//! against a local HTTPS server with a test certificate authority and a local proxy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use apikeyrouter_domain::FailureKind;
+use bytes::Bytes;
+use http::{Method, Version};
+use http_body_util::Full;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use super::client::HttpClient;
+use super::{HttpSettings, MAX_BODY_BYTES, parse_uri, read_body, request};
+
+const CA: &[u8] = include_bytes!("testdata/ca.pem");
+const CERT: &[u8] = include_bytes!("testdata/localhost.pem");
+const KEY: &[u8] = include_bytes!("testdata/localhost.key");
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A client that trusts only the test certificate authority.
+fn trusting_client(proxies: Matcher) -> HttpClient {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(CA).unwrap())
+        .unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    HttpClient::with_parts(&HttpSettings::default(), tls, proxies)
+}
+
+fn tls_acceptor(alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(CERT).unwrap()],
+            PrivateKeyDer::from_pem_slice(KEY).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// An HTTPS server for `localhost` offering HTTP/2 and HTTP/1.1; it answers each
+/// request with its protocol version and path.
+async fn https_server() -> SocketAddr {
+    let acceptor = tls_acceptor(&[b"h2", b"http/1.1"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A failed handshake (the untrusting client) just ends the connection.
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                    let text = format!("{:?} {}", req.version(), req.uri().path());
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                        text,
+                    ))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+/// A forward proxy: it reports each request head it receives, opens `CONNECT`
+/// tunnels to 127.0.0.1 at the requested port, and answers plain requests itself
+/// with `proxied`.
+async fn proxy_server() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (heads, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0_u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let _ = heads.send(head.clone());
+                if let Some(target) = head.strip_prefix("CONNECT ") {
+                    let port = target
+                        .split_whitespace()
+                        .next()
+                        .and_then(|authority| authority.rsplit_once(':'))
+                        .map(|(_, port)| port.to_owned())
+                        .unwrap_or_default();
+                    let Ok(mut upstream) = TcpStream::connect(format!("127.0.0.1:{port}")).await
+                    else {
+                        return;
+                    };
+                    let _ = client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                } else {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nproxied")
+                        .await;
+                }
+            });
+        }
+    });
+    (address, received)
+}
+
+async fn get_text(client: &HttpClient, url: &str) -> (Version, String) {
+    let request = request(Method::GET, parse_uri(url).unwrap(), [], None::<&()>).unwrap();
+    let response = client.send(request).await.unwrap();
+    let version = response.version();
+    let body = read_body(response, MAX_BODY_BYTES).await.unwrap();
+    (version, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test]
+async fn https_negotiates_http2_with_a_trusted_server() {
+    let server = https_server().await;
+    let client = trusting_client(Matcher::builder().build());
+    let url = format!("https://localhost:{}/v1/models", server.port());
+    let (version, body) = get_text(&client, &url).await;
+    assert_eq!(version, Version::HTTP_2);
+    assert_eq!(body, "HTTP/2.0 /v1/models");
+    // The pooled connection serves the next request too.
+    assert_eq!(get_text(&client, &url).await.1, "HTTP/2.0 /v1/models");
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_a_network_error() {
+    let server = https_server().await;
+    // The production constructor: the platform's trust store, which does not know the
+    // test authority.
+    let client = HttpClient::new(&HttpSettings::default()).unwrap();
+    let url = format!("https://localhost:{}/v1/models", server.port());
+    let request = request(Method::GET, parse_uri(&url).unwrap(), [], None::<&()>).unwrap();
+    let error = client.send(request).await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::Network, "{error}");
+    assert!(error.message.contains("certificate"), "{error}");
+    assert!(!error.message.contains("/v1/models"), "{error}");
+}
+
+#[tokio::test]
+async fn https_through_a_proxy_uses_an_authenticated_connect_tunnel() {
+    let server = https_server().await;
+    let (proxy, mut heads) = proxy_server().await;
+    let proxies = Matcher::builder()
+        .https(format!("http://user:secret@{proxy}"))
+        .build();
+    let client = trusting_client(proxies);
+    let url = format!("https://localhost:{}/v1/models", server.port());
+    let (version, body) = get_text(&client, &url).await;
+    assert_eq!(
+        (version, body.as_str()),
+        (Version::HTTP_2, "HTTP/2.0 /v1/models")
+    );
+    let head = heads.recv().await.unwrap();
+    assert!(
+        head.starts_with(&format!("CONNECT localhost:{} HTTP/1.1\r\n", server.port())),
+        "{head}"
+    );
+    // base64("user:secret")
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("proxy-authorization: basic dxnlcjpzzwnyzxq="),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn http_through_a_proxy_is_sent_in_absolute_form_with_credentials() {
+    let (proxy, mut heads) = proxy_server().await;
+    let proxies = Matcher::builder()
+        .http(format!("http://user:secret@{proxy}"))
+        .build();
+    let client = trusting_client(proxies);
+    let (_, body) = get_text(&client, "http://upstream.invalid/v1/models?x=1").await;
+    assert_eq!(body, "proxied");
+    let head = heads.recv().await.unwrap();
+    assert!(
+        head.starts_with("GET http://upstream.invalid/v1/models?x=1 HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("proxy-authorization: basic dxnlcjpzzwnyzxq="),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn no_proxy_hosts_are_reached_directly() {
+    let (proxy, mut heads) = proxy_server().await;
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("direct"))
+        .mount(&server)
+        .await;
+    let proxies = Matcher::builder()
+        .http(format!("http://{proxy}"))
+        .no("127.0.0.1")
+        .build();
+    let client = trusting_client(proxies);
+    let (_, body) = get_text(&client, &server.uri()).await;
+    assert_eq!(body, "direct");
+    assert!(heads.try_recv().is_err(), "the proxy saw a request");
+}
+
+/// An HTTP/2-only server that refuses its first `refusals` streams with
+/// `REFUSED_STREAM` and answers the next with `200 served`; it reports each stream.
+async fn refusing_h2_server(refusals: usize) -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let acceptor = tls_acceptor(&[b"h2"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (streams, seen) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let mut connection = h2::server::handshake(tls).await.unwrap();
+        let mut served = 0;
+        while let Some(Ok((_request, mut respond))) = connection.accept().await {
+            let _ = streams.send(());
+            if served < refusals {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            } else {
+                let response = http::Response::new(());
+                let mut body = respond.send_response(response, false).unwrap();
+                body.send_data(Bytes::from_static(b"served"), true).unwrap();
+            }
+            served += 1;
+        }
+    });
+    (address, seen)
+}
+
+#[tokio::test]
+async fn a_refused_http2_stream_is_sent_again() {
+    let (server, mut streams) = refusing_h2_server(2).await;
+    let client = trusting_client(Matcher::builder().build());
+    let url = format!("https://localhost:{}/v1/models", server.port());
+    let (version, body) = get_text(&client, &url).await;
+    assert_eq!((version, body.as_str()), (Version::HTTP_2, "served"));
+    let mut seen = 0;
+    while streams.try_recv().is_ok() {
+        seen += 1;
+    }
+    assert_eq!(seen, 3, "two refusals, then the answer");
+}
+
+#[tokio::test]
+async fn a_server_refusing_every_try_is_a_network_error() {
+    let (server, _streams) = refusing_h2_server(usize::MAX).await;
+    let client = trusting_client(Matcher::builder().build());
+    let url = format!("https://localhost:{}/v1/models", server.port());
+    let request = request(Method::GET, parse_uri(&url).unwrap(), [], None::<&()>).unwrap();
+    let error = client.send(request).await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::Network, "{error}");
+    assert!(error.message.contains("refused"), "{error}");
+}
