@@ -6,38 +6,31 @@
 //! higher-level client re-parsed every URL twice (for its redirect policy) and cost
 //! about a tenth of the proxy's CPU per request (docs/benchmarks.md).
 //!
-//! Proxies: an `https` destination is reached through an HTTP `CONNECT` tunnel, a
-//! plain `http` one by sending the request in absolute form to the proxy; a proxy
-//! URL's user and password become `Proxy-Authorization`.
+//! Connections (TLS, proxies, the connect timeout) are opened by [`super::connect`].
+//! Redirects are not followed: the request carries a key, and an API that redirects is
+//! misconfigured (see [`super::error_from_response`]).
 
 use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apikeyrouter_application::ports::ProviderError;
 use apikeyrouter_domain::FailureKind;
 use bytes::Bytes;
-use http::header::{PROXY_AUTHORIZATION, USER_AGENT};
+use http::header::{ACCEPT, PROXY_AUTHORIZATION, USER_AGENT};
 use http::uri::Scheme;
-use http::{HeaderValue, Request, Uri};
+use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::ConfigBuilderExt;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::proxy::Tunnel;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::Matcher;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
-use tower_service::Service;
 
-use super::{HttpSettings, scrub_message};
+use super::{HttpSettings, connect, scrub_message};
 
 /// A response whose body is still to be read.
 pub type Response = http::Response<Incoming>;
@@ -45,12 +38,13 @@ pub type Response = http::Response<Incoming>;
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-const USER_AGENT_VALUE: &str = concat!("apikeyrouter/", env!("CARGO_PKG_VERSION"));
+/// Sent with every request, and with the `CONNECT` of a proxy tunnel.
+pub(crate) const USER_AGENT_VALUE: &str = concat!("apikeyrouter/", env!("CARGO_PKG_VERSION"));
 
 /// An adapter's client; cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<ProxyConnector>, Full<Bytes>>,
+    inner: Client<connect::Connector, Full<Bytes>>,
     proxies: Arc<Matcher>,
     settings: HttpSettings,
 }
@@ -88,21 +82,8 @@ impl HttpClient {
         tls: rustls::ClientConfig,
         proxies: Matcher,
     ) -> Self {
-        let mut tcp = HttpConnector::new();
-        tcp.set_nodelay(true);
-        tcp.set_connect_timeout(Some(settings.connect_timeout));
-        // The TLS layer passes `https` destinations through.
-        tcp.enforce_http(false);
         let proxies = Arc::new(proxies);
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(ProxyConnector {
-                tcp,
-                proxies: proxies.clone(),
-            });
+        let connector = connect::connector(settings, tls, proxies.clone());
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
@@ -129,6 +110,10 @@ impl HttpClient {
             .headers
             .entry(USER_AGENT)
             .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
+        parts
+            .headers
+            .entry(ACCEPT)
+            .or_insert(HeaderValue::from_static("*/*"));
         if parts.uri.scheme() == Some(&Scheme::HTTP) {
             // Sent to the proxy itself (absolute form), so it carries the proxy's
             // credentials; a tunnel carries them in its CONNECT instead.
@@ -317,109 +302,4 @@ pub(crate) fn error_text(err: &(dyn StdError + 'static)) -> String {
         source = cause.source();
     }
     text
-}
-
-type BoxError = Box<dyn StdError + Send + Sync>;
-
-/// Opens the TCP connection to a destination, or to the proxy that serves it.
-#[derive(Clone, Debug)]
-pub(crate) struct ProxyConnector {
-    tcp: HttpConnector,
-    proxies: Arc<Matcher>,
-}
-
-impl Service<Uri> for ProxyConnector {
-    type Response = ProxiedTcp;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<ProxiedTcp, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        let mut tcp = self.tcp.clone();
-        let Some(proxy) = self.proxies.intercept(&dst) else {
-            return Box::pin(async move {
-                let io = tcp.call(dst).await?;
-                Ok(ProxiedTcp { io, proxied: false })
-            });
-        };
-        let proxy_uri = proxy.uri().clone();
-        if proxy_uri.scheme() != Some(&Scheme::HTTP) {
-            let scheme = proxy_uri.scheme_str().unwrap_or("none").to_owned();
-            return Box::pin(async move {
-                Err(format!("proxy scheme {scheme} is not supported (use an http:// proxy)").into())
-            });
-        }
-        if dst.scheme() == Some(&Scheme::HTTPS) {
-            let mut tunnel = Tunnel::new(proxy_uri, tcp);
-            if let Some(auth) = proxy.basic_auth() {
-                tunnel = tunnel.with_auth(auth.clone());
-            }
-            Box::pin(async move {
-                let io = tunnel.call(dst).await?;
-                Ok(ProxiedTcp { io, proxied: false })
-            })
-        } else {
-            Box::pin(async move {
-                let io = tcp.call(proxy_uri).await?;
-                Ok(ProxiedTcp { io, proxied: true })
-            })
-        }
-    }
-}
-
-/// A TCP connection that knows whether it leads to a plain-HTTP proxy (whose
-/// requests must then be in absolute form).
-#[derive(Debug)]
-pub(crate) struct ProxiedTcp {
-    io: TokioIo<TcpStream>,
-    proxied: bool,
-}
-
-impl Connection for ProxiedTcp {
-    fn connected(&self) -> Connected {
-        self.io.connected().proxy(self.proxied)
-    }
-}
-
-impl Read for ProxiedTcp {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl Write for ProxiedTcp {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
 }

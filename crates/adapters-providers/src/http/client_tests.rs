@@ -94,50 +94,71 @@ async fn https_server() -> SocketAddr {
 /// tunnels to 127.0.0.1 at the requested port, and answers plain requests itself
 /// with `proxied`.
 async fn proxy_server() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    proxy_server_with(None).await
+}
+
+/// [`proxy_server`], spoken over TLS (an `https://` proxy) when given an acceptor.
+async fn proxy_server_with(
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (heads, received) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            let Ok((mut client, _)) = listener.accept().await else {
+            let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
             let heads = heads.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0_u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(tcp).await {
+                            serve_proxy(stream, heads).await;
+                        }
                     }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let _ = heads.send(head.clone());
-                if let Some(target) = head.strip_prefix("CONNECT ") {
-                    let port = target
-                        .split_whitespace()
-                        .next()
-                        .and_then(|authority| authority.rsplit_once(':'))
-                        .map(|(_, port)| port.to_owned())
-                        .unwrap_or_default();
-                    let Ok(mut upstream) = TcpStream::connect(format!("127.0.0.1:{port}")).await
-                    else {
-                        return;
-                    };
-                    let _ = client
-                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                        .await;
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                } else {
-                    let _ = client
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nproxied")
-                        .await;
+                    None => serve_proxy(tcp, heads).await,
                 }
             });
         }
     });
     (address, received)
+}
+
+async fn serve_proxy<S>(mut client: S, heads: mpsc::UnboundedSender<String>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut head = Vec::new();
+    let mut byte = [0_u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if client.read(&mut byte).await.unwrap_or(0) == 0 {
+            return;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let _ = heads.send(head.clone());
+    if let Some(target) = head.strip_prefix("CONNECT ") {
+        let port = target
+            .split_whitespace()
+            .next()
+            .and_then(|authority| authority.rsplit_once(':'))
+            .map(|(_, port)| port.to_owned())
+            .unwrap_or_default();
+        let Ok(mut upstream) = TcpStream::connect(format!("127.0.0.1:{port}")).await else {
+            return;
+        };
+        let _ = client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await;
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    } else {
+        let _ = client
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nproxied")
+            .await;
+    }
 }
 
 async fn get_text(client: &HttpClient, url: &str) -> (Version, String) {
@@ -193,12 +214,92 @@ async fn https_through_a_proxy_uses_an_authenticated_connect_tunnel() {
         head.starts_with(&format!("CONNECT localhost:{} HTTP/1.1\r\n", server.port())),
         "{head}"
     );
+    let head = head.to_ascii_lowercase();
     // base64("user:secret")
     assert!(
-        head.to_ascii_lowercase()
-            .contains("proxy-authorization: basic dxnlcjpzzwnyzxq="),
+        head.contains("proxy-authorization: basic dxnlcjpzzwnyzxq="),
         "{head}"
     );
+    assert!(head.contains("user-agent: apikeyrouter/"), "{head}");
+}
+
+#[tokio::test]
+async fn an_https_proxy_is_reached_over_tls() {
+    let server = https_server().await;
+    let (proxy, mut heads) = proxy_server_with(Some(tls_acceptor(&[b"http/1.1"]))).await;
+    let proxies = Matcher::builder()
+        .https(format!("https://localhost:{}", proxy.port()))
+        .http(format!("https://localhost:{}", proxy.port()))
+        .build();
+    let client = trusting_client(proxies);
+    let url = format!("https://localhost:{}/v1/models", server.port());
+    let (_, body) = get_text(&client, &url).await;
+    assert_eq!(body, "HTTP/2.0 /v1/models");
+    assert!(heads.recv().await.unwrap().starts_with("CONNECT "));
+    let (_, body) = get_text(&client, "http://upstream.invalid/v1/models").await;
+    assert_eq!(body, "proxied");
+    assert!(
+        heads
+            .recv()
+            .await
+            .unwrap()
+            .starts_with("GET http://upstream.invalid/v1/models HTTP/1.1\r\n")
+    );
+}
+
+#[tokio::test]
+async fn the_connect_timeout_covers_a_stalled_tls_handshake() {
+    // Accepts TCP connections and never answers the TLS hello.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let settings = HttpSettings {
+        connect_timeout: std::time::Duration::from_millis(200),
+        ..HttpSettings::default()
+    };
+    let client = HttpClient::new(&settings).unwrap();
+    let url = format!("https://localhost:{port}/v1/models");
+    let request = request(Method::GET, parse_uri(&url).unwrap(), [], None::<&()>).unwrap();
+    let started = std::time::Instant::now();
+    let error = client.send(request).await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::Timeout, "{error}");
+    assert!(error.message.contains("connect timed out"), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_bad_request_that_hides_the_location() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(307).insert_header(
+            "location",
+            "https://elsewhere.invalid/v1?key=sk-in-location",
+        ))
+        .mount(&server)
+        .await;
+    let client = trusting_client(Matcher::builder().build());
+    let url = format!("{}/v1/chat/completions", server.uri());
+    let request = request(Method::POST, parse_uri(&url).unwrap(), [], Some(&"{}")).unwrap();
+    let response = client.send(request).await.unwrap();
+    let error = super::error_from_response(response, super::no_quota).await;
+    assert_eq!(error.kind, FailureKind::BadRequest, "{error}");
+    assert_eq!(error.status, Some(307));
+    assert!(error.message.contains("redirect"), "{error}");
+    assert!(!error.message.contains("sk-in-location"), "{error}");
+    assert!(!error.message.contains("elsewhere"), "{error}");
+}
+
+#[test]
+fn credentials_in_a_url_are_refused_without_echoing_them() {
+    let error = parse_uri("https://user:hunter2@api.example.com/v1").unwrap_err();
+    assert_eq!(error.kind, FailureKind::BadRequest);
+    assert!(!error.message.contains("hunter2"), "{error}");
+    assert!(parse_uri("https://api.example.com/v1?a=b@c").is_ok());
 }
 
 #[tokio::test]

@@ -25,7 +25,9 @@ pub const MAX_MESSAGE_CHARS: usize = 500;
 /// Bytes of an error body read; the rest is dropped with the connection.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
-/// Turns a non-success response into a classified [`ProviderError`]: reads the first
+/// Turns a non-success response into a classified [`ProviderError`]. A redirect is a
+/// bad request (a misconfigured base URL; redirects are not followed). Otherwise reads
+/// the first
 /// 64 KiB of the body (each piece within the response's idle timeout; a failed read
 /// keeps what arrived), classifies it (see the [classification](super#classification)) and
 /// attaches the status,
@@ -36,6 +38,15 @@ pub async fn error_from_response(
 ) -> ProviderError {
     let now = SystemTime::now();
     let status = response.status().as_u16();
+    if response.status().is_redirection() {
+        // Not followed (the request carries a key), and not the key's fault. The
+        // location is left out: its query may hold a key.
+        return ProviderError::new(
+            FailureKind::BadRequest,
+            format!("the provider answered with a redirect ({status}); check the base url"),
+        )
+        .with_status(status);
+    }
     // Moved out: the body is all that is read from the response afterwards.
     let headers = std::mem::take(response.headers_mut());
     let limits = BodyLimits::of(&response);

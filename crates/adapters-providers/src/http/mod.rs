@@ -8,7 +8,8 @@
 //! the application and domain crates and on hyper; never on another adapter.
 //!
 //! Timeouts, as [`HttpSettings`] describes them:
-//! - `connect_timeout` bounds the TCP connect (each address tried);
+//! - `connect_timeout` bounds opening a connection: name lookup, TCP, a proxy's
+//!   tunnel and the TLS handshake;
 //! - `first_byte_timeout` bounds the wait for the response headers
 //!   ([`HttpClient::send`]) and the silence between two chunks of a body
 //!   ([`read_body`], [`sse_stream`], error bodies);
@@ -37,6 +38,7 @@
 //! and truncated to [`MAX_MESSAGE_CHARS`] characters.
 
 mod client;
+mod connect;
 mod errors;
 mod headers;
 mod sse;
@@ -65,7 +67,7 @@ pub use sse::{SseEvent, sse_stream};
 /// Timeouts of one adapter's HTTP client; see the [module documentation](self).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HttpSettings {
-    /// Bound on establishing a connection (TCP and TLS).
+    /// Bound on opening a connection (lookup, TCP, proxy tunnel, TLS).
     pub connect_timeout: std::time::Duration,
     /// Bound on the wait for response headers, and on the silence between two pieces
     /// of a streamed body.
@@ -136,14 +138,23 @@ pub fn secret_header(value: &str) -> Result<http::HeaderValue, ProviderError> {
     Ok(value)
 }
 
-/// Parses an adapter's request URL.
+/// Parses an adapter's request URL. Credentials in it are refused: they would travel
+/// in the request line or HTTP/2 authority; keys go in headers.
 ///
 /// # Errors
 /// [`FailureKind::BadRequest`] naming what is wrong (never the URL: a query may hold
 /// a key).
 pub fn parse_uri(text: &str) -> Result<http::Uri, ProviderError> {
-    http::Uri::try_from(text)
-        .map_err(|err| ProviderError::new(FailureKind::BadRequest, format!("invalid url: {err}")))
+    let uri = http::Uri::try_from(text).map_err(|err| {
+        ProviderError::new(FailureKind::BadRequest, format!("invalid url: {err}"))
+    })?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ProviderError::new(
+            FailureKind::BadRequest,
+            "invalid url: user or password in a url is not supported",
+        ));
+    }
+    Ok(uri)
 }
 
 /// Checks that `response` declares the media type `expected` (parameters such as
