@@ -189,16 +189,33 @@ async fn streaming_sends_chunks_usage_and_done() {
 async fn embeddings_as_floats_and_base64() {
     let p = Proxy::start("", &[]).await;
     let body = json!({"model": "text-embedding-3-small", "input": ["one", "two"], "dimensions": 4});
-    let r: Value = p
+    let response = p
         .client
         .post(p.url("/v1/embeddings"))
         .json(&body)
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    // The same routing headers as chat, the budget's remainder included.
+    let h = response.headers().clone();
+    assert!(h["x-request-id"].to_str().unwrap().starts_with("req_"));
+    assert_eq!(h["x-apikeyrouter-provider"], "openai");
+    assert!(h.contains_key("x-apikeyrouter-key-id"));
+    let cost: f64 = h["x-apikeyrouter-cost-usd"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let remaining: f64 = h["x-apikeyrouter-budget-remaining-usd"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (remaining - (50.0 - cost)).abs() < 1e-9,
+        "{remaining} {cost}"
+    );
+    let r: Value = response.json().await.unwrap();
     assert_eq!(r["data"].as_array().unwrap().len(), 2);
     assert_eq!(r["data"][0]["embedding"].as_array().unwrap().len(), 4);
     let body = json!({"model": "text-embedding-3-small", "input": "one", "dimensions": 4, "encoding_format": "base64"});

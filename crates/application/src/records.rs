@@ -157,3 +157,10 @@ pub struct EmbeddingRouteResponse {
     /// Status of each budget the request counted against, after it.
     pub budgets: Vec<BudgetStatus>,
 }
+
+impl EmbeddingRouteResponse {
+    /// The lowest remaining amount among the budgets that applied, if any.
+    pub fn budget_remaining(&self) -> Option<Money> {
+        self.budgets.iter().map(|b| b.remaining).min()
+    }
+}

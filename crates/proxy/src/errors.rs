@@ -206,7 +206,7 @@ impl IntoResponse for ApiError {
             .as_deref()
             .and_then(|id| HeaderValue::from_str(id).ok())
         {
-            headers.insert("x-request-id", id);
+            headers.insert(crate::openai::headers::REQUEST_ID, id);
         }
         if let Some(secs) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -4,6 +4,7 @@
 //! Handlers are thin: authenticate, parse, call the router, shape the answer.
 
 mod convert;
+pub mod headers;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -17,7 +18,7 @@ use apikeyrouter::{
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -27,6 +28,7 @@ use serde::de::DeserializeOwned;
 use crate::errors::ApiError;
 use crate::metrics::EndpointLabels;
 use crate::state::AppState;
+use headers::RoutingHeaders;
 use wire::{
     EmbeddingData, EmbeddingInput, EmbeddingList, EmbeddingRequest, EmbeddingUsage, ModelEntry,
     ModelList,
@@ -179,16 +181,6 @@ fn routing(state: &AppState, headers: &HeaderMap, model: &str) -> Result<Routing
     })
 }
 
-fn set_header(response: &mut Response, name: &'static str, value: impl AsRef<str>) {
-    if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
-        response.headers_mut().insert(name, v);
-    }
-}
-
-fn usd(m: apikeyrouter::Money) -> String {
-    format!("{:.9}", m.as_usd())
-}
-
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -216,13 +208,15 @@ pub async fn chat_completions(
             .map_err(|e| ApiError::from_route(&e))?;
         let id = format!("chatcmpl-{}", routed.request_id);
         let model = routed.model.to_string();
-        let mut response_headers = Vec::new();
-        response_headers.push(("x-request-id", routed.request_id.to_string()));
-        response_headers.push(("x-apikeyrouter-key-id", routed.key_id.to_string()));
-        response_headers.push(("x-apikeyrouter-provider", routed.provider.to_string()));
-        if let Some(cost) = routed.estimated_cost {
-            response_headers.push(("x-apikeyrouter-estimated-cost-usd", usd(cost)));
-        }
+        // The cost is known only when the stream ends, after the headers.
+        let routing_headers = RoutingHeaders {
+            request_id: routed.request_id.clone(),
+            key_id: routed.key_id.clone(),
+            provider: routed.provider.clone(),
+            cost: None,
+            estimated_cost: routed.estimated_cost,
+            budget_remaining: None,
+        };
         let (provider, model_id) = (routed.provider.clone(), routed.model.clone());
         let attempts = routed.attempts.len() + 1;
         let metrics_state = state.clone();
@@ -259,9 +253,7 @@ pub async fn chat_completions(
         let mut response = Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response();
-        for (name, value) in response_headers {
-            set_header(&mut response, name, value);
-        }
+        routing_headers.write(response.headers_mut());
         state
             .metrics
             .latency
@@ -284,30 +276,16 @@ pub async fn chat_completions(
         served.actual_cost.map(apikeyrouter::Money::as_usd),
         served.attempts.len(),
     );
-    // Header values are built straight from the ids (no intermediate `String`s) before
-    // `served` moves into the body.
-    let mut headers_out: Vec<(&'static str, HeaderValue)> = Vec::with_capacity(6);
-    let mut push = |name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            headers_out.push((name, v));
-        }
+    let routing_headers = RoutingHeaders {
+        request_id: served.request_id.clone(),
+        key_id: served.key_id.clone(),
+        provider: served.provider.clone(),
+        cost: served.actual_cost,
+        estimated_cost: served.estimated_cost,
+        budget_remaining: served.budget_remaining(),
     };
-    push("x-request-id", served.request_id.as_str());
-    push("x-apikeyrouter-key-id", served.key_id.as_str());
-    push("x-apikeyrouter-provider", served.provider.as_str());
-    if let Some(cost) = served.actual_cost {
-        push("x-apikeyrouter-cost-usd", &usd(cost));
-    }
-    if let Some(cost) = served.estimated_cost {
-        push("x-apikeyrouter-estimated-cost-usd", &usd(cost));
-    }
-    if let Some(remaining) = served.budget_remaining() {
-        push("x-apikeyrouter-budget-remaining-usd", &usd(remaining));
-    }
     let mut response = axum::Json(convert::completion(served, created)).into_response();
-    for (name, value) in headers_out {
-        response.headers_mut().insert(name, value);
-    }
+    routing_headers.write(response.headers_mut());
     state
         .metrics
         .latency
@@ -393,20 +371,15 @@ pub async fn embeddings(
         },
     };
     let mut response = axum::Json(body).into_response();
-    set_header(&mut response, "x-request-id", served.request_id.as_str());
-    set_header(
-        &mut response,
-        "x-apikeyrouter-key-id",
-        served.key_id.as_str(),
-    );
-    set_header(
-        &mut response,
-        "x-apikeyrouter-provider",
-        served.provider.as_str(),
-    );
-    if let Some(cost) = served.actual_cost {
-        set_header(&mut response, "x-apikeyrouter-cost-usd", usd(cost));
+    RoutingHeaders {
+        request_id: served.request_id.clone(),
+        key_id: served.key_id.clone(),
+        provider: served.provider.clone(),
+        cost: served.actual_cost,
+        estimated_cost: served.estimated_cost,
+        budget_remaining: served.budget_remaining(),
     }
+    .write(response.headers_mut());
     state
         .metrics
         .latency

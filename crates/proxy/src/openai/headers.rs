@@ -1,0 +1,97 @@
+//! The routing headers of a routed response: which request, key and provider, and
+//! what it cost. One writer for chat, streamed chat and embeddings.
+
+use apikeyrouter::{KeyId, Money, ProviderId, RequestId};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+
+/// `x-request-id`: the request's id, the client's own when it sent one.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const KEY_ID: HeaderName = HeaderName::from_static("x-apikeyrouter-key-id");
+const PROVIDER: HeaderName = HeaderName::from_static("x-apikeyrouter-provider");
+const COST: HeaderName = HeaderName::from_static("x-apikeyrouter-cost-usd");
+const ESTIMATED_COST: HeaderName = HeaderName::from_static("x-apikeyrouter-estimated-cost-usd");
+const BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-apikeyrouter-budget-remaining-usd");
+
+/// What the routing headers say; taken from a response before its body consumes it.
+#[derive(Debug)]
+pub struct RoutingHeaders {
+    pub request_id: RequestId,
+    pub key_id: KeyId,
+    pub provider: ProviderId,
+    /// The actual cost (unknown until a stream ends).
+    pub cost: Option<Money>,
+    pub estimated_cost: Option<Money>,
+    /// The lowest remaining amount of the budgets that applied.
+    pub budget_remaining: Option<Money>,
+}
+
+impl RoutingHeaders {
+    /// Adds the headers to `headers`; an id that cannot be a header value is left out.
+    pub fn write(&self, headers: &mut HeaderMap) {
+        let ids = [
+            (REQUEST_ID, self.request_id.as_str()),
+            (KEY_ID, self.key_id.as_str()),
+            (PROVIDER, self.provider.as_str()),
+        ];
+        for (name, value) in ids {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(name, value);
+            }
+        }
+        let amounts = [
+            (COST, self.cost),
+            (ESTIMATED_COST, self.estimated_cost),
+            (BUDGET_REMAINING, self.budget_remaining),
+        ];
+        for (name, amount) in amounts {
+            if let Some(value) = amount.and_then(usd) {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+/// Dollars with nine decimals, exact (from the integer nano-dollars, not a float).
+fn usd(amount: Money) -> Option<HeaderValue> {
+    const NANOS: u64 = 1_000_000_000;
+    let nanos = amount.as_nanos();
+    HeaderValue::try_from(format!("{}.{:09}", nanos / NANOS, nanos % NANOS)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_are_exact_dollars_with_nine_decimals() {
+        let text = |nanos| usd(Money::from_nanos(nanos)).unwrap();
+        assert_eq!(text(0), "0.000000000");
+        assert_eq!(text(1_500), "0.000001500");
+        assert_eq!(text(12_345_678_901), "12.345678901");
+        // Beyond f64's exact range for nine decimals.
+        assert_eq!(text(9_007_199_254_740_993), "9007199.254740993");
+    }
+
+    #[test]
+    fn every_known_header_is_written_and_unknown_amounts_are_left_out() {
+        let mut headers = HeaderMap::new();
+        RoutingHeaders {
+            request_id: RequestId::new("req-1"),
+            key_id: KeyId::new("key_1"),
+            provider: ProviderId::new("openai"),
+            cost: Some(Money::from_nanos(2_000)),
+            estimated_cost: None,
+            budget_remaining: Some(Money::from_nanos(5_000_000_000)),
+        }
+        .write(&mut headers);
+        assert_eq!(headers["x-request-id"], "req-1");
+        assert_eq!(headers["x-apikeyrouter-key-id"], "key_1");
+        assert_eq!(headers["x-apikeyrouter-provider"], "openai");
+        assert_eq!(headers["x-apikeyrouter-cost-usd"], "0.000002000");
+        assert_eq!(
+            headers["x-apikeyrouter-budget-remaining-usd"],
+            "5.000000000"
+        );
+        assert!(!headers.contains_key("x-apikeyrouter-estimated-cost-usd"));
+    }
+}
