@@ -166,7 +166,7 @@ async fn get_text(client: &HttpClient, url: &str) -> (Version, String) {
     let response = client.send(request).await.unwrap();
     let version = response.version();
     let body = read_body(response, MAX_BODY_BYTES).await.unwrap();
-    (version, String::from_utf8(body).unwrap())
+    (version, String::from_utf8(body.to_vec()).unwrap())
 }
 
 #[tokio::test]

@@ -52,6 +52,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use apikeyrouter_application::ports::ProviderError;
 use apikeyrouter_domain::{FailureKind, KeyMaterial, Timestamp};
+use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 
 use client::{BodyLimits, next_chunk};
@@ -183,30 +184,43 @@ pub fn expect_content_type(response: &Response, expected: &str) -> Result<(), Pr
 }
 
 /// Reads a success body of at most `limit` bytes, each piece within the response's
-/// idle timeout and all of it within the total timeout.
+/// idle timeout and all of it within the total timeout. A body that arrives in one
+/// piece is returned as it came, without a copy.
 ///
 /// # Errors
 /// [`transport_error`] on a failed read, [`FailureKind::Timeout`] when the body
-/// stalls, [`FailureKind::ServerError`] when it exceeds `limit`.
-pub async fn read_body(mut response: Response, limit: usize) -> Result<Vec<u8>, ProviderError> {
+/// stalls or the total timeout passes, [`FailureKind::ServerError`] when it exceeds
+/// `limit`.
+pub async fn read_body(mut response: Response, limit: usize) -> Result<Bytes, ProviderError> {
     let status = response.status().as_u16();
     let limits = BodyLimits::of(&response);
-    let mut body = Vec::new();
+    // The body while it is one piece; once a second comes, `joined` holds it all.
+    let mut only: Option<Bytes> = None;
+    let mut joined = Vec::new();
+    let mut length = 0;
     loop {
         let chunk = match limits.within(next_chunk(&mut response)).await {
             Err(cut) => return Err(cut.error("response body").with_status(status)),
             Ok(Err(err)) => return Err(transport_error(&err).with_status(status)),
-            Ok(Ok(None)) => return Ok(body),
+            Ok(Ok(None)) => return Ok(only.unwrap_or_else(|| Bytes::from(joined))),
             Ok(Ok(Some(chunk))) => chunk,
         };
-        if body.len() + chunk.len() > limit {
+        length += chunk.len();
+        if length > limit {
             return Err(ProviderError::new(
                 FailureKind::ServerError,
                 format!("response body larger than {limit} bytes"),
             )
             .with_status(status));
         }
-        body.extend_from_slice(&chunk);
+        if let Some(earlier) = only.take() {
+            joined.extend_from_slice(&earlier);
+            joined.extend_from_slice(&chunk);
+        } else if joined.is_empty() {
+            only = Some(chunk);
+        } else {
+            joined.extend_from_slice(&chunk);
+        }
     }
 }
 

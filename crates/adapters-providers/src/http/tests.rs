@@ -588,6 +588,45 @@ async fn silent_event_stream_times_out() {
     assert!(error.message.contains("idle for 200 ms"), "{error}");
 }
 
+/// A server that answers once with a chunked body sent as three separate writes.
+async fn chunked_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = [0_u8; 4096];
+            let _ = socket.read(&mut request).await.unwrap();
+            let pieces: [&[u8]; 4] = [
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n",
+                b"3\r\n123\r\n",
+                b"1\r\n}\r\n",
+                b"0\r\n\r\n",
+            ];
+            for piece in pieces {
+                socket.write_all(piece).await.unwrap();
+                socket.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn a_body_in_pieces_is_joined_and_bounded() {
+    let address = chunked_server().await;
+    let client = HttpClient::new(&HttpSettings::default()).unwrap();
+    let url = format!("http://{address}/");
+    let response = call(&client, Method::GET, &url).await.unwrap();
+    let body = read_body(response, MAX_BODY_BYTES).await.unwrap();
+    assert_eq!(&body[..], br#"{"a":123}"#);
+    let response = call(&client, Method::GET, &url).await.unwrap();
+    let error = read_body(response, 8).await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::ServerError, "{error}");
+    assert!(error.message.contains("larger than 8 bytes"), "{error}");
+    assert_eq!(error.status, Some(200));
+}
+
 #[tokio::test]
 async fn a_body_still_arriving_at_the_total_timeout_is_cut() {
     let address = stalling_sse_server().await;
