@@ -247,15 +247,30 @@ impl OpenAiClient {
         http::redacted(self.chat_inner(call).await, &material)
     }
 
-    async fn chat_inner(&self, call: ProviderCall) -> Result<ChatResponse, ProviderError> {
-        let body = wire::chat_request(call.model.as_str(), &call.request, false)?;
-        let request = self.request(
+    /// The `POST /chat/completions` request of `call`, streamed or not.
+    fn chat_request(
+        &self,
+        call: &ProviderCall,
+        stream: bool,
+    ) -> Result<Request<Bytes>, ProviderError> {
+        let body = wire::chat_request(call.model.as_str(), &call.request, stream)?;
+        let mut request = self.request(
             Method::POST,
             Operation::ChatCompletions,
             call.model.as_str(),
             &call.material,
             Some(&body),
         )?;
+        if stream {
+            request
+                .headers_mut()
+                .insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        }
+        Ok(request)
+    }
+
+    async fn chat_inner(&self, call: ProviderCall) -> Result<ChatResponse, ProviderError> {
+        let request = self.chat_request(&call, false)?;
         let (completion, quota) = self.json_call::<wire::ChatCompletion>(request).await?;
         let model = completion
             .model
@@ -288,17 +303,7 @@ impl OpenAiClient {
     }
 
     async fn chat_stream_inner(&self, call: ProviderCall) -> Result<StreamStart, ProviderError> {
-        let body = wire::chat_request(call.model.as_str(), &call.request, true)?;
-        let mut request = self.request(
-            Method::POST,
-            Operation::ChatCompletions,
-            call.model.as_str(),
-            &call.material,
-            Some(&body),
-        )?;
-        request
-            .headers_mut()
-            .insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        let request = self.chat_request(&call, true)?;
         let response = self.send(request).await?;
         let quota = openai_quota(response.headers(), SystemTime::now());
         expect_content_type(&response, "text/event-stream")

@@ -15,17 +15,43 @@ const BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-apikeyrouter-bud
 /// What the routing headers say; taken from a response before its body consumes it.
 #[derive(Debug)]
 pub struct RoutingHeaders {
-    pub request_id: RequestId,
-    pub key_id: KeyId,
-    pub provider: ProviderId,
+    request_id: RequestId,
+    key_id: KeyId,
+    provider: ProviderId,
     /// The actual cost (unknown until a stream ends).
-    pub cost: Option<Money>,
-    pub estimated_cost: Option<Money>,
+    cost: Option<Money>,
+    estimated_cost: Option<Money>,
     /// The lowest remaining amount of the budgets that applied.
-    pub budget_remaining: Option<Money>,
+    budget_remaining: Option<Money>,
 }
 
 impl RoutingHeaders {
+    /// The headers of a request served by `key_id` at `provider`, amounts unknown.
+    pub fn new(request_id: &RequestId, key_id: &KeyId, provider: &ProviderId) -> Self {
+        Self {
+            request_id: request_id.clone(),
+            key_id: key_id.clone(),
+            provider: provider.clone(),
+            cost: None,
+            estimated_cost: None,
+            budget_remaining: None,
+        }
+    }
+
+    /// With the actual and estimated cost and the lowest budget remainder.
+    #[must_use]
+    pub fn with_amounts(
+        mut self,
+        cost: Option<Money>,
+        estimated_cost: Option<Money>,
+        budget_remaining: Option<Money>,
+    ) -> Self {
+        self.cost = cost;
+        self.estimated_cost = estimated_cost;
+        self.budget_remaining = budget_remaining;
+        self
+    }
+
     /// Adds the headers to `headers`; an id that cannot be a header value is left out.
     pub fn write(&self, headers: &mut HeaderMap) {
         let ids = [
@@ -75,14 +101,16 @@ mod tests {
     #[test]
     fn every_known_header_is_written_and_unknown_amounts_are_left_out() {
         let mut headers = HeaderMap::new();
-        RoutingHeaders {
-            request_id: RequestId::new("req-1"),
-            key_id: KeyId::new("key_1"),
-            provider: ProviderId::new("openai"),
-            cost: Some(Money::from_nanos(2_000)),
-            estimated_cost: None,
-            budget_remaining: Some(Money::from_nanos(5_000_000_000)),
-        }
+        RoutingHeaders::new(
+            &RequestId::new("req-1"),
+            &KeyId::new("key_1"),
+            &ProviderId::new("openai"),
+        )
+        .with_amounts(
+            Some(Money::from_nanos(2_000)),
+            None,
+            Some(Money::from_nanos(5_000_000_000)),
+        )
         .write(&mut headers);
         assert_eq!(headers["x-request-id"], "req-1");
         assert_eq!(headers["x-apikeyrouter-key-id"], "key_1");

@@ -209,14 +209,12 @@ pub async fn chat_completions(
         let id = format!("chatcmpl-{}", routed.request_id);
         let model = routed.model.to_string();
         // The cost is known only when the stream ends, after the headers.
-        let routing_headers = RoutingHeaders {
-            request_id: routed.request_id.clone(),
-            key_id: routed.key_id.clone(),
-            provider: routed.provider.clone(),
-            cost: None,
-            estimated_cost: routed.estimated_cost,
-            budget_remaining: None,
-        };
+        let routing_headers = RoutingHeaders::new(
+            &routed.request_id,
+            &routed.key_id,
+            &routed.provider,
+        )
+        .with_amounts(None, routed.estimated_cost, None);
         let (provider, model_id) = (routed.provider.clone(), routed.model.clone());
         let attempts = routed.attempts.len() + 1;
         let metrics_state = state.clone();
@@ -276,14 +274,12 @@ pub async fn chat_completions(
         served.actual_cost.map(apikeyrouter::Money::as_usd),
         served.attempts.len(),
     );
-    let routing_headers = RoutingHeaders {
-        request_id: served.request_id.clone(),
-        key_id: served.key_id.clone(),
-        provider: served.provider.clone(),
-        cost: served.actual_cost,
-        estimated_cost: served.estimated_cost,
-        budget_remaining: served.budget_remaining(),
-    };
+    let routing_headers = RoutingHeaders::new(&served.request_id, &served.key_id, &served.provider)
+        .with_amounts(
+            served.actual_cost,
+            served.estimated_cost,
+            served.budget_remaining(),
+        );
     let mut response = axum::Json(convert::completion(served, created)).into_response();
     routing_headers.write(response.headers_mut());
     state
@@ -371,15 +367,13 @@ pub async fn embeddings(
         },
     };
     let mut response = axum::Json(body).into_response();
-    RoutingHeaders {
-        request_id: served.request_id.clone(),
-        key_id: served.key_id.clone(),
-        provider: served.provider.clone(),
-        cost: served.actual_cost,
-        estimated_cost: served.estimated_cost,
-        budget_remaining: served.budget_remaining(),
-    }
-    .write(response.headers_mut());
+    RoutingHeaders::new(&served.request_id, &served.key_id, &served.provider)
+        .with_amounts(
+            served.actual_cost,
+            served.estimated_cost,
+            served.budget_remaining(),
+        )
+        .write(response.headers_mut());
     state
         .metrics
         .latency
