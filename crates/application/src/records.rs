@@ -127,7 +127,7 @@ pub struct RouteResponse {
 impl RouteResponse {
     /// The lowest remaining amount among the budgets that applied, if any.
     pub fn budget_remaining(&self) -> Option<Money> {
-        self.budgets.iter().map(|b| b.remaining).min()
+        lowest_remaining(&self.budgets)
     }
 }
 
@@ -161,6 +161,11 @@ pub struct EmbeddingRouteResponse {
 impl EmbeddingRouteResponse {
     /// The lowest remaining amount among the budgets that applied, if any.
     pub fn budget_remaining(&self) -> Option<Money> {
-        self.budgets.iter().map(|b| b.remaining).min()
+        lowest_remaining(&self.budgets)
     }
+}
+
+/// The lowest remaining amount among `budgets`, if any.
+fn lowest_remaining(budgets: &[BudgetStatus]) -> Option<Money> {
+    budgets.iter().map(|b| b.remaining).min()
 }

@@ -126,6 +126,8 @@ impl GeminiProvider {
                 "gemini base url is empty",
             ));
         }
+        // URLs are built per request (the model is in the path); refuse a bad base now.
+        http::parse_uri(&format!("{base}/models/model:generateContent"))?;
         let client = HttpClient::new(&settings)?;
         let mut models: Vec<ModelId> = PriceCatalogue::builtin()
             .models()

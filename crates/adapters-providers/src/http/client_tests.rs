@@ -295,6 +295,29 @@ async fn a_redirect_is_a_bad_request_that_hides_the_location() {
 }
 
 #[test]
+fn every_adapter_refuses_a_base_url_with_credentials_when_built() {
+    let base = "https://user:hunter2@api.example.com/v1";
+    let settings = HttpSettings::default();
+    let errors = [
+        crate::openai::OpenAiProvider::new(base, settings).err(),
+        crate::openai_compatible::OpenAiCompatibleProvider::new(base, settings).err(),
+        crate::openai_compatible::OpenAiCompatibleProvider::azure(
+            "https://user:hunter2@res.openai.azure.com",
+            crate::openai_compatible::AzureSettings::new("2024-10-21"),
+            settings,
+        )
+        .err(),
+        crate::anthropic::AnthropicProvider::new(base, settings).err(),
+        crate::gemini::GeminiProvider::new(base, settings).err(),
+    ];
+    for error in errors {
+        let error = error.expect("a base url with credentials was accepted");
+        assert_eq!(error.kind, FailureKind::BadRequest, "{error}");
+        assert!(!error.message.contains("hunter2"), "{error}");
+    }
+}
+
+#[test]
 fn credentials_in_a_url_are_refused_without_echoing_them() {
     let error = parse_uri("https://user:hunter2@api.example.com/v1").unwrap_err();
     assert_eq!(error.kind, FailureKind::BadRequest);
@@ -384,11 +407,16 @@ async fn a_refused_http2_stream_is_sent_again() {
 
 #[tokio::test]
 async fn a_server_refusing_every_try_is_a_network_error() {
-    let (server, _streams) = refusing_h2_server(usize::MAX).await;
+    let (server, mut streams) = refusing_h2_server(usize::MAX).await;
     let client = trusting_client(Matcher::builder().build());
     let url = format!("https://localhost:{}/v1/models", server.port());
     let request = request(Method::GET, parse_uri(&url).unwrap(), [], None::<&()>).unwrap();
     let error = client.send(request).await.unwrap_err();
     assert_eq!(error.kind, FailureKind::Network, "{error}");
     assert!(error.message.contains("refused"), "{error}");
+    let mut seen = 0;
+    while streams.try_recv().is_ok() {
+        seen += 1;
+    }
+    assert_eq!(seen, 3, "the request and two resends");
 }

@@ -27,11 +27,10 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 
 /// Turns a non-success response into a classified [`ProviderError`]. A redirect is a
 /// bad request (a misconfigured base URL; redirects are not followed). Otherwise reads
-/// the first
-/// 64 KiB of the body (each piece within the response's idle timeout; a failed read
-/// keeps what arrived), classifies it (see the [classification](super#classification)) and
-/// attaches the status,
-/// the retry-after and the rate-limit state `quota_fn` reads from the headers.
+/// the first 64 KiB of the body (each piece within the response's idle timeout, all
+/// within the total timeout; a failed read keeps what arrived), classifies it (see
+/// the [classification](super#classification)) and attaches the status, the
+/// retry-after and the rate-limit state `quota_fn` reads from the headers.
 pub async fn error_from_response(
     mut response: Response,
     quota_fn: fn(&HeaderMap, SystemTime) -> Option<QuotaObservation>,

@@ -31,7 +31,8 @@
 //!   reason `API_KEY_INVALID`, → unauthorized; other `INVALID_ARGUMENT` → bad request;
 //!   a `RetryInfo.retryDelay` in the body serves as retry-after when no header gives one;
 //! - an error object in a 200 body: `invalid_request_error` → bad request, anything
-//!   else unrecognised → server error.
+//!   else unrecognised → server error;
+//! - a redirect (3xx) → bad request naming the status (redirects are not followed).
 //!
 //! Invariant: no message built here contains a request URL (its query may hold a key)
 //! or key material; provider messages are scrubbed of anything that looks like a key
@@ -48,7 +49,7 @@ mod client_tests;
 #[cfg(test)]
 mod tests;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apikeyrouter_application::ports::ProviderError;
 use apikeyrouter_domain::{FailureKind, KeyMaterial, Timestamp};
@@ -69,17 +70,16 @@ pub use sse::{SseEvent, sse_stream};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HttpSettings {
     /// Bound on opening a connection (lookup, TCP, proxy tunnel, TLS).
-    pub connect_timeout: std::time::Duration,
+    pub connect_timeout: Duration,
     /// Bound on the wait for response headers, and on the silence between two pieces
     /// of a streamed body.
-    pub first_byte_timeout: std::time::Duration,
+    pub first_byte_timeout: Duration,
     /// Bound on the whole call, body included.
-    pub total_timeout: std::time::Duration,
+    pub total_timeout: Duration,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        use std::time::Duration;
         Self {
             connect_timeout: Duration::from_secs(10),
             first_byte_timeout: Duration::from_secs(60),

@@ -1,4 +1,6 @@
-//! Server-sent events over a response body, with an idle timeout between events and detection of a body that ends in the middle of an event.
+//! Server-sent events over a response body, with an idle timeout between events, the
+//! total timeout over the stream, and detection of a body that ends in the middle of
+//! an event.
 //!
 //! Parsing is `eventsource-stream`'s; this module adds what it leaves out: it drops a
 //! partial event at the end of the body silently, so the raw bytes are watched and a
@@ -15,7 +17,7 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 use http_body_util::BodyDataStream;
 
-use super::client::{BodyLimits, Cut, Response, error_text};
+use super::client::{BodyLimits, Response, error_text, transport_error};
 
 /// One server-sent event.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -47,16 +49,7 @@ pub fn sse_stream(
     futures_util::stream::unfold(Some(events), move |state| async move {
         let mut events = state?;
         match limits.within(events.next()).await {
-            Err(cut) => {
-                let error = match cut {
-                    Cut::Idle(idle) => ProviderError::new(
-                        FailureKind::Timeout,
-                        format!("event stream idle for {} ms", idle.as_millis()),
-                    ),
-                    Cut::Total(_) => cut.error("event stream"),
-                };
-                Some((Err(error.with_status(status)), None))
-            }
+            Err(cut) => Some((Err(cut.error("event stream").with_status(status)), None)),
             Ok(None) => None,
             Ok(Some(Ok(event))) => {
                 let name =
@@ -75,10 +68,9 @@ pub fn sse_stream(
 }
 
 fn stream_error(err: EventStreamError<BodyFault>) -> ProviderError {
+    // A read that timed out (hyper's timer or the socket's) is a timeout, as for bodies.
     let kind = match &err {
-        EventStreamError::Transport(BodyFault::Transport(inner)) if inner.is_timeout() => {
-            FailureKind::Timeout
-        }
+        EventStreamError::Transport(BodyFault::Transport(inner)) => transport_error(inner).kind,
         _ => FailureKind::Network,
     };
     let detail = match err {

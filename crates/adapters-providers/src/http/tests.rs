@@ -585,7 +585,7 @@ async fn silent_event_stream_times_out() {
     assert_eq!(events[0].as_ref().unwrap().data, "first");
     let error = events[1].as_ref().unwrap_err();
     assert_eq!(error.kind, FailureKind::Timeout);
-    assert!(error.message.contains("idle for 200 ms"), "{error}");
+    assert!(error.message.contains("stalled for 200 ms"), "{error}");
 }
 
 /// A server that answers once with a chunked body sent as three separate writes.

@@ -183,9 +183,14 @@ impl FixedUrls {
 impl OpenAiClient {
     /// A client for `endpoint` with its own connection pool.
     pub(crate) fn new(endpoint: Endpoint, settings: HttpSettings) -> Result<Self, ProviderError> {
+        let fixed_urls = FixedUrls::of(&endpoint)?;
+        if fixed_urls.is_none() {
+            // Azure builds its URLs per request; refuse a bad endpoint now, not per call.
+            endpoint.uri(Operation::ChatCompletions, "deployment")?;
+        }
         Ok(Self {
             http: HttpClient::new(&settings)?,
-            fixed_urls: FixedUrls::of(&endpoint)?,
+            fixed_urls,
             endpoint,
         })
     }
