@@ -483,12 +483,7 @@ mod cases {
     }
 
     fn used(snapshot: &QuotaSnapshot, kind: WindowKind) -> u64 {
-        snapshot
-            .windows
-            .iter()
-            .find(|w| w.kind == kind)
-            .map(|w| w.used)
-            .unwrap()
+        snapshot.window(kind).unwrap().used
     }
 
     async fn window_used(store: &Store, id: &str, limits: QuotaLimits, kind: WindowKind) -> u64 {
@@ -1061,11 +1056,7 @@ mod cases {
             )
             .await
             .unwrap();
-        let rpm = snapshot
-            .windows
-            .iter()
-            .find(|w| w.kind == WindowKind::MinuteRequests)
-            .unwrap();
+        let rpm = snapshot.window(WindowKind::MinuteRequests).unwrap();
         assert_eq!(rpm.used, 1);
         let budget = &store.budget_statuses(base_now()).await.unwrap()[0];
         assert_eq!(budget.reserved, Money::from_usd(0.2));
@@ -1523,11 +1514,7 @@ mod cases {
             .quota_snapshot(&KeyId::new("k1"), &QuotaLimits::default(), reset)
             .await
             .unwrap();
-        let window = snapshot
-            .windows
-            .iter()
-            .find(|w| w.kind == WindowKind::MinuteRequests)
-            .unwrap();
+        let window = snapshot.window(WindowKind::MinuteRequests).unwrap();
         assert_eq!(window.remaining, 99, "{snapshot:?}");
 
         // One request left by the provider's count is used by the next reservation.
@@ -1688,11 +1675,7 @@ mod cases {
             .quota_snapshot(&KeyId::new("k1"), &limits, base_now())
             .await
             .unwrap();
-        let window = snapshot
-            .windows
-            .iter()
-            .find(|w| w.kind == WindowKind::MinuteRequests)
-            .unwrap();
+        let window = snapshot.window(WindowKind::MinuteRequests).unwrap();
         assert_eq!(window.used, 100, "{snapshot:?}");
     }
 }

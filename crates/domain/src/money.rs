@@ -65,6 +65,13 @@ impl Money {
         self.0 as f64 / NANOS_PER_USD
     }
 
+    /// Dollars with nine decimals (`12.345678901`), exact: written from the integer
+    /// nano-dollars, not through a float.
+    pub fn usd_decimal(self) -> String {
+        const NANOS: u64 = 1_000_000_000;
+        format!("{}.{:09}", self.0 / NANOS, self.0 % NANOS)
+    }
+
     /// `self - other`, or zero.
     #[must_use]
     pub const fn saturating_sub(self, other: Self) -> Self {
@@ -126,6 +133,16 @@ impl fmt::Display for Money {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usd_decimal_is_exact_with_nine_decimals() {
+        let text = |nanos| Money::from_nanos(nanos).usd_decimal();
+        assert_eq!(text(0), "0.000000000");
+        assert_eq!(text(1_500), "0.000001500");
+        assert_eq!(text(12_345_678_901), "12.345678901");
+        // Beyond f64's exact range for nine decimals.
+        assert_eq!(text(9_007_199_254_740_993), "9007199.254740993");
+    }
 
     #[test]
     fn usd_round_trip_is_exact_for_small_prices() {

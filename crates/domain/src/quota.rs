@@ -185,6 +185,13 @@ pub struct QuotaSnapshot {
     pub prediction: Option<ExhaustionPrediction>,
 }
 
+impl QuotaSnapshot {
+    /// The window of `kind`, when it is limited.
+    pub fn window(&self, kind: WindowKind) -> Option<&WindowSnapshot> {
+        self.windows.iter().find(|w| w.kind == kind)
+    }
+}
+
 /// A refusal from our own accounting: the key would go over a limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaDenial {
@@ -523,6 +530,20 @@ mod tests {
         assert_eq!(denial.retry_at, T0.plus(Duration::from_secs(60)));
         q.charge(&limits(), 10, T0.plus(Duration::from_secs(60)))
             .unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_finds_its_limited_windows_by_kind() {
+        let mut q = QuotaWindows::new();
+        q.charge(&limits(), 40, T0).unwrap();
+        let snapshot = q.snapshot(&limits(), T0);
+        let rpm = snapshot.window(WindowKind::MinuteRequests).unwrap();
+        assert_eq!((rpm.used, rpm.limit), (1, 10));
+        assert_eq!(snapshot.window(WindowKind::MinuteTokens).unwrap().used, 40);
+        assert!(
+            snapshot.window(WindowKind::DayRequests).is_none(),
+            "not limited"
+        );
     }
 
     #[test]

@@ -363,11 +363,7 @@ async fn a_re_registered_key_starts_with_fresh_windows() {
         .quota_snapshot(&id, &limits, base_now())
         .await
         .unwrap();
-    let window = snapshot
-        .windows
-        .iter()
-        .find(|w| w.kind == WindowKind::MinuteRequests)
-        .unwrap();
+    let window = snapshot.window(WindowKind::MinuteRequests).unwrap();
     assert_eq!(window.used, 1);
 }
 

@@ -1,5 +1,6 @@
 //! The routing headers of a routed response: which request, key and provider, and
-//! what it cost. One writer for chat, streamed chat and embeddings.
+//! what it cost (dollars as [`Money::usd_decimal`] writes them). One writer for chat,
+//! streamed chat and embeddings.
 
 use apikeyrouter::{KeyId, Money, ProviderId, RequestId};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
@@ -70,33 +71,16 @@ impl RoutingHeaders {
             (BUDGET_REMAINING, self.budget_remaining),
         ];
         for (name, amount) in amounts {
-            if let Some(value) = amount.and_then(usd) {
+            if let Some(value) = amount.and_then(|a| HeaderValue::try_from(a.usd_decimal()).ok()) {
                 headers.insert(name, value);
             }
         }
     }
 }
 
-/// Dollars with nine decimals, exact (from the integer nano-dollars, not a float).
-fn usd(amount: Money) -> Option<HeaderValue> {
-    const NANOS: u64 = 1_000_000_000;
-    let nanos = amount.as_nanos();
-    HeaderValue::try_from(format!("{}.{:09}", nanos / NANOS, nanos % NANOS)).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn amounts_are_exact_dollars_with_nine_decimals() {
-        let text = |nanos| usd(Money::from_nanos(nanos)).unwrap();
-        assert_eq!(text(0), "0.000000000");
-        assert_eq!(text(1_500), "0.000001500");
-        assert_eq!(text(12_345_678_901), "12.345678901");
-        // Beyond f64's exact range for nine decimals.
-        assert_eq!(text(9_007_199_254_740_993), "9007199.254740993");
-    }
 
     #[test]
     fn every_known_header_is_written_and_unknown_amounts_are_left_out() {
