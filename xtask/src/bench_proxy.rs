@@ -14,7 +14,9 @@
 //! At 64 connections a closed-loop test measures queueing as much as the proxy: by
 //! Little's law latency = 64 / throughput, so the added p50 there is bounded below by
 //! the proxy's CPU cost times the queue. The latency the proxy adds to one request is
-//! therefore also measured below saturation, with a single connection.
+//! therefore also measured below saturation: with a single connection, and with 64
+//! connections that each pause a random 10–30 ms between requests (wrk's `delay`),
+//! i.e. 64 concurrent clients at roughly a third of the proxy's saturation rate.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -29,6 +31,8 @@ const DEFAULT_PORT: u16 = 19100;
 const CONNECTIONS: u32 = 64;
 /// Connections of the below-saturation run (one request in flight at a time).
 const LOW_CONNECTIONS: u32 = 1;
+/// Each paced connection waits a random 10–30 ms before each request.
+const PACING: &str = "function delay()\n  return math.random(10, 30)\nend\n";
 const N_KEYS: usize = 1_000;
 
 /// Kills a child process when dropped.
@@ -201,10 +205,9 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         ));
     }
     sh.write_file(format!("{dir}/proxy.toml"), config)?;
-    sh.write_file(
-        format!("{dir}/post.lua"),
-        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{\"model\":\"gpt-4o-mini\",\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'\n",
-    )?;
+    let post = "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{\"model\":\"gpt-4o-mini\",\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'\n";
+    sh.write_file(format!("{dir}/post.lua"), post)?;
+    sh.write_file(format!("{dir}/paced.lua"), format!("{post}{PACING}"))?;
 
     let mock = Guard(
         Command::new("target/release/examples/mock_upstream")
@@ -231,12 +234,16 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
 
     let secs = seconds.to_string();
     let lua = format!("{dir}/post.lua");
-    let wrk = |connections: u32, threads: u32, url: String| -> Result<Run> {
+    let paced_lua = format!("{dir}/paced.lua");
+    let wrk_with = |script: &str, connections: u32, threads: u32, url: String| -> Result<Run> {
         let c = connections.to_string();
         let t = threads.to_string();
-        let out = cmd!(sh, "wrk -t{t} -c{c} -d{secs}s --latency -s {lua} {url}").read()?;
+        let out = cmd!(sh, "wrk -t{t} -c{c} -d{secs}s --latency -s {script} {url}").read()?;
         parse_wrk(&out)
     };
+    let wrk =
+        |connections: u32, threads: u32, url: String| wrk_with(&lua, connections, threads, url);
+    let paced = |url: String| wrk_with(&paced_lua, CONNECTIONS, 2, url);
     let c = CONNECTIONS.to_string();
     // Warm both paths (connections, pools, caches) before measuring.
     let _ = cmd!(
@@ -266,6 +273,8 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     drop(bare);
     let direct_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, direct_url.clone()))?;
     let through_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, proxy_url.clone()))?;
+    let direct_paced = measured(pids, || paced(direct_url.clone()))?;
+    let through_paced = measured(pids, || paced(proxy_url.clone()))?;
 
     println!("proxy load test: {seconds} s per run, {N_KEYS} keys, wrk");
     println!(
@@ -273,11 +282,13 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     for (path, connections, m) in [
-        ("mock directly", CONNECTIONS, &direct),
-        ("through the proxy", CONNECTIONS, &through),
-        ("through the bare forwarder (floor)", CONNECTIONS, &floor),
-        ("mock directly", LOW_CONNECTIONS, &direct_low),
-        ("through the proxy", LOW_CONNECTIONS, &through_low),
+        ("mock directly", "64", &direct),
+        ("through the proxy", "64", &through),
+        ("through the bare forwarder (floor)", "64", &floor),
+        ("mock directly", "1", &direct_low),
+        ("through the proxy", "1", &through_low),
+        ("mock directly", "64 paced", &direct_paced),
+        ("through the proxy", "64 paced", &through_paced),
     ] {
         println!(
             "| {path} | {connections} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs/req | {:.1} µs/req |",
@@ -285,11 +296,12 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         );
     }
     for (connections, direct, through) in [
-        (CONNECTIONS, &direct, &through),
-        (LOW_CONNECTIONS, &direct_low, &through_low),
+        ("64 connections", &direct, &through),
+        ("1 connection", &direct_low, &through_low),
+        ("64 paced connections", &direct_paced, &through_paced),
     ] {
         println!(
-            "added by the proxy at {connections} connection(s): p50 {:.0} µs, p99 {:.0} µs",
+            "added by the proxy at {connections}: p50 {:.0} µs, p99 {:.0} µs",
             through.run.p50_us - direct.run.p50_us,
             through.run.p99_us - direct.run.p99_us,
         );
