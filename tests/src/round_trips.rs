@@ -112,6 +112,14 @@ impl BudgetStore for RoutePathOnly {
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
         self.redis.delete_budget(id).await
     }
+    async fn add_spend(
+        &self,
+        ids: &[String],
+        cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.redis.add_spend(ids, cost, now).await
+    }
 }
 
 #[async_trait]

@@ -48,6 +48,7 @@ macro_rules! conformance_suite {
                 tpm_estimate_is_reconciled_to_the_actual_tokens,
                 settle_returns_statuses_with_spent_equal_to_actual,
                 release_returns_the_money_but_counts_the_request,
+                added_spend_counts_without_touching_reservations,
                 reserving_an_id_again_replaces_the_reservation,
                 soft_budget_allows_overrun_and_flags_it,
                 budget_period_rolls_over_and_keeps_reservations,
@@ -1268,6 +1269,61 @@ mod cases {
             .unwrap()
             .budgets;
         assert_eq!(again[1].spent, Money::from_usd(0.06));
+    }
+
+    pub(super) async fn added_spend_counts_without_touching_reservations(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.1), base_now())
+            .await
+            .unwrap();
+        store
+            .put_budget(
+                budget("a", 5.0, BudgetPeriod::Monthly, Enforcement::Soft),
+                Money::ZERO,
+                base_now(),
+            )
+            .await
+            .unwrap();
+        let c = charge(7, "k1", None, 0.05);
+        store.reserve(&c).await.unwrap();
+
+        let ids = ["b", "gone", "a", "b"].map(str::to_owned);
+        let statuses = store
+            .add_spend(&ids, Money::from_usd(0.25), base_now())
+            .await
+            .unwrap();
+
+        let seen: Vec<(&str, Money, Money)> = statuses
+            .iter()
+            .map(|s| (s.budget_id.as_str(), s.spent, s.reserved))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a", Money::from_usd(0.25), Money::ZERO),
+                ("b", Money::from_usd(0.35), Money::from_usd(0.05)),
+            ]
+        );
+        assert_eq!(store.budget_statuses(base_now()).await.unwrap(), statuses);
+        // The reservation is still the request's: settling it replaces it as usual.
+        let settled = store
+            .settle(&c, &spent(10, Money::from_usd(0.02), base_now()))
+            .await
+            .unwrap()
+            .budgets;
+        assert_eq!(
+            (settled[0].spent, settled[0].reserved),
+            (Money::from_usd(0.37), Money::ZERO)
+        );
+        // Nothing to add to is no error.
+        assert_eq!(
+            store
+                .add_spend(&["gone".to_owned()], Money::from_usd(1.0), base_now())
+                .await
+                .unwrap(),
+            []
+        );
     }
 
     pub(super) async fn release_returns_the_money_but_counts_the_request(store: Store) {

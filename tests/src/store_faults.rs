@@ -1,6 +1,6 @@
 //! A shared store lost during traffic: fail-closed answers 503 in OpenAI's error
 //! shape, fail-open keeps serving on local limits; both recover when the store comes
-//! back, and the audit records of the outage are delivered, not lost.
+//! back, and the audit records and the spend of the outage reach it, not lost.
 //!
 //! Each test runs its own `redis-server` (from Debian's package, installed by
 //! `cargo xtask services up`) on a free port, with an append-only file so that a
@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apikeyrouter::providers::SimulatedProvider;
-use apikeyrouter::{ApiKeyRouter, KeyMetadata, ManualClock, Objective, RequestContext};
+use apikeyrouter::{
+    ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyMetadata, ManualClock,
+    Objective, RequestContext,
+};
 use apikeyrouter_adapters_stores::{FailMode, StoreConfig};
 use apikeyrouter_proxy::server;
 use reqwest::StatusCode;
@@ -209,6 +212,15 @@ async fn fail_open_serves_on_local_limits_and_resumes_shared_ones() {
         .await
         .expect("key")
         .id;
+    let budget = Budget::new(
+        "all",
+        BudgetScope::Global,
+        100.0,
+        BudgetPeriod::Monthly,
+        Enforcement::Hard,
+    )
+    .expect("budget");
+    router.add_budget(budget).await.expect("budget in redis");
     let objective = Objective::default();
     let route = |i: usize| {
         router.route_with(
@@ -221,17 +233,18 @@ async fn fail_open_serves_on_local_limits_and_resumes_shared_ones() {
         )
     };
 
-    route(0).await.expect("served with redis up");
+    let cost = |served: &apikeyrouter::RouteResponse| served.actual_cost.expect("priced model");
+    let mut spent = cost(&route(0).await.expect("served with redis up"));
     assert!(!router.store_health().degraded);
 
     redis.kill();
     // Served locally: the local mirror counts its own rpm window.
-    route(1).await.expect("served on local limits");
+    spent += cost(&route(1).await.expect("served on local limits"));
     let health = router.store_health();
     assert!(health.degraded);
     assert!(health.local_fallbacks > 0);
-    route(2).await.expect("served on local limits");
-    route(3).await.expect("served on local limits");
+    spent += cost(&route(2).await.expect("served on local limits"));
+    spent += cost(&route(3).await.expect("served on local limits"));
     let refused = route(4).await.expect_err("local rpm limit of 3 holds");
     assert_eq!(refused.kind.code(), "no_eligible_key", "{refused}");
 
@@ -239,13 +252,21 @@ async fn fail_open_serves_on_local_limits_and_resumes_shared_ones() {
     clock.advance(Duration::from_secs(60));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut i = 4;
-    eventually(Duration::from_secs(10), || {
+    let served = eventually(Duration::from_secs(10), || {
         i += 1;
         let sent = route(i);
         async move { sent.await.ok() }
     })
     .await;
+    spent += cost(&served);
     assert!(!router.store_health().degraded);
+    // Redis's budget counts what was spent during the outage too.
+    let budgets = router.budgets().await.expect("budgets from redis");
+    assert_eq!(
+        (budgets[0].spent, budgets[0].reserved),
+        (spent, apikeyrouter::Money::ZERO),
+        "{budgets:?}"
+    );
     // The shared window counts again: the new minute's request is in Redis.
     let quota = router.quota(&key).await.expect("quota from redis");
     let rpm = quota

@@ -4,16 +4,21 @@
 //! [`MemoryStore`] that mirrors its keys and budgets. While the shared store answers,
 //! everything goes to it and the mirror follows. When it is unreachable, the routing
 //! path (quota windows, reservations, settlement, key counters and state) runs on the
-//! mirror: limits then hold per instance rather than across instances, and spend
-//! during the outage is counted locally only (it does not reach the shared budget
-//! afterwards; a request reserved on the shared store just before the outage and
-//! settled locally leaves its reservation there until the budget is redefined). Administrative writes (keys, budgets)
-//! still fail, so nothing is accepted that the shared store would not keep. The
-//! shared store is retried by one caller at most once a second, and on the first
-//! answer the mirror is refreshed from it (by that caller, inline).
+//! mirror: limits then hold per instance rather than across instances. Administrative
+//! writes (keys, budgets) still fail, so nothing is accepted that the shared store
+//! would not keep. The shared store is retried by one caller at most once a second.
+//!
+//! The outage's money is owed to the shared store and paid back on its first answer
+//! (by that caller, inline, before the mirror is refreshed from it): a request
+//! reserved there and settled or released locally is settled or released there
+//! exactly, and the spend of requests reserved locally is added to the shared
+//! budgets (summed per budget; spend of a period that closed during the outage is
+//! dropped when later spend of the same budget is owed). What the shared store
+//! refuses as an outage again stays owed.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use apikeyrouter_application::ports::{
@@ -23,7 +28,7 @@ use apikeyrouter_application::ports::{
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money, QuotaLimits,
-    QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
+    QuotaSnapshot, RequestId, ReservationId, StateTransition, Timestamp, TransitionTrigger,
 };
 use async_trait::async_trait;
 
@@ -31,6 +36,39 @@ use crate::memory::MemoryStore;
 
 /// How long the shared store is left alone after it failed.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Reservations on the shared store tracked at most: a request dropped between its
+/// reserve and its settlement is never removed, and past this many such leftovers
+/// new reservations go untracked (their outage settlement is then counted as
+/// locally reserved spend, and the shared reservation stays held).
+const MAX_HELD_REMOTELY: usize = 65_536;
+
+/// How a request finished on the mirror while the shared store held its reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Finish {
+    Settled,
+    Released,
+}
+
+/// What the shared store is owed from an outage; see the module documentation.
+#[derive(Debug, Default)]
+struct Owed {
+    /// Reservations made on the shared store and not yet settled or released there.
+    held_remotely: HashSet<ReservationId>,
+    /// Requests reserved on the shared store and finished on the mirror.
+    finished: Vec<(Charge, Settlement, Finish)>,
+    /// Spend of requests reserved on the mirror, by budget and period start, with
+    /// the time of the latest.
+    spend: BTreeMap<(String, Timestamp), (Money, Timestamp)>,
+}
+
+impl Owed {
+    fn add_spend(&mut self, budget_period: (String, Timestamp), cost: Money, at: Timestamp) {
+        let entry = self.spend.entry(budget_period).or_insert((Money::ZERO, at));
+        entry.0 = entry.0.saturating_add(cost);
+        entry.1 = entry.1.max(at);
+    }
+}
 
 /// A shared store with a local fallback; see the module documentation.
 pub struct FailOpenStore {
@@ -42,6 +80,7 @@ pub struct FailOpenStore {
     retry_at_ms: AtomicU64,
     fallbacks: AtomicU64,
     started: Instant,
+    owed: Mutex<Owed>,
 }
 
 impl std::fmt::Debug for FailOpenStore {
@@ -67,6 +106,7 @@ impl FailOpenStore {
             retry_at_ms: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
             started: Instant::now(),
+            owed: Mutex::default(),
         };
         store.resync().await?;
         Ok(store)
@@ -147,17 +187,133 @@ impl FailOpenStore {
         true
     }
 
-    /// The shared store answered: leave degraded mode, refreshing the mirror once.
+    /// The shared store answered: leave degraded mode, paying back what the outage
+    /// owes it, then refreshing the mirror from it.
     async fn answered(&self) {
         if self.degraded.swap(false, Ordering::Relaxed) {
             tracing::info!(
                 store = self.remote.kind(),
                 "state store reachable again: shared limits resume"
             );
+            if let Err(e) = self.pay_back().await {
+                if self.went_down(&e) {
+                    tracing::warn!(error = %e, "outage spend not yet given to the state store; retried when it answers");
+                    return;
+                }
+            }
             if let Err(e) = self.resync().await {
                 tracing::warn!(error = %e, "local mirror not refreshed");
             }
         }
+    }
+
+    fn owed(&self) -> MutexGuard<'_, Owed> {
+        self.owed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `charge` was reserved on the shared store.
+    fn held_remotely(&self, charge: &Charge) {
+        let mut owed = self.owed();
+        if owed.held_remotely.len() < MAX_HELD_REMOTELY {
+            owed.held_remotely.insert(charge.reservation);
+        }
+    }
+
+    /// `charge` was settled or released on the shared store.
+    fn finished_remotely(&self, charge: &Charge) {
+        self.owed().held_remotely.remove(&charge.reservation);
+    }
+
+    /// `charge` was settled or released on the mirror: note what the shared store
+    /// is owed for it.
+    fn finished_locally(&self, charge: &Charge, settlement: &Settlement, finish: Finish) {
+        let mut owed = self.owed();
+        if owed.held_remotely.remove(&charge.reservation) {
+            owed.finished.push((charge.clone(), *settlement, finish));
+            return;
+        }
+        let cost = settlement.outcome.cost;
+        if finish == Finish::Released || cost == Money::ZERO {
+            return;
+        }
+        let at = settlement.outcome.now;
+        let budgets = self.budgets.read().unwrap_or_else(PoisonError::into_inner);
+        for budget in budgets.iter().filter(|b| charge.budget_ids.contains(&b.id)) {
+            let (period_start, _) = budget.period.bounds(at);
+            owed.add_spend((budget.id.clone(), period_start), cost, at);
+        }
+    }
+
+    /// Gives the shared store what the outage owes it. On an error the rest stays
+    /// owed (what the store refused for good is dropped and logged).
+    async fn pay_back(&self) -> Result<(), StoreError> {
+        let (finished, spend) = {
+            let mut owed = self.owed();
+            (
+                std::mem::take(&mut owed.finished),
+                std::mem::take(&mut owed.spend),
+            )
+        };
+        let mut finished = finished.into_iter();
+        while let Some((charge, settlement, finish)) = finished.next() {
+            let paid = match finish {
+                Finish::Settled => self.remote.settle(&charge, &settlement).await.map(drop),
+                Finish::Released => self.remote.release(&charge, &settlement).await.map(drop),
+            };
+            match paid {
+                Ok(()) => {}
+                Err(e) if e.is_retryable() => {
+                    let mut owed = self.owed();
+                    owed.finished.splice(
+                        0..0,
+                        std::iter::once((charge, settlement, finish)).chain(finished),
+                    );
+                    for (key, (cost, at)) in spend {
+                        owed.add_spend(key, cost, at);
+                    }
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::error!(key_id = %charge.key_id, error = %e, "outage settlement refused by the state store");
+                }
+            }
+        }
+        // Per budget, the latest period only: an earlier one has closed.
+        let mut latest: BTreeMap<&str, Timestamp> = BTreeMap::new();
+        for (id, start) in spend.keys() {
+            let newest = latest.entry(id.as_str()).or_insert(*start);
+            *newest = (*newest).max(*start);
+        }
+        let latest: BTreeMap<String, Timestamp> = latest
+            .into_iter()
+            .map(|(id, start)| (id.to_owned(), start))
+            .collect();
+        let mut spend = spend.into_iter();
+        while let Some(((id, start), (cost, at))) = spend.next() {
+            if latest.get(&id) != Some(&start) {
+                tracing::info!(budget_id = %id, "outage spend of a closed period not given to the state store");
+                continue;
+            }
+            match self
+                .remote
+                .add_spend(std::slice::from_ref(&id), cost, at)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => {
+                    let mut owed = self.owed();
+                    owed.add_spend((id, start), cost, at);
+                    for (key, (cost, at)) in spend {
+                        owed.add_spend(key, cost, at);
+                    }
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::error!(budget_id = %id, error = %e, "outage spend refused by the state store");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn fell_back(&self) {
@@ -204,12 +360,15 @@ impl Outage for ChargeRejection {
 
 /// Runs `$call` on the shared store, or on the mirror while it is unreachable; the
 /// optional `|value| { ... }` runs on what the shared store returned, to keep the
-/// mirror in step.
+/// mirror in step, and the optional `else { ... }` after the mirror served.
 macro_rules! fail_open {
     ($self:ident, |$s:ident| $call:expr) => {
         fail_open!($self, |$s| $call, |_value| {})
     };
-    ($self:ident, |$s:ident| $call:expr, |$value:ident| $then:block) => {{
+    ($self:ident, |$s:ident| $call:expr, |$value:ident| $then:block) => {
+        fail_open!($self, |$s| $call, |$value| $then, else {})
+    };
+    ($self:ident, |$s:ident| $call:expr, |$value:ident| $then:block, else $locally:block) => {{
         if $self.try_remote() {
             let $s = &*$self.remote;
             match $call.await {
@@ -225,7 +384,11 @@ macro_rules! fail_open {
         }
         $self.fell_back();
         let $s = &$self.local;
-        $call.await
+        let served = $call.await;
+        if served.is_ok() {
+            $locally
+        }
+        served
     }};
 }
 
@@ -292,7 +455,9 @@ impl KeyStore for FailOpenStore {
 #[async_trait]
 impl UsageLedger for FailOpenStore {
     async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
-        fail_open!(self, |s| s.reserve(charge))
+        fail_open!(self, |s| s.reserve(charge), |_reserved| {
+            self.held_remotely(charge);
+        })
     }
 
     async fn settle(
@@ -300,10 +465,18 @@ impl UsageLedger for FailOpenStore {
         charge: &Charge,
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
-        fail_open!(self, |s| s.settle(charge, settlement), |settled| {
-            self.mirror_spend(&settled.budgets, settlement.outcome.now)
-                .await;
-        })
+        fail_open!(
+            self,
+            |s| s.settle(charge, settlement),
+            |settled| {
+                self.finished_remotely(charge);
+                self.mirror_spend(&settled.budgets, settlement.outcome.now)
+                    .await;
+            },
+            else {
+                self.finished_locally(charge, settlement, Finish::Settled);
+            }
+        )
     }
 
     async fn release(
@@ -311,7 +484,16 @@ impl UsageLedger for FailOpenStore {
         charge: &Charge,
         settlement: &Settlement,
     ) -> Result<Option<KeyStats>, StoreError> {
-        fail_open!(self, |s| s.release(charge, settlement))
+        fail_open!(
+            self,
+            |s| s.release(charge, settlement),
+            |_released| {
+                self.finished_remotely(charge);
+            },
+            else {
+                self.finished_locally(charge, settlement, Finish::Released);
+            }
+        )
     }
 
     async fn quota_snapshot(
@@ -352,6 +534,19 @@ impl BudgetStore for FailOpenStore {
 
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
         fail_open!(self, |s| s.budget_statuses(now))
+    }
+
+    /// On the shared store only (it is what this store pays outage spend back
+    /// with); the mirror takes the statuses after.
+    async fn add_spend(
+        &self,
+        ids: &[String],
+        cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        let statuses = self.remote.add_spend(ids, cost, now).await?;
+        self.mirror_spend(&statuses, now).await;
+        Ok(statuses)
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
@@ -409,3 +604,6 @@ impl StateStore for FailOpenStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

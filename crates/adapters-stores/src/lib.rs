@@ -22,7 +22,7 @@ pub mod mongodb;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod split;
-#[cfg(test)]
+#[cfg(all(test, any(feature = "redis", feature = "mongodb")))]
 mod test_time;
 
 pub use cipher::AeadCipher;

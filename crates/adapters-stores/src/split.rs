@@ -264,6 +264,15 @@ impl BudgetStore for SplitStore {
         self.counters.budget_statuses(now).await
     }
 
+    async fn add_spend(
+        &self,
+        ids: &[String],
+        cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.counters.add_spend(ids, cost, now).await
+    }
+
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
         let counters = self.counters.delete_budget(id).await;
         let records = self.records.delete_budget(id).await;

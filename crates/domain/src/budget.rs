@@ -223,6 +223,12 @@ impl Budget {
 #[serde(transparent)]
 pub struct ReservationId(pub u64);
 
+impl ReservationId {
+    /// Held by no request: generated ids never have a zero low part. Committing it
+    /// charges spend that was never reserved (see [`BudgetLedger::commit`]).
+    pub const NONE: Self = Self(0);
+}
+
 /// Money held for a request in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {

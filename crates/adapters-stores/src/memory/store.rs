@@ -27,7 +27,7 @@ use apikeyrouter_application::ports::{
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetLedger, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money,
-    QuotaLimits, QuotaSnapshot, QuotaWindows, RequestId, StateTransition, Timestamp,
+    QuotaLimits, QuotaSnapshot, QuotaWindows, RequestId, ReservationId, StateTransition, Timestamp,
     TransitionTrigger, WindowKind,
 };
 use async_trait::async_trait;
@@ -138,6 +138,26 @@ impl MemoryStore {
         let budgets = read(&self.budgets);
         ids.into_iter()
             .filter_map(|id| budgets.get(id).cloned())
+            .collect()
+    }
+
+    /// Replaces `reservation` with `cost` in each known budget among `ids`, one
+    /// budget at a time (settling needs no cross-budget atomicity); their statuses.
+    fn commit_budgets(
+        &self,
+        ids: &[String],
+        reservation: ReservationId,
+        cost: Money,
+        now: Timestamp,
+    ) -> Vec<BudgetStatus> {
+        self.budget_slots(ids)
+            .iter()
+            .filter_map(|slot| {
+                lock(slot).as_mut().map(|ledger| {
+                    ledger.commit(reservation, cost, now);
+                    ledger.status()
+                })
+            })
             .collect()
     }
 
@@ -416,17 +436,12 @@ impl UsageLedger for MemoryStore {
     ) -> Result<Settled, StoreError> {
         let outcome = &settlement.outcome;
         let stats = self.settle_key(charge, outcome.usage.total(), settlement);
-        // One budget at a time: settling needs no cross-budget atomicity.
-        let budgets = self
-            .budget_slots(&charge.budget_ids)
-            .iter()
-            .filter_map(|slot| {
-                lock(slot).as_mut().map(|ledger| {
-                    ledger.commit(charge.reservation, outcome.cost, outcome.now);
-                    ledger.status()
-                })
-            })
-            .collect();
+        let budgets = self.commit_budgets(
+            &charge.budget_ids,
+            charge.reservation,
+            outcome.cost,
+            outcome.now,
+        );
         Ok(Settled { budgets, stats })
     }
 
@@ -486,6 +501,15 @@ impl BudgetStore for MemoryStore {
                 })
             })
             .collect())
+    }
+
+    async fn add_spend(
+        &self,
+        ids: &[String],
+        cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        Ok(self.commit_budgets(ids, ReservationId::NONE, cost, now))
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

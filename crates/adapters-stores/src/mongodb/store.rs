@@ -16,8 +16,8 @@ use apikeyrouter_application::ports::{
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetError, BudgetStatus, Enforcement, KeyId, KeyMaterial, KeyMetadata,
-    KeyState, KeyStats, Money, ProviderId, QuotaLimits, QuotaSnapshot, RequestId, StateTransition,
-    Timestamp, TransitionError, TransitionTrigger, WindowKind,
+    KeyState, KeyStats, Money, ProviderId, QuotaLimits, QuotaSnapshot, RequestId, ReservationId,
+    StateTransition, Timestamp, TransitionError, TransitionTrigger, WindowKind,
 };
 use async_trait::async_trait;
 use futures_util::TryStreamExt as _;
@@ -661,20 +661,22 @@ impl MongoStore {
         }
     }
 
-    /// Commits `actual` for `charge` in budget `id`, replacing its reservation, and
-    /// returns the status after. `Ok(None)` for an unknown budget.
+    /// Commits `actual` in budget `id`, replacing `reservation` (expected to hold
+    /// `held`, `None` when it is known not to be there), and returns the status
+    /// after. `Ok(None)` for an unknown budget.
     async fn commit_budget(
         &self,
         id: &str,
-        charge: &Charge,
+        reservation: ReservationId,
+        held: Option<Money>,
         actual: Money,
         now: Timestamp,
     ) -> Result<Option<BudgetStatus>, StoreError> {
         let actual = nanos(actual);
-        let field = format!("reservations.{}", reservation_key(charge.reservation));
+        let field = format!("reservations.{}", reservation_key(reservation));
         let now_ms = millis(now);
         // What the reservation should hold; `None` once known to be gone.
-        let mut expected = Some(nanos(charge.est_cost));
+        let mut expected = held.map(nanos);
         for _ in 0..MAX_ATTEMPTS {
             let mut filter = doc! { "_id": id, "period_end": { "$gt": now_ms } };
             let update = match expected {
@@ -715,7 +717,7 @@ impl MongoStore {
             }
             expected = doc
                 .reservations
-                .get(&reservation_key(charge.reservation))
+                .get(&reservation_key(reservation))
                 .map(|r| r.amount);
         }
         Err(contention(BUDGETS, id))
@@ -1219,7 +1221,13 @@ impl UsageLedger for MongoStore {
         let mut budgets = Vec::new();
         for id in sorted_ids(&charge.budget_ids) {
             if let Some(status) = self
-                .commit_budget(id, charge, outcome.cost, outcome.now)
+                .commit_budget(
+                    id,
+                    charge.reservation,
+                    Some(charge.est_cost),
+                    outcome.cost,
+                    outcome.now,
+                )
                 .await?
             {
                 budgets.push(status);
@@ -1295,6 +1303,24 @@ impl BudgetStore for MongoStore {
             .iter()
             .map(|doc| doc.status(now))
             .collect())
+    }
+
+    async fn add_spend(
+        &self,
+        ids: &[String],
+        cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        let mut statuses = Vec::new();
+        for id in sorted_ids(ids) {
+            if let Some(status) = self
+                .commit_budget(id, ReservationId::NONE, None, cost, now)
+                .await?
+            {
+                statuses.push(status);
+            }
+        }
+        Ok(statuses)
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

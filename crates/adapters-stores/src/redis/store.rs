@@ -29,8 +29,8 @@ use apikeyrouter_domain::quota::QuotaDenial;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetError, BudgetLedger, BudgetPeriod, BudgetStatus, KeyId, KeyMetadata,
     KeyState, KeyStats, Money, QuotaLimits, QuotaObservation, QuotaSnapshot, QuotaWindows,
-    RequestId, StateTransition, Timestamp, TransitionError, TransitionTrigger, WindowCounts,
-    WindowKind,
+    RequestId, ReservationId, StateTransition, Timestamp, TransitionError, TransitionTrigger,
+    WindowCounts, WindowKind,
 };
 use async_trait::async_trait;
 use futures_util::{Stream, StreamExt, future};
@@ -414,7 +414,7 @@ impl RedisStore {
                 &self.scripts.reserve_budgets,
                 &budget_keys,
                 &budget_ids,
-                charge,
+                charge.reservation,
                 charge.now,
                 charge.est_cost,
             )
@@ -694,7 +694,7 @@ fn budgets_invocation<'a>(
     script: &'a redis::Script,
     budget_keys: &[String],
     budget_ids: &[String],
-    charge: &Charge,
+    reservation: ReservationId,
     now: Timestamp,
     amount: Money,
 ) -> ScriptInvocation<'a> {
@@ -705,7 +705,7 @@ fn budgets_invocation<'a>(
     invocation
         .arg(now.as_millis().to_string())
         .arg(clamp_i64(amount.as_nanos()))
-        .arg(charge.reservation.0.to_string());
+        .arg(reservation.0.to_string());
     for bound in period_bounds(now) {
         invocation.arg(bound);
     }
@@ -1123,7 +1123,7 @@ impl UsageLedger for RedisStore {
             &self.scripts.settle_budgets,
             &budget_keys,
             &budget_ids,
-            charge,
+            charge.reservation,
             outcome.now,
             outcome.cost,
         );
@@ -1270,6 +1270,31 @@ impl BudgetStore for RedisStore {
 
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
         let rows = self.budget_rows(Some(now)).await?;
+        self.statuses_from_rows(&rows)
+    }
+
+    /// The budgets' part of `settle` for a reservation no one holds.
+    async fn add_spend(
+        &self,
+        ids: &[String],
+        cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        let (budget_ids, budget_keys) = self.budget_keys(ids);
+        if budget_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<Vec<String>> = budgets_invocation(
+            &self.scripts.settle_budgets,
+            &budget_keys,
+            &budget_ids,
+            ReservationId::NONE,
+            now,
+            cost,
+        )
+        .invoke_async(&mut self.conn())
+        .await
+        .map_err(|err| from_redis(err, &self.names.budget_prefix()))?;
         self.statuses_from_rows(&rows)
     }
 

@@ -314,6 +314,20 @@ pub trait BudgetStore: Send + Sync + 'static {
     /// # Errors
     /// `NotFound` if absent.
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Adds `cost` to the current period's spend of each budget among `ids` that
+    /// exists here, without a reservation: money spent while this store could not
+    /// be reached (fail-open), counted once it can. Returns the statuses after, in
+    /// id order.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down.
+    async fn add_spend(
+        &self,
+        ids: &[String],
+        cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError>;
 }
 
 /// Records of routed requests, for look-up by request id.

@@ -1,0 +1,378 @@
+//! The outage's money reaches the shared store when it answers again: exact
+//! settlements for what it had reserved, added spend for what the mirror reserved.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use apikeyrouter_application::ports::{
+    BudgetStore, Charge, ChargeRejection, Clock, KeyOutcome, KeyStore, RequestLog, Settled,
+    Settlement, StateStore, StoreError, StoreErrorKind, SystemClock, UsageLedger,
+};
+use apikeyrouter_application::records::AuditRecord;
+use apikeyrouter_domain::{
+    ApiKey, Budget, BudgetPeriod, BudgetScope, BudgetStatus, Enforcement, KeyId, KeyMaterial,
+    KeyMetadata, KeyState, KeyStats, Money, ProviderId, QuotaLimits, QuotaSnapshot, RequestId,
+    ReservationId, StateTransition, Timestamp, TokenUsage, TransitionTrigger,
+};
+use async_trait::async_trait;
+
+use super::FailOpenStore;
+use crate::memory::MemoryStore;
+
+/// The wall clock, read once: the wrapper dates the mirror's budgets by it.
+fn now() -> Timestamp {
+    static NOW: OnceLock<Timestamp> = OnceLock::new();
+    *NOW.get_or_init(|| SystemClock.now())
+}
+
+/// A memory store standing in for Redis, which can be switched off.
+#[derive(Debug, Default)]
+struct Switchable {
+    inner: MemoryStore,
+    down: AtomicBool,
+    /// Refuses `add_spend` as unavailable while everything else answers.
+    spend_down: AtomicBool,
+}
+
+impl Switchable {
+    fn up(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "connection refused",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl KeyStore for Switchable {
+    async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        self.up()?;
+        self.inner.insert_key(key).await
+    }
+    async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError> {
+        self.up()?;
+        self.inner.get_key(id).await
+    }
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        self.up()?;
+        self.inner.list_keys().await
+    }
+    async fn update_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<ApiKey, StoreError> {
+        self.up()?;
+        self.inner.update_metadata(id, metadata).await
+    }
+    async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
+        self.up()?;
+        self.inner.delete_key(id).await
+    }
+    async fn transition(
+        &self,
+        id: &KeyId,
+        to: KeyState,
+        trigger: TransitionTrigger,
+        reason: String,
+        cooldown_until: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<StateTransition, StoreError> {
+        self.up()?;
+        self.inner
+            .transition(id, to, trigger, reason, cooldown_until, now)
+            .await
+    }
+    async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
+        self.up()?;
+        self.inner.transitions(id).await
+    }
+}
+
+#[async_trait]
+impl UsageLedger for Switchable {
+    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        self.up()?;
+        self.inner.reserve(charge).await
+    }
+    async fn settle(
+        &self,
+        charge: &Charge,
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        self.up()?;
+        self.inner.settle(charge, settlement).await
+    }
+    async fn release(
+        &self,
+        charge: &Charge,
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError> {
+        self.up()?;
+        self.inner.release(charge, settlement).await
+    }
+    async fn quota_snapshot(
+        &self,
+        id: &KeyId,
+        limits: &QuotaLimits,
+        now: Timestamp,
+    ) -> Result<QuotaSnapshot, StoreError> {
+        self.up()?;
+        self.inner.quota_snapshot(id, limits, now).await
+    }
+}
+
+#[async_trait]
+impl BudgetStore for Switchable {
+    async fn put_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        self.up()?;
+        self.inner.put_budget(budget, spent, now).await
+    }
+    async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
+        self.up()?;
+        self.inner.list_budgets().await
+    }
+    async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.up()?;
+        self.inner.budget_statuses(now).await
+    }
+    async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
+        self.up()?;
+        self.inner.delete_budget(id).await
+    }
+    async fn add_spend(
+        &self,
+        ids: &[String],
+        cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.up()?;
+        if self.spend_down.load(Ordering::Relaxed) {
+            return Err(StoreError::new(StoreErrorKind::Unavailable, "timed out"));
+        }
+        self.inner.add_spend(ids, cost, now).await
+    }
+}
+
+#[async_trait]
+impl RequestLog for Switchable {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+        self.up()?;
+        self.inner.save_request(record).await
+    }
+    async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
+        self.up()?;
+        self.inner.get_request(id).await
+    }
+}
+
+#[async_trait]
+impl StateStore for Switchable {
+    fn kind(&self) -> &'static str {
+        "switchable"
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.up()
+    }
+}
+
+/// A shared store with key `k1` and a hard daily budget `b` of $10 that has spent $1,
+/// wrapped fail-open.
+async fn fail_open() -> (Arc<Switchable>, FailOpenStore) {
+    let shared = Arc::new(Switchable::default());
+    let material = KeyMaterial::parse("sk-test-0000000000").unwrap();
+    let key = ApiKey::new(
+        KeyId::new("k1"),
+        ProviderId::new("openai"),
+        material,
+        KeyMetadata::default(),
+        now(),
+    );
+    shared.insert_key(key).await.unwrap();
+    let budget = Budget::new(
+        "b",
+        BudgetScope::Global,
+        10.0,
+        BudgetPeriod::Daily,
+        Enforcement::Hard,
+    )
+    .unwrap();
+    shared
+        .put_budget(budget, Money::from_usd(1.0), now())
+        .await
+        .unwrap();
+    let store = FailOpenStore::start(shared.clone()).await.unwrap();
+    (shared, store)
+}
+
+fn charge(reservation: u64, est_usd: f64, now: Timestamp) -> Charge {
+    Charge {
+        reservation: ReservationId(reservation),
+        key_id: KeyId::new("k1"),
+        limits: QuotaLimits::default(),
+        est_tokens: 100,
+        est_cost: Money::from_usd(est_usd),
+        budget_ids: vec!["b".to_owned()],
+        client: None,
+        now,
+    }
+}
+
+fn outcome(cost_usd: f64, now: Timestamp) -> Settlement {
+    Settlement {
+        outcome: KeyOutcome {
+            success: true,
+            rate_limited: false,
+            latency: Duration::from_millis(100),
+            usage: TokenUsage {
+                prompt_tokens: 10,
+                completion_tokens: 20,
+                cached_tokens: 0,
+            },
+            cost: Money::from_usd(cost_usd),
+            now,
+        },
+        observation: None,
+    }
+}
+
+/// The shared budget's (spent, reserved), read behind the wrapper's back.
+async fn shared_budget(shared: &Switchable, now: Timestamp) -> (Money, Money) {
+    let status = &shared.inner.budget_statuses(now).await.unwrap()[0];
+    (status.spent, status.reserved)
+}
+
+fn usd(v: f64) -> Money {
+    Money::from_usd(v)
+}
+
+#[tokio::test]
+async fn spend_of_the_outage_is_added_to_the_shared_budget_when_it_answers() {
+    let (shared, store) = fail_open().await;
+    shared.down.store(true, Ordering::Relaxed);
+
+    for (n, cost) in [(1, 0.5), (2, 0.25)] {
+        store.reserve(&charge(n, 1.0, now())).await.unwrap();
+        store
+            .settle(&charge(n, 1.0, now()), &outcome(cost, now()))
+            .await
+            .unwrap();
+    }
+    let released = charge(3, 1.0, now());
+    store.reserve(&released).await.unwrap();
+    store
+        .release(&released, &outcome(0.0, now()))
+        .await
+        .unwrap();
+    assert!(store.health().degraded);
+    // The mirror counted it; the shared store has not seen it.
+    let local = &store.local.budget_statuses(now()).await.unwrap()[0];
+    assert_eq!((local.spent, local.reserved), (usd(1.75), Money::ZERO));
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), Money::ZERO));
+
+    shared.down.store(false, Ordering::Relaxed);
+    store.retry_at_ms.store(0, Ordering::Relaxed);
+    store.ping().await.unwrap();
+
+    assert!(!store.health().degraded);
+    assert_eq!(
+        shared_budget(&shared, now()).await,
+        (usd(1.75), Money::ZERO)
+    );
+    // Paid once: a later answer adds nothing more.
+    store.ping().await.unwrap();
+    let statuses = store.budget_statuses(now()).await.unwrap();
+    assert_eq!(
+        (statuses[0].spent, statuses[0].reserved),
+        (usd(1.75), Money::ZERO)
+    );
+}
+
+#[tokio::test]
+async fn a_shared_reservation_finished_during_the_outage_is_finished_there_exactly() {
+    let (shared, store) = fail_open().await;
+    let settled = charge(1, 2.0, now());
+    let released = charge(2, 3.0, now());
+    store.reserve(&settled).await.unwrap();
+    store.reserve(&released).await.unwrap();
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), usd(5.0)));
+
+    shared.down.store(true, Ordering::Relaxed);
+    store.settle(&settled, &outcome(0.5, now())).await.unwrap();
+    store
+        .release(&released, &outcome(0.0, now()))
+        .await
+        .unwrap();
+    assert!(store.health().degraded);
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), usd(5.0)));
+
+    shared.down.store(false, Ordering::Relaxed);
+    store.retry_at_ms.store(0, Ordering::Relaxed);
+    store.ping().await.unwrap();
+
+    // Both reservations gone from the shared budget, the actual cost counted once.
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
+    let stats = shared.inner.get_key(&KeyId::new("k1")).await.unwrap().stats;
+    assert_eq!(stats.requests, 2, "the key's counters saw both calls");
+}
+
+#[tokio::test]
+async fn what_the_shared_store_fails_to_take_stays_owed() {
+    let (shared, store) = fail_open().await;
+    shared.down.store(true, Ordering::Relaxed);
+    store.reserve(&charge(1, 1.0, now())).await.unwrap();
+    store
+        .settle(&charge(1, 1.0, now()), &outcome(0.5, now()))
+        .await
+        .unwrap();
+
+    // It answers the probe, then times out on the pay-back: degraded again.
+    shared.down.store(false, Ordering::Relaxed);
+    shared.spend_down.store(true, Ordering::Relaxed);
+    store.retry_at_ms.store(0, Ordering::Relaxed);
+    store.ping().await.unwrap();
+    assert!(store.health().degraded);
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), Money::ZERO));
+
+    shared.spend_down.store(false, Ordering::Relaxed);
+    store.retry_at_ms.store(0, Ordering::Relaxed);
+    store.ping().await.unwrap();
+    assert!(!store.health().degraded);
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
+}
+
+#[tokio::test]
+async fn spend_of_a_period_closed_during_the_outage_is_not_carried_into_the_next() {
+    let (shared, store) = fail_open().await;
+    let tomorrow = now().plus(Duration::from_secs(86_400));
+    shared.down.store(true, Ordering::Relaxed);
+    store.reserve(&charge(1, 1.0, now())).await.unwrap();
+    store
+        .settle(&charge(1, 1.0, now()), &outcome(0.5, now()))
+        .await
+        .unwrap();
+    store.reserve(&charge(2, 1.0, tomorrow)).await.unwrap();
+    store
+        .settle(&charge(2, 1.0, tomorrow), &outcome(0.25, tomorrow))
+        .await
+        .unwrap();
+
+    shared.down.store(false, Ordering::Relaxed);
+    store.retry_at_ms.store(0, Ordering::Relaxed);
+    store.ping().await.unwrap();
+
+    // The daily budget of the new day holds the new day's spend only.
+    assert_eq!(
+        shared_budget(&shared, tomorrow).await,
+        (usd(0.25), Money::ZERO)
+    );
+}
