@@ -8,15 +8,13 @@
 //! writes (keys, budgets) still fail, so nothing is accepted that the shared store
 //! would not keep. The shared store is retried by one caller at most once a second.
 //!
-//! The outage's money is owed to the shared store and paid back on its first answer
-//! (by that caller, inline, before the mirror is refreshed from it): a request
-//! reserved there and settled or released locally is settled or released there
-//! exactly, and the spend of requests reserved locally is added to the shared
-//! budgets (summed per budget; spend of a period that closed during the outage is
-//! dropped when later spend of the same budget is owed). What the shared store
-//! refuses as an outage again stays owed.
+//! The outage's money is owed to the shared store and paid back when it answers
+//! again (by the caller that finds it answering, inline, before the mirror is
+//! refreshed from it; see `owed`): reservations it holds for requests finished on the
+//! mirror are released, and the mirror's spend is added to its budgets. Spend of a
+//! budget period that has closed since is dropped; what the shared store fails to
+//! take stays owed.
 
-use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -28,47 +26,17 @@ use apikeyrouter_application::ports::{
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money, QuotaLimits,
-    QuotaSnapshot, RequestId, ReservationId, StateTransition, Timestamp, TransitionTrigger,
+    QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
 };
 use async_trait::async_trait;
 
 use crate::memory::MemoryStore;
+use owed::Owed;
+
+mod owed;
 
 /// How long the shared store is left alone after it failed.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
-
-/// Reservations on the shared store tracked at most: a request dropped between its
-/// reserve and its settlement is never removed, and past this many such leftovers
-/// new reservations go untracked (their outage settlement is then counted as
-/// locally reserved spend, and the shared reservation stays held).
-const MAX_HELD_REMOTELY: usize = 65_536;
-
-/// How a request finished on the mirror while the shared store held its reservation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Finish {
-    Settled,
-    Released,
-}
-
-/// What the shared store is owed from an outage; see the module documentation.
-#[derive(Debug, Default)]
-struct Owed {
-    /// Reservations made on the shared store and not yet settled or released there.
-    held_remotely: HashSet<ReservationId>,
-    /// Requests reserved on the shared store and finished on the mirror.
-    finished: Vec<(Charge, Settlement, Finish)>,
-    /// Spend of requests reserved on the mirror, by budget and period start, with
-    /// the time of the latest.
-    spend: BTreeMap<(String, Timestamp), (Money, Timestamp)>,
-}
-
-impl Owed {
-    fn add_spend(&mut self, budget_period: (String, Timestamp), cost: Money, at: Timestamp) {
-        let entry = self.spend.entry(budget_period).or_insert((Money::ZERO, at));
-        entry.0 = entry.0.saturating_add(cost);
-        entry.1 = entry.1.max(at);
-    }
-}
 
 /// A shared store with a local fallback; see the module documentation.
 pub struct FailOpenStore {
@@ -81,6 +49,13 @@ pub struct FailOpenStore {
     fallbacks: AtomicU64,
     started: Instant,
     owed: Mutex<Owed>,
+    /// Something is owed (set with `owed` held): a shared store answering pays it.
+    owing: AtomicBool,
+    /// A caller is paying the debt back.
+    paying: AtomicBool,
+    /// The latest time a request brought (milliseconds): the budget periods are
+    /// current as of it when the debt is paid.
+    latest_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for FailOpenStore {
@@ -107,6 +82,9 @@ impl FailOpenStore {
             fallbacks: AtomicU64::new(0),
             started: Instant::now(),
             owed: Mutex::default(),
+            owing: AtomicBool::new(false),
+            paying: AtomicBool::new(false),
+            latest_ms: AtomicU64::new(0),
         };
         store.resync().await?;
         Ok(store)
@@ -187,20 +165,25 @@ impl FailOpenStore {
         true
     }
 
-    /// The shared store answered: leave degraded mode, paying back what the outage
-    /// owes it, then refreshing the mirror from it.
+    /// The shared store answered: leave degraded mode, pay back what is owed, and
+    /// on recovery refresh the mirror from it.
     async fn answered(&self) {
-        if self.degraded.swap(false, Ordering::Relaxed) {
+        let recovered = self.degraded.swap(false, Ordering::Relaxed);
+        if recovered {
             tracing::info!(
                 store = self.remote.kind(),
                 "state store reachable again: shared limits resume"
             );
+        }
+        if recovered || self.owing.load(Ordering::Relaxed) {
             if let Err(e) = self.pay_back().await {
                 if self.went_down(&e) {
                     tracing::warn!(error = %e, "outage spend not yet given to the state store; retried when it answers");
                     return;
                 }
             }
+        }
+        if recovered {
             if let Err(e) = self.resync().await {
                 tracing::warn!(error = %e, "local mirror not refreshed");
             }
@@ -211,109 +194,19 @@ impl FailOpenStore {
         self.owed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `charge` was reserved on the shared store.
-    fn held_remotely(&self, charge: &Charge) {
-        let mut owed = self.owed();
-        if owed.held_remotely.len() < MAX_HELD_REMOTELY {
-            owed.held_remotely.insert(charge.reservation);
-        }
-    }
-
-    /// `charge` was settled or released on the shared store.
-    fn finished_remotely(&self, charge: &Charge) {
-        self.owed().held_remotely.remove(&charge.reservation);
-    }
-
-    /// `charge` was settled or released on the mirror: note what the shared store
-    /// is owed for it.
-    fn finished_locally(&self, charge: &Charge, settlement: &Settlement, finish: Finish) {
-        let mut owed = self.owed();
-        if owed.held_remotely.remove(&charge.reservation) {
-            owed.finished.push((charge.clone(), *settlement, finish));
-            return;
-        }
-        let cost = settlement.outcome.cost;
-        if finish == Finish::Released || cost == Money::ZERO {
-            return;
-        }
-        let at = settlement.outcome.now;
+    /// `charge` finished on the mirror having cost `spent`: note what the shared
+    /// store is owed for it.
+    fn finished_locally(&self, charge: &Charge, settlement: &Settlement, spent: Money) {
+        self.saw(settlement.outcome.now);
         let budgets = self.budgets.read().unwrap_or_else(PoisonError::into_inner);
-        for budget in budgets.iter().filter(|b| charge.budget_ids.contains(&b.id)) {
-            let (period_start, _) = budget.period.bounds(at);
-            owed.add_spend((budget.id.clone(), period_start), cost, at);
+        let mut owed = self.owed();
+        if owed.finished_locally(charge, settlement, spent, &budgets) {
+            self.owing.store(true, Ordering::Relaxed);
         }
     }
 
-    /// Gives the shared store what the outage owes it. On an error the rest stays
-    /// owed (what the store refused for good is dropped and logged).
-    async fn pay_back(&self) -> Result<(), StoreError> {
-        let (finished, spend) = {
-            let mut owed = self.owed();
-            (
-                std::mem::take(&mut owed.finished),
-                std::mem::take(&mut owed.spend),
-            )
-        };
-        let mut finished = finished.into_iter();
-        while let Some((charge, settlement, finish)) = finished.next() {
-            let paid = match finish {
-                Finish::Settled => self.remote.settle(&charge, &settlement).await.map(drop),
-                Finish::Released => self.remote.release(&charge, &settlement).await.map(drop),
-            };
-            match paid {
-                Ok(()) => {}
-                Err(e) if e.is_retryable() => {
-                    let mut owed = self.owed();
-                    owed.finished.splice(
-                        0..0,
-                        std::iter::once((charge, settlement, finish)).chain(finished),
-                    );
-                    for (key, (cost, at)) in spend {
-                        owed.add_spend(key, cost, at);
-                    }
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::error!(key_id = %charge.key_id, error = %e, "outage settlement refused by the state store");
-                }
-            }
-        }
-        // Per budget, the latest period only: an earlier one has closed.
-        let mut latest: BTreeMap<&str, Timestamp> = BTreeMap::new();
-        for (id, start) in spend.keys() {
-            let newest = latest.entry(id.as_str()).or_insert(*start);
-            *newest = (*newest).max(*start);
-        }
-        let latest: BTreeMap<String, Timestamp> = latest
-            .into_iter()
-            .map(|(id, start)| (id.to_owned(), start))
-            .collect();
-        let mut spend = spend.into_iter();
-        while let Some(((id, start), (cost, at))) = spend.next() {
-            if latest.get(&id) != Some(&start) {
-                tracing::info!(budget_id = %id, "outage spend of a closed period not given to the state store");
-                continue;
-            }
-            match self
-                .remote
-                .add_spend(std::slice::from_ref(&id), cost, at)
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if e.is_retryable() => {
-                    let mut owed = self.owed();
-                    owed.add_spend((id, start), cost, at);
-                    for (key, (cost, at)) in spend {
-                        owed.add_spend(key, cost, at);
-                    }
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::error!(budget_id = %id, error = %e, "outage spend refused by the state store");
-                }
-            }
-        }
-        Ok(())
+    fn saw(&self, now: Timestamp) {
+        self.latest_ms.fetch_max(now.as_millis(), Ordering::Relaxed);
     }
 
     fn fell_back(&self) {
@@ -455,8 +348,9 @@ impl KeyStore for FailOpenStore {
 #[async_trait]
 impl UsageLedger for FailOpenStore {
     async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        self.saw(charge.now);
         fail_open!(self, |s| s.reserve(charge), |_reserved| {
-            self.held_remotely(charge);
+            self.owed().held_remotely(charge);
         })
     }
 
@@ -469,12 +363,12 @@ impl UsageLedger for FailOpenStore {
             self,
             |s| s.settle(charge, settlement),
             |settled| {
-                self.finished_remotely(charge);
+                self.owed().finished_remotely(charge);
                 self.mirror_spend(&settled.budgets, settlement.outcome.now)
                     .await;
             },
             else {
-                self.finished_locally(charge, settlement, Finish::Settled);
+                self.finished_locally(charge, settlement, settlement.outcome.cost);
             }
         )
     }
@@ -488,10 +382,10 @@ impl UsageLedger for FailOpenStore {
             self,
             |s| s.release(charge, settlement),
             |_released| {
-                self.finished_remotely(charge);
+                self.owed().finished_remotely(charge);
             },
             else {
-                self.finished_locally(charge, settlement, Finish::Released);
+                self.finished_locally(charge, settlement, Money::ZERO);
             }
         )
     }

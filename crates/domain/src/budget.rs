@@ -224,8 +224,9 @@ impl Budget {
 pub struct ReservationId(pub u64);
 
 impl ReservationId {
-    /// Held by no request: generated ids never have a zero low part. Committing it
-    /// charges spend that was never reserved (see [`BudgetLedger::commit`]).
+    /// Held by no request: generated ids carry a counter that starts at 1 in their
+    /// low 40 bits. Committing it charges spend that was never reserved (see
+    /// [`BudgetLedger::commit`]).
     pub const NONE: Self = Self(0);
 }
 

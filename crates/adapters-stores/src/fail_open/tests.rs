@@ -1,5 +1,5 @@
-//! The outage's money reaches the shared store when it answers again: exact
-//! settlements for what it had reserved, added spend for what the mirror reserved.
+//! The outage's money reaches the shared store when it answers again: the
+//! reservations it held are released and the mirror's spend added, once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -33,6 +33,8 @@ struct Switchable {
     down: AtomicBool,
     /// Refuses `add_spend` as unavailable while everything else answers.
     spend_down: AtomicBool,
+    /// `add_spend` never answers.
+    spend_stalls: AtomicBool,
 }
 
 impl Switchable {
@@ -158,6 +160,9 @@ impl BudgetStore for Switchable {
         self.up()?;
         if self.spend_down.load(Ordering::Relaxed) {
             return Err(StoreError::new(StoreErrorKind::Unavailable, "timed out"));
+        }
+        if self.spend_stalls.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
         }
         self.inner.add_spend(ids, cost, now).await
     }
@@ -298,7 +303,7 @@ async fn spend_of_the_outage_is_added_to_the_shared_budget_when_it_answers() {
 }
 
 #[tokio::test]
-async fn a_shared_reservation_finished_during_the_outage_is_finished_there_exactly() {
+async fn a_shared_reservation_finished_during_the_outage_is_released_there_and_its_spend_added() {
     let (shared, store) = fail_open().await;
     let settled = charge(1, 2.0, now());
     let released = charge(2, 3.0, now());
@@ -360,19 +365,71 @@ async fn spend_of_a_period_closed_during_the_outage_is_not_carried_into_the_next
         .settle(&charge(1, 1.0, now()), &outcome(0.5, now()))
         .await
         .unwrap();
+
+    // The store answers again the next day: the call that finds it rolls the day.
+    shared.down.store(false, Ordering::Relaxed);
+    store.retry_at_ms.store(0, Ordering::Relaxed);
     store.reserve(&charge(2, 1.0, tomorrow)).await.unwrap();
+
+    assert!(!store.health().degraded);
+    assert_eq!(
+        shared_budget(&shared, tomorrow).await,
+        (Money::ZERO, usd(1.0))
+    );
+    assert!(
+        store.owed().is_empty(),
+        "nothing left owed"
+    );
+}
+
+#[tokio::test]
+async fn a_pay_back_cut_off_by_its_caller_is_paid_by_a_later_one() {
+    let (shared, store) = fail_open().await;
+    shared.down.store(true, Ordering::Relaxed);
+    store.reserve(&charge(1, 1.0, now())).await.unwrap();
     store
-        .settle(&charge(2, 1.0, tomorrow), &outcome(0.25, tomorrow))
+        .settle(&charge(1, 1.0, now()), &outcome(0.5, now()))
         .await
         .unwrap();
 
     shared.down.store(false, Ordering::Relaxed);
+    shared.spend_stalls.store(true, Ordering::Relaxed);
+    store.retry_at_ms.store(0, Ordering::Relaxed);
+    let cut = tokio::time::timeout(Duration::from_millis(50), store.ping()).await;
+    assert!(cut.is_err(), "the pay-back stalled and its caller gave up");
+    assert!(!store.health().degraded);
+
+    shared.spend_stalls.store(false, Ordering::Relaxed);
+    store.ping().await.unwrap();
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
+    store.ping().await.unwrap();
+    assert_eq!(
+        shared_budget(&shared, now()).await,
+        (usd(1.5), Money::ZERO),
+        "paid once"
+    );
+}
+
+#[tokio::test]
+async fn spend_finished_on_the_mirror_after_the_pay_back_is_paid_on_a_later_answer() {
+    let (shared, store) = fail_open().await;
+    let late = charge(1, 1.0, now());
+    shared.down.store(true, Ordering::Relaxed);
+    store.reserve(&late).await.unwrap();
+    shared.down.store(false, Ordering::Relaxed);
     store.retry_at_ms.store(0, Ordering::Relaxed);
     store.ping().await.unwrap();
+    assert!(!store.health().degraded);
 
-    // The daily budget of the new day holds the new day's spend only.
-    assert_eq!(
-        shared_budget(&shared, tomorrow).await,
-        (usd(0.25), Money::ZERO)
-    );
+    // Its settlement had already gone to the mirror when the store came back.
+    store
+        .local
+        .settle(&late, &outcome(0.5, now()))
+        .await
+        .unwrap();
+    store.finished_locally(&late, &outcome(0.5, now()), usd(0.5));
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), Money::ZERO));
+
+    store.ping().await.unwrap();
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
 }
