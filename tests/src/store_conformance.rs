@@ -604,7 +604,7 @@ mod cases {
             .unwrap();
         let settled = store
             .settle(
-                &charge(0, "k1", None, 0.0),
+                &charge(100, "k1", None, 0.0),
                 &spent(10, Money::from_usd(0.25), base_now()),
             )
             .await
@@ -719,7 +719,7 @@ mod cases {
     pub(super) async fn settle_and_release_accumulate_counters(store: Store) {
         store.insert_key(key("k1", None)).await.unwrap();
         let id = KeyId::new("k1");
-        let mut c = charge(0, "k1", None, 0.0);
+        let mut c = charge(100, "k1", None, 0.0);
         c.budget_ids.clear();
         let rate_limited = Settlement {
             outcome: KeyOutcome {
@@ -910,7 +910,8 @@ mod cases {
     }
 
     pub(super) async fn unknown_key_is_not_found_and_unknown_budgets_are_ignored(store: Store) {
-        let Err(ChargeRejection::Store(err)) = store.reserve(&charge(0, "nope", None, 0.01)).await
+        let Err(ChargeRejection::Store(err)) =
+            store.reserve(&charge(100, "nope", None, 0.01)).await
         else {
             panic!("a charge for an unknown key must fail with a store error");
         };
@@ -940,7 +941,7 @@ mod cases {
             ..QuotaLimits::default()
         };
 
-        let mut c = charge(0, "k1", Some(2), 0.01);
+        let mut c = charge(100, "k1", Some(2), 0.01);
         c.limits = limits;
         let Err(ChargeRejection::Budget(err)) = store.reserve(&c).await else {
             panic!("a hard budget without room must refuse the charge");
@@ -992,7 +993,7 @@ mod cases {
             .put_budget(hard_budget("a", 1.0), Money::ZERO, base_now())
             .await
             .unwrap();
-        let mut first = charge(0, "k1", Some(1), 0.1);
+        let mut first = charge(100, "k1", Some(1), 0.1);
         first.budget_ids = vec!["a".to_owned(), "b".to_owned()];
         store.reserve(&first).await.unwrap();
 
@@ -1187,7 +1188,7 @@ mod cases {
             tpm: Some(1_000),
             ..QuotaLimits::default()
         };
-        let mut big = charge(0, "k1", None, 0.0);
+        let mut big = charge(100, "k1", None, 0.0);
         big.limits = limits;
         big.est_tokens = 900;
         big.budget_ids.clear();
@@ -1549,7 +1550,8 @@ mod cases {
         });
         store.settle(&first, &with_headers).await.unwrap();
 
-        let Err(ChargeRejection::Quota(denial)) = store.reserve(&charge(0, "k1", None, 0.0)).await
+        let Err(ChargeRejection::Quota(denial)) =
+            store.reserve(&charge(100, "k1", None, 0.0)).await
         else {
             panic!("the provider said no requests are left");
         };
@@ -1614,7 +1616,7 @@ mod cases {
             .unwrap();
         assert_eq!(unknown.uncertainty, Uncertainty::High);
 
-        let mut c = charge(0, "k1", None, 0.0);
+        let mut c = charge(100, "k1", None, 0.0);
         c.limits = limits;
         c.budget_ids.clear();
         for reservation in 0..6 {

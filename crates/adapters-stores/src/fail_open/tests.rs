@@ -376,10 +376,7 @@ async fn spend_of_a_period_closed_during_the_outage_is_not_carried_into_the_next
         shared_budget(&shared, tomorrow).await,
         (Money::ZERO, usd(1.0))
     );
-    assert!(
-        store.owed().is_empty(),
-        "nothing left owed"
-    );
+    assert!(store.owed().is_empty(), "nothing left owed");
 }
 
 #[tokio::test]
