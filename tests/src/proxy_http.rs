@@ -280,6 +280,21 @@ async fn bad_requests_get_precise_openai_errors() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"]["code"], "invalid_json");
 
+    // JSON text that is not UTF-8 (a Latin-1 "é" in a string).
+    let latin1 = p
+        .client
+        .post(p.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(b"{\"model\": \"gpt-4o\", \"messages\": [{\"role\": \"user\", \"content\": \"caf\xe9\"}]}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(latin1).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "invalid_json");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("not UTF-8"), "{message}");
+
     let (status, body) = error_of(p.chat(json!({"model": 5, "messages": []}), None).await).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(

@@ -67,9 +67,31 @@ impl Money {
 
     /// Dollars with nine decimals (`12.345678901`), exact: written from the integer
     /// nano-dollars, not through a float.
+    /// Written digit by digit: two of these go into every routed response's headers,
+    /// and `format!` cost about 2% of the proxy's instructions per request.
     pub fn usd_decimal(self) -> String {
         const NANOS: u64 = 1_000_000_000;
-        format!("{}.{:09}", self.0 / NANOS, self.0 % NANOS)
+        // u64::MAX nano-dollars is 18446744073.709551615: 21 characters.
+        let mut digits = [0u8; 21];
+        let mut at = digits.len();
+        let mut fraction = self.0 % NANOS;
+        for _ in 0..9 {
+            at -= 1;
+            digits[at] = b'0' + (fraction % 10) as u8;
+            fraction /= 10;
+        }
+        at -= 1;
+        digits[at] = b'.';
+        let mut whole = self.0 / NANOS;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (whole % 10) as u8;
+            whole /= 10;
+            if whole == 0 {
+                break;
+            }
+        }
+        String::from_utf8(digits[at..].to_vec()).unwrap_or_default()
     }
 
     /// `self - other`, or zero.
@@ -142,6 +164,15 @@ mod tests {
         assert_eq!(text(12_345_678_901), "12.345678901");
         // Beyond f64's exact range for nine decimals.
         assert_eq!(text(9_007_199_254_740_993), "9007199.254740993");
+        assert_eq!(text(u64::MAX), "18446744073.709551615");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn usd_decimal_matches_the_formatted_quotient_and_remainder(nanos: u64) {
+            let expected = format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000);
+            proptest::prop_assert_eq!(Money::from_nanos(nanos).usd_decimal(), expected);
+        }
     }
 
     #[test]

@@ -195,8 +195,8 @@ impl AnthropicProvider {
         let body = http::read_body(response, http::MAX_BODY_BYTES)
             .await
             .map_err(|e| e.with_quota(quota))?;
-        let parsed: MessagesResponse = serde_json::from_slice(&body)
-            .map_err(|e| http::malformed_body(status, &e).with_quota(quota))?;
+        let parsed: MessagesResponse =
+            http::parse_body(status, &body).map_err(|e| e.with_quota(quota))?;
         if parsed.kind.as_deref() == Some("error") || parsed.error.is_some() {
             // An error object under a success status (seen behind some proxies).
             return Err(http::error_from_parts(status, &headers, &body, quota, now));

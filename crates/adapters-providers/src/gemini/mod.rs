@@ -190,8 +190,7 @@ impl GeminiProvider {
         // Moved out rather than cloned: only an error in the body needs them again.
         let headers = std::mem::take(response.headers_mut());
         let bytes = http::read_body(response, http::MAX_BODY_BYTES).await?;
-        let parsed: T =
-            serde_json::from_slice(&bytes).map_err(|e| http::malformed_body(status, &e))?;
+        let parsed: T = http::parse_body(status, &bytes)?;
         if is_error(&parsed) {
             return Err(http::error_from_parts(
                 status,

@@ -5,7 +5,8 @@
 use std::time::{Duration, SystemTime};
 
 use apikeyrouter_domain::{QuotaObservation, Timestamp};
-use http::HeaderMap;
+use http::header::RETRY_AFTER;
+use http::{HeaderMap, HeaderName};
 
 use super::timestamp;
 
@@ -13,11 +14,11 @@ use super::timestamp;
 /// `retry-after` as seconds (fractions allowed) or as an HTTP date (relative to `now`,
 /// zero if already past). `None` when absent or unreadable.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(ms) = header_str(headers, "retry-after-ms").and_then(parse_seconds) {
+    if let Some(ms) = header_str(headers, &RETRY_AFTER_MS).and_then(parse_seconds) {
         // `parse_seconds` read the number as seconds: scale back to milliseconds.
         return Some(ms / 1_000);
     }
-    let value = header_str(headers, "retry-after")?;
+    let value = header_str(headers, &RETRY_AFTER)?;
     if let Some(wait) = parse_seconds(value) {
         return Some(wait);
     }
@@ -35,26 +36,76 @@ fn parse_seconds(value: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(seconds).ok()
 }
 
+/// The names of one provider's six rate-limit headers, parsed once at compile time
+/// so that reading them costs a hash look-up, not a name parse each.
+struct QuotaHeaders {
+    limit_requests: HeaderName,
+    remaining_requests: HeaderName,
+    reset_requests: HeaderName,
+    limit_tokens: HeaderName,
+    remaining_tokens: HeaderName,
+    reset_tokens: HeaderName,
+}
+
+impl QuotaHeaders {
+    /// The observation they carry, resets read by `reset`; `None` when none is there.
+    fn read(
+        &self,
+        headers: &HeaderMap,
+        reset: impl Fn(&str) -> Option<Timestamp>,
+    ) -> Option<QuotaObservation> {
+        let reset_at = |name: &HeaderName| header_str(headers, name).and_then(&reset);
+        let observation = QuotaObservation {
+            limit_requests: header_u64(headers, &self.limit_requests),
+            remaining_requests: header_u64(headers, &self.remaining_requests),
+            reset_requests_at: reset_at(&self.reset_requests),
+            limit_tokens: header_u64(headers, &self.limit_tokens),
+            remaining_tokens: header_u64(headers, &self.remaining_tokens),
+            reset_tokens_at: reset_at(&self.reset_tokens),
+        };
+        (observation != QuotaObservation::default()).then_some(observation)
+    }
+}
+
+const OPENAI: QuotaHeaders = QuotaHeaders {
+    limit_requests: HeaderName::from_static("x-ratelimit-limit-requests"),
+    remaining_requests: HeaderName::from_static("x-ratelimit-remaining-requests"),
+    reset_requests: HeaderName::from_static("x-ratelimit-reset-requests"),
+    limit_tokens: HeaderName::from_static("x-ratelimit-limit-tokens"),
+    remaining_tokens: HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    reset_tokens: HeaderName::from_static("x-ratelimit-reset-tokens"),
+};
+
+const ANTHROPIC: QuotaHeaders = QuotaHeaders {
+    limit_requests: HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+    remaining_requests: HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+    reset_requests: HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+    limit_tokens: HeaderName::from_static("anthropic-ratelimit-tokens-limit"),
+    remaining_tokens: HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+    reset_tokens: HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
+};
+
+/// Anthropic's headers when it counts input tokens apart.
+const ANTHROPIC_INPUT: QuotaHeaders = QuotaHeaders {
+    limit_tokens: HeaderName::from_static("anthropic-ratelimit-input-tokens-limit"),
+    remaining_tokens: HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining"),
+    reset_tokens: HeaderName::from_static("anthropic-ratelimit-input-tokens-reset"),
+    limit_requests: HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+    remaining_requests: HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+    reset_requests: HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+};
+
+const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+
 /// OpenAI's (and Groq's, Azure's) rate-limit headers: `x-ratelimit-limit-requests`,
 /// `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests` (a duration such as
 /// `6m0s`, made absolute from `now`), and the same for `-tokens`. `None` when none of
 /// them is present.
 pub fn openai_quota(headers: &HeaderMap, now: SystemTime) -> Option<QuotaObservation> {
     let now = timestamp(now);
-    let reset = |name: &str| {
-        header_str(headers, name)
-            .and_then(parse_go_duration)
-            .map(|wait| now.plus(wait))
-    };
-    let observation = QuotaObservation {
-        limit_requests: header_u64(headers, "x-ratelimit-limit-requests"),
-        remaining_requests: header_u64(headers, "x-ratelimit-remaining-requests"),
-        reset_requests_at: reset("x-ratelimit-reset-requests"),
-        limit_tokens: header_u64(headers, "x-ratelimit-limit-tokens"),
-        remaining_tokens: header_u64(headers, "x-ratelimit-remaining-tokens"),
-        reset_tokens_at: reset("x-ratelimit-reset-tokens"),
-    };
-    (observation != QuotaObservation::default()).then_some(observation)
+    OPENAI.read(headers, |value| {
+        parse_go_duration(value).map(|wait| now.plus(wait))
+    })
 }
 
 /// Anthropic's rate-limit headers: `anthropic-ratelimit-requests-{limit,remaining,reset}`
@@ -63,23 +114,14 @@ pub fn openai_quota(headers: &HeaderMap, now: SystemTime) -> Option<QuotaObserva
 /// resets are absolute) and taken so the function fits [`super::error_from_response`].
 /// `None` when none of them is present.
 pub fn anthropic_quota(headers: &HeaderMap, _now: SystemTime) -> Option<QuotaObservation> {
-    let reset = |name: &str| header_str(headers, name).and_then(parse_rfc3339);
-    let tokens = if headers.contains_key("anthropic-ratelimit-tokens-limit")
-        || headers.contains_key("anthropic-ratelimit-tokens-remaining")
-    {
-        "anthropic-ratelimit-tokens"
+    let combined = headers.contains_key(&ANTHROPIC.limit_tokens)
+        || headers.contains_key(&ANTHROPIC.remaining_tokens);
+    let names = if combined {
+        &ANTHROPIC
     } else {
-        "anthropic-ratelimit-input-tokens"
+        &ANTHROPIC_INPUT
     };
-    let observation = QuotaObservation {
-        limit_requests: header_u64(headers, "anthropic-ratelimit-requests-limit"),
-        remaining_requests: header_u64(headers, "anthropic-ratelimit-requests-remaining"),
-        reset_requests_at: reset("anthropic-ratelimit-requests-reset"),
-        limit_tokens: header_u64(headers, &format!("{tokens}-limit")),
-        remaining_tokens: header_u64(headers, &format!("{tokens}-remaining")),
-        reset_tokens_at: reset(&format!("{tokens}-reset")),
-    };
-    (observation != QuotaObservation::default()).then_some(observation)
+    names.read(headers, parse_rfc3339)
 }
 
 /// For providers that send no rate-limit headers (Gemini): always `None`.
@@ -87,12 +129,12 @@ pub fn no_quota(_headers: &HeaderMap, _now: SystemTime) -> Option<QuotaObservati
     None
 }
 
-fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
     headers.get(name)?.to_str().ok().map(str::trim)
 }
 
 /// A count; a fractional one is truncated (some compatible servers send `99.0`).
-fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+fn header_u64(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
     let value = header_str(headers, name)?;
     value.parse::<u64>().ok().or_else(|| {
         let float: f64 = value.parse().ok()?;

@@ -36,7 +36,7 @@ use url::Url;
 
 use crate::http::{
     self, HttpClient, HttpSettings, MAX_BODY_BYTES, Response, SseEvent, error_from_parts,
-    error_from_response, expect_content_type, malformed_body, openai_quota, read_body, redact_key,
+    error_from_response, expect_content_type, openai_quota, parse_body, read_body, redact_key,
     sse_stream,
 };
 
@@ -112,7 +112,7 @@ impl Endpoint {
         Ok(match self {
             Self::OpenAi { .. } | Self::Compatible { .. } => (
                 AUTHORIZATION,
-                http::secret_header(&format!("Bearer {}", material.expose()))?,
+                http::secret_header(&["Bearer ", material.expose()].concat())?,
             ),
             Self::Azure { .. } => (
                 HeaderName::from_static("api-key"),
@@ -238,8 +238,7 @@ impl OpenAiClient {
         // Moved out rather than cloned: only an error in the body needs them again.
         let headers: HeaderMap = std::mem::take(response.headers_mut());
         let body = read_body(response, MAX_BODY_BYTES).await?;
-        let parsed: T = serde_json::from_slice(&body)
-            .map_err(|err| malformed_body(status, &err).with_quota(quota))?;
+        let parsed: T = parse_body(status, &body).map_err(|err| err.with_quota(quota))?;
         if parsed.has_error() {
             return Err(error_from_parts(status, &headers, &body, quota, now));
         }

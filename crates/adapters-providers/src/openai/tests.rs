@@ -579,6 +579,26 @@ async fn malformed_json_is_a_server_error() {
 }
 
 #[tokio::test]
+async fn a_body_that_is_not_utf8_is_a_server_error() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw(b"{\"id\": \"caf\xe9\"}".to_vec(), "application/json"),
+        )
+        .mount(&server)
+        .await;
+    let error = provider(&server).chat(hello("gpt-4o")).await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::ServerError);
+    assert!(
+        error
+            .message
+            .starts_with("malformed response body: invalid utf-8"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
 async fn error_object_in_a_200_body_is_classified() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))

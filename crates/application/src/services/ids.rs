@@ -32,8 +32,17 @@ impl IdGenerator {
         self.counter.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// `req_` and the instance prefix and counter in hex (`{:016x}{:08x}`), written
+    /// without the formatting machinery: it ran on every request (about 1% of the
+    /// proxy's instructions).
     pub(crate) fn request_id(&self) -> RequestId {
-        RequestId::new(format!("req_{:016x}{:08x}", self.prefix, self.next()))
+        let n = self.next();
+        let counter_digits = (16 - n.leading_zeros() / 4).max(8) as usize;
+        let mut id = String::with_capacity(4 + 16 + counter_digits);
+        id.push_str("req_");
+        push_hex(&mut id, self.prefix, 16);
+        push_hex(&mut id, n, counter_digits);
+        RequestId::new(id)
     }
 
     pub(crate) fn key_id(&self) -> KeyId {
@@ -46,6 +55,14 @@ impl IdGenerator {
     pub(crate) fn reservation_id(&self) -> ReservationId {
         // Distinct across instances sharing a store: the high bits carry the prefix.
         ReservationId((self.prefix << 40) ^ self.next())
+    }
+}
+
+/// Appends the low `digits` hex digits of `value`, most significant first.
+fn push_hex(out: &mut String, value: u64, digits: usize) {
+    for shift in (0..digits).rev() {
+        let nibble = (value >> (shift * 4)) & 0xf;
+        out.push(char::from(b"0123456789abcdef"[nibble as usize]));
     }
 }
 
@@ -63,5 +80,17 @@ mod tests {
         assert!(g.key_id().as_str().starts_with("key_"));
         assert_ne!(g.key_id(), g.key_id());
         assert_ne!(g.reservation_id(), g.reservation_id());
+    }
+
+    #[test]
+    fn request_ids_are_the_prefix_and_counter_in_hex() {
+        let g = IdGenerator::new();
+        let n = g.counter.load(Ordering::Relaxed);
+        let expected = format!("req_{:016x}{:08x}", g.prefix, n);
+        assert_eq!(g.request_id().as_str(), expected);
+        // A counter past eight hex digits keeps all of them.
+        g.counter.store(0x1_2345_6789, Ordering::Relaxed);
+        let expected = format!("req_{:016x}123456789", g.prefix);
+        assert_eq!(g.request_id().as_str(), expected);
     }
 }

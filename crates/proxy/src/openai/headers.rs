@@ -55,6 +55,7 @@ impl RoutingHeaders {
 
     /// Adds the headers to `headers`; an id that cannot be a header value is left out.
     pub fn write(&self, headers: &mut HeaderMap) {
+        headers.reserve(6);
         let ids = [
             (REQUEST_ID, self.request_id.as_str()),
             (KEY_ID, self.key_id.as_str()),
