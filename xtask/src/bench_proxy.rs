@@ -8,8 +8,9 @@
 //! the proxy's resident memory.
 //!
 //! A third server, the bare forwarder example (axum + a pooled hyper client, both JSON
-//! bodies parsed and re-serialised, nothing else), is measured at 64 connections as
-//! the floor: what the HTTP and JSON layers alone cost on this machine.
+//! bodies parsed and re-serialised, nothing else), is measured at 64 connections,
+//! closed-loop and paced, as the floor: what the HTTP and JSON layers alone cost and
+//! add on this machine.
 //!
 //! At 64 connections a closed-loop test measures queueing as much as the proxy: by
 //! Little's law latency = 64 / throughput, so the added p50 there is bounded below by
@@ -161,7 +162,17 @@ fn measured(pids: (u32, u32), run: impl FnOnce() -> Result<Run>) -> Result<Measu
     })
 }
 
-pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
+/// Where the bench's servers listen and keep their files.
+struct Setup {
+    mock_at: String,
+    proxy_at: String,
+    bare_at: String,
+    dir: &'static str,
+}
+
+/// Checks the ports, installs wrk if missing, builds the release binaries and writes
+/// the proxy's configuration and wrk's scripts.
+fn prepare(sh: &Shell) -> Result<Setup> {
     let port: u16 = match std::env::var("BENCH_PROXY_PORT") {
         Ok(v) => v.parse().context("BENCH_PROXY_PORT")?,
         Err(_) => DEFAULT_PORT,
@@ -208,13 +219,104 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     let post = "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{\"model\":\"gpt-4o-mini\",\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'\n";
     sh.write_file(format!("{dir}/post.lua"), post)?;
     sh.write_file(format!("{dir}/paced.lua"), format!("{post}{PACING}"))?;
+    Ok(Setup {
+        mock_at,
+        proxy_at,
+        bare_at,
+        dir,
+    })
+}
 
-    let mock = Guard(
+fn start_mock(at: &str) -> Result<Guard> {
+    Ok(Guard(
         Command::new("target/release/examples/mock_upstream")
-            .arg(&mock_at)
+            .arg(at)
             .stdout(Stdio::null())
             .spawn()?,
+    ))
+}
+
+/// `cargo xtask bench proxy-instructions`: the proxy's user-space instructions per
+/// request under callgrind (valgrind, installed from Debian's packages when missing),
+/// at four connections after a warm-up. Unlike CPU time on a shared VM, the count
+/// repeats from run to run, so it shows what a change to the request path saves.
+pub fn instructions(sh: &Shell) -> Result<()> {
+    let Setup {
+        mock_at,
+        proxy_at,
+        dir,
+        ..
+    } = prepare(sh)?;
+    if Command::new("callgrind_control")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        cmd!(sh, "apt-get install -y valgrind")
+            .run()
+            .context("installing valgrind (apt-get install -y valgrind)")?;
+    }
+    let out = format!("{dir}/callgrind.out");
+    for old in [out.clone(), format!("{out}.1")] {
+        let _ = std::fs::remove_file(old);
+    }
+    let _mock = start_mock(&mock_at)?;
+    let proxy = Guard(
+        Command::new("valgrind")
+            .args(["--tool=callgrind", "--instr-atstart=no"])
+            .arg(format!("--callgrind-out-file={out}"))
+            .args(["target/release/apikeyrouter", "serve", "--config"])
+            .arg(format!("{dir}/proxy.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
     );
+    wait_ready(&format!("http://{proxy_at}/ready"), &[])?;
+    let pid = proxy.0.id().to_string();
+    let lua = format!("{dir}/post.lua");
+    let url = format!("http://{proxy_at}/v1/chat/completions");
+    cmd!(sh, "wrk -t1 -c4 -d3s -s {lua} {url}")
+        .quiet()
+        .ignore_stdout()
+        .run()?;
+    let control = |args: &[&str]| {
+        cmd!(sh, "callgrind_control {args...} {pid}")
+            .quiet()
+            .ignore_stdout()
+            .ignore_stderr()
+            .run()
+    };
+    control(&["-i", "on"])?;
+    let run = parse_wrk(&cmd!(sh, "wrk -t1 -c4 -d8s --latency -s {lua} {url}").read()?)?;
+    control(&["-i", "off"])?;
+    control(&["-d"])?;
+    drop(proxy);
+    let dump = std::fs::read_to_string(format!("{out}.1")).context("reading callgrind's dump")?;
+    let instructions: u64 = dump
+        .lines()
+        .find_map(|line| line.strip_prefix("totals: "))
+        .and_then(|n| n.trim().parse().ok())
+        .context("callgrind's dump has no instruction total")?;
+    if run.requests == 0 {
+        bail!("no request was served under callgrind");
+    }
+    println!(
+        "proxy under callgrind: {} requests, {} instructions per request (user space)",
+        run.requests,
+        instructions / run.requests
+    );
+    Ok(())
+}
+
+pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
+    let Setup {
+        mock_at,
+        proxy_at,
+        bare_at,
+        dir,
+    } = prepare(sh)?;
+    let mock = start_mock(&mock_at)?;
     let mut proxy_child = Command::new("target/release/apikeyrouter")
         .args(["serve", "--config", &format!("{dir}/proxy.toml")])
         .env("RUST_LOG", "warn")
@@ -267,9 +369,9 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     );
     let bare_url = format!("http://{bare_at}/v1/chat/completions");
     wait_ready(&bare_url, &["-d", "{}"])?;
-    let floor = measured((mock.0.id(), bare.0.id()), || {
-        wrk(CONNECTIONS, 2, bare_url.clone())
-    })?;
+    let floor_pids = (mock.0.id(), bare.0.id());
+    let floor = measured(floor_pids, || wrk(CONNECTIONS, 2, bare_url.clone()))?;
+    let floor_paced = measured(floor_pids, || paced(bare_url.clone()))?;
     drop(bare);
     let direct_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, direct_url.clone()))?;
     let through_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, proxy_url.clone()))?;
@@ -289,6 +391,11 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         ("through the proxy", "1", &through_low),
         ("mock directly", "64 paced", &direct_paced),
         ("through the proxy", "64 paced", &through_paced),
+        (
+            "through the bare forwarder (floor)",
+            "64 paced",
+            &floor_paced,
+        ),
     ] {
         println!(
             "| {path} | {connections} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs/req | {:.1} µs/req |",
@@ -306,6 +413,11 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
             through.run.p99_us - direct.run.p99_us,
         );
     }
+    println!(
+        "added by the bare forwarder at 64 paced connections: p50 {:.0} µs, p99 {:.0} µs",
+        floor_paced.run.p50_us - direct_paced.run.p50_us,
+        floor_paced.run.p99_us - direct_paced.run.p99_us,
+    );
     println!(
         "proxy CPU per request: {:.1} µs at {CONNECTIONS} connections; resident memory {:.1} MB idle, {:.1} MB after load",
         through.proxy_cpu_us, rss_idle, rss_loaded

@@ -24,6 +24,7 @@ tasks:
   check-layers          check workspace dependency edges against the layer rule
   bench [-- ARGS...]    cargo bench for the workspace; ARGS go to criterion
   bench proxy [SECS]    load test: wrk through the proxy vs directly against a mock upstream
+  bench proxy-instructions  the proxy's instructions per request under callgrind
   bench redis [N]       route() on Redis vs memory: requests/s, p50/p99, Redis round
                         trips per request (needs Redis: `cargo xtask services up`)
   example               run the facade's quickstart example in release mode
@@ -67,6 +68,9 @@ fn run() -> Result<()> {
                 .map_or(Ok(10), |s| s.parse())
                 .context("seconds must be a number")?;
             bench_proxy::run(&sh, seconds)
+        }
+        Some("bench") if rest.first().map(String::as_str) == Some("proxy-instructions") => {
+            bench_proxy::instructions(&sh)
         }
         Some("bench") if rest.first().map(String::as_str) == Some("redis") => {
             let requests: u64 = rest
