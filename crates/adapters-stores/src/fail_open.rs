@@ -53,6 +53,8 @@ pub struct FailOpenStore {
     owing: AtomicBool,
     /// A caller is paying the debt back.
     paying: AtomicBool,
+    /// The mirror is to be refreshed from the shared store after an outage.
+    mirror_stale: AtomicBool,
     /// The latest time a request brought (milliseconds): the budget periods are
     /// current as of it when the debt is paid.
     latest_ms: AtomicU64,
@@ -84,6 +86,7 @@ impl FailOpenStore {
             owed: Mutex::default(),
             owing: AtomicBool::new(false),
             paying: AtomicBool::new(false),
+            mirror_stale: AtomicBool::new(false),
             latest_ms: AtomicU64::new(0),
         };
         store.resync().await?;
@@ -166,7 +169,8 @@ impl FailOpenStore {
     }
 
     /// The shared store answered: leave degraded mode, pay back what is owed, and
-    /// on recovery refresh the mirror from it.
+    /// after an outage refresh the mirror from it (also when the call that found it
+    /// back was dropped before it could).
     async fn answered(&self) {
         let recovered = self.degraded.swap(false, Ordering::Relaxed);
         if recovered {
@@ -174,6 +178,7 @@ impl FailOpenStore {
                 store = self.remote.kind(),
                 "state store reachable again: shared limits resume"
             );
+            self.mirror_stale.store(true, Ordering::Relaxed);
         }
         if recovered || self.owing.load(Ordering::Relaxed) {
             if let Err(e) = self.pay_back().await {
@@ -183,7 +188,7 @@ impl FailOpenStore {
                 }
             }
         }
-        if recovered {
+        if self.mirror_stale.swap(false, Ordering::Relaxed) {
             if let Err(e) = self.resync().await {
                 tracing::warn!(error = %e, "local mirror not refreshed");
             }

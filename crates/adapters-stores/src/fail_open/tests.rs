@@ -396,13 +396,23 @@ async fn a_pay_back_cut_off_by_its_caller_is_paid_by_a_later_one() {
     assert!(cut.is_err(), "the pay-back stalled and its caller gave up");
     assert!(!store.health().degraded);
 
+    // Meanwhile another instance spent $2 through the shared store.
+    shared
+        .inner
+        .add_spend(&["b".to_owned()], usd(2.0), now())
+        .await
+        .unwrap();
+
     shared.spend_stalls.store(false, Ordering::Relaxed);
     store.ping().await.unwrap();
-    assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
+    assert_eq!(shared_budget(&shared, now()).await, (usd(3.5), Money::ZERO));
+    // The mirror was refreshed from it too, by the later call.
+    let mirror = &store.local.budget_statuses(now()).await.unwrap()[0];
+    assert_eq!((mirror.spent, mirror.reserved), (usd(3.5), Money::ZERO));
     store.ping().await.unwrap();
     assert_eq!(
         shared_budget(&shared, now()).await,
-        (usd(1.5), Money::ZERO),
+        (usd(3.5), Money::ZERO),
         "paid once"
     );
 }
