@@ -49,6 +49,7 @@ macro_rules! conformance_suite {
                 settle_returns_statuses_with_spent_equal_to_actual,
                 release_returns_the_money_but_counts_the_request,
                 added_spend_counts_without_touching_reservations,
+                added_spend_of_a_closed_period_is_not_carried_into_the_next,
                 reserving_an_id_again_replaces_the_reservation,
                 soft_budget_allows_overrun_and_flags_it,
                 budget_period_rolls_over_and_keeps_reservations,
@@ -1325,6 +1326,36 @@ mod cases {
                 .unwrap(),
             []
         );
+    }
+
+    pub(super) async fn added_spend_of_a_closed_period_is_not_carried_into_the_next(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 10.0), Money::ZERO, base_now())
+            .await
+            .unwrap();
+        // Another caller has already moved the daily budget on to tomorrow.
+        let tomorrow = base_now().plus(Duration::from_secs(86_400));
+        let mut c = charge(1, "k1", None, 0.1);
+        c.now = tomorrow;
+        store.reserve(&c).await.unwrap();
+        store
+            .settle(&c, &spent(10, Money::from_usd(0.1), tomorrow))
+            .await
+            .unwrap();
+
+        let ids = ["b".to_owned()];
+        let today = store
+            .add_spend(&ids, Money::from_usd(1.0), base_now())
+            .await
+            .unwrap();
+        assert_eq!(today[0].spent, Money::from_usd(0.1), "yesterday's spend");
+        let later = store
+            .add_spend(&ids, Money::from_usd(1.0), tomorrow)
+            .await
+            .unwrap();
+        assert_eq!(later[0].spent, Money::from_usd(1.1));
+        assert_eq!(store.budget_statuses(tomorrow).await.unwrap(), later);
     }
 
     pub(super) async fn release_returns_the_money_but_counts_the_request(store: Store) {

@@ -79,6 +79,11 @@ fn parse_wrk(out: &str) -> Result<Run> {
             run.p99_us = parse_duration_us(v).context("p99")?;
         } else if let Some((n, _)) = line.split_once(" requests in ") {
             run.requests = n.trim().parse().context("requests")?;
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            bail!(
+                "{} of the requests failed; the figures would be of errors:\n{out}",
+                v.trim()
+            );
         }
     }
     if run.rps == 0.0 {
@@ -371,12 +376,12 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     wait_ready(&bare_url, &["-d", "{}"])?;
     let floor_pids = (mock.0.id(), bare.0.id());
     let floor = measured(floor_pids, || wrk(CONNECTIONS, 2, bare_url.clone()))?;
-    let floor_paced = measured(floor_pids, || paced(bare_url.clone()))?;
-    drop(bare);
     let direct_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, direct_url.clone()))?;
     let through_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, proxy_url.clone()))?;
     let direct_paced = measured(pids, || paced(direct_url.clone()))?;
     let through_paced = measured(pids, || paced(proxy_url.clone()))?;
+    let floor_paced = measured(floor_pids, || paced(bare_url.clone()))?;
+    drop(bare);
 
     println!("proxy load test: {seconds} s per run, {N_KEYS} keys, wrk");
     println!(
@@ -437,5 +442,12 @@ mod tests {
             (run.rps, run.p50_us, run.p99_us, run.requests),
             (12345.67, 512.0, 3500.0, 1000)
         );
+    }
+
+    #[test]
+    fn wrk_output_with_failed_requests_is_refused() {
+        let out = "  1000 requests in 1.00s, 1.2MB read\n  Non-2xx or 3xx responses: 12\nRequests/sec:  1000.00\n";
+        let err = parse_wrk(out).unwrap_err().to_string();
+        assert!(err.starts_with("12 of the requests failed"), "{err}");
     }
 }

@@ -188,9 +188,14 @@ impl FailOpenStore {
                 }
             }
         }
-        if self.mirror_stale.swap(false, Ordering::Relaxed) {
+        // Not while another caller pays back: the mirror would miss that spend.
+        if !self.paying.load(Ordering::Acquire) && self.mirror_stale.swap(false, Ordering::Relaxed)
+        {
             if let Err(e) = self.resync().await {
                 tracing::warn!(error = %e, "local mirror not refreshed");
+                if e.is_retryable() {
+                    self.mirror_stale.store(true, Ordering::Relaxed);
+                }
             }
         }
     }

@@ -381,6 +381,18 @@ impl BudgetLedger {
         self.spent = self.spent.saturating_add(actual);
     }
 
+    /// Adds `cost` spent at `at` without a reservation (spend counted elsewhere first,
+    /// e.g. during a store outage). Spend dated before the current period belongs to
+    /// one that has closed and is not carried into this one; returns whether it counted.
+    pub fn add_unreserved(&mut self, cost: Money, at: Timestamp) -> bool {
+        self.roll(at);
+        if at < self.period_start {
+            return false;
+        }
+        self.spent = self.spent.saturating_add(cost);
+        true
+    }
+
     /// Drops reservation `id` without spending (the call failed before costing anything).
     pub fn release(&mut self, id: ReservationId) {
         self.take(id);

@@ -232,8 +232,6 @@ pub async fn read_body(mut response: Response, limit: usize) -> Result<Bytes, Pr
     }
 }
 
-/// A parse failure of a success body: [`FailureKind::ServerError`] with
-/// `malformed response body: ...`, so the call fails over.
 /// A JSON response body as `T`. The text is checked as UTF-8 once, in one pass,
 /// rather than string by string as `serde_json::from_slice` does (measured: about 2%
 /// of the proxy's instructions per request went to the per-string checks).
@@ -248,6 +246,8 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(
     serde_json::from_str(text).map_err(|e| malformed_body(status, &e))
 }
 
+/// A parse failure of a success body: [`FailureKind::ServerError`] with
+/// `malformed response body: ...`, so the call fails over.
 pub fn malformed_body(status: u16, err: &dyn std::fmt::Display) -> ProviderError {
     let detail: String = err.to_string().chars().take(200).collect();
     ProviderError::new(

@@ -15,15 +15,18 @@ use super::FailOpenStore;
 
 /// Reservations on the shared store tracked at most; when full, those older than
 /// [`HELD_AT_MOST_MS`] are forgotten (a request dropped between its reserve and its
-/// settlement never finishes), and if that frees nothing new ones go untracked.
+/// settlement never finishes), at most once a minute; meanwhile new ones go untracked.
 const MAX_HELD: usize = 65_536;
 const HELD_AT_MOST_MS: u64 = 10 * 60 * 1000;
+const EVICT_EVERY_MS: u64 = 60 * 1000;
 
 /// The debt, or a part of it taken to be paid.
 #[derive(Debug, Default)]
 pub(super) struct Owed {
     /// Reservations made on the shared store and not yet finished there, with when.
     held_remotely: HashMap<ReservationId, Timestamp>,
+    /// No eviction pass before this time (milliseconds).
+    evict_after_ms: u64,
     /// Requests reserved on the shared store and finished on the mirror: their
     /// reservations are released there (their spend is in `spend`).
     to_release: VecDeque<(Charge, Settlement)>,
@@ -39,7 +42,12 @@ impl Owed {
     /// `charge` was reserved on the shared store.
     pub(super) fn held_remotely(&mut self, charge: &Charge) {
         if self.held_remotely.len() >= MAX_HELD {
-            let horizon = charge.now.as_millis().saturating_sub(HELD_AT_MOST_MS);
+            let now = charge.now.as_millis();
+            if now < self.evict_after_ms {
+                return;
+            }
+            self.evict_after_ms = now.saturating_add(EVICT_EVERY_MS);
+            let horizon = now.saturating_sub(HELD_AT_MOST_MS);
             self.held_remotely.retain(|_, at| at.as_millis() >= horizon);
             if self.held_remotely.len() >= MAX_HELD {
                 return;
@@ -85,6 +93,7 @@ impl Owed {
     fn take_debt(&mut self) -> Self {
         Self {
             held_remotely: HashMap::new(),
+            evict_after_ms: 0,
             to_release: std::mem::take(&mut self.to_release),
             spend: std::mem::take(&mut self.spend),
         }
@@ -171,5 +180,47 @@ impl FailOpenStore {
             paying.debt.spend.pop_first();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use apikeyrouter_domain::{KeyId, QuotaLimits};
+
+    use super::*;
+
+    fn reserved(n: u64, at_ms: u64) -> Charge {
+        Charge {
+            reservation: ReservationId(n),
+            key_id: KeyId::new("k1"),
+            limits: QuotaLimits::default(),
+            est_tokens: 1,
+            est_cost: Money::ZERO,
+            budget_ids: Vec::new(),
+            client: None,
+            now: Timestamp::from_millis(at_ms),
+        }
+    }
+
+    #[test]
+    fn a_full_table_forgets_old_reservations_at_most_once_a_minute() {
+        let mut owed = Owed::default();
+        let start = 1_000_000_000;
+        for n in 1..=MAX_HELD as u64 {
+            owed.held_remotely(&reserved(n, start));
+        }
+        // Eleven minutes on, the leftovers are forgotten and the new one is tracked.
+        let later = start + 11 * 60 * 1000;
+        owed.held_remotely(&reserved(1 << 40, later));
+        assert_eq!(owed.held_remotely.len(), 1);
+
+        for n in 1..MAX_HELD as u64 {
+            owed.held_remotely(&reserved(n, later));
+        }
+        assert_eq!(owed.held_remotely.len(), MAX_HELD);
+        // Full of recent ones, and within a minute of the last pass: untracked.
+        owed.held_remotely(&reserved(2 << 40, later + 1));
+        assert_eq!(owed.held_remotely.len(), MAX_HELD);
+        assert!(!owed.held_remotely.contains_key(&ReservationId(2 << 40)));
     }
 }

@@ -380,6 +380,37 @@ async fn spend_of_a_period_closed_during_the_outage_is_not_carried_into_the_next
 }
 
 #[tokio::test]
+async fn spend_of_a_day_the_shared_store_has_closed_is_not_given_to_the_next() {
+    let (shared, store) = fail_open().await;
+    let tomorrow = now().plus(Duration::from_secs(86_400));
+    shared.down.store(true, Ordering::Relaxed);
+    store.reserve(&charge(1, 1.0, now())).await.unwrap();
+    store
+        .settle(&charge(1, 1.0, now()), &outcome(0.5, now()))
+        .await
+        .unwrap();
+    // Another instance served tomorrow's first request through the shared store.
+    shared.down.store(false, Ordering::Relaxed);
+    let other = charge(2, 1.0, tomorrow);
+    shared.inner.reserve(&other).await.unwrap();
+    shared
+        .inner
+        .settle(&other, &outcome(0.25, tomorrow))
+        .await
+        .unwrap();
+
+    // A probe without a time finds the store back.
+    store.retry_at_ms.store(0, Ordering::Relaxed);
+    store.ping().await.unwrap();
+
+    assert_eq!(
+        shared_budget(&shared, tomorrow).await,
+        (usd(0.25), Money::ZERO)
+    );
+    assert!(store.owed().is_empty());
+}
+
+#[tokio::test]
 async fn a_pay_back_cut_off_by_its_caller_is_paid_by_a_later_one() {
     let (shared, store) = fail_open().await;
     shared.down.store(true, Ordering::Relaxed);

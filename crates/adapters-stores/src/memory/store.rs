@@ -27,7 +27,7 @@ use apikeyrouter_application::ports::{
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetLedger, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money,
-    QuotaLimits, QuotaSnapshot, QuotaWindows, RequestId, ReservationId, StateTransition, Timestamp,
+    QuotaLimits, QuotaSnapshot, QuotaWindows, RequestId, StateTransition, Timestamp,
     TransitionTrigger, WindowKind,
 };
 use async_trait::async_trait;
@@ -141,20 +141,18 @@ impl MemoryStore {
             .collect()
     }
 
-    /// Replaces `reservation` with `cost` in each known budget among `ids`, one
-    /// budget at a time (settling needs no cross-budget atomicity); their statuses.
-    fn commit_budgets(
+    /// Applies `change` to each known budget among `ids`, one budget at a time
+    /// (neither settling nor added spend needs cross-budget atomicity); their statuses.
+    fn update_budgets(
         &self,
         ids: &[String],
-        reservation: ReservationId,
-        cost: Money,
-        now: Timestamp,
+        change: impl Fn(&mut BudgetLedger),
     ) -> Vec<BudgetStatus> {
         self.budget_slots(ids)
             .iter()
             .filter_map(|slot| {
                 lock(slot).as_mut().map(|ledger| {
-                    ledger.commit(reservation, cost, now);
+                    change(ledger);
                     ledger.status()
                 })
             })
@@ -436,12 +434,9 @@ impl UsageLedger for MemoryStore {
     ) -> Result<Settled, StoreError> {
         let outcome = &settlement.outcome;
         let stats = self.settle_key(charge, outcome.usage.total(), settlement);
-        let budgets = self.commit_budgets(
-            &charge.budget_ids,
-            charge.reservation,
-            outcome.cost,
-            outcome.now,
-        );
+        let budgets = self.update_budgets(&charge.budget_ids, |ledger| {
+            ledger.commit(charge.reservation, outcome.cost, outcome.now);
+        });
         Ok(Settled { budgets, stats })
     }
 
@@ -509,7 +504,9 @@ impl BudgetStore for MemoryStore {
         cost: Money,
         now: Timestamp,
     ) -> Result<Vec<BudgetStatus>, StoreError> {
-        Ok(self.commit_budgets(ids, ReservationId::NONE, cost, now))
+        Ok(self.update_budgets(ids, |ledger| {
+            ledger.add_unreserved(cost, now);
+        }))
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

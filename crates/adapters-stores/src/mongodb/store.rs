@@ -663,7 +663,9 @@ impl MongoStore {
 
     /// Commits `actual` in budget `id`, replacing `reservation` (expected to hold
     /// `held`, `None` when it is known not to be there), and returns the status
-    /// after. `Ok(None)` for an unknown budget.
+    /// after. `Ok(None)` for an unknown budget. With [`ReservationId::NONE`] it is
+    /// spend without a reservation, which is not carried into a period that started
+    /// after `now` (`BudgetLedger::add_unreserved`).
     async fn commit_budget(
         &self,
         id: &str,
@@ -677,8 +679,12 @@ impl MongoStore {
         let now_ms = millis(now);
         // What the reservation should hold; `None` once known to be gone.
         let mut expected = held.map(nanos);
+        let unreserved = reservation == ReservationId::NONE;
         for _ in 0..MAX_ATTEMPTS {
             let mut filter = doc! { "_id": id, "period_end": { "$gt": now_ms } };
+            if unreserved {
+                filter.insert("period_start", doc! { "$lte": now_ms });
+            }
             let update = match expected {
                 Some(held) => {
                     filter.insert(format!("{field}.amount"), held);
@@ -711,6 +717,9 @@ impl MongoStore {
             let Some(doc) = self.load_budget(id).await? else {
                 return Ok(None);
             };
+            if unreserved && doc.period_start > now_ms {
+                return Ok(Some(doc.status(now)));
+            }
             if doc.period_over(now) {
                 self.roll_budget(&doc, now).await?;
                 continue;

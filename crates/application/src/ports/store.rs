@@ -315,19 +315,29 @@ pub trait BudgetStore: Send + Sync + 'static {
     /// `NotFound` if absent.
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError>;
 
-    /// Adds `cost` to the current period's spend of each budget among `ids` that
-    /// exists here, without a reservation: money spent while this store could not
-    /// be reached (fail-open), counted once it can. Returns the statuses after, in
-    /// id order.
+    /// Adds `cost` spent at `now` to each budget among `ids` that exists here,
+    /// without a reservation: money spent while this store could not be reached
+    /// (fail-open), counted once it can. Spend dated before a budget's current
+    /// period is not carried into it (`BudgetLedger::add_unreserved`). Returns the
+    /// statuses after, in id order.
+    ///
+    /// The default refuses, so a store written before this method existed still
+    /// builds; fail-open then drops the outage's spend with an error in the log.
     ///
     /// # Errors
-    /// `Unavailable` when the backend is down.
+    /// `Unavailable` when the backend is down; `Invalid` from the default.
     async fn add_spend(
         &self,
         ids: &[String],
         cost: Money,
         now: Timestamp,
-    ) -> Result<Vec<BudgetStatus>, StoreError>;
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        let _ = (ids, cost, now);
+        Err(StoreError::new(
+            StoreErrorKind::Invalid,
+            "this store cannot add spend without a reservation",
+        ))
+    }
 }
 
 /// Records of routed requests, for look-up by request id.
