@@ -775,6 +775,88 @@ async fn client_disconnecting_mid_stream_is_settled_and_audited() {
 }
 
 #[tokio::test]
+async fn a_client_hanging_up_mid_request_leaves_nothing_reserved_and_is_audited() {
+    use std::time::Duration;
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_delay(Duration::from_millis(400))
+                .set_body_json(json!({
+                    "id": "chatcmpl-slow", "object": "chat.completion", "created": 1,
+                    "model": "slow-model",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "late"}}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+                })),
+        )
+        .mount(&upstream)
+        .await;
+    let extra = format!(
+        r#"
+[[providers]]
+id = "slow"
+kind = "openai-compatible"
+base_url = "{}/v1"
+models = ["slow-model"]
+
+[[keys]]
+provider = "slow"
+material = "sk-slow-test-0001"
+
+[[prices]]
+model = "slow-model"
+input_per_mtok = 1000.0
+output_per_mtok = 1000.0
+"#,
+        upstream.uri()
+    );
+    let p = Proxy::start(&extra, &[]).await;
+    let gave_up = p
+        .client
+        .post(p.url("/v1/chat/completions"))
+        .header("x-request-id", "hung-up-1")
+        .timeout(Duration::from_millis(100))
+        .json(&hello("slow-model"))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client gave up before the answer");
+
+    // The call finishes without it: audited as served, and settled.
+    let mut record = Value::Null;
+    for _ in 0..300 {
+        let r = p
+            .client
+            .get(p.url("/api/v1/requests/hung-up-1"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::OK {
+            record = r.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(record["outcome"]["status"], "success", "{record}");
+    let budgets: Value = p
+        .client
+        .get(p.url("/api/v1/budgets"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let global = &budgets["data"][0];
+    assert_eq!(global["reserved"].as_f64(), Some(0.0), "{budgets}");
+    // 6 tokens at $1,000 per million.
+    assert_eq!(global["spent"].as_f64(), Some(0.006), "{budgets}");
+}
+
+#[tokio::test]
 async fn a_virtual_keys_budget_stops_that_client_only() {
     let extra = r#"
 [[virtual_keys]]

@@ -75,6 +75,24 @@ pub fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> R
     })
 }
 
+/// Runs a routed call in its own task, so that a client hanging up does not cut it
+/// off mid-flight: the call finishes, its cost is settled and its record written
+/// (the provider bills it anyway), and no budget reservation is left held. Streams
+/// settle on drop instead (`RoutedStream`).
+async fn run_to_completion<T: Send + 'static>(
+    call: impl Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(call).await.map_err(|e| {
+        tracing::error!(error = %e, "routed call failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "internal_error",
+            "The request failed inside the proxy.",
+        )
+    })
+}
+
 /// `value` as a JSON response, as `axum::Json` makes it but written into a buffer the
 /// size of a typical completion, which axum's (128 bytes to start) grew three times.
 fn json_response<T: serde::Serialize>(value: &T) -> Response {
@@ -288,12 +306,9 @@ pub async fn chat_completions(
             .observe(started.elapsed().as_secs_f64());
         return Ok(response);
     }
-    let served = state
-        .router
-        .core()
-        .router()
-        .route(intent, &r.objective, r.ctx)
-        .await
+    let router = state.router.core().router();
+    let served = run_to_completion(async move { router.route(intent, &r.objective, r.ctx).await })
+        .await?
         .map_err(|e| ApiError::from_route(&e))?;
     state.metrics.record_usage(
         &served.provider,
@@ -356,12 +371,12 @@ pub async fn embeddings(
         tenant: r.tenant,
         tags: r.tags,
     };
-    let served = state
-        .router
-        .core()
-        .router()
-        .route_embeddings(intent, &r.objective, r.ctx)
-        .await
+    let router = state.router.core().router();
+    let served =
+        run_to_completion(
+            async move { router.route_embeddings(intent, &r.objective, r.ctx).await },
+        )
+        .await?
         .map_err(|e| ApiError::from_route(&e))?;
     state.metrics.record_usage(
         &served.provider,
