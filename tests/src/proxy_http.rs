@@ -64,6 +64,24 @@ impl Proxy {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The audit record of request `id` once it is written (records are written in
+    /// the background), or `null` after three seconds.
+    async fn record_when_written(&self, id: &str) -> Value {
+        for _ in 0..300 {
+            let r = self
+                .client
+                .get(self.url(&format!("/api/v1/requests/{id}")))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == StatusCode::OK {
+                return r.json().await.unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Value::Null
+    }
+
     async fn chat(&self, body: Value, token: Option<&str>) -> reqwest::Response {
         let mut req = self
             .client
@@ -745,20 +763,7 @@ async fn client_disconnecting_mid_stream_is_settled_and_audited() {
     let first = bytes.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
     drop(bytes);
-    let mut record = Value::Null;
-    for _ in 0..200 {
-        let r = p
-            .client
-            .get(p.url("/api/v1/requests/gone-1"))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == StatusCode::OK {
-            record = r.json().await.unwrap();
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let record = p.record_when_written("gone-1").await;
     // The simulated provider streams all chunks at once, so the server may finish
     // before it notices the client left; either way the stream is settled and audited.
     let status = record["outcome"]["status"].as_str().unwrap_or_default();
@@ -826,20 +831,7 @@ output_per_mtok = 1000.0
     assert!(gave_up.is_err(), "the client gave up before the answer");
 
     // The call finishes without it: audited as served, and settled.
-    let mut record = Value::Null;
-    for _ in 0..300 {
-        let r = p
-            .client
-            .get(p.url("/api/v1/requests/hung-up-1"))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == StatusCode::OK {
-            record = r.json().await.unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let record = p.record_when_written("hung-up-1").await;
     assert_eq!(record["outcome"]["status"], "success", "{record}");
     let budgets: Value = p
         .client

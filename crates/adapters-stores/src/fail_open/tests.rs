@@ -250,6 +250,26 @@ fn outcome(cost_usd: f64, now: Timestamp) -> Settlement {
     }
 }
 
+/// A request reserved and settled for `cost_usd` at `at` through the wrapper.
+async fn served(store: &FailOpenStore, n: u64, cost_usd: f64, at: Timestamp) {
+    store.reserve(&charge(n, 1.0, at)).await.unwrap();
+    store
+        .settle(&charge(n, 1.0, at), &outcome(cost_usd, at))
+        .await
+        .unwrap();
+}
+
+/// The next call tries the shared store rather than waiting out the retry second.
+fn probe_now(store: &FailOpenStore) {
+    store.retry_at_ms.store(0, Ordering::Relaxed);
+}
+
+/// The shared store answers again, and the next call will find out.
+fn back_up(shared: &Switchable, store: &FailOpenStore) {
+    shared.down.store(false, Ordering::Relaxed);
+    probe_now(store);
+}
+
 /// The shared budget's (spent, reserved), read behind the wrapper's back.
 async fn shared_budget(shared: &Switchable, now: Timestamp) -> (Money, Money) {
     let status = &shared.inner.budget_statuses(now).await.unwrap()[0];
@@ -266,11 +286,7 @@ async fn spend_of_the_outage_is_added_to_the_shared_budget_when_it_answers() {
     shared.down.store(true, Ordering::Relaxed);
 
     for (n, cost) in [(1, 0.5), (2, 0.25)] {
-        store.reserve(&charge(n, 1.0, now())).await.unwrap();
-        store
-            .settle(&charge(n, 1.0, now()), &outcome(cost, now()))
-            .await
-            .unwrap();
+        served(&store, n, cost, now()).await;
     }
     let released = charge(3, 1.0, now());
     store.reserve(&released).await.unwrap();
@@ -284,8 +300,7 @@ async fn spend_of_the_outage_is_added_to_the_shared_budget_when_it_answers() {
     assert_eq!((local.spent, local.reserved), (usd(1.75), Money::ZERO));
     assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), Money::ZERO));
 
-    shared.down.store(false, Ordering::Relaxed);
-    store.retry_at_ms.store(0, Ordering::Relaxed);
+    back_up(&shared, &store);
     store.ping().await.unwrap();
 
     assert!(!store.health().degraded);
@@ -320,8 +335,7 @@ async fn a_shared_reservation_finished_during_the_outage_is_released_there_and_i
     assert!(store.health().degraded);
     assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), usd(5.0)));
 
-    shared.down.store(false, Ordering::Relaxed);
-    store.retry_at_ms.store(0, Ordering::Relaxed);
+    back_up(&shared, &store);
     store.ping().await.unwrap();
 
     // Both reservations gone from the shared budget, the actual cost counted once.
@@ -334,22 +348,18 @@ async fn a_shared_reservation_finished_during_the_outage_is_released_there_and_i
 async fn what_the_shared_store_fails_to_take_stays_owed() {
     let (shared, store) = fail_open().await;
     shared.down.store(true, Ordering::Relaxed);
-    store.reserve(&charge(1, 1.0, now())).await.unwrap();
-    store
-        .settle(&charge(1, 1.0, now()), &outcome(0.5, now()))
-        .await
-        .unwrap();
+    served(&store, 1, 0.5, now()).await;
 
     // It answers the probe, then times out on the pay-back: degraded again.
     shared.down.store(false, Ordering::Relaxed);
     shared.spend_down.store(true, Ordering::Relaxed);
-    store.retry_at_ms.store(0, Ordering::Relaxed);
+    probe_now(&store);
     store.ping().await.unwrap();
     assert!(store.health().degraded);
     assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), Money::ZERO));
 
     shared.spend_down.store(false, Ordering::Relaxed);
-    store.retry_at_ms.store(0, Ordering::Relaxed);
+    probe_now(&store);
     store.ping().await.unwrap();
     assert!(!store.health().degraded);
     assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
@@ -360,15 +370,10 @@ async fn spend_of_a_period_closed_during_the_outage_is_not_carried_into_the_next
     let (shared, store) = fail_open().await;
     let tomorrow = now().plus(Duration::from_secs(86_400));
     shared.down.store(true, Ordering::Relaxed);
-    store.reserve(&charge(1, 1.0, now())).await.unwrap();
-    store
-        .settle(&charge(1, 1.0, now()), &outcome(0.5, now()))
-        .await
-        .unwrap();
+    served(&store, 1, 0.5, now()).await;
 
     // The store answers again the next day: the call that finds it rolls the day.
-    shared.down.store(false, Ordering::Relaxed);
-    store.retry_at_ms.store(0, Ordering::Relaxed);
+    back_up(&shared, &store);
     store.reserve(&charge(2, 1.0, tomorrow)).await.unwrap();
 
     assert!(!store.health().degraded);
@@ -384,11 +389,7 @@ async fn spend_of_a_day_the_shared_store_has_closed_is_not_given_to_the_next() {
     let (shared, store) = fail_open().await;
     let tomorrow = now().plus(Duration::from_secs(86_400));
     shared.down.store(true, Ordering::Relaxed);
-    store.reserve(&charge(1, 1.0, now())).await.unwrap();
-    store
-        .settle(&charge(1, 1.0, now()), &outcome(0.5, now()))
-        .await
-        .unwrap();
+    served(&store, 1, 0.5, now()).await;
     // Another instance served tomorrow's first request through the shared store.
     shared.down.store(false, Ordering::Relaxed);
     let other = charge(2, 1.0, tomorrow);
@@ -400,7 +401,7 @@ async fn spend_of_a_day_the_shared_store_has_closed_is_not_given_to_the_next() {
         .unwrap();
 
     // A probe without a time finds the store back.
-    store.retry_at_ms.store(0, Ordering::Relaxed);
+    probe_now(&store);
     store.ping().await.unwrap();
 
     assert_eq!(
@@ -414,15 +415,11 @@ async fn spend_of_a_day_the_shared_store_has_closed_is_not_given_to_the_next() {
 async fn a_pay_back_cut_off_by_its_caller_is_paid_by_a_later_one() {
     let (shared, store) = fail_open().await;
     shared.down.store(true, Ordering::Relaxed);
-    store.reserve(&charge(1, 1.0, now())).await.unwrap();
-    store
-        .settle(&charge(1, 1.0, now()), &outcome(0.5, now()))
-        .await
-        .unwrap();
+    served(&store, 1, 0.5, now()).await;
 
     shared.down.store(false, Ordering::Relaxed);
     shared.spend_stalls.store(true, Ordering::Relaxed);
-    store.retry_at_ms.store(0, Ordering::Relaxed);
+    probe_now(&store);
     let cut = tokio::time::timeout(Duration::from_millis(50), store.ping()).await;
     assert!(cut.is_err(), "the pay-back stalled and its caller gave up");
     assert!(!store.health().degraded);
@@ -454,8 +451,7 @@ async fn spend_finished_on_the_mirror_after_the_pay_back_is_paid_on_a_later_answ
     let late = charge(1, 1.0, now());
     shared.down.store(true, Ordering::Relaxed);
     store.reserve(&late).await.unwrap();
-    shared.down.store(false, Ordering::Relaxed);
-    store.retry_at_ms.store(0, Ordering::Relaxed);
+    back_up(&shared, &store);
     store.ping().await.unwrap();
     assert!(!store.health().degraded);
 
