@@ -9,6 +9,8 @@ mod audit_delivery;
 #[cfg(test)]
 mod bad_input;
 #[cfg(test)]
+mod cancellation;
+#[cfg(test)]
 mod failure_handling;
 #[cfg(test)]
 mod multi_instance;

@@ -7,6 +7,7 @@
 
 mod learn;
 mod plan;
+mod run;
 mod stream;
 
 use std::future::Future;
@@ -17,9 +18,8 @@ use apikeyrouter_domain::budget::ChargeContext;
 use apikeyrouter_domain::cost::CostEstimate;
 use apikeyrouter_domain::routing::{Ineligibility, NoEligibleKey, RouteQuery};
 use apikeyrouter_domain::{
-    BudgetError, BudgetStatus, Decision, EmbeddingIntent, FailureKind, KeyId, KeyMaterial, ModelId,
-    Money, Objective, ProviderId, QuotaObservation, RequestId, RequestIntent, TenantId, Timestamp,
-    TokenUsage,
+    BudgetError, BudgetStatus, EmbeddingIntent, FailureKind, KeyId, KeyMaterial, ModelId, Money,
+    Objective, ProviderId, QuotaObservation, RequestId, RequestIntent, TenantId, TokenUsage,
 };
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -34,6 +34,8 @@ use crate::ports::{
 use crate::records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, RouteResponse};
 
 pub use stream::RoutedStream;
+
+use run::{Held, Run};
 
 /// Caller-supplied context of one request.
 #[derive(Clone, Debug, Default)]
@@ -56,58 +58,6 @@ pub struct RouterService {
 impl std::fmt::Debug for RouterService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RouterService")
-    }
-}
-
-/// Per-request working state, and what its audit record will say.
-pub(crate) struct Run {
-    pub(crate) request_id: RequestId,
-    pub(crate) correlation_id: Option<String>,
-    pub(crate) tenant: Option<TenantId>,
-    pub(crate) tags: std::collections::BTreeMap<String, String>,
-    pub(crate) requested_model: ModelId,
-    pub(crate) started_at: Timestamp,
-    pub(crate) attempts: Vec<AttemptRecord>,
-    pub(crate) decision: Option<Decision>,
-    pub(crate) estimated_cost: Option<Money>,
-    /// The client's rate limit, until a reservation has counted it.
-    pub(crate) client: Option<ClientLimit>,
-}
-
-impl Run {
-    /// The audit record of the finished request; consumes the run so the decision and
-    /// attempts move rather than copy.
-    pub(crate) fn into_audit_record(
-        self,
-        outcome: Outcome,
-        usage: TokenUsage,
-        actual_cost: Option<Money>,
-        finished_at: Timestamp,
-    ) -> AuditRecord {
-        let last = self.attempts.last();
-        let (key_id, provider, model) = (
-            last.map(|a| a.key_id.clone()),
-            last.map(|a| a.provider.clone()),
-            last.map(|a| a.model.clone()),
-        );
-        AuditRecord {
-            request_id: self.request_id,
-            correlation_id: self.correlation_id,
-            tenant: self.tenant,
-            tags: self.tags,
-            requested_model: self.requested_model,
-            key_id,
-            provider,
-            model,
-            decision: self.decision,
-            attempts: self.attempts,
-            usage,
-            estimated_cost: self.estimated_cost,
-            actual_cost,
-            outcome,
-            started_at: self.started_at,
-            finished_at,
-        }
     }
 }
 
@@ -215,7 +165,6 @@ pub(crate) struct Served<T> {
     pub(crate) key_id: KeyId,
     pub(crate) provider: ProviderId,
     pub(crate) model: ModelId,
-    pub(crate) charge: Charge,
     pub(crate) cost_estimate: CostEstimate,
     pub(crate) latency: Duration,
     /// Rate-limit headers the provider sent, stored when the call is settled.
@@ -238,20 +187,16 @@ impl RouterService {
         tenant: Option<&TenantId>,
         tags: &std::collections::BTreeMap<String, String>,
     ) -> Run {
-        Run {
-            request_id: ctx
-                .request_id
+        Run::new(
+            self.shared.clone(),
+            ctx.request_id
                 .unwrap_or_else(|| self.shared.ids.request_id()),
-            correlation_id: ctx.correlation_id,
-            client: ctx.client,
-            tenant: tenant.cloned(),
-            tags: tags.clone(),
-            requested_model: model.clone(),
-            started_at: self.shared.clock.now(),
-            attempts: Vec::new(),
-            decision: None,
-            estimated_cost: None,
-        }
+            ctx.correlation_id,
+            ctx.client,
+            model.clone(),
+            tenant.cloned(),
+            tags.clone(),
+        )
     }
 
     fn span(run: &Run) -> tracing::Span {
@@ -365,13 +310,7 @@ impl RouterService {
         .instrument(span.clone())
         .await;
         match started {
-            Ok((served, estimate)) => Ok(RoutedStream::new(
-                self.shared.clone(),
-                run,
-                served,
-                estimate,
-                span,
-            )),
+            Ok((served, estimate)) => Ok(RoutedStream::new(run, served, estimate, span)),
             Err(kind) => {
                 let no_usage = |_: &RoutedStream| (TokenUsage::default(), None);
                 conclude(&self.shared, run, Err(kind), no_usage, &span).await
@@ -470,13 +409,17 @@ impl RouterService {
             outcome,
             observation: served.quota,
         };
-        let settled = match shared.store.settle(&served.charge, &settlement).await {
-            Ok(settled) => settled,
-            Err(e) => {
-                tracing::error!(key_id = %served.key_id, error = %e, "spend not settled");
-                Settled::default()
-            }
+        let settled = match run.held_charge() {
+            Some(charge) => match shared.store.settle(charge, &settlement).await {
+                Ok(settled) => settled,
+                Err(e) => {
+                    tracing::error!(key_id = %served.key_id, error = %e, "spend not settled");
+                    Settled::default()
+                }
+            },
+            None => Settled::default(),
         };
+        run.held = None;
         learn::learn(shared, &served.key_id, &outcome, settled.stats, None).await;
         run.attempts.push(AttemptRecord {
             key_id: served.key_id.clone(),
@@ -576,39 +519,48 @@ impl RouterService {
                     client: run.client.clone(),
                     now,
                 };
-                match shared.store.reserve(&charge).await {
-                    Ok(()) => run.client = None,
-                    Err(ChargeRejection::Client { retry_at }) => {
-                        let limit = charge.client.unwrap_or(ClientLimit {
-                            client: String::new(),
-                            rpm: 0,
-                        });
-                        return Err(RouteErrorKind::ClientRateLimited {
-                            client: limit.client,
-                            rpm: limit.rpm,
-                            retry_at,
-                        });
-                    }
-                    Err(ChargeRejection::Quota(denial)) => {
-                        shared.table().park(&key_id, denial.retry_at);
-                        tried.push((key_id, Ineligibility::RateLimited));
-                        continue;
-                    }
-                    Err(ChargeRejection::Budget(err)) => {
-                        if !plan::budget_depends_on_key(shared, &err) {
-                            return Err(RouteErrorKind::BudgetExceeded(err));
+                let held =
+                    run.held
+                        .insert(Held::reserving(charge, key.provider.clone(), model.clone()));
+                let reserved = shared.store.reserve(&held.charge).await;
+                if let Err(rejection) = reserved {
+                    let client = held.charge.client.take();
+                    run.held = None;
+                    match rejection {
+                        ChargeRejection::Client { retry_at } => {
+                            let limit = client.unwrap_or(ClientLimit {
+                                client: String::new(),
+                                rpm: 0,
+                            });
+                            return Err(RouteErrorKind::ClientRateLimited {
+                                client: limit.client,
+                                rpm: limit.rpm,
+                                retry_at,
+                            });
                         }
-                        tried.push((key_id, Ineligibility::BudgetExceeded));
-                        budget_block = Some(err);
-                        continue;
+                        ChargeRejection::Quota(denial) => {
+                            shared.table().park(&key_id, denial.retry_at);
+                            tried.push((key_id, Ineligibility::RateLimited));
+                            continue;
+                        }
+                        ChargeRejection::Budget(err) => {
+                            if !plan::budget_depends_on_key(shared, &err) {
+                                return Err(RouteErrorKind::BudgetExceeded(err));
+                            }
+                            tried.push((key_id, Ineligibility::BudgetExceeded));
+                            budget_block = Some(err);
+                            continue;
+                        }
+                        ChargeRejection::Store(e) => return Err(RouteErrorKind::Store(e)),
                     }
-                    Err(ChargeRejection::Store(e)) => return Err(RouteErrorKind::Store(e)),
                 }
+                run.client = None;
                 n_attempts += 1;
                 run.decision = Some(decision);
                 run.estimated_cost = cost_estimate.cost;
 
                 let call_started = Instant::now();
+                held.calling = Some(call_started);
                 let timeout = settings
                     .attempt_timeout
                     .min(deadline.saturating_duration_since(call_started));
@@ -634,7 +586,6 @@ impl RouterService {
                             key_id,
                             provider: key.provider.clone(),
                             model: model.clone(),
-                            charge,
                             cost_estimate,
                             latency,
                         });
@@ -653,13 +604,15 @@ impl RouterService {
                             outcome,
                             observation: failure.quota,
                         };
-                        let stats = match shared.store.release(&charge, &settlement).await {
-                            Ok(stats) => stats,
-                            Err(e) => {
-                                tracing::warn!(key_id = %key_id, error = %e, "reservation not released");
-                                None
-                            }
+                        let released = match run.held_charge() {
+                            Some(charge) => shared.store.release(charge, &settlement).await,
+                            None => Ok(None),
                         };
+                        run.held = None;
+                        let stats = released.unwrap_or_else(|e| {
+                            tracing::warn!(key_id = %key_id, error = %e, "reservation not released");
+                            None
+                        });
                         let retry_elsewhere =
                             learn::learn(shared, &key_id, &outcome, stats, Some(&failure)).await;
                         run.attempts.push(AttemptRecord {
@@ -713,7 +666,7 @@ fn lost_decision() -> RouteErrorKind {
 /// caller's, logging the outcome once.
 async fn conclude<T>(
     shared: &Shared,
-    run: Run,
+    mut run: Run,
     result: Result<T, RouteErrorKind>,
     usage_and_cost: impl FnOnce(&T) -> (TokenUsage, Option<Money>),
     span: &tracing::Span,
@@ -725,7 +678,7 @@ async fn conclude<T>(
             let attempts = run.attempts.len();
             write_audit(
                 shared,
-                run.into_audit_record(Outcome::Success, usage, cost, now),
+                run.take_audit_record(Outcome::Success, usage, cost, now),
             );
             tracing::info!(parent: span, attempts, "request served");
             Ok(response)
@@ -739,7 +692,7 @@ async fn conclude<T>(
             };
             write_audit(
                 shared,
-                run.into_audit_record(outcome, TokenUsage::default(), None, now),
+                run.take_audit_record(outcome, TokenUsage::default(), None, now),
             );
             tracing::warn!(parent: span, code = kind.code(), error = %kind, "request failed");
             Err(RouteError {

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use apikeyrouter_domain::cost::TokenEstimate;
@@ -16,11 +15,8 @@ use futures_core::Stream;
 use tokio::time::Instant;
 
 use super::{Run, Served, learn, millis, write_audit};
-use crate::ports::{
-    Charge, ChatChunk, ChatStream, KeyOutcome, ProviderError, Settlement, StreamStart,
-};
+use crate::ports::{ChatChunk, ChatStream, KeyOutcome, ProviderError, Settlement, StreamStart};
 use crate::records::{AttemptRecord, Outcome};
-use crate::services::core::Shared;
 
 /// A routed, streaming chat reply. Poll it as a [`Stream`] of [`ChatChunk`]s.
 pub struct RoutedStream {
@@ -56,12 +52,10 @@ impl std::fmt::Debug for RoutedStream {
 
 /// What the stream has seen, for settling it.
 struct Tally {
-    shared: Arc<Shared>,
     run: Run,
     key_id: KeyId,
     provider: ProviderId,
     model: ModelId,
-    charge: Charge,
     quota: Option<QuotaObservation>,
     estimate: TokenEstimate,
     started: Instant,
@@ -74,7 +68,6 @@ struct Tally {
 
 impl RoutedStream {
     pub(crate) fn new(
-        shared: Arc<Shared>,
         run: Run,
         served: Served<StreamStart>,
         estimate: TokenEstimate,
@@ -85,7 +78,6 @@ impl RoutedStream {
             key_id,
             provider,
             model,
-            charge,
             cost_estimate,
             quota,
             ..
@@ -104,12 +96,10 @@ impl RoutedStream {
             attempts: run.attempts.clone(),
             chunks: output.chunks,
             tally: Some(Tally {
-                shared,
                 run,
                 key_id,
                 provider,
                 model,
-                charge,
                 quota,
                 estimate,
                 started: Instant::now(),
@@ -208,12 +198,10 @@ impl Drop for RoutedStream {
 
 async fn settle(tally: Tally) {
     let Tally {
-        shared,
         mut run,
         key_id,
         provider,
         model,
-        charge,
         quota,
         estimate,
         started,
@@ -223,6 +211,7 @@ async fn settle(tally: Tally) {
         cancelled,
         span,
     } = tally;
+    let shared = run.shared.clone();
     let now = shared.clock.now();
     let usage = usage.unwrap_or(TokenUsage {
         prompt_tokens: estimate.prompt_tokens,
@@ -251,13 +240,19 @@ async fn settle(tally: Tally) {
         outcome,
         observation: quota,
     };
-    let stats = match shared.store.settle(&charge, &settlement).await {
-        Ok(settled) => settled.stats,
-        Err(e) => {
-            tracing::error!(parent: &span, key_id = %key_id, error = %e, "stream spend not settled");
-            None
-        }
+    let settled = match run.held_charge() {
+        Some(charge) => shared
+            .store
+            .settle(charge, &settlement)
+            .await
+            .map(|s| s.stats),
+        None => Ok(None),
     };
+    run.held = None;
+    let stats = settled.unwrap_or_else(|e| {
+        tracing::error!(parent: &span, key_id = %key_id, error = %e, "stream spend not settled");
+        None
+    });
     learn::learn(&shared, &key_id, &outcome, stats, failure.as_ref()).await;
     run.attempts.push(AttemptRecord {
         key_id: key_id.clone(),
@@ -279,7 +274,7 @@ async fn settle(tally: Tally) {
         },
         (None, false) => Outcome::Success,
     };
-    let record = run.into_audit_record(record_outcome, usage, actual_cost, now);
+    let record = run.take_audit_record(record_outcome, usage, actual_cost, now);
     write_audit(&shared, record);
     tracing::info!(parent: &span, key_id = %key_id, cancelled, failed = failure.is_some(), "stream settled");
 }

@@ -1,0 +1,115 @@
+//! A caller that drops a routing future before it finishes (a timeout of its own, a
+//! client gone): the reservation is not left held, the estimate is charged because the
+//! provider may bill the call, and the request is audited as cancelled.
+
+use std::future::Future;
+use std::time::Duration;
+
+use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
+use apikeyrouter::{
+    Budget, BudgetPeriod, BudgetScope, BudgetStatus, EmbeddingIntent, Enforcement, KeyMetadata,
+    Money, Objective, Outcome,
+};
+
+use crate::support::{Harness, ask};
+
+/// A router whose one key hangs on every call, under a daily hard budget of $10.
+async fn hanging_under_a_budget() -> Harness {
+    let h = Harness::new(|b| b.attempt_timeout(Duration::from_secs(30))).await;
+    let sim = h.provider("openai");
+    sim.set_default_behaviour(Behaviour::failing(FailurePlan::Always(Failure::Hang(
+        Duration::from_secs(60),
+    ))));
+    h.key("openai", 1, KeyMetadata::default()).await;
+    let budget = Budget::new(
+        "day",
+        BudgetScope::Global,
+        10.0,
+        BudgetPeriod::Daily,
+        Enforcement::Hard,
+    )
+    .unwrap();
+    h.router.add_budget(budget).await.unwrap();
+    h
+}
+
+/// Starts `call`, gives up on it mid-call, and returns the budget once its
+/// reservation is settled, with the request's audit record.
+async fn give_up_on<T>(
+    h: &Harness,
+    call: impl Future<Output = T>,
+) -> (BudgetStatus, apikeyrouter::AuditRecord) {
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), call).await;
+    assert!(gave_up.is_err(), "the hanging call answered");
+    let mut status = h.router.budgets().await.unwrap().remove(0);
+    for _ in 0..200 {
+        if status.reserved == Money::ZERO {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        status = h.router.budgets().await.unwrap().remove(0);
+    }
+    let records = h.audit_records().await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    (status, records.into_iter().next().unwrap())
+}
+
+fn assert_charged_and_audited(status: &BudgetStatus, record: &apikeyrouter::AuditRecord) {
+    assert_eq!(
+        status.reserved,
+        Money::ZERO,
+        "the reservation is still held"
+    );
+    let estimate = record.estimated_cost.expect("the model is priced");
+    assert!(estimate > Money::ZERO);
+    assert_eq!(status.spent, estimate, "the estimate is spent");
+    let Outcome::Failure { code, message } = &record.outcome else {
+        panic!("a cancelled request audited as {:?}", record.outcome);
+    };
+    assert_eq!(code, "caller_cancelled");
+    assert!(message.contains("during the provider call"), "{message}");
+    assert!(record.decision.is_some());
+    assert_eq!(record.attempts.len(), 1);
+    assert_eq!(record.key_id.as_ref(), Some(&record.attempts[0].key_id));
+}
+
+#[tokio::test]
+async fn a_dropped_route_charges_its_estimate_and_is_audited() {
+    let h = hanging_under_a_budget().await;
+    let call = h.router.route(
+        ask("gpt-4o", "hello").with_max_tokens(200),
+        Objective::default(),
+    );
+    let (status, record) = give_up_on(&h, call).await;
+    assert_charged_and_audited(&status, &record);
+    assert_eq!(record.requested_model.as_str(), "gpt-4o");
+    // The key learns of a call that never answered, as of a timeout.
+    let key = &h.router.keys().await.unwrap()[0];
+    assert_eq!((key.stats.requests, key.stats.failures), (1, 1));
+}
+
+#[tokio::test]
+async fn a_stream_dropped_before_it_starts_is_settled_the_same_way() {
+    let h = hanging_under_a_budget().await;
+    let call = h.router.route_stream(
+        ask("gpt-4o", "hello").with_max_tokens(200),
+        Objective::default(),
+    );
+    let (status, record) = give_up_on(&h, call).await;
+    assert_charged_and_audited(&status, &record);
+}
+
+#[tokio::test]
+async fn dropped_embeddings_are_settled_the_same_way() {
+    let h = hanging_under_a_budget().await;
+    let intent = EmbeddingIntent {
+        model: "text-embedding-3-small".into(),
+        input: vec!["a text to embed".into()],
+        dimensions: None,
+        tenant: None,
+        tags: Default::default(),
+    };
+    let call = h.router.embed(intent, Objective::default());
+    let (status, record) = give_up_on(&h, call).await;
+    assert_charged_and_audited(&status, &record);
+}
