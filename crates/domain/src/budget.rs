@@ -1,8 +1,8 @@
 //! Budgets: who they cover, over which period, how strictly, and the ledger that makes
 //! concurrent spending safe (reserve the estimate, then commit the actual or release).
 
+use foldhash::HashMap;
 use std::collections::BTreeMap;
-use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -291,7 +291,7 @@ impl BudgetLedger {
             period_start,
             period_end,
             spent: Money::ZERO,
-            reservations: HashMap::new(),
+            reservations: HashMap::default(),
             reserved: Money::ZERO,
         }
     }

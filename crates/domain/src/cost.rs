@@ -1,6 +1,6 @@
 //! Prices, token estimation before a call, cost after it, and their reconciliation.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use serde::{Deserialize, Serialize};
 

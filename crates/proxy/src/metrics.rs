@@ -3,6 +3,7 @@
 //! endpoint, the status code, a stable error code, provider and model.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use apikeyrouter::{ModelId, ProviderId};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -73,6 +74,27 @@ pub struct Metrics {
     pub audit: Family<AuditLabels, Gauge>,
     pub store_degraded: Gauge,
     pub store_local_fallbacks: Gauge,
+    /// Handles into the families above, found once: a family look-up hashes its
+    /// labels with SipHash under a lock, and a request would make five of them.
+    chat_latency: Histogram,
+    embeddings_latency: Histogram,
+    by_model: RwLock<foldhash::HashMap<(ProviderId, ModelId), Arc<ModelCounters>>>,
+}
+
+/// A provider and model's series in the token, cost and failover families.
+#[derive(Debug)]
+struct ModelCounters {
+    prompt: Counter,
+    completion: Counter,
+    cost: Counter<f64, AtomicU64>,
+    failovers: Counter,
+}
+
+/// The endpoints whose latency the handlers record.
+#[derive(Clone, Copy, Debug)]
+pub enum Timed {
+    Chat,
+    Embeddings,
 }
 
 impl Metrics {
@@ -132,6 +154,14 @@ impl Metrics {
             "Store operations served on local limits because the shared store was unreachable",
             store_local_fallbacks.clone(),
         );
+        let chat_latency = latency
+            .get_or_create(&EndpointLabels { endpoint: "chat" })
+            .clone();
+        let embeddings_latency = latency
+            .get_or_create(&EndpointLabels {
+                endpoint: "embeddings",
+            })
+            .clone();
         Self {
             registry,
             requests,
@@ -143,7 +173,57 @@ impl Metrics {
             audit,
             store_degraded,
             store_local_fallbacks,
+            chat_latency,
+            embeddings_latency,
+            by_model: RwLock::default(),
         }
+    }
+
+    /// Records the time an endpoint took to answer.
+    pub fn observe_latency(&self, endpoint: Timed, elapsed: std::time::Duration) {
+        let histogram = match endpoint {
+            Timed::Chat => &self.chat_latency,
+            Timed::Embeddings => &self.embeddings_latency,
+        };
+        histogram.observe(elapsed.as_secs_f64());
+    }
+
+    /// The counters of a provider and model, created in their families on first use.
+    fn model_counters(&self, provider: &ProviderId, model: &ModelId) -> Arc<ModelCounters> {
+        let key = (provider.clone(), model.clone());
+        if let Some(found) = self
+            .by_model
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return found.clone();
+        }
+        let tokens = |kind| {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    provider: IdLabel(provider.clone()),
+                    model: IdLabel(model.clone()),
+                    kind,
+                })
+                .clone()
+        };
+        let model_labels = ModelLabels {
+            provider: IdLabel(provider.clone()),
+            model: IdLabel(model.clone()),
+        };
+        let counters = Arc::new(ModelCounters {
+            prompt: tokens("prompt"),
+            completion: tokens("completion"),
+            cost: self.cost.get_or_create(&model_labels).clone(),
+            failovers: self.failovers.get_or_create(&model_labels).clone(),
+        });
+        self.by_model
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_insert(counters)
+            .clone()
     }
 
     /// Counts a served request's usage.
@@ -156,24 +236,14 @@ impl Metrics {
         cost_usd: Option<f64>,
         attempts: usize,
     ) {
-        let labels = |kind| TokenLabels {
-            provider: IdLabel(provider.clone()),
-            model: IdLabel(model.clone()),
-            kind,
-        };
-        self.tokens.get_or_create(&labels("prompt")).inc_by(prompt);
-        self.tokens
-            .get_or_create(&labels("completion"))
-            .inc_by(completion);
-        let model_labels = ModelLabels {
-            provider: IdLabel(provider.clone()),
-            model: IdLabel(model.clone()),
-        };
+        let counters = self.model_counters(provider, model);
+        counters.prompt.inc_by(prompt);
+        counters.completion.inc_by(completion);
         if let Some(usd) = cost_usd {
-            self.cost.get_or_create(&model_labels).inc_by(usd);
+            counters.cost.inc_by(usd);
         }
         if attempts > 1 {
-            self.failovers.get_or_create(&model_labels).inc();
+            counters.failovers.inc();
         }
     }
 

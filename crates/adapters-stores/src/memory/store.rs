@@ -15,8 +15,10 @@
 //! - A poisoned lock is recovered: every critical section leaves its data consistent
 //!   between domain calls, and the domain calls do not panic.
 
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+
+use foldhash::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -101,13 +103,13 @@ impl MemoryStore {
     /// An empty store keeping the newest `capacity` request records (none when 0).
     pub fn with_request_capacity(capacity: usize) -> Self {
         Self {
-            keys: RwLock::new(HashMap::new()),
-            budgets: RwLock::new(HashMap::new()),
-            clients: Mutex::new(HashMap::new()),
+            keys: RwLock::new(HashMap::default()),
+            budgets: RwLock::new(HashMap::default()),
+            clients: Mutex::new(HashMap::default()),
             requests: Mutex::new(RequestRing {
                 capacity,
                 order: VecDeque::new(),
-                records: HashMap::new(),
+                records: HashMap::default(),
             }),
         }
     }

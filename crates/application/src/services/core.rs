@@ -3,7 +3,7 @@
 //!
 //! Locks here are held for microseconds and never across an `.await`.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use apikeyrouter_domain::budget::ChargeContext;
@@ -232,7 +232,7 @@ impl ApiKeyRouterCore {
                 clock,
                 ids: IdGenerator::new(),
                 table: Mutex::new(RoutingTable::new()),
-                keys: RwLock::new(HashMap::new()),
+                keys: RwLock::new(HashMap::default()),
                 providers: RwLock::new(Arc::new(Vec::new())),
                 budgets: RwLock::new(Arc::new(Vec::new())),
                 catalogue: RwLock::new(Arc::new(catalogue)),

@@ -184,7 +184,7 @@ proptest! {
     #[test]
     fn hard_budget_is_never_exceeded(ops in proptest::collection::vec(op(), 1..200)) {
         let mut l = BudgetLedger::new(hard(0.001), NOW);
-        let mut held: HashMap<u64, u64> = HashMap::new();
+        let mut held: HashMap<u64, u64> = HashMap::default();
         for op in ops {
             match op {
                 Op::Reserve(id, cents) => {

@@ -9,7 +9,9 @@
 //! objectives score the ready keys of the matching pools in one linear pass.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap};
+
+use foldhash::HashMap;
 
 use serde::{Deserialize, Serialize};
 

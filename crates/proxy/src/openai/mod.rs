@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use crate::errors::ApiError;
-use crate::metrics::EndpointLabels;
+use crate::metrics::Timed;
 use crate::state::AppState;
 use headers::RoutingHeaders;
 use wire::{
@@ -345,9 +345,7 @@ pub async fn chat_completions(
         routing_headers.write(response.headers_mut());
         state
             .metrics
-            .latency
-            .get_or_create(&EndpointLabels { endpoint: "chat" })
-            .observe(started.elapsed().as_secs_f64());
+            .observe_latency(Timed::Chat, started.elapsed());
         return Ok(response);
     }
     let router = state.router.core().router();
@@ -372,9 +370,7 @@ pub async fn chat_completions(
     routing_headers.write(response.headers_mut());
     state
         .metrics
-        .latency
-        .get_or_create(&EndpointLabels { endpoint: "chat" })
-        .observe(started.elapsed().as_secs_f64());
+        .observe_latency(Timed::Chat, started.elapsed());
     Ok(response)
 }
 
@@ -464,11 +460,7 @@ pub async fn embeddings(
         .write(response.headers_mut());
     state
         .metrics
-        .latency
-        .get_or_create(&EndpointLabels {
-            endpoint: "embeddings",
-        })
-        .observe(started.elapsed().as_secs_f64());
+        .observe_latency(Timed::Embeddings, started.elapsed());
     Ok(response)
 }
 
