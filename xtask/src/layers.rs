@@ -22,7 +22,7 @@ const TESTS: &str = "apikeyrouter-tests";
 const XTASK: &str = "xtask";
 
 /// External crates that `apikeyrouter-domain` may use as normal dependencies.
-const DOMAIN_EXTERNAL_ALLOWED: &[&str] = &["serde", "thiserror"];
+const DOMAIN_EXTERNAL_ALLOWED: &[&str] = &["serde", "thiserror", "foldhash"];
 
 /// Which workspace crates a workspace crate may depend on.
 #[derive(Debug, Clone, Copy)]
