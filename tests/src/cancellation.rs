@@ -6,10 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
-use apikeyrouter::{
-    Budget, BudgetPeriod, BudgetScope, BudgetStatus, EmbeddingIntent, Enforcement, KeyMetadata,
-    Money, Objective, Outcome,
-};
+use apikeyrouter::{BudgetStatus, EmbeddingIntent, KeyMetadata, Money, Objective, Outcome};
 
 use crate::support::{Harness, ask};
 
@@ -21,15 +18,7 @@ async fn hanging_under_a_budget() -> Harness {
         Duration::from_secs(60),
     ))));
     h.key("openai", 1, KeyMetadata::default()).await;
-    let budget = Budget::new(
-        "day",
-        BudgetScope::Global,
-        10.0,
-        BudgetPeriod::Daily,
-        Enforcement::Hard,
-    )
-    .unwrap();
-    h.router.add_budget(budget).await.unwrap();
+    h.daily_hard_budget("day", 10.0).await;
     h
 }
 

@@ -4,10 +4,7 @@
 use std::time::Duration;
 
 use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
-use apikeyrouter::{
-    Budget, BudgetPeriod, BudgetScope, EmbeddingIntent, Enforcement, FinishReason, KeyMetadata,
-    Objective, Outcome,
-};
+use apikeyrouter::{EmbeddingIntent, FinishReason, KeyMetadata, Objective, Outcome};
 use futures_util::StreamExt;
 
 use crate::support::{Harness, ask};
@@ -17,15 +14,7 @@ async fn stream_delivers_the_same_text_and_settles_usage_and_cost() {
     let h = Harness::new(|b| b).await;
     h.provider("openai");
     h.key("openai", 1, KeyMetadata::default()).await;
-    let budget = Budget::new(
-        "day",
-        BudgetScope::Global,
-        10.0,
-        BudgetPeriod::Daily,
-        Enforcement::Hard,
-    )
-    .unwrap();
-    h.router.add_budget(budget).await.unwrap();
+    h.daily_hard_budget("day", 10.0).await;
     let whole = h
         .router
         .route(ask("gpt-4o", "Tell me a story"), Objective::default())

@@ -7,8 +7,8 @@ use std::time::Duration;
 use apikeyrouter::observability::MemoryAuditSink;
 use apikeyrouter::providers::SimulatedProvider;
 use apikeyrouter::{
-    ApiKeyRouter, ApiKeyRouterBuilder, KeyId, KeyMetadata, ManualClock, Message, RequestIntent,
-    Timestamp,
+    ApiKeyRouter, ApiKeyRouterBuilder, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId,
+    KeyMetadata, ManualClock, Message, RequestIntent, Timestamp,
 };
 
 /// 2026-11-27T10:30:00Z, a minute boundary: the manual clock's start for tests on the
@@ -72,6 +72,19 @@ impl Harness {
             "audit records not delivered"
         );
         self.audit.records()
+    }
+
+    /// Adds a global daily hard budget of `limit_usd`.
+    pub async fn daily_hard_budget(&self, id: &str, limit_usd: f64) {
+        let budget = Budget::new(
+            id,
+            BudgetScope::Global,
+            limit_usd,
+            BudgetPeriod::Daily,
+            Enforcement::Hard,
+        )
+        .expect("a valid budget");
+        self.router.add_budget(budget).await.expect("budget added");
     }
 
     pub fn advance(&self, by: Duration) {

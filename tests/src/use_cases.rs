@@ -417,15 +417,7 @@ async fn concurrent_requests_never_overspend_a_hard_budget() {
     }
     // Each request reserves at most 100 completion tokens of gpt-4o-mini.
     let limit = 0.002;
-    let budget = Budget::new(
-        "tight",
-        BudgetScope::Global,
-        limit,
-        BudgetPeriod::Daily,
-        Enforcement::Hard,
-    )
-    .unwrap();
-    h.router.add_budget(budget).await.unwrap();
+    h.daily_hard_budget("tight", limit).await;
     let router = Arc::new(h.router.clone());
     let mut tasks = Vec::new();
     for i in 0..200 {
