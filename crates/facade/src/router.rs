@@ -91,6 +91,11 @@ impl ApiKeyRouter {
 
     /// Serves `intent`, choosing keys by `objective`.
     ///
+    /// Dropping the future before it finishes (a caller's own timeout) is safe: a
+    /// reservation still being made is released, the estimate of a call that may
+    /// have reached the provider is charged, and the request is audited as
+    /// `caller_cancelled`. The same holds for [`Self::route_stream`] and [`Self::embed`].
+    ///
     /// # Errors
     /// [`RouteError`] when no eligible key could serve it, with a precise reason.
     pub async fn route(
