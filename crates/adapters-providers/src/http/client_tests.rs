@@ -420,3 +420,67 @@ async fn a_server_refusing_every_try_is_a_network_error() {
     }
     assert_eq!(seen, 3, "the request and two resends");
 }
+
+/// An HTTP/2-only server whose first connection, spoken frame by frame, answers the
+/// first request's `HEADERS` with a graceful `GOAWAY` (`NO_ERROR`, last stream 0: the
+/// request was not processed); later connections answer `200 served`. Reports each
+/// connection.
+async fn going_away_h2_server() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+    const PREFACE_LEN: usize = 24;
+    const HEADERS: u8 = 0x1;
+    const SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    const GOAWAY: [u8; 17] = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let acceptor = tls_acceptor(&[b"h2"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (connections, seen) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = connections.send(());
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut preface = [0u8; PREFACE_LEN];
+        tls.read_exact(&mut preface).await.unwrap();
+        tls.write_all(&SETTINGS).await.unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            tls.read_exact(&mut head).await.unwrap();
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            tls.read_exact(&mut payload).await.unwrap();
+            if head[3] == HEADERS {
+                break;
+            }
+        }
+        tls.write_all(&GOAWAY).await.unwrap();
+        tls.flush().await.unwrap();
+        // Held open until the client lets go of it, so the GOAWAY is what it sees.
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest).await;
+
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = connections.send(());
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let mut connection = h2::server::handshake(tls).await.unwrap();
+        while let Some(Ok((_request, mut respond))) = connection.accept().await {
+            let mut body = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            body.send_data(Bytes::from_static(b"served"), true).unwrap();
+        }
+    });
+    (address, seen)
+}
+
+#[tokio::test]
+async fn a_request_a_server_went_away_before_processing_is_sent_again() {
+    let (server, mut connections) = going_away_h2_server().await;
+    let client = trusting_client(Matcher::builder().build());
+    let url = format!("https://localhost:{}/v1/models", server.port());
+    let (version, body) = get_text(&client, &url).await;
+    assert_eq!((version, body.as_str()), (Version::HTTP_2, "served"));
+    let mut seen = 0;
+    while connections.try_recv().is_ok() {
+        seen += 1;
+    }
+    assert_eq!(seen, 2, "the connection that went away, then a new one");
+}

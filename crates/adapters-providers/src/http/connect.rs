@@ -224,3 +224,53 @@ impl Write for ProxyAware {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use socket2::SockRef;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// The options of a direct connection's socket, read back from the kernel.
+    #[tokio::test]
+    async fn a_direct_connection_has_nodelay_keepalive_and_a_user_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let mut connector = connector(
+            &HttpSettings::default(),
+            tls,
+            Arc::new(Matcher::builder().build()),
+        );
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .unwrap();
+        let uri: Uri = format!("http://127.0.0.1:{port}/").parse().unwrap();
+        let connection = connector.call(uri).await.unwrap();
+        let MaybeHttpsStream::Http(ProxyAware {
+            io: MaybeHttpsStream::Http(io),
+            proxied: false,
+        }) = &connection
+        else {
+            panic!("not a direct plain connection");
+        };
+        let socket = SockRef::from(io.inner());
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), TCP_KEEPALIVE);
+        assert_eq!(
+            socket.tcp_keepalive_retries().unwrap(),
+            TCP_KEEPALIVE_RETRIES
+        );
+        #[cfg(target_os = "linux")]
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(TCP_USER_TIMEOUT));
+    }
+}
