@@ -150,7 +150,16 @@ fn json_response<T: serde::Serialize>(value: &T) -> Response {
             body,
         )
             .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "response not serialised");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "internal_error",
+                "The response could not be written.",
+            )
+            .into_response()
+        }
     }
 }
 
@@ -495,4 +504,41 @@ pub async fn models(
         data,
     })
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use axum::body::to_bytes;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_body_that_cannot_be_serialised_is_a_500_in_openai_shape() {
+        // JSON object keys must be strings: a map keyed by pairs cannot be written.
+        let unwritable = BTreeMap::from([((1u8, 2u8), 3u8)]);
+        let response = json_response(&unwritable);
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = to_bytes(response.into_body(), 4096).await.unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "internal_error");
+        assert_eq!(json["error"]["type"], "api_error");
+        assert_eq!(
+            json["error"]["message"],
+            "The response could not be written."
+        );
+    }
+
+    #[tokio::test]
+    async fn a_serialisable_body_is_json() {
+        let response = json_response(&serde_json::json!({ "ok": true }));
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[axum::http::header::CONTENT_TYPE],
+            "application/json"
+        );
+        let body = to_bytes(response.into_body(), 4096).await.unwrap();
+        assert_eq!(&body[..], br#"{"ok":true}"#);
+    }
 }
