@@ -35,6 +35,8 @@ struct Switchable {
     spend_down: AtomicBool,
     /// `add_spend` never answers.
     spend_stalls: AtomicBool,
+    /// Refuses `release` and `add_spend` as invalid (an error no retry can mend).
+    refuses: AtomicBool,
 }
 
 impl Switchable {
@@ -43,6 +45,16 @@ impl Switchable {
             return Err(StoreError::new(
                 StoreErrorKind::Unavailable,
                 "connection refused",
+            ));
+        }
+        Ok(())
+    }
+
+    fn accepts(&self) -> Result<(), StoreError> {
+        if self.refuses.load(Ordering::Relaxed) {
+            return Err(StoreError::new(
+                StoreErrorKind::Invalid,
+                "corrupt budget ledger",
             ));
         }
         Ok(())
@@ -115,6 +127,7 @@ impl UsageLedger for Switchable {
         settlement: &Settlement,
     ) -> Result<Option<KeyStats>, StoreError> {
         self.up()?;
+        self.accepts()?;
         self.inner.release(charge, settlement).await
     }
     async fn quota_snapshot(
@@ -158,6 +171,7 @@ impl BudgetStore for Switchable {
         now: Timestamp,
     ) -> Result<Vec<BudgetStatus>, StoreError> {
         self.up()?;
+        self.accepts()?;
         if self.spend_down.load(Ordering::Relaxed) {
             return Err(StoreError::new(StoreErrorKind::Unavailable, "timed out"));
         }
@@ -363,6 +377,32 @@ async fn what_the_shared_store_fails_to_take_stays_owed() {
     store.ping().await.unwrap();
     assert!(!store.health().degraded);
     assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
+}
+
+#[tokio::test]
+async fn what_the_shared_store_refuses_as_invalid_is_dropped_not_retried_forever() {
+    let (shared, store) = fail_open().await;
+    let held_there = charge(1, 2.0, now());
+    store.reserve(&held_there).await.unwrap();
+    shared.down.store(true, Ordering::Relaxed);
+    store
+        .settle(&held_there, &outcome(0.5, now()))
+        .await
+        .unwrap();
+    served(&store, 2, 0.25, now()).await;
+
+    // Back, but it refuses both the release and the spend as invalid.
+    shared.refuses.store(true, Ordering::Relaxed);
+    back_up(&shared, &store);
+    store.ping().await.unwrap();
+    assert!(!store.health().degraded, "a refusal is not an outage");
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), usd(2.0)));
+
+    // Nothing of it is owed any more: accepting again changes nothing.
+    shared.refuses.store(false, Ordering::Relaxed);
+    store.ping().await.unwrap();
+    assert!(!store.owing.load(Ordering::Relaxed));
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), usd(2.0)));
 }
 
 #[tokio::test]
