@@ -712,6 +712,8 @@ async fn operations_endpoints_answer() {
     assert_eq!(ready["store"], "memory");
     p.chat(hello("gpt-4o"), None).await;
     let _ = p.chat(hello("nope"), None).await;
+    let unknown = p.client.get(p.url("/v2/nothing")).send().await.unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     let metrics = p
         .client
         .get(p.url("/metrics"))
@@ -728,6 +730,18 @@ async fn operations_endpoints_answer() {
         "{metrics}"
     );
     assert!(metrics.contains("code=\"model_not_found\""), "{metrics}");
+    // Endpoints are told apart by path: the two probes above, and a URL no route has.
+    assert!(
+        metrics
+            .contains("apikeyrouter_requests_total{endpoint=\"ops\",status=\"200\",code=\"ok\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "apikeyrouter_requests_total{endpoint=\"other\",status=\"404\",code=\"unknown_url\"} 1"
+        ),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("apikeyrouter_keys{provider=\"openai\",state=\"available\"} 1"),
         "{metrics}"

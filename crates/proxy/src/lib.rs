@@ -13,22 +13,40 @@ pub mod openai;
 pub mod server;
 pub mod state;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use tower::{Layer, Service};
 
 use crate::errors::{ApiError, ErrorCode};
 use crate::metrics::RequestLabels;
 use crate::state::AppState;
 
-/// The HTTP application.
-pub fn app(state: Arc<AppState>) -> Router {
+/// The HTTP application: the routes, inside the request counter and the body limit.
+///
+/// The two wrap the router once rather than being `Router::layer`s, which wrap every
+/// route and so clone and box each layer's service per request (14 allocations).
+pub fn app(
+    state: Arc<AppState>,
+) -> impl Service<Request, Response = Response, Error = Infallible, Future: Send>
++ Clone
++ Send
++ Sync
++ 'static {
+    let max_body_bytes = state.max_body_bytes;
+    let routes = routes(state.clone());
+    let counted = middleware::from_fn_with_state(state, count_requests).layer(routes);
+    DefaultBodyLimit::max(max_body_bytes).layer(counted)
+}
+
+fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/embeddings", post(openai::embeddings))
@@ -58,11 +76,6 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            count_requests,
-        ))
-        .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
 }
 
@@ -134,16 +147,12 @@ async fn count_requests(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let endpoint = match request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str)
-    {
-        Some("/v1/chat/completions") => "chat",
-        Some("/v1/embeddings") => "embeddings",
-        Some("/v1/models") => "models",
-        Some(p) if p.starts_with("/api/v1") => "admin",
-        Some("/health" | "/ready" | "/metrics") => "ops",
+    let endpoint = match request.uri().path() {
+        "/v1/chat/completions" => "chat",
+        "/v1/embeddings" => "embeddings",
+        "/v1/models" => "models",
+        p if p.starts_with("/api/v1/") => "admin",
+        "/health" | "/ready" | "/metrics" => "ops",
         _ => "other",
     };
     let response = next.run(request).await;

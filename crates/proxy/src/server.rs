@@ -87,7 +87,9 @@ pub async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     });
-    axum::serve(listener, crate::app(state.clone()))
+    let app =
+        axum::ServiceExt::<axum::extract::Request>::into_make_service(crate::app(state.clone()));
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("server failed")?;
