@@ -8,6 +8,12 @@ use std::time::Duration;
 use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
 use apikeyrouter::{BudgetStatus, EmbeddingIntent, KeyMetadata, Money, Objective, Outcome};
 
+use std::sync::Arc;
+
+use apikeyrouter::FailureKind;
+use apikeyrouter_adapters_stores::MemoryStore;
+
+use crate::forwarding::{Forwarding, Stall};
 use crate::support::{Harness, ask};
 
 /// A router whose one key hangs on every call, under a daily hard budget of $10.
@@ -101,4 +107,81 @@ async fn dropped_embeddings_are_settled_the_same_way() {
     let call = h.router.embed(intent, Objective::default());
     let (status, record) = give_up_on(&h, call).await;
     assert_charged_and_audited(&status, &record);
+}
+
+/// A router on a memory store behind a [`Forwarding`] one, with one key and a daily
+/// hard budget of $10; the provider answers at once, or fails every call.
+async fn behind_a_forwarding_store(failing: bool) -> (Harness, Arc<Forwarding>) {
+    let store = Arc::new(Forwarding::to(Arc::new(MemoryStore::new())));
+    let h = Harness::new(|b| b.store(store.clone())).await;
+    let sim = h.provider("openai");
+    if failing {
+        sim.set_default_behaviour(Behaviour::failing(FailurePlan::Always(
+            Failure::ServerError,
+        )));
+    }
+    h.key("openai", 1, KeyMetadata::default()).await;
+    h.daily_hard_budget("day", 10.0).await;
+    (h, store)
+}
+
+fn cancelled_because(record: &apikeyrouter::AuditRecord) -> &str {
+    match &record.outcome {
+        Outcome::Failure { code, message } if code == "caller_cancelled" => message,
+        other => panic!("not a cancelled request: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn dropped_while_the_store_settles_it_is_counted_once() {
+    let (h, store) = behind_a_forwarding_store(false).await;
+    store.stall_after(Stall::Settle);
+    let call = h.router.route(
+        ask("gpt-4o", "hello").with_max_tokens(200),
+        Objective::default(),
+    );
+    let (status, record) = give_up_on(&h, call).await;
+    assert!(cancelled_because(&record).contains("while the store settled"));
+    let key = &h.router.keys().await.unwrap()[0];
+    assert_eq!((key.stats.requests, key.stats.failures), (1, 0));
+    // The actual cost once; not the estimate on top of it.
+    assert!(key.stats.cost > Money::ZERO);
+    assert_eq!(
+        (status.spent, status.reserved),
+        (key.stats.cost, Money::ZERO)
+    );
+    assert!(status.spent < record.estimated_cost.unwrap());
+    assert_eq!(record.attempts.len(), 1);
+    assert_eq!(record.attempts[0].failure, None);
+}
+
+#[tokio::test]
+async fn dropped_while_the_store_releases_a_failed_call_it_spends_nothing() {
+    let (h, store) = behind_a_forwarding_store(true).await;
+    store.stall_after(Stall::Release);
+    let call = h.router.route(
+        ask("gpt-4o", "hello").with_max_tokens(200),
+        Objective::default(),
+    );
+    let (status, record) = give_up_on(&h, call).await;
+    assert!(cancelled_because(&record).contains("while the store settled"));
+    assert_eq!((status.spent, status.reserved), (Money::ZERO, Money::ZERO));
+    let key = &h.router.keys().await.unwrap()[0];
+    assert_eq!((key.stats.requests, key.stats.failures), (1, 1));
+    assert_eq!(record.attempts.len(), 1);
+    assert_eq!(record.attempts[0].failure, Some(FailureKind::ServerError));
+}
+
+#[tokio::test]
+async fn dropped_while_the_reservation_is_made_it_is_released() {
+    let (h, store) = behind_a_forwarding_store(false).await;
+    store.stall_after(Stall::Reserve);
+    let call = h.router.route(
+        ask("gpt-4o", "hello").with_max_tokens(200),
+        Objective::default(),
+    );
+    let (status, record) = give_up_on(&h, call).await;
+    assert!(cancelled_because(&record).contains("while its reservation was made"));
+    assert_eq!((status.spent, status.reserved), (Money::ZERO, Money::ZERO));
+    assert!(record.attempts.is_empty());
 }

@@ -13,6 +13,8 @@ mod cancellation;
 #[cfg(test)]
 mod failure_handling;
 #[cfg(test)]
+mod forwarding;
+#[cfg(test)]
 mod multi_instance;
 #[cfg(test)]
 mod provider_conformance;

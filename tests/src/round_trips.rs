@@ -9,138 +9,11 @@ use std::sync::Arc;
 
 use apikeyrouter::providers::{Behaviour, Failure, FailurePlan, SimulatedProvider};
 use apikeyrouter::{ApiKeyRouter, KeyMetadata, Objective};
-use apikeyrouter_adapters_stores::{MemoryStore, RedisStore};
-use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore,
-    StoreError, UsageLedger,
-};
-use apikeyrouter_application::records::AuditRecord;
-use apikeyrouter_domain::{
-    ApiKey, Budget, BudgetStatus, KeyId, KeyMetadata as Metadata, KeyState, KeyStats, Money,
-    QuotaLimits, QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
-};
-use async_trait::async_trait;
+use apikeyrouter_adapters_stores::RedisStore;
+use apikeyrouter_domain::KeyId;
 
+use crate::forwarding::Forwarding;
 use crate::support::ask;
-
-/// Redis for everything but the request log.
-struct RoutePathOnly {
-    redis: Arc<RedisStore>,
-    requests: MemoryStore,
-}
-
-#[async_trait]
-impl KeyStore for RoutePathOnly {
-    async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError> {
-        self.redis.insert_key(key).await
-    }
-    async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError> {
-        self.redis.get_key(id).await
-    }
-    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
-        self.redis.list_keys().await
-    }
-    async fn update_metadata(&self, id: &KeyId, metadata: Metadata) -> Result<ApiKey, StoreError> {
-        self.redis.update_metadata(id, metadata).await
-    }
-    async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
-        self.redis.delete_key(id).await
-    }
-    async fn transition(
-        &self,
-        id: &KeyId,
-        to: KeyState,
-        trigger: TransitionTrigger,
-        reason: String,
-        cooldown_until: Option<Timestamp>,
-        now: Timestamp,
-    ) -> Result<StateTransition, StoreError> {
-        self.redis
-            .transition(id, to, trigger, reason, cooldown_until, now)
-            .await
-    }
-    async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
-        self.redis.transitions(id).await
-    }
-}
-
-#[async_trait]
-impl UsageLedger for RoutePathOnly {
-    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
-        self.redis.reserve(charge).await
-    }
-    async fn settle(
-        &self,
-        charge: &Charge,
-        settlement: &Settlement,
-    ) -> Result<Settled, StoreError> {
-        self.redis.settle(charge, settlement).await
-    }
-    async fn release(
-        &self,
-        charge: &Charge,
-        settlement: &Settlement,
-    ) -> Result<Option<KeyStats>, StoreError> {
-        self.redis.release(charge, settlement).await
-    }
-    async fn quota_snapshot(
-        &self,
-        id: &KeyId,
-        limits: &QuotaLimits,
-        now: Timestamp,
-    ) -> Result<QuotaSnapshot, StoreError> {
-        self.redis.quota_snapshot(id, limits, now).await
-    }
-}
-
-#[async_trait]
-impl BudgetStore for RoutePathOnly {
-    async fn put_budget(
-        &self,
-        budget: Budget,
-        spent: Money,
-        now: Timestamp,
-    ) -> Result<BudgetStatus, StoreError> {
-        self.redis.put_budget(budget, spent, now).await
-    }
-    async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
-        self.redis.list_budgets().await
-    }
-    async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
-        self.redis.budget_statuses(now).await
-    }
-    async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
-        self.redis.delete_budget(id).await
-    }
-    async fn add_spend(
-        &self,
-        ids: &[String],
-        cost: Money,
-        now: Timestamp,
-    ) -> Result<Vec<BudgetStatus>, StoreError> {
-        self.redis.add_spend(ids, cost, now).await
-    }
-}
-
-#[async_trait]
-impl RequestLog for RoutePathOnly {
-    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
-        self.requests.save_request(record).await
-    }
-    async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
-        self.requests.get_request(id).await
-    }
-}
-
-#[async_trait]
-impl StateStore for RoutePathOnly {
-    fn kind(&self) -> &'static str {
-        "redis"
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.redis.ping().await
-    }
-}
 
 /// A router on a fresh Redis namespace with two keys, `ok` answering and `flaky`
 /// failing every call with a 500 (below the cooldown threshold for a few calls, so
@@ -154,10 +27,7 @@ async fn router() -> (ApiKeyRouter, Arc<RedisStore>, KeyId) {
     let redis = Arc::new(RedisStore::connect(&url, &namespace).await.unwrap_or_else(|e| {
         panic!("Redis unreachable at {url}: {e}; run `cargo xtask services up` (or set REDIS_URL)")
     }));
-    let store = RoutePathOnly {
-        redis: redis.clone(),
-        requests: MemoryStore::new(),
-    };
+    let store = Forwarding::to(redis.clone()).requests_in_memory();
     let router = ApiKeyRouter::builder()
         .store(Arc::new(store))
         .build()

@@ -35,7 +35,7 @@ use crate::records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome
 
 pub use stream::RoutedStream;
 
-use run::{Held, Run};
+use run::{Held, Phase, Run};
 
 /// Caller-supplied context of one request.
 #[derive(Clone, Debug, Default)]
@@ -409,7 +409,17 @@ impl RouterService {
             outcome,
             observation: served.quota,
         };
-        let settled = match run.held_charge() {
+        // Recorded before the store is asked, so a drop from here keeps it.
+        run.attempts.push(AttemptRecord {
+            key_id: served.key_id.clone(),
+            provider: served.provider.clone(),
+            model: served.model.clone(),
+            failure: None,
+            message: None,
+            status: None,
+            latency_ms: millis(served.latency),
+        });
+        let settled = match run.settling() {
             Some(charge) => match shared.store.settle(charge, &settlement).await {
                 Ok(settled) => settled,
                 Err(e) => {
@@ -421,15 +431,6 @@ impl RouterService {
         };
         run.held = None;
         learn::learn(shared, &served.key_id, &outcome, settled.stats, None).await;
-        run.attempts.push(AttemptRecord {
-            key_id: served.key_id.clone(),
-            provider: served.provider.clone(),
-            model: served.model.clone(),
-            failure: None,
-            message: None,
-            status: None,
-            latency_ms: millis(served.latency),
-        });
         (actual_cost, settled.budgets)
     }
 
@@ -560,7 +561,7 @@ impl RouterService {
                 run.estimated_cost = cost_estimate.cost;
 
                 let call_started = Instant::now();
-                held.calling = Some(call_started);
+                held.phase = Phase::Calling(call_started);
                 let timeout = settings
                     .attempt_timeout
                     .min(deadline.saturating_duration_since(call_started));
@@ -604,7 +605,16 @@ impl RouterService {
                             outcome,
                             observation: failure.quota,
                         };
-                        let released = match run.held_charge() {
+                        run.attempts.push(AttemptRecord {
+                            key_id: key_id.clone(),
+                            provider: key.provider.clone(),
+                            model: model.clone(),
+                            failure: Some(failure.kind),
+                            message: Some(failure.message.clone()),
+                            status: failure.status,
+                            latency_ms: millis(latency),
+                        });
+                        let released = match run.settling() {
                             Some(charge) => shared.store.release(charge, &settlement).await,
                             None => Ok(None),
                         };
@@ -615,15 +625,6 @@ impl RouterService {
                         });
                         let retry_elsewhere =
                             learn::learn(shared, &key_id, &outcome, stats, Some(&failure)).await;
-                        run.attempts.push(AttemptRecord {
-                            key_id: key_id.clone(),
-                            provider: key.provider.clone(),
-                            model: model.clone(),
-                            failure: Some(failure.kind),
-                            message: Some(failure.message.clone()),
-                            status: failure.status,
-                            latency_ms: millis(latency),
-                        });
                         if !retry_elsewhere {
                             return Err(RouteErrorKind::Rejected(failure));
                         }

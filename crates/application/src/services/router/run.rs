@@ -44,8 +44,19 @@ pub(crate) struct Held {
     pub(crate) charge: Charge,
     pub(crate) provider: ProviderId,
     pub(crate) model: ModelId,
-    /// When the provider call started; `None` while the reservation is being made.
-    pub(crate) calling: Option<Instant>,
+    pub(crate) phase: Phase,
+}
+
+/// Where a held reservation is, which decides what a drop does with it.
+pub(crate) enum Phase {
+    /// The store is being asked for it: a drop releases it.
+    Reserving,
+    /// The provider may have been called since this instant: a drop spends the
+    /// estimate.
+    Calling(Instant),
+    /// The store has been asked to settle or release it: a drop leaves it to the
+    /// store, since doing it again would count it twice.
+    Settling,
 }
 
 impl Held {
@@ -55,7 +66,7 @@ impl Held {
             charge,
             provider,
             model,
-            calling: None,
+            phase: Phase::Reserving,
         }
     }
 }
@@ -91,9 +102,12 @@ impl Run {
         }
     }
 
-    /// The charge of the reservation held, if any.
-    pub(crate) fn held_charge(&self) -> Option<&Charge> {
-        self.held.as_ref().map(|h| &h.charge)
+    /// The charge of the reservation held, if any, about to be settled or released:
+    /// from here a drop leaves it to the store. Clear `held` once the store answers.
+    pub(crate) fn settling(&mut self) -> Option<&Charge> {
+        let held = self.held.as_mut()?;
+        held.phase = Phase::Settling;
+        Some(&held.charge)
     }
 
     /// The audit record of the finished request. Moves the decision and attempts out
@@ -141,12 +155,13 @@ impl Drop for Run {
         let shared = self.shared.clone();
         let now = shared.clock.now();
         let message = match self.held.take() {
-            None => "the caller dropped the request before a provider was called".to_owned(),
-            Some(held) => {
-                let message = abandon(&shared, held, now, &mut self.attempts);
-                message.to_owned()
+            Some(held) => abandon(&shared, held, now, &mut self.attempts),
+            None if self.decision.is_none() => {
+                "the caller dropped the request before a provider was called"
             }
-        };
+            None => "the caller dropped the request after its last provider call was settled",
+        }
+        .to_owned();
         tracing::warn!(request_id = %self.request_id, "{message}");
         let outcome = Outcome::Failure {
             code: CALLER_CANCELLED.to_owned(),
@@ -158,9 +173,11 @@ impl Drop for Run {
 }
 
 /// Settles a reservation whose request was dropped, in a task of its own. Before the
-/// provider was called it is released (nothing was spent); once it may have been
-/// called, its estimate is spent: the provider may bill the call, and a budget errs
-/// towards refusing. Returns what the audit record says.
+/// provider was called it is released (nothing was spent; the key's counters take it
+/// as a failed request, and if the reserve never reached the store its token windows
+/// lose the estimate); once it may have been called, its estimate is spent: the
+/// provider may bill the call, and a budget errs towards refusing. A settlement
+/// already asked of the store is left to it. Returns what the audit record says.
 fn abandon(
     shared: &Arc<Shared>,
     held: Held,
@@ -171,11 +188,14 @@ fn abandon(
         charge,
         provider,
         model,
-        calling,
+        phase,
     } = held;
-    let (spent, latency) = match calling {
-        Some(started) => (true, started.elapsed()),
-        None => (false, std::time::Duration::ZERO),
+    let (spent, latency) = match phase {
+        Phase::Settling => {
+            return "the caller dropped the request while the store settled its call";
+        }
+        Phase::Calling(started) => (true, started.elapsed()),
+        Phase::Reserving => (false, std::time::Duration::ZERO),
     };
     if spent {
         attempts.push(AttemptRecord {

@@ -240,7 +240,7 @@ async fn settle(tally: Tally) {
         outcome,
         observation: quota,
     };
-    let settled = match run.held_charge() {
+    let settled = match run.settling() {
         Some(charge) => shared
             .store
             .settle(charge, &settlement)

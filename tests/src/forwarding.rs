@@ -1,0 +1,187 @@
+//! A state store that forwards every call to another one, for tests that need to
+//! change one thing about a real store: keep request records elsewhere, or have a
+//! route-path operation applied but never answered (a reply lost, a caller gone).
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use apikeyrouter_adapters_stores::MemoryStore;
+use apikeyrouter_application::ports::{
+    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore,
+    StoreError, UsageLedger,
+};
+use apikeyrouter_application::records::AuditRecord;
+use apikeyrouter_domain::{
+    ApiKey, Budget, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money, QuotaLimits,
+    QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
+};
+use async_trait::async_trait;
+
+/// A route-path operation that can be made to stall once it has been applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stall {
+    Reserve,
+    Settle,
+    Release,
+}
+
+pub struct Forwarding {
+    inner: Arc<dyn StateStore>,
+    /// Where request records go instead of `inner`, if anywhere.
+    requests: Option<MemoryStore>,
+    stall: Mutex<Option<Stall>>,
+}
+
+impl Forwarding {
+    pub fn to(inner: Arc<dyn StateStore>) -> Self {
+        Self {
+            inner,
+            requests: None,
+            stall: Mutex::new(None),
+        }
+    }
+
+    /// Keeps request records in memory rather than in `inner`.
+    pub fn requests_in_memory(mut self) -> Self {
+        self.requests = Some(MemoryStore::new());
+        self
+    }
+
+    /// From now on `op` is applied to `inner`, then never answers.
+    pub fn stall_after(&self, op: Stall) {
+        *self.stall.lock().unwrap_or_else(PoisonError::into_inner) = Some(op);
+    }
+
+    async fn answer<T>(&self, op: Stall, result: T) -> T {
+        if *self.stall.lock().unwrap_or_else(PoisonError::into_inner) == Some(op) {
+            std::future::pending::<()>().await;
+        }
+        result
+    }
+
+    fn request_log(&self) -> &dyn RequestLog {
+        match &self.requests {
+            Some(memory) => memory,
+            None => self.inner.as_ref(),
+        }
+    }
+}
+
+#[async_trait]
+impl KeyStore for Forwarding {
+    async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        self.inner.insert_key(key).await
+    }
+    async fn get_key(&self, id: &KeyId) -> Result<ApiKey, StoreError> {
+        self.inner.get_key(id).await
+    }
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        self.inner.list_keys().await
+    }
+    async fn update_metadata(
+        &self,
+        id: &KeyId,
+        metadata: KeyMetadata,
+    ) -> Result<ApiKey, StoreError> {
+        self.inner.update_metadata(id, metadata).await
+    }
+    async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
+        self.inner.delete_key(id).await
+    }
+    async fn transition(
+        &self,
+        id: &KeyId,
+        to: KeyState,
+        trigger: TransitionTrigger,
+        reason: String,
+        cooldown_until: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<StateTransition, StoreError> {
+        self.inner
+            .transition(id, to, trigger, reason, cooldown_until, now)
+            .await
+    }
+    async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
+        self.inner.transitions(id).await
+    }
+}
+
+#[async_trait]
+impl UsageLedger for Forwarding {
+    async fn reserve(&self, charge: &Charge) -> Result<(), ChargeRejection> {
+        let result = self.inner.reserve(charge).await;
+        self.answer(Stall::Reserve, result).await
+    }
+    async fn settle(
+        &self,
+        charge: &Charge,
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        let result = self.inner.settle(charge, settlement).await;
+        self.answer(Stall::Settle, result).await
+    }
+    async fn release(
+        &self,
+        charge: &Charge,
+        settlement: &Settlement,
+    ) -> Result<Option<KeyStats>, StoreError> {
+        let result = self.inner.release(charge, settlement).await;
+        self.answer(Stall::Release, result).await
+    }
+    async fn quota_snapshot(
+        &self,
+        id: &KeyId,
+        limits: &QuotaLimits,
+        now: Timestamp,
+    ) -> Result<QuotaSnapshot, StoreError> {
+        self.inner.quota_snapshot(id, limits, now).await
+    }
+}
+
+#[async_trait]
+impl BudgetStore for Forwarding {
+    async fn put_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        self.inner.put_budget(budget, spent, now).await
+    }
+    async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
+        self.inner.list_budgets().await
+    }
+    async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.inner.budget_statuses(now).await
+    }
+    async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.delete_budget(id).await
+    }
+    async fn add_spend(
+        &self,
+        ids: &[String],
+        cost: Money,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetStatus>, StoreError> {
+        self.inner.add_spend(ids, cost, now).await
+    }
+}
+
+#[async_trait]
+impl RequestLog for Forwarding {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+        self.request_log().save_request(record).await
+    }
+    async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
+        self.request_log().get_request(id).await
+    }
+}
+
+#[async_trait]
+impl StateStore for Forwarding {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
