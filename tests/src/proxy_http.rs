@@ -82,6 +82,18 @@ impl Proxy {
         Value::Null
     }
 
+    /// The JSON answer to `GET path` (no credentials).
+    async fn get_json(&self, path: &str) -> Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     async fn chat(&self, body: Value, token: Option<&str>) -> reqwest::Response {
         let mut req = self
             .client
@@ -700,18 +712,18 @@ async fn operations_endpoints_answer() {
             .status(),
         StatusCode::OK
     );
-    let ready: Value = p
-        .client
-        .get(p.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = p.get_json("/ready").await;
     assert_eq!(ready["store"], "memory");
     p.chat(hello("gpt-4o"), None).await;
     let _ = p.chat(hello("nope"), None).await;
+    let embedded = p
+        .client
+        .post(p.url("/v1/embeddings"))
+        .json(&json!({"model": "text-embedding-3-small", "input": ["one"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(embedded.status(), StatusCode::OK);
     let unknown = p.client.get(p.url("/v2/nothing")).send().await.unwrap();
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     let metrics = p
@@ -757,6 +769,20 @@ async fn operations_endpoints_answer() {
         metrics.contains("apikeyrouter_request_duration_seconds_count{endpoint=\"chat\"} 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("apikeyrouter_request_duration_seconds_count{endpoint=\"embeddings\"} 1"),
+        "{metrics}"
+    );
+    // The served chat's cost reached its provider and model's series.
+    let cost: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("apikeyrouter_cost_usd_total{provider=\"openai\",model=\"gpt-4o\"} ")
+        })
+        .unwrap_or_else(|| panic!("no gpt-4o cost series: {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(cost > 0.0, "{metrics}");
 }
 
 #[tokio::test]
@@ -848,15 +874,7 @@ output_per_mtok = 1000.0
     // The call finishes without it: audited as served, and settled.
     let record = p.record_when_written("hung-up-1").await;
     assert_eq!(record["outcome"]["status"], "success", "{record}");
-    let budgets: Value = p
-        .client
-        .get(p.url("/api/v1/budgets"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let budgets = p.get_json("/api/v1/budgets").await;
     let global = &budgets["data"][0];
     assert_eq!(global["reserved"].as_f64(), Some(0.0), "{budgets}");
     // 6 tokens at $1,000 per million.
@@ -900,15 +918,7 @@ token = "team-token-0002"
             .status(),
         StatusCode::OK
     );
-    let budgets: Value = p
-        .client
-        .get(p.url("/api/v1/budgets"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let budgets = p.get_json("/api/v1/budgets").await;
     let intern = budgets["data"]
         .as_array()
         .unwrap()

@@ -1219,10 +1219,12 @@ mod cases {
         );
     }
 
-    pub(super) async fn settle_returns_statuses_with_spent_equal_to_actual(store: Store) {
+    /// Key `k1`, a hard daily budget `b` of $1 that has spent `b_spent`, and a soft
+    /// monthly budget `a` of $5.
+    async fn key_with_budgets_b_and_a(store: &Store, b_spent: Money) {
         store.insert_key(key("k1", None)).await.unwrap();
         store
-            .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
+            .put_budget(hard_budget("b", 1.0), b_spent, base_now())
             .await
             .unwrap();
         store
@@ -1233,6 +1235,10 @@ mod cases {
             )
             .await
             .unwrap();
+    }
+
+    pub(super) async fn settle_returns_statuses_with_spent_equal_to_actual(store: Store) {
+        key_with_budgets_b_and_a(&store, Money::ZERO).await;
         let mut c = charge(7, "k1", None, 0.05);
         c.budget_ids = vec!["b".to_owned(), "a".to_owned(), "b".to_owned()];
         store.reserve(&c).await.unwrap();
@@ -1274,19 +1280,7 @@ mod cases {
     }
 
     pub(super) async fn added_spend_counts_without_touching_reservations(store: Store) {
-        store.insert_key(key("k1", None)).await.unwrap();
-        store
-            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.1), base_now())
-            .await
-            .unwrap();
-        store
-            .put_budget(
-                budget("a", 5.0, BudgetPeriod::Monthly, Enforcement::Soft),
-                Money::ZERO,
-                base_now(),
-            )
-            .await
-            .unwrap();
+        key_with_budgets_b_and_a(&store, Money::from_usd(0.1)).await;
         let c = charge(7, "k1", None, 0.05);
         store.reserve(&c).await.unwrap();
 
