@@ -927,3 +927,53 @@ token = "team-token-0002"
         .unwrap();
     assert!(intern["spent"].as_f64().unwrap() <= 0.001);
 }
+
+#[tokio::test]
+async fn a_failover_is_counted_on_the_model_that_served() {
+    // Nothing listens on port 1, so `o3-mini`'s only key fails and its fallback serves.
+    let p = Proxy::start(
+        r#"
+[[providers]]
+id = "broken"
+kind = "openai-compatible"
+base_url = "http://127.0.0.1:1/v1"
+models = ["o3-mini"]
+
+[[keys]]
+provider = "broken"
+material = "sk-broken-0001"
+
+[[fallbacks]]
+model = "o3-mini"
+to = ["gpt-4o-mini"]
+"#,
+        &[],
+    )
+    .await;
+    let direct = p.chat(hello("gpt-4o"), None).await;
+    assert_eq!(direct.status(), StatusCode::OK);
+    let failed_over = p.chat(hello("o3-mini"), None).await;
+    assert_eq!(failed_over.status(), StatusCode::OK);
+    assert_eq!(failed_over.headers()["x-apikeyrouter-provider"], "openai");
+    let body: Value = failed_over.json().await.unwrap();
+    assert_eq!(body["model"], "gpt-4o-mini");
+    let metrics = p
+        .client
+        .get(p.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains("apikeyrouter_failovers_total{provider=\"openai\",model=\"gpt-4o-mini\"} 1"),
+        "{metrics}"
+    );
+    // A request served by its first attempt is not a failover.
+    assert!(
+        metrics.contains("apikeyrouter_failovers_total{provider=\"openai\",model=\"gpt-4o\"} 0"),
+        "{metrics}"
+    );
+}
