@@ -6,9 +6,9 @@ use apikeyrouter::domain::{
 use apikeyrouter::{ChatChunk, Message, RequestIntent, Role, RouteResponse, TokenUsage};
 
 use super::wire::{
-    AssistantMessage, ChatChunkOut, ChatCompletion, ChatRequest, Choice, ChunkChoice, Content,
-    ContentPart, Delta, FunctionCall, FunctionDelta, PromptTokensDetails, ResponseFormat, Stop,
-    ToolCallDeltaOut, ToolCallOut, Usage,
+    AssistantMessage, ChatChunkOut, ChatCompletion, ChatRequest, Choice, ChunkChoice, CompletionId,
+    Content, ContentPart, Delta, FunctionCall, FunctionDelta, PromptTokensDetails, ResponseFormat,
+    Stop, ToolCallDeltaOut, ToolCallOut, Usage,
 };
 use crate::errors::ApiError;
 
@@ -190,11 +190,11 @@ pub fn completion(r: RouteResponse, created: u64) -> ChatCompletion {
         Some(r.content)
     };
     ChatCompletion {
-        id: format!("chatcmpl-{}", r.request_id),
+        id: CompletionId(r.request_id),
         object: "chat.completion",
         created,
-        model: r.model.to_string(),
-        choices: vec![Choice {
+        model: r.model,
+        choices: [Choice {
             index: 0,
             message: AssistantMessage {
                 role: "assistant",

@@ -142,14 +142,17 @@ where
 fn json_response<T: serde::Serialize>(value: &T) -> Response {
     let mut body = Vec::with_capacity(1024);
     match serde_json::to_writer(&mut body, value) {
-        Ok(()) => (
-            [(
+        Ok(()) => {
+            let mut response = Response::new(axum::body::Body::from(body));
+            let headers = response.headers_mut();
+            // Room for the routing headers written next, so the map is allocated once.
+            headers.reserve(8);
+            headers.insert(
                 axum::http::header::CONTENT_TYPE,
                 axum::http::HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response(),
+            );
+            response
+        }
         Err(e) => {
             tracing::error!(error = %e, "response not serialised");
             ApiError::new(

@@ -4,6 +4,7 @@
 //! (clients send many optional ones), unsupported ones that change semantics (`n > 1`)
 //! are refused by the handlers with a precise error.
 
+use apikeyrouter::{ModelId, RequestId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -135,12 +136,24 @@ pub struct FunctionCall {
 /// `chat.completion`
 #[derive(Debug, Serialize)]
 pub struct ChatCompletion {
-    pub id: String,
+    pub id: CompletionId,
     pub object: &'static str,
     pub created: u64,
-    pub model: String,
-    pub choices: Vec<Choice>,
+    pub model: ModelId,
+    /// The router serves one choice (`n` above 1 is refused).
+    pub choices: [Choice; 1],
     pub usage: Usage,
+}
+
+/// A completion's id, `chatcmpl-` and the request id: written straight into the
+/// response, without a string of its own.
+#[derive(Debug)]
+pub struct CompletionId(pub RequestId);
+
+impl Serialize for CompletionId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("chatcmpl-{}", self.0))
+    }
 }
 
 #[derive(Debug, Serialize)]
