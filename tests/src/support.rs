@@ -15,19 +15,9 @@ use apikeyrouter::{
 /// memory store, which expires nothing on its own.
 pub const T0: Timestamp = Timestamp::from_millis(1_795_775_400_000);
 
-/// The next whole hour of the wall clock, fixed for the test process: the "now" of
-/// tests on Redis, which sets real expiries (`PEXPIREAT`) from the times it is given,
-/// so a fixed date would have every window expire at once after that date had passed.
-/// The store adapters' unit tests have the same helper (`test_time.rs`).
-pub fn base_now() -> Timestamp {
-    static BASE: std::sync::OnceLock<Timestamp> = std::sync::OnceLock::new();
-    *BASE.get_or_init(|| {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Timestamp::from_millis((ms / 3_600_000 + 1) * 3_600_000)
-    })
-}
+/// The "now" of tests on Redis: the next whole hour of the wall clock, fixed for the
+/// test process (see the store adapters' `test_time`).
+pub use apikeyrouter_adapters_stores::test_time::base_now;
 
 pub struct Harness {
     pub router: ApiKeyRouter,

@@ -22,8 +22,8 @@ pub mod mongodb;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod split;
-#[cfg(all(test, any(feature = "redis", feature = "mongodb")))]
-mod test_time;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_time;
 
 pub use cipher::AeadCipher;
 pub use config::{FailMode, StoreConfig, connect, connect_audit_sink};

@@ -7,9 +7,9 @@ use apikeyrouter_domain::Timestamp;
 
 /// The next whole hour of the wall clock, fixed for the test process. Redis sets real
 /// expiries (`PEXPIREAT`) from the times it is given, so a fixed date in the tests
-/// would have every window expire at once after that date had passed. The integration
-/// tests have the same helper (`tests/src/support.rs`).
-pub(crate) fn base_now() -> Timestamp {
+/// would have every window expire at once after that date had passed.
+#[must_use]
+pub fn base_now() -> Timestamp {
     static BASE: OnceLock<Timestamp> = OnceLock::new();
     *BASE.get_or_init(|| {
         let ms = SystemTime::now()
