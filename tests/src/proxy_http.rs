@@ -94,6 +94,18 @@ impl Proxy {
             .unwrap()
     }
 
+    /// The metrics page in Prometheus' text format.
+    async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     async fn chat(&self, body: Value, token: Option<&str>) -> reqwest::Response {
         let mut req = self
             .client
@@ -726,15 +738,7 @@ async fn operations_endpoints_answer() {
     assert_eq!(embedded.status(), StatusCode::OK);
     let unknown = p.client.get(p.url("/v2/nothing")).send().await.unwrap();
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
-    let metrics = p
-        .client
-        .get(p.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains(
             "apikeyrouter_requests_total{endpoint=\"chat\",status=\"200\",code=\"ok\"} 1"
@@ -957,15 +961,7 @@ to = ["gpt-4o-mini"]
     assert_eq!(failed_over.headers()["x-apikeyrouter-provider"], "openai");
     let body: Value = failed_over.json().await.unwrap();
     assert_eq!(body["model"], "gpt-4o-mini");
-    let metrics = p
-        .client
-        .get(p.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = p.metrics().await;
     assert!(
         metrics
             .contains("apikeyrouter_failovers_total{provider=\"openai\",model=\"gpt-4o-mini\"} 1"),
