@@ -241,16 +241,17 @@ fn start_mock(at: &str) -> Result<Guard> {
     ))
 }
 
-/// `cargo xtask bench proxy-instructions`: the proxy's user-space instructions per
-/// request under callgrind (valgrind, installed from Debian's packages when missing),
-/// at four connections after a warm-up. Unlike CPU time on a shared VM, the count
-/// repeats from run to run, so it shows what a change to the request path saves.
+/// `cargo xtask bench proxy-instructions`: the user-space instructions per request of
+/// the proxy and of the bare forwarder (the floor) under callgrind (valgrind, installed
+/// from Debian's packages when missing), each at four connections after a warm-up.
+/// Unlike CPU time on a shared VM the counts repeat from run to run, so they show what
+/// a change to the request path saves, and how far the proxy is above the floor.
 pub fn instructions(sh: &Shell) -> Result<()> {
     let Setup {
         mock_at,
         proxy_at,
+        bare_at,
         dir,
-        ..
     } = prepare(sh)?;
     if Command::new("callgrind_control")
         .arg("--version")
@@ -261,26 +262,67 @@ pub fn instructions(sh: &Shell) -> Result<()> {
             .run()
             .context("installing valgrind (apt-get install -y valgrind)")?;
     }
-    let out = format!("{dir}/callgrind.out");
+    let _mock = start_mock(&mock_at)?;
+    let config = format!("{dir}/proxy.toml");
+    let proxy = count_instructions(
+        sh,
+        dir,
+        "proxy",
+        &["target/release/apikeyrouter", "serve", "--config", &config],
+        &proxy_at,
+        &format!("http://{proxy_at}/ready"),
+    )?;
+    let direct_url = format!("http://{mock_at}/v1/chat/completions");
+    let floor = count_instructions(
+        sh,
+        dir,
+        "bare",
+        &[
+            "target/release/examples/bare_forward",
+            &bare_at,
+            &direct_url,
+        ],
+        &bare_at,
+        &format!("http://{bare_at}/v1/chat/completions"),
+    )?;
+    println!("user-space instructions per request under callgrind (four connections):");
+    println!("  proxy          {proxy}");
+    println!("  bare forwarder {floor} (the floor)");
+    let ratio = proxy as f64 / floor.max(1) as f64;
+    println!("  proxy / floor  {ratio:.2}");
+    Ok(())
+}
+
+/// Runs `command` (a server listening on `at`) under callgrind, waits until
+/// `ready_url` answers, warms it up, and returns its instructions per request over an
+/// eight-second wrk run.
+fn count_instructions(
+    sh: &Shell,
+    dir: &str,
+    name: &str,
+    command: &[&str],
+    at: &str,
+    ready_url: &str,
+) -> Result<u64> {
+    let out = format!("{dir}/callgrind-{name}.out");
     for old in [out.clone(), format!("{out}.1")] {
         let _ = std::fs::remove_file(old);
     }
-    let _mock = start_mock(&mock_at)?;
-    let proxy = Guard(
+    let server = Guard(
         Command::new("valgrind")
             .args(["--tool=callgrind", "--instr-atstart=no"])
             .arg(format!("--callgrind-out-file={out}"))
-            .args(["target/release/apikeyrouter", "serve", "--config"])
-            .arg(format!("{dir}/proxy.toml"))
+            .args(command)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
     );
-    wait_ready(&format!("http://{proxy_at}/ready"), &[])?;
-    let pid = proxy.0.id().to_string();
+    // The bare forwarder has no probe; any answer from its route will do.
+    wait_ready(ready_url, if name == "bare" { &["-d", "{}"] } else { &[] })?;
+    let pid = server.0.id().to_string();
     let lua = format!("{dir}/post.lua");
-    let url = format!("http://{proxy_at}/v1/chat/completions");
+    let url = format!("http://{at}/v1/chat/completions");
     cmd!(sh, "wrk -t1 -c4 -d3s -s {lua} {url}")
         .quiet()
         .ignore_stdout()
@@ -296,22 +338,18 @@ pub fn instructions(sh: &Shell) -> Result<()> {
     let run = parse_wrk(&cmd!(sh, "wrk -t1 -c4 -d8s --latency -s {lua} {url}").read()?)?;
     control(&["-i", "off"])?;
     control(&["-d"])?;
-    drop(proxy);
-    let dump = std::fs::read_to_string(format!("{out}.1")).context("reading callgrind's dump")?;
+    drop(server);
+    let dump = std::fs::read_to_string(format!("{out}.1"))
+        .with_context(|| format!("reading callgrind's dump of the {name}"))?;
     let instructions: u64 = dump
         .lines()
         .find_map(|line| line.strip_prefix("totals: "))
         .and_then(|n| n.trim().parse().ok())
-        .context("callgrind's dump has no instruction total")?;
+        .with_context(|| format!("callgrind's dump of the {name} has no instruction total"))?;
     if run.requests == 0 {
-        bail!("no request was served under callgrind");
+        bail!("no request reached the {name} under callgrind");
     }
-    println!(
-        "proxy under callgrind: {} requests, {} instructions per request (user space)",
-        run.requests,
-        instructions / run.requests
-    );
-    Ok(())
+    Ok(instructions / run.requests)
 }
 
 pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
