@@ -3,14 +3,13 @@
 //! provider may bill the call, and the request is audited as cancelled.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
-use apikeyrouter::{BudgetStatus, EmbeddingIntent, KeyMetadata, Money, Objective, Outcome};
-
-use std::sync::Arc;
-
-use apikeyrouter::FailureKind;
+use apikeyrouter::{
+    BudgetStatus, EmbeddingIntent, FailureKind, KeyMetadata, Money, Objective, Outcome,
+};
 use apikeyrouter_adapters_stores::MemoryStore;
 
 use crate::forwarding::{Forwarding, Stall};
@@ -35,7 +34,7 @@ async fn give_up_on<T>(
     call: impl Future<Output = T>,
 ) -> (BudgetStatus, apikeyrouter::AuditRecord) {
     let gave_up = tokio::time::timeout(Duration::from_millis(50), call).await;
-    assert!(gave_up.is_err(), "the hanging call answered");
+    assert!(gave_up.is_err(), "the call answered before it was given up");
     let mut status = h.router.budgets().await.unwrap().remove(0);
     for _ in 0..200 {
         if status.reserved == Money::ZERO {

@@ -94,7 +94,8 @@ impl ApiKeyRouter {
     /// Dropping the future before it finishes (a caller's own timeout) is safe: a
     /// reservation still being made is released, the estimate of a call that may
     /// have reached the provider is charged (a settlement already under way is left
-    /// to the store), and the request is audited as `caller_cancelled`. The same holds for [`Self::route_stream`] and [`Self::embed`].
+    /// to the store), and the request is audited as `caller_cancelled`. The same
+    /// holds for [`Self::route_stream`] and [`Self::embed`].
     ///
     /// # Errors
     /// [`RouteError`] when no eligible key could serve it, with a precise reason.
