@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use apikeyrouter_adapters_stores::MemoryStore;
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore,
-    StoreError, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
+    Settlement, StateStore, StoreError, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -163,6 +163,12 @@ impl BudgetStore for Forwarding {
         now: Timestamp,
     ) -> Result<Vec<BudgetStatus>, StoreError> {
         self.inner.add_spend(ids, cost, now).await
+    }
+    async fn reclaim_reservations(
+        &self,
+        taken_before: Timestamp,
+    ) -> Result<Vec<ReclaimedReservations>, StoreError> {
+        self.inner.reclaim_reservations(taken_before).await
     }
 }
 

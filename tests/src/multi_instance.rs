@@ -6,10 +6,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use apikeyrouter::providers::SimulatedProvider;
-use apikeyrouter::{ApiKeyRouter, KeyMetadata, KeyState, Objective, RouteErrorKind};
+use apikeyrouter::{
+    ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Clock, Enforcement, KeyMetadata, KeyState,
+    ManualClock, Money, Objective, RouteErrorKind,
+};
 use apikeyrouter_adapters_stores::RedisStore;
+use apikeyrouter_application::ports::{Charge, UsageLedger};
+use apikeyrouter_domain::{QuotaLimits, ReservationId};
 
-use crate::support::ask;
+use crate::support::{ask, base_now};
 
 async fn instance(namespace: &str) -> (ApiKeyRouter, Arc<SimulatedProvider>) {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
@@ -192,4 +197,84 @@ async fn a_budget_added_on_one_instance_binds_the_other() {
             .is_ok()
     })
     .await;
+}
+
+/// An instance that stops between reserve and settle (a crash, `kill -9`) leaves its
+/// reservation in the shared budget, where nothing would ever release it. Once it is
+/// older than the lease, the surviving instance's sweep gives it back and the budget
+/// serves again; until then the budget refuses, so nothing is overspent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instances_reservation_is_reclaimed_after_the_lease() {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let store = Arc::new(
+        RedisStore::connect(&url, &namespace())
+            .await
+            .unwrap_or_else(|e| panic!("Redis unreachable at {url}: {e}")),
+    );
+    let clock = Arc::new(ManualClock::new(base_now()));
+    let lease = Duration::from_millis(200);
+    let survivor = ApiKeyRouter::builder()
+        .store(store.clone())
+        .clock(clock.clone())
+        .total_deadline(lease)
+        .reservation_lease(lease)
+        .build()
+        .await
+        .unwrap();
+    survivor.register_provider("openai", Arc::new(SimulatedProvider::new()));
+    let key = survivor
+        .register_key("sk-openai-multi-lease-01", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    let budget = Budget::new(
+        "global",
+        BudgetScope::Global,
+        1.0,
+        BudgetPeriod::Monthly,
+        Enforcement::Hard,
+    )
+    .unwrap();
+    survivor.add_budget(budget).await.unwrap();
+
+    // What the stopped instance left: the whole budget reserved, never settled.
+    store
+        .reserve(&Charge {
+            reservation: ReservationId(7),
+            key_id: key.id.clone(),
+            limits: QuotaLimits::default(),
+            est_tokens: 100,
+            est_cost: Money::from_usd(1.0),
+            budget_ids: vec!["global".to_owned()],
+            client: None,
+            now: clock.now(),
+        })
+        .await
+        .unwrap();
+    let refused = survivor
+        .route(ask("gpt-4o-mini", "hi"), Objective::default())
+        .await;
+    assert!(
+        matches!(&refused, Err(e) if matches!(e.kind, RouteErrorKind::BudgetExceeded(_))),
+        "{refused:?}"
+    );
+    // Sweeps within the lease keep it.
+    tokio::time::sleep(lease).await;
+    assert_eq!(
+        survivor.budgets().await.unwrap()[0].reserved,
+        Money::from_usd(1.0)
+    );
+
+    clock.advance(lease + Duration::from_millis(1));
+    eventually("the sweep giving the reservation back", async || {
+        survivor.budgets().await.unwrap()[0].reserved == Money::ZERO
+    })
+    .await;
+    let served = survivor
+        .route(ask("gpt-4o-mini", "hi"), Objective::default())
+        .await
+        .unwrap();
+    let status = &survivor.budgets().await.unwrap()[0];
+    assert_eq!(Some(status.spent), served.actual_cost);
+    assert!(status.spent > Money::ZERO);
+    assert_eq!(status.reserved, Money::ZERO);
 }

@@ -687,6 +687,7 @@ async fn management_api_requires_the_admin_token_and_masks_material() {
         .await
         .unwrap();
     assert_eq!(policies["objective"], "fairness");
+    assert_eq!(policies["reservation_lease_ms"], 3_600_000);
     assert_eq!(policies["fallbacks"][0]["to"][0], "claude-sonnet-4-5");
     let providers: Value = admin(p.client.get(p.url("/api/v1/providers")))
         .send()

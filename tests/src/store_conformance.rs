@@ -53,6 +53,7 @@ macro_rules! conformance_suite {
                 reserving_an_id_again_replaces_the_reservation,
                 soft_budget_allows_overrun_and_flags_it,
                 budget_period_rolls_over_and_keeps_reservations,
+                stale_reservations_are_reclaimed_once_and_late_settles_still_charge,
                 custom_budget_period_rolls_over,
                 budgets_are_listed_replaced_and_deleted,
                 observed_quota_blocks_until_its_reset,
@@ -399,7 +400,8 @@ mod cases {
     use std::time::Duration;
 
     use apikeyrouter_application::ports::{
-        Charge, ChargeRejection, KeyOutcome, Settlement, StateStore, StoreErrorKind,
+        Charge, ChargeRejection, KeyOutcome, ReclaimedReservations, Settlement, StateStore,
+        StoreErrorKind,
     };
     use apikeyrouter_application::records::{AuditRecord, Outcome};
     use apikeyrouter_domain::{
@@ -1468,6 +1470,76 @@ mod cases {
             .budgets;
         assert_eq!(statuses[0].spent, Money::from_usd(0.1));
         assert_eq!(statuses[0].reserved, Money::from_usd(0.8));
+    }
+
+    pub(super) async fn stale_reservations_are_reclaimed_once_and_late_settles_still_charge(
+        store: Store,
+    ) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        for id in ["b", "a", "idle"] {
+            store
+                .put_budget(hard_budget(id, 1.0), Money::ZERO, base_now())
+                .await
+                .unwrap();
+        }
+        let mut stale = charge(1, "k1", None, 0.3);
+        stale.budget_ids = vec!["b".to_owned(), "a".to_owned()];
+        store.reserve(&stale).await.unwrap();
+        let later = base_now().plus(Duration::from_secs(600));
+        let mut live = charge(2, "k1", None, 0.2);
+        live.now = later;
+        store.reserve(&live).await.unwrap();
+
+        // Nothing was taken before the reservations' own time.
+        assert_eq!(store.reclaim_reservations(base_now()).await.unwrap(), []);
+
+        let cutoff = base_now().plus(Duration::from_secs(60));
+        let reclaimed = store.reclaim_reservations(cutoff).await.unwrap();
+        let gave_back = |id: &str| ReclaimedReservations {
+            budget_id: id.to_owned(),
+            count: 1,
+            amount: Money::from_usd(0.3),
+        };
+        assert_eq!(reclaimed, [gave_back("a"), gave_back("b")]);
+        let reserved = |statuses: &[apikeyrouter_domain::BudgetStatus]| {
+            statuses
+                .iter()
+                .map(|s| (s.budget_id.clone(), s.reserved))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            reserved(&store.budget_statuses(later).await.unwrap()),
+            [
+                ("a".to_owned(), Money::ZERO),
+                ("b".to_owned(), Money::from_usd(0.2)),
+                ("idle".to_owned(), Money::ZERO),
+            ]
+        );
+        // Another instance sweeping the same store finds nothing left.
+        assert_eq!(store.reclaim_reservations(cutoff).await.unwrap(), []);
+
+        // The money given back can be reserved again.
+        let mut again = charge(3, "k1", None, 0.8);
+        again.now = later;
+        store.reserve(&again).await.unwrap();
+
+        // The stale request finished after all: its cost is charged and nothing more
+        // is given back.
+        let settled = store
+            .settle(&stale, &spent(10, Money::from_usd(0.1), later))
+            .await
+            .unwrap()
+            .budgets;
+        assert_eq!(
+            settled
+                .iter()
+                .map(|s| (s.budget_id.as_str(), s.spent, s.reserved))
+                .collect::<Vec<_>>(),
+            [
+                ("a", Money::from_usd(0.1), Money::ZERO),
+                ("b", Money::from_usd(0.1), Money::from_usd(1.0)),
+            ]
+        );
     }
 
     pub(super) async fn custom_budget_period_rolls_over(store: Store) {

@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, Clock, KeyStore, RequestLog, Settled, Settlement,
-    StateStore, StoreChanges, StoreError, StoreHealth, SystemClock, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, Clock, KeyStore, ReclaimedReservations, RequestLog,
+    Settled, Settlement, StateStore, StoreChanges, StoreError, StoreHealth, SystemClock,
+    UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -451,6 +452,15 @@ impl BudgetStore for FailOpenStore {
         let statuses = self.remote.add_spend(ids, cost, now).await?;
         self.mirror_spend(&statuses, now).await;
         Ok(statuses)
+    }
+
+    /// On both: the mirror's own reservations (taken during an outage) age the same way.
+    async fn reclaim_reservations(
+        &self,
+        taken_before: Timestamp,
+    ) -> Result<Vec<ReclaimedReservations>, StoreError> {
+        let _ = self.local.reclaim_reservations(taken_before).await;
+        self.remote.reclaim_reservations(taken_before).await
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

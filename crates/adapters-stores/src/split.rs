@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use apikeyrouter_application::ports::BudgetStore;
 use apikeyrouter_application::ports::{
-    Charge, ChargeRejection, Clock, KeyStore, RequestLog, Settled, Settlement, StateStore,
-    StoreChanges, StoreError, StoreErrorKind, SystemClock, UsageLedger,
+    Charge, ChargeRejection, Clock, KeyStore, ReclaimedReservations, RequestLog, Settled,
+    Settlement, StateStore, StoreChanges, StoreError, StoreErrorKind, SystemClock, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -271,6 +271,13 @@ impl BudgetStore for SplitStore {
         now: Timestamp,
     ) -> Result<Vec<BudgetStatus>, StoreError> {
         self.counters.add_spend(ids, cost, now).await
+    }
+
+    async fn reclaim_reservations(
+        &self,
+        taken_before: Timestamp,
+    ) -> Result<Vec<ReclaimedReservations>, StoreError> {
+        self.counters.reclaim_reservations(taken_before).await
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

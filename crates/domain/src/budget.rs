@@ -240,6 +240,19 @@ pub struct Reservation {
     /// Start of the period it was taken in: a commit after the period rolled over is
     /// charged to the new period, and a release then has nothing to give back.
     pub period_start: Timestamp,
+    /// When it was taken: a reservation older than any request can live was left by
+    /// an instance that died, and [`BudgetLedger::reclaim`] gives it back.
+    #[serde(default)]
+    pub taken_at: Timestamp,
+}
+
+/// What [`BudgetLedger::reclaim`] gave back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Reservations dropped.
+    pub count: u64,
+    /// The money they held.
+    pub amount: Money,
 }
 
 /// A budget's spend, reserved amounts and reporting view.
@@ -369,6 +382,7 @@ impl BudgetLedger {
             id,
             amount,
             period_start: self.period_start,
+            taken_at: now,
         });
         Ok(())
     }
@@ -396,6 +410,24 @@ impl BudgetLedger {
     /// Drops reservation `id` without spending (the call failed before costing anything).
     pub fn release(&mut self, id: ReservationId) {
         self.take(id);
+    }
+
+    /// Drops every reservation taken before `taken_before` without spending: their
+    /// requests cannot still be running, so the instance that held them died between
+    /// reserve and settle. A settle that comes after all still charges its cost
+    /// ([`Self::commit`] of an unknown id).
+    pub fn reclaim(&mut self, taken_before: Timestamp) -> Reclaimed {
+        let mut reclaimed = Reclaimed::default();
+        self.reservations.retain(|_, r| {
+            let stale = r.taken_at < taken_before;
+            if stale {
+                reclaimed.count += 1;
+                reclaimed.amount = reclaimed.amount.saturating_add(r.amount);
+            }
+            !stale
+        });
+        self.reserved = self.reserved.saturating_sub(reclaimed.amount);
+        reclaimed
     }
 
     /// A reporting view at `now`.

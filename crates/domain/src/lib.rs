@@ -20,7 +20,7 @@ pub mod time;
 
 pub use budget::{
     Budget, BudgetError, BudgetLedger, BudgetPeriod, BudgetScope, BudgetStatus, Enforcement,
-    Reservation, ReservationId,
+    Reclaimed, Reservation, ReservationId,
 };
 pub use cost::{CostEstimate, ModelPrice, PriceCatalogue, Reconciliation, TokenEstimate};
 pub use failure::{FailureKind, KeyAction, RetryAdvice, classify_status};

@@ -35,6 +35,13 @@ impl Timestamp {
         Self(self.0.saturating_add(ms))
     }
 
+    /// `self - d`, saturating at the epoch.
+    #[must_use]
+    pub fn minus(self, d: Duration) -> Self {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self(self.0.saturating_sub(ms))
+    }
+
     /// Time elapsed from `earlier` to `self`; zero if `earlier` is later.
     pub fn since(self, earlier: Self) -> Duration {
         Duration::from_millis(self.0.saturating_sub(earlier.0))
@@ -136,6 +143,17 @@ mod tests {
                 .civil_date(),
             (2027, 1, 1)
         );
+    }
+
+    #[test]
+    fn minus_undoes_plus_and_stops_at_the_epoch() {
+        let hour = Duration::from_secs(3_600);
+        assert_eq!(FRIDAY.plus(hour).minus(hour), FRIDAY);
+        assert_eq!(
+            FRIDAY.minus(hour).as_millis(),
+            FRIDAY.as_millis() - 3_600_000
+        );
+        assert_eq!(Timestamp::from_millis(5).minus(hour), Timestamp::EPOCH);
     }
 
     #[test]

@@ -122,6 +122,13 @@ impl ApiKeyRouterBuilder {
         self
     }
 
+    /// How long a budget reservation may be held before the router takes it for one
+    /// left by a stopped instance and gives it back; at least the total deadline.
+    pub fn reservation_lease(mut self, lease: std::time::Duration) -> Self {
+        self.settings.reservation_lease = lease;
+        self
+    }
+
     /// Most time per provider call.
     pub fn attempt_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.settings.attempt_timeout = timeout;
@@ -184,6 +191,11 @@ impl ApiKeyRouterBuilder {
                 "deadlines must be greater than zero".to_owned(),
             ));
         }
+        if self.settings.reservation_lease < self.settings.total_deadline {
+            return Err(BuildError::Setting(
+                "reservation_lease must be at least total_deadline: a shorter lease would give back the reservations of requests still running".to_owned(),
+            ));
+        }
         let store = match (self.store, self.store_config) {
             (Some(store), _) => store,
             (None, Some(config)) => apikeyrouter_adapters_stores::connect(&config).await?,
@@ -207,6 +219,7 @@ impl ApiKeyRouterBuilder {
                 "following key changes of other instances"
             );
         }
+        core.sweep_stale_reservations();
         Ok(ApiKeyRouter::from_core(core))
     }
 }

@@ -36,7 +36,8 @@ pub use router::ApiKeyRouter;
 pub use apikeyrouter_application::ports::{
     AuditSink, ChatChunk, ChatResponse, ChatStream, ClientLimit, Clock, EmbeddingCall,
     EmbeddingResponse, FinishReason, ManualClock, ModelSet, Provider, ProviderCall, ProviderError,
-    StateStore, StoreError, StoreHealth, StreamStart, SystemClock, ToolCallDelta,
+    ReclaimedReservations, StateStore, StoreError, StoreHealth, StreamStart, SystemClock,
+    ToolCallDelta,
 };
 pub use apikeyrouter_application::services::{
     BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind, RoutedStream,

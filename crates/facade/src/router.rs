@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use apikeyrouter_application::ports::Provider;
+use apikeyrouter_application::ports::{Provider, ReclaimedReservations};
 use apikeyrouter_application::services::{
     BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RoutedStream,
 };
@@ -268,6 +268,19 @@ impl ApiKeyRouter {
     /// Not found, or a store failure.
     pub async fn delete_budget(&self, id: &str) -> Result<(), BudgetServiceError> {
         self.core.budgets().remove(id).await
+    }
+
+    /// Gives back now the budget reservations held longer than
+    /// `RouterSettings::reservation_lease`, left by an instance that stopped between
+    /// reserve and settle; returns what each budget gave back. The router also does
+    /// this by itself about once a minute.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn reclaim_stale_reservations(
+        &self,
+    ) -> Result<Vec<ReclaimedReservations>, BudgetServiceError> {
+        self.core.budgets().reclaim_stale().await
     }
 
     /// Every budget's status.

@@ -296,6 +296,7 @@ pub async fn policies(
         "max_attempts": s.max_attempts,
         "total_deadline_ms": s.total_deadline.as_millis() as u64,
         "attempt_timeout_ms": s.attempt_timeout.as_millis() as u64,
+        "reservation_lease_ms": s.reservation_lease.as_millis() as u64,
         "fallbacks": fallbacks,
         "downgrades": s.downgrades,
     }))

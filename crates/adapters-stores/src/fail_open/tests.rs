@@ -6,8 +6,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, Clock, KeyOutcome, KeyStore, RequestLog, Settled,
-    Settlement, StateStore, StoreError, StoreErrorKind, SystemClock, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, Clock, KeyOutcome, KeyStore, ReclaimedReservations,
+    RequestLog, Settled, Settlement, StateStore, StoreError, StoreErrorKind, SystemClock,
+    UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -179,6 +180,13 @@ impl BudgetStore for Switchable {
             std::future::pending::<()>().await;
         }
         self.inner.add_spend(ids, cost, now).await
+    }
+    async fn reclaim_reservations(
+        &self,
+        taken_before: Timestamp,
+    ) -> Result<Vec<ReclaimedReservations>, StoreError> {
+        self.up()?;
+        self.inner.reclaim_reservations(taken_before).await
     }
 }
 
@@ -506,4 +514,30 @@ async fn spend_finished_on_the_mirror_after_the_pay_back_is_paid_on_a_later_answ
 
     store.ping().await.unwrap();
     assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
+}
+
+/// Stale reservations are reclaimed in the shared store, where a stopped instance
+/// left them; while it is unreachable the sweep reports the outage.
+#[tokio::test]
+async fn stale_reservations_are_reclaimed_in_the_shared_store() {
+    let (shared, store) = fail_open().await;
+    store.reserve(&charge(1, 2.0, now())).await.unwrap();
+    let later = now().plus(Duration::from_secs(3_600));
+
+    shared.down.store(true, Ordering::Relaxed);
+    let err = store.reclaim_reservations(later).await.unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Unavailable);
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), usd(2.0)));
+
+    shared.down.store(false, Ordering::Relaxed);
+    let reclaimed = store.reclaim_reservations(later).await.unwrap();
+    assert_eq!(
+        (
+            reclaimed[0].budget_id.as_str(),
+            reclaimed[0].count,
+            reclaimed[0].amount
+        ),
+        ("b", 1, usd(2.0))
+    );
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), Money::ZERO));
 }

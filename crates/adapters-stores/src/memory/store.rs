@@ -23,8 +23,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore,
-    StoreError, StoreErrorKind, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
+    Settlement, StateStore, StoreError, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -509,6 +509,26 @@ impl BudgetStore for MemoryStore {
         Ok(self.update_budgets(ids, |ledger| {
             ledger.add_unreserved(cost, now);
         }))
+    }
+
+    async fn reclaim_reservations(
+        &self,
+        taken_before: Timestamp,
+    ) -> Result<Vec<ReclaimedReservations>, StoreError> {
+        Ok(self
+            .all_budget_slots()
+            .iter()
+            .filter_map(|slot| {
+                let mut guard = lock(slot);
+                let ledger = guard.as_mut()?;
+                let reclaimed = ledger.reclaim(taken_before);
+                (reclaimed.count > 0).then(|| ReclaimedReservations {
+                    budget_id: ledger.budget.id.clone(),
+                    count: reclaimed.count,
+                    amount: reclaimed.amount,
+                })
+            })
+            .collect())
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

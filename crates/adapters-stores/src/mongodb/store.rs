@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use apikeyrouter_application::ports::{
     AuditError, AuditSink, BudgetStore, Charge, ChargeRejection, CipherError, ClientLimit,
-    KeyOutcome, KeyStore, RequestLog, SecretCipher, Settled, Settlement, StateStore, StoreError,
-    StoreErrorKind, UsageLedger,
+    KeyOutcome, KeyStore, ReclaimedReservations, RequestLog, SecretCipher, Settled, Settlement,
+    StateStore, StoreError, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -1330,6 +1330,52 @@ impl BudgetStore for MongoStore {
             }
         }
         Ok(statuses)
+    }
+
+    /// One conditional update per stale reservation, matching its amount and time,
+    /// so a reservation settled or reclaimed by another instance meanwhile is left
+    /// alone.
+    async fn reclaim_reservations(
+        &self,
+        taken_before: Timestamp,
+    ) -> Result<Vec<ReclaimedReservations>, StoreError> {
+        let cutoff = millis(taken_before);
+        let mut reclaimed = Vec::new();
+        for doc in self.all_budgets().await? {
+            let mut count = 0;
+            let mut amount = 0_i64;
+            for (key, held) in doc.reservations.iter().filter(|(_, r)| r.taken_at < cutoff) {
+                let field = format!("reservations.{key}");
+                let mut filter = doc! { "_id": &doc.id };
+                filter.insert(format!("{field}.amount"), held.amount);
+                filter.insert(format!("{field}.taken_at"), held.taken_at);
+                let mut unset = Document::new();
+                unset.insert(field, "");
+                let res = self
+                    .budgets
+                    .update_one(
+                        filter,
+                        doc! {
+                            "$inc": { "reserved": -held.amount, "headroom": held.amount },
+                            "$unset": unset,
+                        },
+                    )
+                    .await
+                    .map_err(|e| map_err(BUDGETS, "reclaim reservations", e))?;
+                if res.modified_count > 0 {
+                    count += 1;
+                    amount += held.amount;
+                }
+            }
+            if count > 0 {
+                reclaimed.push(ReclaimedReservations {
+                    budget_id: doc.id,
+                    count,
+                    amount: Money::from_nanos(to_u64(amount)),
+                });
+            }
+        }
+        Ok(reclaimed)
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

@@ -93,9 +93,14 @@ impl Names {
         format!("{}{id}", self.budget_prefix())
     }
 
-    /// A budget's outstanding reservations: reservation id to amount.
+    /// Prefix of reservation hashes; [`Self::reservations`] appends the budget id.
+    pub(super) fn reservations_prefix(&self) -> String {
+        format!("{{{}:budgets}}:reservations:", self.ns)
+    }
+
+    /// A budget's outstanding reservations: reservation id to `amount:taken_at`.
     pub(super) fn reservations(&self, id: &str) -> String {
-        format!("{{{}:budgets}}:reservations:{id}", self.ns)
+        format!("{}{id}", self.reservations_prefix())
     }
 
     /// A request's record (JSON).

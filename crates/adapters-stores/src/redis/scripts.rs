@@ -18,7 +18,7 @@ macro_rules! source {
 }
 
 /// Every script's source, in [`Scripts`] field order.
-const SOURCES: [&str; 13] = [
+const SOURCES: [&str; 14] = [
     source!("insert_key.lua"),
     source!("update_metadata.lua"),
     source!("delete_key.lua"),
@@ -32,6 +32,7 @@ const SOURCES: [&str; 13] = [
     source!("reserve_budgets.lua"),
     source!("reserve_client.lua"),
     source!("reserve_key.lua"),
+    source!("reclaim.lua"),
 ];
 
 /// Every script, hashed once at start.
@@ -50,6 +51,7 @@ pub(super) struct Scripts {
     pub(super) reserve_budgets: Script,
     pub(super) reserve_client: Script,
     pub(super) reserve_key: Script,
+    pub(super) reclaim: Script,
 }
 
 impl Scripts {
@@ -68,6 +70,7 @@ impl Scripts {
             reserve_budgets,
             reserve_client,
             reserve_key,
+            reclaim,
         ] = SOURCES.map(Script::new);
         Self {
             insert_key,
@@ -83,6 +86,7 @@ impl Scripts {
             reserve_budgets,
             reserve_client,
             reserve_key,
+            reclaim,
         }
     }
 

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
-    BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, Settled, Settlement, StateStore,
-    StoreChange, StoreChanges, StoreError, StoreErrorKind, UsageLedger,
+    BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
+    Settlement, StateStore, StoreChange, StoreChanges, StoreError, StoreErrorKind, UsageLedger,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::quota::QuotaDenial;
@@ -1296,6 +1296,34 @@ impl BudgetStore for RedisStore {
         .await
         .map_err(|err| from_redis(err, &self.names.budget_prefix()))?;
         self.statuses_from_rows(&rows)
+    }
+
+    async fn reclaim_reservations(
+        &self,
+        taken_before: Timestamp,
+    ) -> Result<Vec<ReclaimedReservations>, StoreError> {
+        let ids_key = self.names.budget_ids();
+        let rows: Vec<(String, u64, u64)> = self
+            .scripts
+            .reclaim
+            .prepare_invoke()
+            .key(&ids_key)
+            .arg(self.names.budget_prefix())
+            .arg(self.names.reservations_prefix())
+            .arg(taken_before.as_millis())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &ids_key))?;
+        let mut reclaimed: Vec<ReclaimedReservations> = rows
+            .into_iter()
+            .map(|(budget_id, count, amount)| ReclaimedReservations {
+                budget_id,
+                count,
+                amount: Money::from_nanos(amount),
+            })
+            .collect();
+        reclaimed.sort_unstable_by(|a, b| a.budget_id.cmp(&b.budget_id));
+        Ok(reclaimed)
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

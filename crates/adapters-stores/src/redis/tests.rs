@@ -16,7 +16,7 @@ use apikeyrouter_application::ports::{
 };
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
-    KeyState, Money, ProviderId, QuotaLimits, RequestId, ReservationId, TokenUsage,
+    KeyState, Money, ProviderId, QuotaLimits, RequestId, ReservationId, Timestamp, TokenUsage,
     TransitionTrigger, WindowKind,
 };
 use futures_util::StreamExt;
@@ -431,6 +431,45 @@ fn spent(tokens: u64, cost: Money) -> Settlement {
         },
         observation: None,
     }
+}
+
+/// A reservation stored as `amount:taken_at`; one written before the time was kept (a
+/// bare amount) still settles and counts as taken at time 0, so the first sweep after
+/// an upgrade gives it back.
+#[tokio::test]
+async fn reservations_keep_their_time_and_bare_amounts_count_as_ancient() {
+    let store = store().await;
+    store.insert_key(key("k1")).await.unwrap();
+    store
+        .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
+        .await
+        .unwrap();
+    store.reserve(&charge(1, "k1", 0.25)).await.unwrap();
+    store.reserve(&charge(2, "k1", 0.5)).await.unwrap();
+    let reservations = Names::new(store.namespace()).unwrap().reservations("b");
+    let mut raw = raw().await;
+    let held: String = raw.hget(&reservations, "1").await.unwrap();
+    assert_eq!(held, format!("250000000:{}", base_now().as_millis()));
+    let _: () = raw.hset(&reservations, "2", "500000000").await.unwrap();
+
+    let reclaimed = store
+        .reclaim_reservations(Timestamp::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (reclaimed[0].count, reclaimed[0].amount),
+        (1, Money::from_usd(0.5))
+    );
+    let status = &store.budget_statuses(base_now()).await.unwrap()[0];
+    assert_eq!(status.reserved, Money::from_usd(0.25));
+    let settled = store
+        .settle(&charge(1, "k1", 0.25), &spent(10, Money::from_usd(0.2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (settled.budgets[0].spent, settled.budgets[0].reserved),
+        (Money::from_usd(0.2), Money::ZERO)
+    );
 }
 
 #[tokio::test]

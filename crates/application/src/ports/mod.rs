@@ -17,9 +17,9 @@ pub use provider::{
     Provider, ProviderCall, ProviderError, StreamStart, ToolCallDelta,
 };
 pub use store::{
-    BudgetStore, Charge, ChargeRejection, ClientLimit, KeyOutcome, KeyStore, RequestLog, Settled,
-    Settlement, StateStore, StoreChange, StoreChanges, StoreError, StoreErrorKind, StoreHealth,
-    UsageLedger,
+    BudgetStore, Charge, ChargeRejection, ClientLimit, KeyOutcome, KeyStore, ReclaimedReservations,
+    RequestLog, Settled, Settlement, StateStore, StoreChange, StoreChanges, StoreError,
+    StoreErrorKind, StoreHealth, UsageLedger,
 };
 
 #[cfg(any(test, feature = "test-util"))]

@@ -338,6 +338,40 @@ pub trait BudgetStore: Send + Sync + 'static {
             "this store cannot add spend without a reservation",
         ))
     }
+
+    /// Gives back, in every budget, the reservations taken before `taken_before`,
+    /// without spending them: an instance that died between reserve and settle left
+    /// them, and in a shared store nothing else would ever release them. Returns
+    /// what each budget that had any gave back, in id order. Each reservation is
+    /// dropped atomically, so instances sweeping at once reclaim it once; a request
+    /// that settles after all still has its cost charged.
+    ///
+    /// The default refuses, so a store written before this method existed still
+    /// builds; the router then logs once that it cannot reclaim.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down; `Invalid` from the default.
+    async fn reclaim_reservations(
+        &self,
+        taken_before: Timestamp,
+    ) -> Result<Vec<ReclaimedReservations>, StoreError> {
+        let _ = taken_before;
+        Err(StoreError::new(
+            StoreErrorKind::Invalid,
+            "this store cannot reclaim reservations",
+        ))
+    }
+}
+
+/// The reservations [`BudgetStore::reclaim_reservations`] gave back in one budget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReclaimedReservations {
+    /// The budget.
+    pub budget_id: String,
+    /// How many reservations it dropped.
+    pub count: u64,
+    /// The money they held.
+    pub amount: Money,
 }
 
 /// Records of routed requests, for look-up by request id.

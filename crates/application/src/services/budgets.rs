@@ -6,7 +6,7 @@ use apikeyrouter_domain::{Budget, BudgetStatus, Money};
 
 use super::core::Shared;
 use super::errors::BudgetServiceError;
-use crate::ports::StoreErrorKind;
+use crate::ports::{ReclaimedReservations, StoreError, StoreErrorKind};
 
 /// Adds, lists and removes budgets.
 #[derive(Clone)]
@@ -101,4 +101,35 @@ impl BudgetService {
         self.shared.set_budgets(budgets);
         Ok(())
     }
+
+    /// Gives back the budget reservations held longer than the lease
+    /// ([`RouterSettings::reservation_lease`](crate::services::RouterSettings)):
+    /// no request lives that long, so an instance died between reserve and
+    /// settle. The router does this by itself about once a minute (see
+    /// `ApiKeyRouterCore::sweep_stale_reservations`); this runs it now.
+    ///
+    /// # Errors
+    /// A store failure, or `Invalid` from a store that cannot reclaim.
+    pub async fn reclaim_stale(&self) -> Result<Vec<ReclaimedReservations>, BudgetServiceError> {
+        Ok(reclaim_stale(&self.shared).await?)
+    }
+}
+
+/// Reclaims reservations taken before `now - lease`, logging each budget's.
+pub(crate) async fn reclaim_stale(
+    shared: &Shared,
+) -> Result<Vec<ReclaimedReservations>, StoreError> {
+    let lease = shared.settings().reservation_lease;
+    let taken_before = shared.clock.now().minus(lease);
+    let reclaimed = shared.store.reclaim_reservations(taken_before).await?;
+    for r in &reclaimed {
+        tracing::warn!(
+            budget_id = %r.budget_id,
+            reservations = r.count,
+            amount = %r.amount,
+            lease_secs = lease.as_secs(),
+            "reclaimed budget reservations held longer than the lease (an instance stopped between reserve and settle)"
+        );
+    }
+    Ok(reclaimed)
 }

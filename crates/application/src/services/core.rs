@@ -5,6 +5,7 @@
 
 use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
 
 use apikeyrouter_domain::budget::ChargeContext;
 use apikeyrouter_domain::cost::TokenEstimate;
@@ -21,7 +22,9 @@ use super::keys::KeyService;
 use super::quota::QuotaService;
 use super::router::RouterService;
 use super::settings::RouterSettings;
-use crate::ports::{AuditSink, Clock, ModelSet, Provider, StateStore, StoreChange, StoreError};
+use crate::ports::{
+    AuditSink, Clock, ModelSet, Provider, StateStore, StoreChange, StoreError, StoreErrorKind,
+};
 use crate::records::AuditRecord;
 
 /// Per-provider settings given at registration.
@@ -163,7 +166,7 @@ impl Shared {
 }
 
 /// How long a request look-up waits for records still being delivered.
-const REQUEST_LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const REQUEST_LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
 /// Re-reads one key after another instance changed it.
 async fn refresh_key(shared: &Shared, id: &KeyId) {
@@ -301,11 +304,39 @@ impl ApiKeyRouterCore {
                         }
                     }
                     drop(shared);
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         });
         Ok(true)
+    }
+
+    /// Reclaims budget reservations held longer than the lease (see
+    /// [`BudgetService::reclaim_stale`]) now and then every minute, or every quarter
+    /// of the lease if that is shorter, until the router is dropped. Every instance
+    /// sweeping a shared store is safe: each reservation is reclaimed once. Stops,
+    /// with one warning, on a store that cannot reclaim.
+    pub fn sweep_stale_reservations(&self) {
+        let weak = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            loop {
+                let Some(shared) = weak.upgrade() else { return };
+                let every = (shared.settings().reservation_lease / 4)
+                    .clamp(Duration::from_millis(10), Duration::from_secs(60));
+                match super::budgets::reclaim_stale(&shared).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind == StoreErrorKind::Invalid => {
+                        tracing::warn!(error = %e, "stale budget reservations will not be reclaimed");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stale budget reservations not reclaimed; retrying")
+                    }
+                }
+                drop(shared);
+                tokio::time::sleep(every).await;
+            }
+        });
     }
 
     /// Registers (or replaces) a provider under `id`.
@@ -449,7 +480,7 @@ impl ApiKeyRouterCore {
     /// Waits until the audit sink and the request log hold every record of requests
     /// finished so far, or until `timeout`; returns whether they do. Call it before
     /// shutting down so no record is lost.
-    pub async fn flush_records(&self, timeout: std::time::Duration) -> bool {
+    pub async fn flush_records(&self, timeout: Duration) -> bool {
         self.shared.records.settled(timeout).await
     }
 

@@ -19,6 +19,11 @@ pub struct RouterSettings {
     pub total_deadline: Duration,
     /// Most time per provider call.
     pub attempt_timeout: Duration,
+    /// How long a budget reservation may be held before it is taken for one left by
+    /// an instance that died, and given back. Longer than any request, streams
+    /// included: a request that outlives it still has its cost charged, but runs
+    /// unreserved for the rest of its life.
+    pub reservation_lease: Duration,
     /// Cooldowns and backoff after failures.
     pub failure_policy: FailurePolicy,
     /// When no key can serve a model, try these models in order.
@@ -34,6 +39,7 @@ impl Default for RouterSettings {
             max_attempts: 3,
             total_deadline: Duration::from_secs(120),
             attempt_timeout: Duration::from_secs(60),
+            reservation_lease: Duration::from_secs(3_600),
             failure_policy: FailurePolicy::default(),
             fallbacks: HashMap::new(),
             downgrades: Vec::new(),

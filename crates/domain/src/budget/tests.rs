@@ -34,6 +34,36 @@ fn budget_rejects_overspend() {
 }
 
 #[test]
+fn reclaim_drops_only_reservations_taken_before_the_cutoff() {
+    let later = NOW.plus(std::time::Duration::from_secs(600));
+    let mut l = BudgetLedger::new(hard(1.0), NOW);
+    l.reserve(ReservationId(1), Money::from_usd(0.3), NOW)
+        .unwrap();
+    l.reserve(ReservationId(2), Money::from_usd(0.2), NOW)
+        .unwrap();
+    l.reserve(ReservationId(3), Money::from_usd(0.4), later)
+        .unwrap();
+
+    assert_eq!(l.reclaim(NOW), Reclaimed::default());
+    let reclaimed = l.reclaim(later);
+    assert_eq!(
+        reclaimed,
+        Reclaimed {
+            count: 2,
+            amount: Money::from_usd(0.5)
+        }
+    );
+    assert_eq!(l.reserved(), Money::from_usd(0.4));
+    assert_eq!(l.remaining(), Money::from_usd(0.6));
+    assert_eq!(l.spent, Money::ZERO);
+
+    // The request did finish after all: its cost is charged, nothing more is given back.
+    l.commit(ReservationId(1), Money::from_usd(0.1), later);
+    assert_eq!(l.spent, Money::from_usd(0.1));
+    assert_eq!(l.reserved(), Money::from_usd(0.4));
+}
+
+#[test]
 fn soft_budget_allows_and_flags() {
     let b = Budget::new(
         "s",

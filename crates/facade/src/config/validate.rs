@@ -203,10 +203,11 @@ impl Config {
             }
         ));
         line(format!(
-            "routing: objective {}, max {} attempts, deadline {} ms",
+            "routing: objective {}, max {} attempts, deadline {} ms, reservation lease {} ms",
             self.settings.objective.label(),
             self.settings.max_attempts,
-            self.settings.total_deadline.as_millis()
+            self.settings.total_deadline.as_millis(),
+            self.settings.reservation_lease.as_millis()
         ));
         line(format!("providers ({}):", self.providers.len()));
         for p in &self.providers {
@@ -392,6 +393,7 @@ impl Validator<'_> {
             max_attempts: file.routing.max_attempts,
             total_deadline: Duration::from_millis(file.routing.total_deadline_ms),
             attempt_timeout: Duration::from_millis(file.routing.attempt_timeout_ms),
+            reservation_lease: Duration::from_millis(file.routing.reservation_lease_ms),
             ..RouterSettings::default()
         };
         if settings.max_attempts == 0 {
@@ -401,6 +403,15 @@ impl Validator<'_> {
             return Err(self.err(
                 "routing",
                 "total_deadline_ms and attempt_timeout_ms must be greater than zero",
+            ));
+        }
+        if file.routing.reservation_lease_ms < file.routing.total_deadline_ms {
+            return Err(self.err(
+                "routing.reservation_lease_ms",
+                format!(
+                    "must be at least total_deadline_ms ({} ms): a shorter lease would give back the reservations of requests still running",
+                    file.routing.total_deadline_ms
+                ),
             ));
         }
 

@@ -97,6 +97,23 @@ local function roll_ledger(l, now, bounds)
   call('HSET', l.key, 'start', fmt(s), 'end', fmt(e), 'spent', '0')
 end
 
+-- A reservation's value is its amount, a colon and when it was taken (ms). Values
+-- written before the time was kept are a bare amount, taken at time 0.
+local function held_amount(key, id, value)
+  return num(key, id, string.match(value, '^[^:]*'))
+end
+
+local function held_since(value)
+  return tonumber(string.match(value, ':(%d+)$')) or 0
+end
+
+-- Holds `amount` (digits) for reservation `id` in a ledger, taken at `now` (digits).
+local function put_reservation(l, reservations_key, id, amount, now)
+  call('HSET', reservations_key, id, amount .. ':' .. now)
+  l.reserved = l.reserved + tonumber(amount)
+  call('HSET', l.key, 'reserved', fmt(l.reserved))
+end
+
 -- Drops reservation `id` from a ledger, returning the amount it held (0 if none).
 local function take_reservation(l, reservations_key, id)
   local held = call('HGET', reservations_key, id)
@@ -104,7 +121,7 @@ local function take_reservation(l, reservations_key, id)
     return 0
   end
   call('HDEL', reservations_key, id)
-  local amount = num(reservations_key, id, held)
+  local amount = held_amount(reservations_key, id, held)
   l.reserved = math.max(l.reserved - amount, 0)
   call('HSET', l.key, 'reserved', fmt(l.reserved))
   return amount

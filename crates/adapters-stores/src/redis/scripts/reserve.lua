@@ -63,9 +63,7 @@ charge_key(windows, obs_key, obs, tokens)
 for _, l in ipairs(ledgers) do
   -- Reserving an id again replaces the first reservation.
   take_reservation(l, l.reservations, reservation)
-  call('HSET', l.reservations, reservation, ARGV[4])
-  l.reserved = l.reserved + cost
-  call('HSET', l.key, 'reserved', fmt(l.reserved))
+  put_reservation(l, l.reservations, reservation, ARGV[4], ARGV[1])
 end
 if client_key and call('INCR', client_key) == 1 then
   call('PEXPIREAT', client_key, fmt(tonumber(ARGV[28]) + 60000))

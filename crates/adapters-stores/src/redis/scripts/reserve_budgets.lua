@@ -35,8 +35,6 @@ end
 for _, l in ipairs(ledgers) do
   -- Reserving an id again replaces the first reservation.
   take_reservation(l, l.reservations, reservation)
-  call('HSET', l.reservations, reservation, ARGV[2])
-  l.reserved = l.reserved + cost
-  call('HSET', l.key, 'reserved', fmt(l.reserved))
+  put_reservation(l, l.reservations, reservation, ARGV[2], ARGV[1])
 end
 return { 'ok' }

@@ -186,6 +186,34 @@ fn mistakes_are_named_with_file_and_key() {
 }
 
 #[test]
+fn reservation_lease_defaults_to_an_hour_and_must_outlast_the_deadline() {
+    let vars = base_env();
+    let c = Config::parse(SPEC_EXAMPLE, "test.toml", &vars).unwrap();
+    assert_eq!(c.settings.reservation_lease, Duration::from_secs(3_600));
+    assert!(
+        c.summary().contains("reservation lease 3600000 ms"),
+        "{}",
+        c.summary()
+    );
+
+    let longer = SPEC_EXAMPLE.replace(
+        "max_attempts = 3",
+        "max_attempts = 3\ntotal_deadline_ms = 30000\nreservation_lease_ms = 900000",
+    );
+    let c = Config::parse(&longer, "test.toml", &vars).unwrap();
+    assert_eq!(c.settings.reservation_lease, Duration::from_secs(900));
+
+    let shorter = SPEC_EXAMPLE.replace(
+        "max_attempts = 3",
+        "max_attempts = 3\ntotal_deadline_ms = 30000\nreservation_lease_ms = 29999",
+    );
+    assert_eq!(
+        parse_err(&shorter, &vars),
+        "test.toml: routing.reservation_lease_ms: must be at least total_deadline_ms (30000 ms): a shorter lease would give back the reservations of requests still running"
+    );
+}
+
+#[test]
 fn budget_scopes_and_periods_parse() {
     let text = r#"
 [[providers]]
