@@ -58,7 +58,9 @@ pub(crate) struct RecordDelivery {
     sink: Arc<dyn AuditSink>,
     store: Arc<dyn StateStore>,
     capacity: usize,
-    tx: OnceLock<mpsc::Sender<AuditRecord>>,
+    /// Records travel as `Arc`s: moved by value, a record (about 500 bytes) was
+    /// copied into the queue, out of it and into the `Arc` shared with the request log.
+    tx: OnceLock<mpsc::Sender<Arc<AuditRecord>>>,
     counters: Arc<Counters>,
     /// How many queued records the worker has finished (delivered or rejected).
     finished: Arc<watch::Sender<u64>>,
@@ -80,7 +82,7 @@ impl RecordDelivery {
         }
     }
 
-    fn sender(&self) -> Option<&mpsc::Sender<AuditRecord>> {
+    fn sender(&self) -> Option<&mpsc::Sender<Arc<AuditRecord>>> {
         if let Some(tx) = self.tx.get() {
             return Some(tx);
         }
@@ -105,7 +107,7 @@ impl RecordDelivery {
             tracing::error!(request_id = %record.request_id, "audit record dropped: no async runtime to deliver it");
             return;
         };
-        match tx.try_send(record) {
+        match tx.try_send(Arc::new(record)) {
             // The worker may finish it before this count: `settled` only needs
             // `finished` to reach it eventually.
             Ok(()) => {
@@ -155,7 +157,7 @@ impl RecordDelivery {
 /// CPU per request at one connection, slightly fewer context switches under load).
 /// When the queue is empty the task waits, and a sender wakes it on its own worker.
 async fn run(
-    mut rx: mpsc::Receiver<AuditRecord>,
+    mut rx: mpsc::Receiver<Arc<AuditRecord>>,
     sink: Arc<dyn AuditSink>,
     store: Arc<dyn StateStore>,
     counters: Arc<Counters>,
@@ -164,8 +166,6 @@ async fn run(
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         for record in batch.drain(..) {
-            // Shared with the request log without copying it.
-            let record = Arc::new(record);
             let audited = deliver(
                 &counters,
                 &record,
