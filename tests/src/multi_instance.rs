@@ -269,6 +269,11 @@ async fn a_stopped_instances_reservation_is_reclaimed_after_the_lease() {
         survivor.budgets().await.unwrap()[0].reserved == Money::ZERO
     })
     .await;
+    let reclaimed = survivor.reclaimed_reservations();
+    assert_eq!(
+        (reclaimed.reservations, reclaimed.amount),
+        (1, Money::from_usd(1.0))
+    );
     let served = survivor
         .route(ask("gpt-4o-mini", "hi"), Objective::default())
         .await

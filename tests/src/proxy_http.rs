@@ -974,3 +974,80 @@ to = ["gpt-4o-mini"]
         "{metrics}"
     );
 }
+
+/// A budget reservation that a stopped instance left in the shared store is given
+/// back once it is older than `[routing] reservation_lease_ms`, and `/metrics` counts
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_reservation_in_the_shared_store_is_reclaimed_and_counted() {
+    use apikeyrouter_adapters_stores::RedisStore;
+    use apikeyrouter_application::ports::{BudgetStore, Charge, KeyStore, UsageLedger};
+    use apikeyrouter_domain::{Money, QuotaLimits, ReservationId, Timestamp};
+
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let namespace = format!(
+        "proxy-reclaim-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let store = RedisStore::connect(&url, &namespace)
+        .await
+        .unwrap_or_else(|e| panic!("Redis unreachable at {url}: {e}"));
+    let p = Proxy::start(
+        &format!(
+            "[store]\nkind = \"redis\"\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n\
+             [routing]\ntotal_deadline_ms = 200\nreservation_lease_ms = 200\n"
+        ),
+        &[],
+    )
+    .await;
+    let budget_id = store.list_budgets().await.unwrap()[0].id.clone();
+    let key_id = store.list_keys().await.unwrap()[0].id.clone();
+    assert!(
+        p.metrics()
+            .await
+            .contains("apikeyrouter_reservations_reclaimed 0\n")
+    );
+
+    // Left a second ago by an instance that stopped before settling.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    store
+        .reserve(&Charge {
+            reservation: ReservationId(42),
+            key_id,
+            limits: QuotaLimits::default(),
+            est_tokens: 100,
+            est_cost: Money::from_usd(2.5),
+            budget_ids: vec![budget_id],
+            client: None,
+            now: Timestamp::from_millis(now.as_millis() as u64 - 1_000),
+        })
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = p.metrics().await;
+        if metrics.contains("apikeyrouter_reservations_reclaimed 1\n") {
+            assert!(
+                metrics.contains("apikeyrouter_reservations_reclaimed_usd 2.5\n"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "not reclaimed within 3 s:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let status = &store
+        .budget_statuses(Timestamp::from_millis(now.as_millis() as u64))
+        .await
+        .unwrap()[0];
+    assert_eq!(status.reserved, Money::ZERO);
+}

@@ -320,4 +320,11 @@ impl ApiKeyRouter {
     pub fn record_delivery(&self) -> crate::DeliveryStats {
         self.core.record_delivery()
     }
+
+    /// What this router's sweeps gave back of budget reservations held longer than
+    /// the lease, since it started (a rising count means instances stop between
+    /// reserve and settle).
+    pub fn reclaimed_reservations(&self) -> crate::ReclaimStats {
+        self.core.reclaimed_reservations()
+    }
 }

@@ -114,6 +114,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     state.metrics.set_audit(state.router.record_delivery());
     state.metrics.set_store_health(state.router.store_health());
+    state
+        .metrics
+        .set_reclaimed(state.router.reclaimed_reservations());
     (
         [(
             header::CONTENT_TYPE,

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub audit: Family<AuditLabels, Gauge>,
     pub store_degraded: Gauge,
     pub store_local_fallbacks: Gauge,
+    pub reservations_reclaimed: Gauge,
+    pub reservations_reclaimed_usd: Gauge<f64, AtomicU64>,
     /// Handles into the families above, found once: a family look-up hashes its
     /// labels with SipHash under a lock, and a request would make five of them.
     chat_latency: Histogram,
@@ -154,6 +156,18 @@ impl Metrics {
             "Store operations served on local limits because the shared store was unreachable",
             store_local_fallbacks.clone(),
         );
+        let reservations_reclaimed = Gauge::default();
+        registry.register(
+            "reservations_reclaimed",
+            "Budget reservations given back because they were held longer than the lease (left by instances that stopped between reserve and settle)",
+            reservations_reclaimed.clone(),
+        );
+        let reservations_reclaimed_usd = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "reservations_reclaimed_usd",
+            "Money those reclaimed reservations held",
+            reservations_reclaimed_usd.clone(),
+        );
         let chat_latency = latency
             .get_or_create(&EndpointLabels { endpoint: "chat" })
             .clone();
@@ -173,6 +187,8 @@ impl Metrics {
             audit,
             store_degraded,
             store_local_fallbacks,
+            reservations_reclaimed,
+            reservations_reclaimed_usd,
             chat_latency,
             embeddings_latency,
             by_model: RwLock::default(),
@@ -268,6 +284,13 @@ impl Metrics {
         self.store_degraded.set(i64::from(health.degraded));
         self.store_local_fallbacks
             .set(i64::try_from(health.local_fallbacks).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the reclaimed reservation gauges from the router's counters.
+    pub fn set_reclaimed(&self, stats: apikeyrouter::ReclaimStats) {
+        self.reservations_reclaimed
+            .set(i64::try_from(stats.reservations).unwrap_or(i64::MAX));
+        self.reservations_reclaimed_usd.set(stats.amount.as_usd());
     }
 
     /// The text exposition format.

@@ -1,6 +1,7 @@
 //! Budget management and reporting.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use apikeyrouter_domain::{Budget, BudgetStatus, Money};
 
@@ -115,7 +116,39 @@ impl BudgetService {
     }
 }
 
-/// Reclaims reservations taken before `now - lease`, logging each budget's.
+/// What this router's sweeps have reclaimed since it started, for metrics: a rising
+/// count means instances stop between reserve and settle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReclaimStats {
+    /// Reservations given back.
+    pub reservations: u64,
+    /// The money they held.
+    pub amount: Money,
+}
+
+/// The running totals behind [`ReclaimStats`].
+#[derive(Debug, Default)]
+pub(crate) struct ReclaimCounters {
+    reservations: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl ReclaimCounters {
+    fn add(&self, r: &ReclaimedReservations) {
+        self.reservations.fetch_add(r.count, Ordering::Relaxed);
+        self.nanos.fetch_add(r.amount.as_nanos(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> ReclaimStats {
+        ReclaimStats {
+            reservations: self.reservations.load(Ordering::Relaxed),
+            amount: Money::from_nanos(self.nanos.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Reclaims reservations taken before `now - lease`, logging and counting each
+/// budget's.
 pub(crate) async fn reclaim_stale(
     shared: &Shared,
 ) -> Result<Vec<ReclaimedReservations>, StoreError> {
@@ -123,6 +156,7 @@ pub(crate) async fn reclaim_stale(
     let taken_before = shared.clock.now().minus(lease);
     let reclaimed = shared.store.reclaim_reservations(taken_before).await?;
     for r in &reclaimed {
+        shared.reclaimed.add(r);
         tracing::warn!(
             budget_id = %r.budget_id,
             reservations = r.count,

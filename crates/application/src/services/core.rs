@@ -15,7 +15,7 @@ use apikeyrouter_domain::{
     RequestId, RoutingTable, TenantId,
 };
 
-use super::budgets::BudgetService;
+use super::budgets::{BudgetService, ReclaimCounters, ReclaimStats};
 use super::delivery::{DeliveryStats, RecordDelivery};
 use super::ids::IdGenerator;
 use super::keys::KeyService;
@@ -62,6 +62,7 @@ impl KeyHandle {
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn StateStore>,
     pub(crate) records: RecordDelivery,
+    pub(crate) reclaimed: ReclaimCounters,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) ids: IdGenerator,
     pub(crate) table: Mutex<RoutingTable>,
@@ -231,6 +232,7 @@ impl ApiKeyRouterCore {
         Self {
             shared: Arc::new(Shared {
                 records: RecordDelivery::with_capacity(audit, store.clone(), audit_queue),
+                reclaimed: ReclaimCounters::default(),
                 store,
                 clock,
                 ids: IdGenerator::new(),
@@ -487,6 +489,11 @@ impl ApiKeyRouterCore {
     /// Counters of the background record delivery.
     pub fn record_delivery(&self) -> DeliveryStats {
         self.shared.records.stats()
+    }
+
+    /// What the sweeps of stale budget reservations gave back since start, for metrics.
+    pub fn reclaimed_reservations(&self) -> ReclaimStats {
+        self.shared.reclaimed.stats()
     }
 
     /// Whether the store runs degraded (fail-open on local limits), for metrics.
