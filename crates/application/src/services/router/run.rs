@@ -225,8 +225,8 @@ fn abandon(
         observation: None,
     };
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        tracing::error!(key_id = %charge.key_id, "request dropped outside a runtime; its reservation stays held");
-        return "the caller dropped the request; its reservation could not be settled";
+        tracing::error!(key_id = %charge.key_id, "request dropped outside a runtime; its reservation stays held until the reservation lease passes");
+        return "the caller dropped the request; its reservation could not be settled and is held until the reservation lease passes";
     };
     let shared = shared.clone();
     runtime.spawn(async move {
