@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
 use apikeyrouter::{
-    BudgetStatus, EmbeddingIntent, FailureKind, KeyMetadata, Money, Objective, Outcome,
+    BudgetStatus, EmbeddingIntent, FailureKind, KeyMetadata, KeyState, Money, Objective, Outcome,
 };
 use apikeyrouter_adapters_stores::MemoryStore;
 
@@ -183,4 +183,34 @@ async fn dropped_while_the_reservation_is_made_it_is_released() {
     assert!(cancelled_because(&record).contains("while its reservation was made"));
     assert_eq!((status.spent, status.reserved), (Money::ZERO, Money::ZERO));
     assert!(record.attempts.is_empty());
+}
+
+/// Dropped after its call was released, while the key's cooldown is written: nothing
+/// is left to settle, and the record says so.
+#[tokio::test]
+async fn dropped_after_its_last_call_was_settled_it_leaves_nothing_held() {
+    let store = Arc::new(Forwarding::to(Arc::new(MemoryStore::new())));
+    let h = Harness::new(|b| b.store(store.clone()).max_attempts(1)).await;
+    let sim = h.provider("openai");
+    sim.set_default_behaviour(Behaviour::failing(FailurePlan::Always(
+        Failure::RateLimited { retry_after: None },
+    )));
+    h.key("openai", 1, KeyMetadata::default()).await;
+    h.daily_hard_budget("day", 10.0).await;
+    store.stall_after(Stall::Transition);
+    let call = h.router.route(
+        ask("gpt-4o", "hello").with_max_tokens(200),
+        Objective::default(),
+    );
+    let (status, record) = give_up_on(&h, call).await;
+    assert!(
+        cancelled_because(&record).contains("after its last provider call was settled"),
+        "{record:?}"
+    );
+    assert_eq!((status.spent, status.reserved), (Money::ZERO, Money::ZERO));
+    let key = &h.router.keys().await.unwrap()[0];
+    assert_eq!((key.stats.requests, key.stats.failures), (1, 1));
+    assert_eq!(key.state, KeyState::Throttled);
+    assert_eq!(record.attempts.len(), 1);
+    assert_eq!(record.attempts[0].failure, Some(FailureKind::RateLimited));
 }

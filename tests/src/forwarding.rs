@@ -22,6 +22,8 @@ pub enum Stall {
     Reserve,
     Settle,
     Release,
+    /// A key's state change (cooldown, exhaustion, recovery) after a call.
+    Transition,
 }
 
 pub struct Forwarding {
@@ -96,9 +98,11 @@ impl KeyStore for Forwarding {
         cooldown_until: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<StateTransition, StoreError> {
-        self.inner
+        let result = self
+            .inner
             .transition(id, to, trigger, reason, cooldown_until, now)
-            .await
+            .await;
+        self.answer(Stall::Transition, result).await
     }
     async fn transitions(&self, id: &KeyId) -> Result<Vec<StateTransition>, StoreError> {
         self.inner.transitions(id).await
