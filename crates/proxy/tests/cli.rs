@@ -284,3 +284,69 @@ fn ten_thousand_idle_connections_do_not_stop_service() {
     let (status, _) = http(server.addr, "GET", "/health", "");
     assert_eq!(status, 200);
 }
+
+/// With `--json-logs` and the default `info` filter, every served request writes one
+/// JSON line to stderr that names its request id and model; the key material never
+/// appears in the logs.
+#[test]
+fn served_requests_are_logged_as_json_lines_with_their_request_id() {
+    // A key of no tenant, so that a request without a virtual key may use it.
+    let config = temp_config("json-logs", &CONFIG.replace("tenant = \"acme\", ", ""));
+    let mut child = envs(Command::new(BIN).args(["--json-logs", "serve", "--config"]))
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .parse()
+        .unwrap();
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let request_id = answer["id"]
+        .as_str()
+        .and_then(|id| id.strip_prefix("chatcmpl-"))
+        .unwrap()
+        .to_owned();
+
+    signal(&child, "TERM");
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        !logs.contains("sk-cli-secret-key-9876"),
+        "key material in the logs"
+    );
+    let served: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+        })
+        .filter(|v| v["fields"]["message"] == "request served")
+        .collect();
+    assert_eq!(served.len(), 1, "{logs}");
+    let span = &served[0]["span"];
+    assert_eq!(span["request_id"], request_id.as_str(), "{logs}");
+    assert_eq!(span["model"], "gpt-4o");
+    assert_eq!(served[0]["level"], "INFO");
+}
