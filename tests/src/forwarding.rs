@@ -171,8 +171,9 @@ impl BudgetStore for Forwarding {
     async fn reclaim_reservations(
         &self,
         taken_before: Timestamp,
+        now: Timestamp,
     ) -> Result<Vec<ReclaimedReservations>, StoreError> {
-        self.inner.reclaim_reservations(taken_before).await
+        self.inner.reclaim_reservations(taken_before, now).await
     }
 }
 

@@ -1491,10 +1491,13 @@ mod cases {
         store.reserve(&live).await.unwrap();
 
         // Nothing was taken before the reservations' own time.
-        assert_eq!(store.reclaim_reservations(base_now()).await.unwrap(), []);
+        assert_eq!(
+            store.reclaim_reservations(base_now(), later).await.unwrap(),
+            []
+        );
 
         let cutoff = base_now().plus(Duration::from_secs(60));
-        let reclaimed = store.reclaim_reservations(cutoff).await.unwrap();
+        let reclaimed = store.reclaim_reservations(cutoff, later).await.unwrap();
         let gave_back = |id: &str| ReclaimedReservations {
             budget_id: id.to_owned(),
             count: 1,
@@ -1516,7 +1519,7 @@ mod cases {
             ]
         );
         // Another instance sweeping the same store finds nothing left.
-        assert_eq!(store.reclaim_reservations(cutoff).await.unwrap(), []);
+        assert_eq!(store.reclaim_reservations(cutoff, later).await.unwrap(), []);
 
         // The money given back can be reserved again.
         let mut again = charge(3, "k1", None, 0.8);

@@ -565,3 +565,32 @@ async fn audit_record_explains_the_decision_without_key_material() {
     );
     assert_eq!(h.audit_records().await.len(), 1);
 }
+
+/// The builder keeps the reservation lease at least as long as the request deadline:
+/// a longer deadline raises it, and settings that break the rule are refused.
+#[tokio::test]
+async fn the_reservation_lease_never_falls_below_the_deadline() {
+    let two_hours = Duration::from_secs(7_200);
+    let router = apikeyrouter::ApiKeyRouter::builder()
+        .total_deadline(two_hours)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(router.core().settings().reservation_lease, two_hours);
+
+    let settings = apikeyrouter::RouterSettings {
+        reservation_lease: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let refused = apikeyrouter::ApiKeyRouter::builder()
+        .settings(settings)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("reservation_lease must be at least total_deadline"),
+        "{refused}"
+    );
+}

@@ -458,9 +458,10 @@ impl BudgetStore for FailOpenStore {
     async fn reclaim_reservations(
         &self,
         taken_before: Timestamp,
+        now: Timestamp,
     ) -> Result<Vec<ReclaimedReservations>, StoreError> {
-        let _ = self.local.reclaim_reservations(taken_before).await;
-        self.remote.reclaim_reservations(taken_before).await
+        let _ = self.local.reclaim_reservations(taken_before, now).await;
+        self.remote.reclaim_reservations(taken_before, now).await
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

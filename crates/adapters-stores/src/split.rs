@@ -276,8 +276,9 @@ impl BudgetStore for SplitStore {
     async fn reclaim_reservations(
         &self,
         taken_before: Timestamp,
+        now: Timestamp,
     ) -> Result<Vec<ReclaimedReservations>, StoreError> {
-        self.counters.reclaim_reservations(taken_before).await
+        self.counters.reclaim_reservations(taken_before, now).await
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {

@@ -116,9 +116,11 @@ impl ApiKeyRouterBuilder {
         self
     }
 
-    /// Most time per request, all attempts included.
+    /// Most time per request, all attempts included. Raises the reservation lease
+    /// to it if that was shorter.
     pub fn total_deadline(mut self, deadline: std::time::Duration) -> Self {
         self.settings.total_deadline = deadline;
+        self.settings.reservation_lease = self.settings.reservation_lease.max(deadline);
         self
     }
 

@@ -184,9 +184,10 @@ impl BudgetStore for Switchable {
     async fn reclaim_reservations(
         &self,
         taken_before: Timestamp,
+        now: Timestamp,
     ) -> Result<Vec<ReclaimedReservations>, StoreError> {
         self.up()?;
-        self.inner.reclaim_reservations(taken_before).await
+        self.inner.reclaim_reservations(taken_before, now).await
     }
 }
 
@@ -525,12 +526,12 @@ async fn stale_reservations_are_reclaimed_in_the_shared_store() {
     let later = now().plus(Duration::from_secs(3_600));
 
     shared.down.store(true, Ordering::Relaxed);
-    let err = store.reclaim_reservations(later).await.unwrap_err();
+    let err = store.reclaim_reservations(later, later).await.unwrap_err();
     assert_eq!(err.kind, StoreErrorKind::Unavailable);
     assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), usd(2.0)));
 
     shared.down.store(false, Ordering::Relaxed);
-    let reclaimed = store.reclaim_reservations(later).await.unwrap();
+    let reclaimed = store.reclaim_reservations(later, later).await.unwrap();
     assert_eq!(
         (
             reclaimed[0].budget_id.as_str(),

@@ -514,6 +514,7 @@ impl BudgetStore for MemoryStore {
     async fn reclaim_reservations(
         &self,
         taken_before: Timestamp,
+        _now: Timestamp,
     ) -> Result<Vec<ReclaimedReservations>, StoreError> {
         Ok(self
             .all_budget_slots()

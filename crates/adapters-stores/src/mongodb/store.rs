@@ -1338,6 +1338,7 @@ impl BudgetStore for MongoStore {
     async fn reclaim_reservations(
         &self,
         taken_before: Timestamp,
+        _now: Timestamp,
     ) -> Result<Vec<ReclaimedReservations>, StoreError> {
         let cutoff = millis(taken_before);
         let mut reclaimed = Vec::new();

@@ -19,7 +19,7 @@
 //! | `{ns}:keys` | set | registered key ids |
 //! | `{ns:client:<name>}:rpm:<start>` | string | a client's requests in the minute starting at `start` |
 //! | `{ns:budgets}:ledger:<id>` | hash | a budget: definition (JSON), limit, hard, period, period bounds, spent, reserved |
-//! | `{ns:budgets}:reservations:<id>` | hash | its outstanding reservations: reservation id to amount |
+//! | `{ns:budgets}:reservations:<id>` | hash | its outstanding reservations: reservation id to `amount:taken_at` (a bare amount was written before times were kept) |
 //! | `{ns:budgets}:ids` | set | budget ids |
 //! | `{ns:request:<id>}` | string | a request's audit record (JSON), with a TTL |
 //!

@@ -1301,6 +1301,7 @@ impl BudgetStore for RedisStore {
     async fn reclaim_reservations(
         &self,
         taken_before: Timestamp,
+        now: Timestamp,
     ) -> Result<Vec<ReclaimedReservations>, StoreError> {
         let ids_key = self.names.budget_ids();
         let rows: Vec<(String, u64, u64)> = self
@@ -1311,6 +1312,7 @@ impl BudgetStore for RedisStore {
             .arg(self.names.budget_prefix())
             .arg(self.names.reservations_prefix())
             .arg(taken_before.as_millis())
+            .arg(now.as_millis())
             .invoke_async(&mut self.conn())
             .await
             .map_err(|err| from_redis(err, &ids_key))?;

@@ -16,7 +16,7 @@ use apikeyrouter_application::ports::{
 };
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
-    KeyState, Money, ProviderId, QuotaLimits, RequestId, ReservationId, Timestamp, TokenUsage,
+    KeyState, Money, ProviderId, QuotaLimits, RequestId, ReservationId, TokenUsage,
     TransitionTrigger, WindowKind,
 };
 use futures_util::StreamExt;
@@ -434,10 +434,10 @@ fn spent(tokens: u64, cost: Money) -> Settlement {
 }
 
 /// A reservation stored as `amount:taken_at`; one written before the time was kept (a
-/// bare amount) still settles and counts as taken at time 0, so the first sweep after
-/// an upgrade gives it back.
+/// bare amount, perhaps by an instance still running the old version) still settles,
+/// and the first sweep dates it instead of reclaiming it: it goes one lease later.
 #[tokio::test]
-async fn reservations_keep_their_time_and_bare_amounts_count_as_ancient() {
+async fn reservations_keep_their_time_and_the_first_sweep_dates_undated_ones() {
     let store = store().await;
     store.insert_key(key("k1")).await.unwrap();
     store
@@ -452,18 +452,40 @@ async fn reservations_keep_their_time_and_bare_amounts_count_as_ancient() {
     assert_eq!(held, format!("250000000:{}", base_now().as_millis()));
     let _: () = raw.hset(&reservations, "2", "500000000").await.unwrap();
 
+    let swept_at = base_now().plus(Duration::from_secs(60));
+    assert_eq!(
+        store
+            .reclaim_reservations(base_now(), swept_at)
+            .await
+            .unwrap(),
+        []
+    );
+    let dated: String = raw.hget(&reservations, "2").await.unwrap();
+    assert_eq!(dated, format!("500000000:{}", swept_at.as_millis()));
     let reclaimed = store
-        .reclaim_reservations(Timestamp::from_millis(1))
+        .reclaim_reservations(swept_at.plus(Duration::from_millis(1)), swept_at)
         .await
         .unwrap();
+    // Reservation 1 (taken at base_now) goes with it.
     assert_eq!(
         (reclaimed[0].count, reclaimed[0].amount),
-        (1, Money::from_usd(0.5))
+        (2, Money::from_usd(0.75))
     );
+    // A malformed value stops the sweep with the budget unchanged.
+    store.reserve(&charge(3, "k1", 0.25)).await.unwrap();
+    let _: () = raw.hset(&reservations, "4", "lots").await.unwrap();
+    let err = store
+        .reclaim_reservations(swept_at.plus(Duration::from_secs(3_600)), swept_at)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Invalid, "{err}");
+    let _: () = raw.hdel(&reservations, "4").await.unwrap();
     let status = &store.budget_statuses(base_now()).await.unwrap()[0];
     assert_eq!(status.reserved, Money::from_usd(0.25));
+    let held: String = raw.hget(&reservations, "3").await.unwrap();
+    assert!(held.starts_with("250000000:"), "{held}");
     let settled = store
-        .settle(&charge(1, "k1", 0.25), &spent(10, Money::from_usd(0.2)))
+        .settle(&charge(3, "k1", 0.25), &spent(10, Money::from_usd(0.2)))
         .await
         .unwrap();
     assert_eq!(

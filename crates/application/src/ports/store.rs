@@ -344,18 +344,21 @@ pub trait BudgetStore: Send + Sync + 'static {
     /// them, and in a shared store nothing else would ever release them. Returns
     /// what each budget that had any gave back, in id order. Each reservation is
     /// dropped atomically, so instances sweeping at once reclaim it once; a request
-    /// that settles after all still has its cost charged.
+    /// that settles after all still has its cost charged. A reservation whose time
+    /// is not known (stored before times were kept, possibly by an instance still
+    /// running) is dated `now` instead, so it is reclaimed one lease later.
     ///
     /// The default refuses, so a store written before this method existed still
-    /// builds; the router then logs once that it cannot reclaim.
+    /// builds; the router's sweep then logs that it cannot reclaim.
     ///
     /// # Errors
     /// `Unavailable` when the backend is down; `Invalid` from the default.
     async fn reclaim_reservations(
         &self,
         taken_before: Timestamp,
+        now: Timestamp,
     ) -> Result<Vec<ReclaimedReservations>, StoreError> {
-        let _ = taken_before;
+        let _ = (taken_before, now);
         Err(StoreError::new(
             StoreErrorKind::Invalid,
             "this store cannot reclaim reservations",

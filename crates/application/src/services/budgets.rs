@@ -153,8 +153,11 @@ pub(crate) async fn reclaim_stale(
     shared: &Shared,
 ) -> Result<Vec<ReclaimedReservations>, StoreError> {
     let lease = shared.settings().reservation_lease;
-    let taken_before = shared.clock.now().minus(lease);
-    let reclaimed = shared.store.reclaim_reservations(taken_before).await?;
+    let now = shared.clock.now();
+    let reclaimed = shared
+        .store
+        .reclaim_reservations(now.minus(lease), now)
+        .await?;
     for r in &reclaimed {
         shared.reclaimed.add(r);
         tracing::warn!(

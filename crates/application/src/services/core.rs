@@ -22,9 +22,7 @@ use super::keys::KeyService;
 use super::quota::QuotaService;
 use super::router::RouterService;
 use super::settings::RouterSettings;
-use crate::ports::{
-    AuditSink, Clock, ModelSet, Provider, StateStore, StoreChange, StoreError, StoreErrorKind,
-};
+use crate::ports::{AuditSink, Clock, ModelSet, Provider, StateStore, StoreChange, StoreError};
 use crate::records::AuditRecord;
 
 /// Per-provider settings given at registration.
@@ -316,8 +314,9 @@ impl ApiKeyRouterCore {
     /// Reclaims budget reservations held longer than the lease (see
     /// [`BudgetService::reclaim_stale`]) now and then every minute, or every quarter
     /// of the lease if that is shorter, until the router is dropped. Every instance
-    /// sweeping a shared store is safe: each reservation is reclaimed once. Stops,
-    /// with one warning, on a store that cannot reclaim.
+    /// sweeping a shared store is safe: each reservation is reclaimed once. A sweep
+    /// that fails (the store is down, holds a malformed budget, or cannot reclaim at
+    /// all) is logged and tried again at the next interval.
     pub fn sweep_stale_reservations(&self) {
         let weak = Arc::downgrade(&self.shared);
         tokio::spawn(async move {
@@ -325,15 +324,8 @@ impl ApiKeyRouterCore {
                 let Some(shared) = weak.upgrade() else { return };
                 let every = (shared.settings().reservation_lease / 4)
                     .clamp(Duration::from_millis(10), Duration::from_secs(60));
-                match super::budgets::reclaim_stale(&shared).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind == StoreErrorKind::Invalid => {
-                        tracing::warn!(error = %e, "stale budget reservations will not be reclaimed");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "stale budget reservations not reclaimed; retrying")
-                    }
+                if let Err(e) = super::budgets::reclaim_stale(&shared).await {
+                    tracing::warn!(error = %e, "stale budget reservations not reclaimed; retrying");
                 }
                 drop(shared);
                 tokio::time::sleep(every).await;

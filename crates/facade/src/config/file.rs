@@ -87,9 +87,10 @@ pub struct RoutingConfig {
     pub attempt_timeout_ms: u64,
     /// How long a budget reservation may be held, in milliseconds, before it is
     /// taken for one left by a stopped instance and given back; at least
-    /// `total_deadline_ms`, and longer than the longest stream.
-    #[serde(default = "default_reservation_lease_ms")]
-    pub reservation_lease_ms: u64,
+    /// `total_deadline_ms`, and longer than the longest stream. Default: an hour, or
+    /// `total_deadline_ms` if that is longer.
+    #[serde(default)]
+    pub reservation_lease_ms: Option<u64>,
 }
 
 fn default_objective() -> String {
@@ -104,9 +105,8 @@ const fn default_total_deadline_ms() -> u64 {
 const fn default_attempt_timeout_ms() -> u64 {
     60_000
 }
-const fn default_reservation_lease_ms() -> u64 {
-    3_600_000
-}
+/// The reservation lease when the file sets none (raised to the deadline if shorter).
+pub const DEFAULT_RESERVATION_LEASE_MS: u64 = 3_600_000;
 
 impl Default for RoutingConfig {
     fn default() -> Self {
@@ -115,7 +115,7 @@ impl Default for RoutingConfig {
             max_attempts: default_max_attempts(),
             total_deadline_ms: default_total_deadline_ms(),
             attempt_timeout_ms: default_attempt_timeout_ms(),
-            reservation_lease_ms: default_reservation_lease_ms(),
+            reservation_lease_ms: None,
         }
     }
 }

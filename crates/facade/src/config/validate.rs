@@ -14,7 +14,9 @@ use apikeyrouter_domain::{
 };
 use thiserror::Error;
 
-use super::file::{AuditConfig, FileConfig, LimitsConfig, ProviderKind};
+use super::file::{
+    AuditConfig, DEFAULT_RESERVATION_LEASE_MS, FileConfig, LimitsConfig, ProviderKind,
+};
 
 /// What is wrong with a configuration, and where.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -393,7 +395,11 @@ impl Validator<'_> {
             max_attempts: file.routing.max_attempts,
             total_deadline: Duration::from_millis(file.routing.total_deadline_ms),
             attempt_timeout: Duration::from_millis(file.routing.attempt_timeout_ms),
-            reservation_lease: Duration::from_millis(file.routing.reservation_lease_ms),
+            reservation_lease: Duration::from_millis(
+                file.routing
+                    .reservation_lease_ms
+                    .unwrap_or(DEFAULT_RESERVATION_LEASE_MS.max(file.routing.total_deadline_ms)),
+            ),
             ..RouterSettings::default()
         };
         if settings.max_attempts == 0 {
@@ -405,7 +411,7 @@ impl Validator<'_> {
                 "total_deadline_ms and attempt_timeout_ms must be greater than zero",
             ));
         }
-        if file.routing.reservation_lease_ms < file.routing.total_deadline_ms {
+        if settings.reservation_lease < settings.total_deadline {
             return Err(self.err(
                 "routing.reservation_lease_ms",
                 format!(

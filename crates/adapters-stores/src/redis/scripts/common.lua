@@ -98,13 +98,13 @@ local function roll_ledger(l, now, bounds)
 end
 
 -- A reservation's value is its amount, a colon and when it was taken (ms). Values
--- written before the time was kept are a bare amount, taken at time 0.
+-- written before the time was kept are a bare amount: `held_since` gives nil.
 local function held_amount(key, id, value)
   return num(key, id, string.match(value, '^[^:]*'))
 end
 
 local function held_since(value)
-  return tonumber(string.match(value, ':(%d+)$')) or 0
+  return tonumber(string.match(value, ':(%d+)$'))
 end
 
 -- Holds `amount` (digits) for reservation `id` in a ledger, taken at `now` (digits).

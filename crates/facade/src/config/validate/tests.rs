@@ -203,6 +203,14 @@ fn reservation_lease_defaults_to_an_hour_and_must_outlast_the_deadline() {
     let c = Config::parse(&longer, "test.toml", &vars).unwrap();
     assert_eq!(c.settings.reservation_lease, Duration::from_secs(900));
 
+    // A deadline longer than the default lease raises the default with it.
+    let long_deadline = SPEC_EXAMPLE.replace(
+        "max_attempts = 3",
+        "max_attempts = 3\ntotal_deadline_ms = 7200000",
+    );
+    let c = Config::parse(&long_deadline, "test.toml", &vars).unwrap();
+    assert_eq!(c.settings.reservation_lease, Duration::from_secs(7_200));
+
     let shorter = SPEC_EXAMPLE.replace(
         "max_attempts = 3",
         "max_attempts = 3\ntotal_deadline_ms = 30000\nreservation_lease_ms = 29999",
