@@ -300,6 +300,7 @@ fn served_requests_are_logged_as_json_lines_with_their_request_id() {
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = child.stderr.take().unwrap();
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
     let addr: SocketAddr = line
@@ -309,6 +310,8 @@ fn served_requests_are_logged_as_json_lines_with_their_request_id() {
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .parse()
         .unwrap();
+    // Killed on drop if an assertion fails first.
+    let mut server = Server { child, addr };
     let (status, body) = http(
         addr,
         "POST",
@@ -323,15 +326,10 @@ fn served_requests_are_logged_as_json_lines_with_their_request_id() {
         .unwrap()
         .to_owned();
 
-    signal(&child, "TERM");
+    signal(&server.child, "TERM");
     let mut logs = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    stderr.read_to_string(&mut logs).unwrap();
+    assert!(server.child.wait().unwrap().success());
     assert!(
         !logs.contains("sk-cli-secret-key-9876"),
         "key material in the logs"
