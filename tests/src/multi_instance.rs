@@ -2,7 +2,6 @@
 //! hold across all of them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use apikeyrouter::providers::SimulatedProvider;
@@ -10,21 +9,13 @@ use apikeyrouter::{
     ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Clock, Enforcement, KeyMetadata, KeyState,
     ManualClock, Money, Objective, RouteErrorKind,
 };
-use apikeyrouter_adapters_stores::RedisStore;
 use apikeyrouter_application::ports::{Charge, UsageLedger};
 use apikeyrouter_domain::{QuotaLimits, ReservationId};
 
-use crate::support::{ask, base_now};
+use crate::support::{ask, base_now, fresh_namespace, redis_store_in};
 
 async fn instance(namespace: &str) -> (ApiKeyRouter, Arc<SimulatedProvider>) {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let store = RedisStore::connect(&url, namespace)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "Redis unreachable at {url}: {e}; run `cargo xtask services up` (or set REDIS_URL)"
-            )
-        });
+    let store = redis_store_in(namespace).await;
     let router = ApiKeyRouter::builder()
         .store(Arc::new(store))
         .build()
@@ -36,15 +27,7 @@ async fn instance(namespace: &str) -> (ApiKeyRouter, Arc<SimulatedProvider>) {
 }
 
 fn namespace() -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "multi-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    fresh_namespace("multi")
 }
 
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -205,12 +188,7 @@ async fn a_budget_added_on_one_instance_binds_the_other() {
 /// serves again; until then the budget refuses, so nothing is overspent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_instances_reservation_is_reclaimed_after_the_lease() {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let store = Arc::new(
-        RedisStore::connect(&url, &namespace())
-            .await
-            .unwrap_or_else(|e| panic!("Redis unreachable at {url}: {e}")),
-    );
+    let store = Arc::new(redis_store_in(&namespace()).await);
     let clock = Arc::new(ManualClock::new(base_now()));
     let lease = Duration::from_millis(200);
     let survivor = ApiKeyRouter::builder()
@@ -257,8 +235,9 @@ async fn a_stopped_instances_reservation_is_reclaimed_after_the_lease() {
         matches!(&refused, Err(e) if matches!(e.kind, RouteErrorKind::BudgetExceeded(_))),
         "{refused:?}"
     );
-    // Sweeps within the lease keep it.
+    // Sweeps within the lease keep it, and so does one asked for now.
     tokio::time::sleep(lease).await;
+    assert_eq!(survivor.reclaim_stale_reservations().await.unwrap(), []);
     assert_eq!(
         survivor.budgets().await.unwrap()[0].reserved,
         Money::from_usd(1.0)
@@ -271,7 +250,7 @@ async fn a_stopped_instances_reservation_is_reclaimed_after_the_lease() {
     .await;
     let reclaimed = survivor.reclaimed_reservations();
     assert_eq!(
-        (reclaimed.reservations, reclaimed.amount),
+        (reclaimed.count, reclaimed.amount),
         (1, Money::from_usd(1.0))
     );
     let served = survivor

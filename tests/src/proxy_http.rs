@@ -980,21 +980,13 @@ to = ["gpt-4o-mini"]
 /// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_reservation_in_the_shared_store_is_reclaimed_and_counted() {
-    use apikeyrouter_adapters_stores::RedisStore;
+    use crate::support::{fresh_namespace, redis_store_in, redis_url};
     use apikeyrouter_application::ports::{BudgetStore, Charge, KeyStore, UsageLedger};
     use apikeyrouter_domain::{Money, QuotaLimits, ReservationId, Timestamp};
 
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let namespace = format!(
-        "proxy-reclaim-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    );
-    let store = RedisStore::connect(&url, &namespace)
-        .await
-        .unwrap_or_else(|e| panic!("Redis unreachable at {url}: {e}"));
+    let url = redis_url();
+    let namespace = fresh_namespace("proxy-reclaim");
+    let store = redis_store_in(&namespace).await;
     let p = Proxy::start(
         &format!(
             "[store]\nkind = \"redis\"\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n\

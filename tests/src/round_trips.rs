@@ -13,20 +13,13 @@ use apikeyrouter_adapters_stores::RedisStore;
 use apikeyrouter_domain::KeyId;
 
 use crate::forwarding::Forwarding;
-use crate::support::ask;
+use crate::support::{ask, fresh_namespace, redis_store_in};
 
 /// A router on a fresh Redis namespace with two keys, `ok` answering and `flaky`
 /// failing every call with a 500 (below the cooldown threshold for a few calls, so
 /// no state transition adds round trips).
 async fn router() -> (ApiKeyRouter, Arc<RedisStore>, KeyId) {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let namespace = format!("round-trips-{}-{nanos}", std::process::id());
-    let redis = Arc::new(RedisStore::connect(&url, &namespace).await.unwrap_or_else(|e| {
-        panic!("Redis unreachable at {url}: {e}; run `cargo xtask services up` (or set REDIS_URL)")
-    }));
+    let redis = Arc::new(redis_store_in(&fresh_namespace("round-trips")).await);
     let store = Forwarding::to(redis.clone()).requests_in_memory();
     let router = ApiKeyRouter::builder()
         .store(Arc::new(store))

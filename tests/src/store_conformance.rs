@@ -374,23 +374,7 @@ async fn redis_cluster_charge_round_trips() {
 /// A Redis store in a namespace no other test uses; fails (never skips) without a
 /// server.
 async fn redis_store() -> RedisStore {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let namespace = format!(
-        "conformance-{}-{nanos}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    match RedisStore::connect(&url, &namespace).await {
-        Ok(store) => store,
-        Err(err) => panic!(
-            "the redis conformance tests need a redis server at {url} ({err}); \
-             run `cargo xtask services up` (or set REDIS_URL)"
-        ),
-    }
+    crate::support::redis_store_in(&crate::support::fresh_namespace("conformance")).await
 }
 
 /// The cases, each a function of a fresh, empty store.

@@ -1,11 +1,14 @@
 //! Shared set-up for the integration tests: a router on a manual clock with simulated
-//! providers.
+//! providers, and Redis stores in namespaces of their own.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use apikeyrouter::observability::MemoryAuditSink;
 use apikeyrouter::providers::SimulatedProvider;
+use apikeyrouter_adapters_stores::RedisStore;
+
 use apikeyrouter::{
     ApiKeyRouter, ApiKeyRouterBuilder, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId,
     KeyMetadata, ManualClock, Message, RequestIntent, Timestamp,
@@ -18,6 +21,37 @@ pub const T0: Timestamp = Timestamp::from_millis(1_795_775_400_000);
 /// The "now" of tests on Redis: the next whole hour of the wall clock, fixed for the
 /// test process (see the store adapters' `test_time`).
 pub use apikeyrouter_adapters_stores::test_time::base_now;
+
+/// The Redis the tests use: `REDIS_URL`, or the one `cargo xtask services up` starts.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A namespace starting with `prefix` that no other test, in this process or
+/// another, uses.
+pub fn fresh_namespace(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A Redis store in `namespace`; fails (never skips) without a server.
+pub async fn redis_store_in(namespace: &str) -> RedisStore {
+    let url = redis_url();
+    RedisStore::connect(&url, namespace)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "Redis unreachable at {url}: {e}; run `cargo xtask services up` (or set REDIS_URL)"
+            )
+        })
+}
 
 pub struct Harness {
     pub router: ApiKeyRouter,

@@ -13,6 +13,5 @@ pub mod services;
 pub use records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, RouteResponse};
 pub use services::{
     ApiKeyRouterCore, BudgetService, DEFAULT_QUEUE_CAPACITY, DeliveryStats, KeyService,
-    ProviderSettings, QuotaService, ReclaimStats, RegisterKeyError, RouteError, RouterService,
-    RouterSettings,
+    ProviderSettings, QuotaService, RegisterKeyError, RouteError, RouterService, RouterSettings,
 };

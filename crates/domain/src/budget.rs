@@ -246,7 +246,7 @@ pub struct Reservation {
     pub taken_at: Timestamp,
 }
 
-/// What [`BudgetLedger::reclaim`] gave back.
+/// Reservations given back: by [`BudgetLedger::reclaim`], or summed over sweeps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reclaimed {
     /// Reservations dropped.

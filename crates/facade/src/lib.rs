@@ -44,7 +44,7 @@ pub use apikeyrouter_application::services::{
 };
 pub use apikeyrouter_application::{
     AttemptRecord, AuditRecord, DeliveryStats, EmbeddingRouteResponse, Outcome, ProviderSettings,
-    ReclaimStats, RegisterKeyError, RouteError, RouteResponse, RouterSettings,
+    RegisterKeyError, RouteError, RouteResponse, RouterSettings,
 };
 pub use apikeyrouter_domain::cost::DowngradeRule;
 pub use apikeyrouter_domain::failure::FailurePolicy;

@@ -324,7 +324,7 @@ impl ApiKeyRouter {
     /// What this router's sweeps gave back of budget reservations held longer than
     /// the lease, since it started (a rising count means instances stop between
     /// reserve and settle).
-    pub fn reclaimed_reservations(&self) -> crate::ReclaimStats {
+    pub fn reclaimed_reservations(&self) -> crate::domain::Reclaimed {
         self.core.reclaimed_reservations()
     }
 }

@@ -287,9 +287,9 @@ impl Metrics {
     }
 
     /// Sets the reclaimed reservation gauges from the router's counters.
-    pub fn set_reclaimed(&self, stats: apikeyrouter::ReclaimStats) {
+    pub fn set_reclaimed(&self, stats: apikeyrouter::domain::Reclaimed) {
         self.reservations_reclaimed
-            .set(i64::try_from(stats.reservations).unwrap_or(i64::MAX));
+            .set(i64::try_from(stats.count).unwrap_or(i64::MAX));
         self.reservations_reclaimed_usd.set(stats.amount.as_usd());
     }
 

@@ -82,17 +82,22 @@ fn serve(config: &PathBuf) -> Server {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let addr = bound_address(&mut child);
+    Server { child, addr }
+}
+
+/// The address a starting server prints on its first line of stdout.
+fn bound_address(child: &mut Child) -> SocketAddr {
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
-        .split("http://")
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.split("http://")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .parse()
-        .unwrap();
-    Server { child, addr }
+        .unwrap()
 }
 
 fn signal(child: &Child, name: &str) {
@@ -299,17 +304,8 @@ fn served_requests_are_logged_as_json_lines_with_their_request_id() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut stderr = child.stderr.take().unwrap();
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let addr: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .parse()
-        .unwrap();
+    let addr = bound_address(&mut child);
     // Killed on drop if an assertion fails first.
     let mut server = Server { child, addr };
     let (status, body) = http(

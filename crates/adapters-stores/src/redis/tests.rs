@@ -66,6 +66,17 @@ async fn raw() -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// A fresh store holding key `k1` and a hard daily budget `b` of $1.
+async fn store_with_key_and_budget() -> RedisStore {
+    let store = store().await;
+    store.insert_key(key("k1")).await.unwrap();
+    store
+        .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
+        .await
+        .unwrap();
+    store
+}
+
 fn key(id: &str) -> ApiKey {
     ApiKey::new(
         KeyId::new(id),
@@ -438,12 +449,7 @@ fn spent(tokens: u64, cost: Money) -> Settlement {
 /// and the first sweep dates it instead of reclaiming it: it goes one lease later.
 #[tokio::test]
 async fn reservations_keep_their_time_and_the_first_sweep_dates_undated_ones() {
-    let store = store().await;
-    store.insert_key(key("k1")).await.unwrap();
-    store
-        .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
-        .await
-        .unwrap();
+    let store = store_with_key_and_budget().await;
     store.reserve(&charge(1, "k1", 0.25)).await.unwrap();
     store.reserve(&charge(2, "k1", 0.5)).await.unwrap();
     let reservations = Names::new(store.namespace()).unwrap().reservations("b");
@@ -496,12 +502,7 @@ async fn reservations_keep_their_time_and_the_first_sweep_dates_undated_ones() {
 
 #[tokio::test]
 async fn reserve_settle_and_release_take_one_round_trip_each() {
-    let store = store().await;
-    store.insert_key(key("k1")).await.unwrap();
-    store
-        .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
-        .await
-        .unwrap();
+    let store = store_with_key_and_budget().await;
     let c = charge(1, "k1", 0.1);
     let failed = Settlement {
         outcome: KeyOutcome {
@@ -531,12 +532,7 @@ async fn reserve_settle_and_release_take_one_round_trip_each() {
 
 #[tokio::test]
 async fn settle_loads_its_scripts_again_after_the_server_lost_them() {
-    let store = store().await;
-    store.insert_key(key("k1")).await.unwrap();
-    store
-        .put_budget(hard_budget("b", 1.0), Money::ZERO, base_now())
-        .await
-        .unwrap();
+    let store = store_with_key_and_budget().await;
     let c = charge(1, "k1", 0.1);
     store.reserve(&c).await.unwrap();
     // Other tests' stores reload on NOSCRIPT too, so flushing the shared cache is safe.

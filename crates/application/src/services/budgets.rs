@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use apikeyrouter_domain::{Budget, BudgetStatus, Money};
+use apikeyrouter_domain::{Budget, BudgetStatus, Money, Reclaimed};
 
 use super::core::Shared;
 use super::errors::BudgetServiceError;
@@ -118,15 +118,6 @@ impl BudgetService {
 
 /// What this router's sweeps have reclaimed since it started, for metrics: a rising
 /// count means instances stop between reserve and settle.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReclaimStats {
-    /// Reservations given back.
-    pub reservations: u64,
-    /// The money they held.
-    pub amount: Money,
-}
-
-/// The running totals behind [`ReclaimStats`].
 #[derive(Debug, Default)]
 pub(crate) struct ReclaimCounters {
     reservations: AtomicU64,
@@ -139,9 +130,9 @@ impl ReclaimCounters {
         self.nanos.fetch_add(r.amount.as_nanos(), Ordering::Relaxed);
     }
 
-    pub(crate) fn stats(&self) -> ReclaimStats {
-        ReclaimStats {
-            reservations: self.reservations.load(Ordering::Relaxed),
+    pub(crate) fn stats(&self) -> Reclaimed {
+        Reclaimed {
+            count: self.reservations.load(Ordering::Relaxed),
             amount: Money::from_nanos(self.nanos.load(Ordering::Relaxed)),
         }
     }

@@ -15,7 +15,7 @@ use apikeyrouter_domain::{
     RequestId, RoutingTable, TenantId,
 };
 
-use super::budgets::{BudgetService, ReclaimCounters, ReclaimStats};
+use super::budgets::{BudgetService, ReclaimCounters};
 use super::delivery::{DeliveryStats, RecordDelivery};
 use super::ids::IdGenerator;
 use super::keys::KeyService;
@@ -484,7 +484,7 @@ impl ApiKeyRouterCore {
     }
 
     /// What the sweeps of stale budget reservations gave back since start, for metrics.
-    pub fn reclaimed_reservations(&self) -> ReclaimStats {
+    pub fn reclaimed_reservations(&self) -> apikeyrouter_domain::Reclaimed {
         self.shared.reclaimed.stats()
     }
 

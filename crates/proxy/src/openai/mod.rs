@@ -312,7 +312,7 @@ pub async fn chat_completions(
         ))
         .await
         .map_err(|e| ApiError::from_route(&e))?;
-        let id = format!("chatcmpl-{}", routed.request_id);
+        let id = wire::CompletionId(routed.request_id.clone()).to_string();
         let model = routed.model.to_string();
         // The cost is known only when the stream ends, after the headers.
         let routing_headers = RoutingHeaders::new(

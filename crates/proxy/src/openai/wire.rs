@@ -150,9 +150,15 @@ pub struct ChatCompletion {
 #[derive(Debug)]
 pub struct CompletionId(pub RequestId);
 
+impl std::fmt::Display for CompletionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "chatcmpl-{}", self.0)
+    }
+}
+
 impl Serialize for CompletionId {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&format_args!("chatcmpl-{}", self.0))
+        serializer.collect_str(self)
     }
 }
 
