@@ -77,9 +77,50 @@ async fn a_dropped_route_charges_its_estimate_and_is_audited() {
     let (status, record) = give_up_on(&h, call).await;
     assert_charged_and_audited(&status, &record);
     assert_eq!(record.requested_model.as_str(), "gpt-4o");
-    // The key learns of a call that never answered, as of a timeout.
+    // The caller's impatience says nothing about the key: its health counters stay
+    // as they were, and only the estimate it may be billed is added.
     let key = &h.router.keys().await.unwrap()[0];
-    assert_eq!((key.stats.requests, key.stats.failures), (1, 1));
+    assert_eq!(
+        (
+            key.stats.requests,
+            key.stats.failures,
+            key.stats.consecutive_failures
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(key.stats.success_ewma, 1.0);
+    assert_eq!(key.stats.cost, record.estimated_cost.unwrap());
+}
+
+/// Clients that keep timing out before the provider answers do not build up a
+/// failure streak: the key stays available and the next genuine failure is its first.
+#[tokio::test]
+async fn callers_giving_up_do_not_push_a_key_towards_cooldown() {
+    let h = hanging_under_a_budget().await;
+    for _ in 0..4 {
+        let call = h.router.route(ask("gpt-4o", "hello"), Objective::default());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), call)
+                .await
+                .is_err()
+        );
+    }
+    // The four abandoned calls are settled in the background.
+    let mut budget = h.router.budgets().await.unwrap().remove(0);
+    for _ in 0..200 {
+        if budget.reserved == Money::ZERO {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        budget = h.router.budgets().await.unwrap().remove(0);
+    }
+    assert_eq!(budget.reserved, Money::ZERO, "a reservation is still held");
+    assert_eq!(h.audit_records().await.len(), 4);
+    let key = &h.router.keys().await.unwrap()[0];
+    assert!(budget.spent > Money::ZERO, "the estimates are charged");
+    assert_eq!(key.stats.cost, budget.spent);
+    assert_eq!((key.stats.failures, key.stats.consecutive_failures), (0, 0));
+    assert_eq!(key.state, KeyState::Available);
 }
 
 #[tokio::test]
@@ -183,6 +224,16 @@ async fn dropped_while_the_reservation_is_made_it_is_released() {
     assert!(cancelled_because(&record).contains("while its reservation was made"));
     assert_eq!((status.spent, status.reserved), (Money::ZERO, Money::ZERO));
     assert!(record.attempts.is_empty());
+    // No call was made, so the key has nothing to learn.
+    let key = &h.router.keys().await.unwrap()[0];
+    assert_eq!(
+        (
+            key.stats.requests,
+            key.stats.failures,
+            key.stats.consecutive_failures
+        ),
+        (0, 0, 0)
+    );
 }
 
 /// Dropped after its call was released, while the key's cooldown is written: nothing

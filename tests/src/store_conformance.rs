@@ -38,6 +38,7 @@ macro_rules! conformance_suite {
                 forbidden_transition_is_invalid_and_changes_nothing,
                 transitions_persist_in_order,
                 settle_and_release_accumulate_counters,
+                abandoned_attempts_add_spend_but_leave_the_key_health_alone,
                 settle_updates_windows_counters_observation_and_budget_at_once,
                 unknown_key_is_not_found_and_unknown_budgets_are_ignored,
                 budget_refusal_leaves_the_key_windows_unchanged,
@@ -385,7 +386,7 @@ mod cases {
 
     use apikeyrouter_application::ports::{
         Charge, ChargeRejection, KeyOutcome, ReclaimedReservations, Settlement, StateStore,
-        StoreErrorKind,
+        StoreErrorKind, Verdict,
     };
     use apikeyrouter_application::records::{AuditRecord, Outcome};
     use apikeyrouter_domain::{
@@ -440,8 +441,7 @@ mod cases {
     fn spent(tokens: u64, cost: Money, now: Timestamp) -> Settlement {
         Settlement {
             outcome: KeyOutcome {
-                success: true,
-                rate_limited: false,
+                verdict: Verdict::Succeeded,
                 latency: Duration::from_millis(100),
                 usage: TokenUsage {
                     prompt_tokens: 0,
@@ -459,8 +459,9 @@ mod cases {
     fn nothing_spent(now: Timestamp) -> Settlement {
         Settlement {
             outcome: KeyOutcome {
-                success: false,
-                rate_limited: false,
+                verdict: Verdict::Failed {
+                    rate_limited: false,
+                },
                 latency: Duration::from_millis(100),
                 usage: TokenUsage::default(),
                 cost: Money::ZERO,
@@ -710,8 +711,7 @@ mod cases {
         c.budget_ids.clear();
         let rate_limited = Settlement {
             outcome: KeyOutcome {
-                success: false,
-                rate_limited: true,
+                verdict: Verdict::Failed { rate_limited: true },
                 latency: Duration::from_millis(50),
                 usage: TokenUsage::default(),
                 cost: Money::ZERO,
@@ -732,8 +732,7 @@ mod cases {
 
         let success = |latency_ms: u64, at: Timestamp| Settlement {
             outcome: KeyOutcome {
-                success: true,
-                rate_limited: false,
+                verdict: Verdict::Succeeded,
                 latency: Duration::from_millis(latency_ms),
                 usage: TokenUsage {
                     prompt_tokens: 30,
@@ -772,6 +771,40 @@ mod cases {
         assert_eq!(store.get_key(&id).await.unwrap().stats, stats);
     }
 
+    /// A caller that went away says nothing about the key: after two failures, an
+    /// abandoned settle and an abandoned release leave the request, success, failure
+    /// and latency counters where they were (so the failure streak that leads to a
+    /// cooldown does not grow), while what the settled one spent is still added.
+    pub(super) async fn abandoned_attempts_add_spend_but_leave_the_key_health_alone(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let id = KeyId::new("k1");
+        let mut c = charge(100, "k1", None, 0.0);
+        c.budget_ids.clear();
+        store.release(&c, &nothing_spent(base_now())).await.unwrap();
+        let before = store
+            .release(&c, &nothing_spent(base_now()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((before.requests, before.consecutive_failures), (2, 2));
+
+        let later = base_now().plus(Duration::from_secs(5));
+        let mut abandoned = spent(40, Money::from_usd(0.003), later);
+        abandoned.outcome.verdict = Verdict::Abandoned;
+        let after_settle = store.settle(&c, &abandoned).await.unwrap().stats.unwrap();
+        abandoned.outcome.usage = TokenUsage::default();
+        abandoned.outcome.cost = Money::ZERO;
+        let after_release = store.release(&c, &abandoned).await.unwrap().unwrap();
+
+        let mut expected = before.clone();
+        expected.completion_tokens += 40;
+        expected.cost = expected.cost.saturating_add(Money::from_usd(0.003));
+        assert_eq!(after_settle, expected);
+        assert_eq!(after_release, expected);
+        assert_eq!(after_release.last_used, Some(base_now()));
+        assert_eq!(store.get_key(&id).await.unwrap().stats, expected);
+    }
+
     /// One settle call does the whole reconciliation: token windows, the key's
     /// counters, the provider's observation and every budget.
     pub(super) async fn settle_updates_windows_counters_observation_and_budget_at_once(
@@ -795,8 +828,7 @@ mod cases {
         let reset = base_now().plus(Duration::from_secs(20));
         let settlement = Settlement {
             outcome: KeyOutcome {
-                success: true,
-                rate_limited: false,
+                verdict: Verdict::Succeeded,
                 latency: Duration::from_millis(80),
                 usage: TokenUsage {
                     prompt_tokens: 30,
@@ -861,8 +893,7 @@ mod cases {
         store.reserve(&after_reset).await.unwrap();
         let throttled = Settlement {
             outcome: KeyOutcome {
-                success: false,
-                rate_limited: true,
+                verdict: Verdict::Failed { rate_limited: true },
                 latency: Duration::from_millis(10),
                 usage: TokenUsage::default(),
                 cost: Money::ZERO,

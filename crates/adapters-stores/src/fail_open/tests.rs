@@ -8,7 +8,7 @@ use std::time::Duration;
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, Clock, KeyOutcome, KeyStore, ReclaimedReservations,
     RequestLog, Settled, Settlement, StateStore, StoreError, StoreErrorKind, SystemClock,
-    UsageLedger,
+    UsageLedger, Verdict,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -258,8 +258,7 @@ fn charge(reservation: u64, est_usd: f64, now: Timestamp) -> Charge {
 fn outcome(cost_usd: f64, now: Timestamp) -> Settlement {
     Settlement {
         outcome: KeyOutcome {
-            success: true,
-            rate_limited: false,
+            verdict: Verdict::Succeeded,
             latency: Duration::from_millis(100),
             usage: TokenUsage {
                 prompt_tokens: 10,

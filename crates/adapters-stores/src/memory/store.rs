@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
-    Settlement, StateStore, StoreError, StoreErrorKind, UsageLedger,
+    Settlement, StateStore, StoreError, StoreErrorKind, UsageLedger, Verdict,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -246,7 +246,9 @@ impl MemoryStore {
                 entry.quota.observe(observation, outcome.now);
             }
             let stats = &mut entry.key.stats;
-            stats.record(outcome.success, outcome.latency, outcome.now);
+            if outcome.verdict != Verdict::Abandoned {
+                stats.record(outcome.verdict.succeeded(), outcome.latency, outcome.now);
+            }
             stats.prompt_tokens = stats
                 .prompt_tokens
                 .saturating_add(outcome.usage.prompt_tokens);
@@ -254,7 +256,7 @@ impl MemoryStore {
                 .completion_tokens
                 .saturating_add(outcome.usage.completion_tokens);
             stats.cost = stats.cost.saturating_add(outcome.cost);
-            if outcome.rate_limited {
+            if outcome.verdict.rate_limited() {
                 stats.throttle_streak = stats.throttle_streak.saturating_add(1);
             }
             stats.clone()

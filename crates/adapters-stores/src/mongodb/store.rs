@@ -11,7 +11,7 @@ use std::time::Duration;
 use apikeyrouter_application::ports::{
     AuditError, AuditSink, BudgetStore, Charge, ChargeRejection, CipherError, ClientLimit,
     KeyOutcome, KeyStore, ReclaimedReservations, RequestLog, SecretCipher, Settled, Settlement,
-    StateStore, StoreError, StoreErrorKind, UsageLedger,
+    StateStore, StoreError, StoreErrorKind, UsageLedger, Verdict,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -241,13 +241,14 @@ impl MongoStore {
     ) -> Result<KeyStats, StoreError> {
         // Whether this call was the key's first success (the latency average then
         // starts at this sample), decided once from the counters it incremented.
-        let first_success = outcome.success && stats.successes == 1;
+        let success = outcome.verdict.succeeded();
+        let first_success = success && stats.successes == 1;
         for _ in 0..AVERAGE_ATTEMPTS {
             let (old_success, old_latency) = (stats.success_ewma, stats.latency_ewma_ms);
             // The domain's arithmetic, applied to the current averages.
             let mut before = stats.clone();
             before.successes = u64::from(!first_success);
-            before.record(outcome.success, outcome.latency, outcome.now);
+            before.record(success, outcome.latency, outcome.now);
             let (new_success, new_latency) = (before.success_ewma, before.latency_ewma_ms);
             let res = self
                 .keys
@@ -286,22 +287,29 @@ impl MongoStore {
     ) -> Result<Option<KeyStats>, StoreError> {
         let outcome = &settlement.outcome;
         let mut inc = doc! {
-            "stats.requests": 1_i64,
             "stats.prompt_tokens": to_i64(outcome.usage.prompt_tokens),
             "stats.completion_tokens": to_i64(outcome.usage.completion_tokens),
             "stats.cost_nanos": nanos(outcome.cost),
         };
-        let mut set = doc! { "stats.last_used": millis(outcome.now) };
-        if outcome.success {
-            inc.insert("stats.successes", 1_i64);
-            set.insert("stats.consecutive_failures", 0_i64);
-            set.insert("stats.throttle_streak", i64::from(outcome.rate_limited));
-        } else {
-            inc.insert("stats.failures", 1_i64);
-            inc.insert("stats.consecutive_failures", 1_i64);
-            if outcome.rate_limited {
-                inc.insert("stats.throttle_streak", 1_i64);
+        let mut set = doc! {};
+        if outcome.verdict != Verdict::Abandoned {
+            inc.insert("stats.requests", 1_i64);
+            set.insert("stats.last_used", millis(outcome.now));
+        }
+        match outcome.verdict {
+            Verdict::Succeeded => {
+                inc.insert("stats.successes", 1_i64);
+                set.insert("stats.consecutive_failures", 0_i64);
+                set.insert("stats.throttle_streak", 0_i64);
             }
+            Verdict::Failed { rate_limited } => {
+                inc.insert("stats.failures", 1_i64);
+                inc.insert("stats.consecutive_failures", 1_i64);
+                if rate_limited {
+                    inc.insert("stats.throttle_streak", 1_i64);
+                }
+            }
+            Verdict::Abandoned => {}
         }
         if let Some(observation) = settlement.observation {
             let observed = observation_bson(ObservationDoc::from_domain(&observation, outcome.now));
@@ -309,12 +317,14 @@ impl MongoStore {
             // Charges read with an older observation must not count against this one.
             inc.insert("quota.observation_seq", 1_i64);
         }
+        let mut update = doc! { "$inc": inc };
+        if !set.is_empty() {
+            // MongoDB refuses an empty `$set`.
+            update.insert("$set", set);
+        }
         let Some(after) = self
             .keys
-            .find_one_and_update(
-                doc! { "_id": id.as_str() },
-                doc! { "$inc": inc, "$set": set },
-            )
+            .find_one_and_update(doc! { "_id": id.as_str() }, update)
             .return_document(ReturnDocument::After)
             .await
             .map_err(|e| map_err(KEYS, "record an outcome", e))?
@@ -322,6 +332,9 @@ impl MongoStore {
             return Ok(None);
         };
         let stats = Self::stats_of(&after)?;
+        if outcome.verdict == Verdict::Abandoned {
+            return Ok(Some(stats));
+        }
         self.update_averages(id, stats, outcome).await.map(Some)
     }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
     Settlement, StateStore, StoreChange, StoreChanges, StoreError, StoreErrorKind, UsageLedger,
+    Verdict,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::quota::QuotaDenial;
@@ -538,8 +539,16 @@ impl RedisStore {
             invocation.arg(start);
         }
         invocation
-            .arg(if outcome.success { "1" } else { "0" })
-            .arg(if outcome.rate_limited { "1" } else { "0" })
+            .arg(match outcome.verdict {
+                Verdict::Succeeded => "1",
+                Verdict::Failed { .. } => "0",
+                Verdict::Abandoned => "-",
+            })
+            .arg(if outcome.verdict.rate_limited() {
+                "1"
+            } else {
+                "0"
+            })
             .arg(format!("{latency_ms:?}"))
             .arg(clamp_i64(outcome.usage.prompt_tokens))
             .arg(clamp_i64(outcome.usage.completion_tokens))

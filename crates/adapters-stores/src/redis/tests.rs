@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, Settlement, StateStore,
-    StoreChange, StoreErrorKind, UsageLedger,
+    StoreChange, StoreErrorKind, UsageLedger, Verdict,
 };
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
@@ -429,8 +429,7 @@ async fn instances_sharing_a_namespace_never_overspend_together() {
 fn spent(tokens: u64, cost: Money) -> Settlement {
     Settlement {
         outcome: KeyOutcome {
-            success: true,
-            rate_limited: false,
+            verdict: Verdict::Succeeded,
             latency: Duration::from_millis(100),
             usage: TokenUsage {
                 prompt_tokens: 0,
@@ -506,7 +505,9 @@ async fn reserve_settle_and_release_take_one_round_trip_each() {
     let c = charge(1, "k1", 0.1);
     let failed = Settlement {
         outcome: KeyOutcome {
-            success: false,
+            verdict: Verdict::Failed {
+                rate_limited: false,
+            },
             ..spent(0, Money::ZERO).outcome
         },
         observation: None,

@@ -84,13 +84,41 @@ impl std::error::Error for StoreError {
     }
 }
 
+/// What an attempt says about its key's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The provider answered.
+    Succeeded,
+    /// The provider, or the way to it, failed the call; `rate_limited` when it was a
+    /// rate limit (drives cooldown backoff).
+    Failed {
+        /// Whether the failure was a rate limit.
+        rate_limited: bool,
+    },
+    /// The caller went away before the provider answered. That says nothing about the
+    /// key, so its request, success, failure and latency counters are left alone (a
+    /// client that times out must not put a healthy key into cooldown); only what the
+    /// attempt spent is added.
+    Abandoned,
+}
+
+impl Verdict {
+    /// Whether the provider answered.
+    pub fn succeeded(self) -> bool {
+        self == Self::Succeeded
+    }
+
+    /// Whether the call failed with a rate limit.
+    pub fn rate_limited(self) -> bool {
+        self == Self::Failed { rate_limited: true }
+    }
+}
+
 /// The result of one call, for a key's counters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct KeyOutcome {
-    /// Whether it succeeded.
-    pub success: bool,
-    /// Whether it failed with a rate limit (drives cooldown backoff).
-    pub rate_limited: bool,
+    /// What the call says about the key.
+    pub verdict: Verdict,
     /// Time to answer.
     pub latency: Duration,
     /// Tokens consumed.

@@ -39,7 +39,7 @@ pub(crate) async fn learn(
     };
     let stats = stats.unwrap_or_default();
     // The counters already include this failure; the policy wants them before it.
-    let streak_before = if outcome.rate_limited {
+    let streak_before = if outcome.verdict.rate_limited() {
         stats.throttle_streak.saturating_sub(1)
     } else {
         stats.throttle_streak

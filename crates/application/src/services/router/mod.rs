@@ -29,7 +29,7 @@ use super::errors::{RouteError, RouteErrorKind};
 use super::keys::persist_transitions;
 use crate::ports::{
     Charge, ChargeRejection, ChatResponse, ClientLimit, EmbeddingCall, EmbeddingResponse,
-    KeyOutcome, Provider, ProviderCall, ProviderError, Settled, Settlement, StreamStart,
+    KeyOutcome, Provider, ProviderCall, ProviderError, Settled, Settlement, StreamStart, Verdict,
 };
 use crate::records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, RouteResponse};
 
@@ -398,8 +398,7 @@ impl RouterService {
             .price(&served.provider, &served.model)
             .map(|p| p.cost(&usage));
         let outcome = KeyOutcome {
-            success: true,
-            rate_limited: false,
+            verdict: Verdict::Succeeded,
             latency: served.latency,
             usage,
             cost: actual_cost.unwrap_or(Money::ZERO),
@@ -594,8 +593,9 @@ impl RouterService {
                     Err(failure) => {
                         tracing::info!(key_id = %key_id, kind = failure.kind.as_str(), status = failure.status, "attempt failed");
                         let outcome = KeyOutcome {
-                            success: false,
-                            rate_limited: failure.kind == FailureKind::RateLimited,
+                            verdict: Verdict::Failed {
+                                rate_limited: failure.kind == FailureKind::RateLimited,
+                            },
                             latency,
                             usage: TokenUsage::default(),
                             cost: Money::ZERO,

@@ -14,7 +14,7 @@ use apikeyrouter_domain::{
 use tokio::time::Instant;
 
 use super::{millis, write_audit};
-use crate::ports::{Charge, ClientLimit, KeyOutcome, Settlement};
+use crate::ports::{Charge, ClientLimit, KeyOutcome, Settlement, Verdict};
 use crate::records::{AttemptRecord, AuditRecord, Outcome};
 use crate::services::core::Shared;
 
@@ -209,8 +209,7 @@ fn abandon(
         });
     }
     let outcome = KeyOutcome {
-        success: false,
-        rate_limited: false,
+        verdict: Verdict::Abandoned,
         latency,
         usage: TokenUsage {
             prompt_tokens: if spent { charge.est_tokens } else { 0 },

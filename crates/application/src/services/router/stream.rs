@@ -15,7 +15,9 @@ use futures_core::Stream;
 use tokio::time::Instant;
 
 use super::{Run, Served, learn, millis, write_audit};
-use crate::ports::{ChatChunk, ChatStream, KeyOutcome, ProviderError, Settlement, StreamStart};
+use crate::ports::{
+    ChatChunk, ChatStream, KeyOutcome, ProviderError, Settlement, StreamStart, Verdict,
+};
 use crate::records::{AttemptRecord, Outcome};
 
 /// A routed, streaming chat reply. Poll it as a [`Stream`] of [`ChatChunk`]s.
@@ -225,10 +227,12 @@ async fn settle(tally: Tally) {
         .map(|p| p.cost(&usage));
     let latency = started.elapsed();
     let outcome = KeyOutcome {
-        success: failure.is_none(),
-        rate_limited: failure
-            .as_ref()
-            .is_some_and(|f| f.kind == FailureKind::RateLimited),
+        verdict: match &failure {
+            None => Verdict::Succeeded,
+            Some(f) => Verdict::Failed {
+                rate_limited: f.kind == FailureKind::RateLimited,
+            },
+        },
         latency,
         usage,
         cost: actual_cost.unwrap_or(Money::ZERO),
