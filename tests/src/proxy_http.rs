@@ -50,9 +50,15 @@ impl Proxy {
         let config = Config::parse(&text, "test.toml", &vars).expect("valid config");
         let state = server::build_state(&config).await.expect("state");
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(server::serve(state, config.listen, None, move |addr| {
-            let _ = tx.send(addr);
-        }));
+        tokio::spawn(server::serve(
+            state,
+            config.listen,
+            config.server,
+            None,
+            move |addr| {
+                let _ = tx.send(addr);
+            },
+        ));
         let addr = rx.await.expect("bound");
         Self {
             addr,

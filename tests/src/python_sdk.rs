@@ -49,9 +49,15 @@ async fn official_openai_sdk_works_against_the_proxy() {
     let config = Config::parse(CONFIG, "sdk-test.toml", &[]).unwrap();
     let state = server::build_state(&config).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(server::serve(state, config.listen, None, move |addr| {
-        let _ = tx.send(addr);
-    }));
+    tokio::spawn(server::serve(
+        state,
+        config.listen,
+        config.server,
+        None,
+        move |addr| {
+            let _ = tx.send(addr);
+        },
+    ));
     let addr = rx.await.unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/openai_sdk_client.py");
     let python = python();

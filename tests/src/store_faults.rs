@@ -129,9 +129,15 @@ material = "sk-sim-fault-000001"
     let config = apikeyrouter::config::Config::parse(&text, "faults.toml", &[]).expect("config");
     let state = server::build_state(&config).await.expect("state");
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(server::serve(state, config.listen, None, move |addr| {
-        let _ = tx.send(addr);
-    }));
+    tokio::spawn(server::serve(
+        state,
+        config.listen,
+        config.server,
+        None,
+        move |addr| {
+            let _ = tx.send(addr);
+        },
+    ));
     let base = format!("http://{}", rx.await.expect("bound"));
     let client = reqwest::Client::new();
     let chat = |id: &str| {

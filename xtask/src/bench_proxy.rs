@@ -18,6 +18,9 @@
 //! therefore also measured below saturation: with a single connection, and with 64
 //! connections that each pause a random 10–30 ms between requests (wrk's `delay`),
 //! i.e. 64 concurrent clients at roughly a third of the proxy's saturation rate.
+//!
+//! The same three runs are then made through the proxy on its per-core runtime
+//! (`[server] runtime = "per-core"`, set through the environment).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -172,6 +175,7 @@ struct Setup {
     mock_at: String,
     proxy_at: String,
     bare_at: String,
+    per_core_at: String,
     dir: &'static str,
 }
 
@@ -185,8 +189,9 @@ fn prepare(sh: &Shell) -> Result<Setup> {
     let mock_at = format!("127.0.0.1:{port}");
     let proxy_at = format!("127.0.0.1:{}", port + 1);
     let bare_at = format!("127.0.0.1:{}", port + 2);
+    let per_core_at = format!("127.0.0.1:{}", port + 3);
     // A leftover server on these ports would be measured instead of ours.
-    for addr in [&mock_at, &proxy_at, &bare_at] {
+    for addr in [&mock_at, &proxy_at, &bare_at, &per_core_at] {
         if std::net::TcpListener::bind(addr).is_err() {
             bail!("{addr} is in use; stop what listens there or set BENCH_PROXY_PORT");
         }
@@ -228,8 +233,40 @@ fn prepare(sh: &Shell) -> Result<Setup> {
         mock_at,
         proxy_at,
         bare_at,
+        per_core_at,
         dir,
     })
+}
+
+/// Starts the proxy on `at` with the bench's configuration, on the per-core runtime
+/// or the default shared one, and waits until it is ready.
+fn start_proxy(dir: &str, at: &str, per_core: bool) -> Result<Guard> {
+    let mut command = Command::new("target/release/apikeyrouter");
+    command
+        .args([
+            "serve",
+            "--config",
+            &format!("{dir}/proxy.toml"),
+            "--listen",
+            at,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if per_core {
+        command.env("APIKEYROUTER_SERVER__RUNTIME", "per-core");
+    }
+    let mut child = command.spawn()?;
+    let stdout = child.stdout.take();
+    let proxy = Guard(child);
+    if let Some(out) = stdout {
+        // Wait for the "listening" line, then drain in the background.
+        let mut lines = BufReader::new(out).lines();
+        let _ = lines.next();
+        std::thread::spawn(move || lines.for_each(drop));
+    }
+    wait_ready(&format!("http://{at}/ready"), &[])?;
+    Ok(proxy)
 }
 
 fn start_mock(at: &str) -> Result<Guard> {
@@ -255,6 +292,7 @@ pub fn instructions(sh: &Shell) -> Result<()> {
         proxy_at,
         bare_at,
         dir,
+        ..
     } = prepare(sh)?;
     if Command::new("callgrind_control")
         .arg("--version")
@@ -404,24 +442,11 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         mock_at,
         proxy_at,
         bare_at,
+        per_core_at,
         dir,
     } = prepare(sh)?;
     let mock = start_mock(&mock_at)?;
-    let mut proxy_child = Command::new("target/release/apikeyrouter")
-        .args(["serve", "--config", &format!("{dir}/proxy.toml")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = proxy_child.stdout.take();
-    let proxy = Guard(proxy_child);
-    if let Some(out) = stdout {
-        // Wait for the "listening" line, then drain in the background.
-        let mut lines = BufReader::new(out).lines();
-        let _ = lines.next();
-        std::thread::spawn(move || lines.for_each(drop));
-    }
-    wait_ready(&format!("http://{proxy_at}/ready"), &[])?;
+    let proxy = start_proxy(dir, &proxy_at, false)?;
     let rss_idle = rss_mb(proxy.0.id())?;
 
     let secs = seconds.to_string();
@@ -467,6 +492,22 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     let through_paced = measured(pids, || paced(proxy_url.clone()))?;
     let floor_paced = measured(floor_pids, || paced(bare_url.clone()))?;
     drop(bare);
+    drop(proxy);
+
+    // The same proxy on the per-core runtime (`[server] runtime = "per-core"`).
+    let per_core = start_proxy(dir, &per_core_at, true)?;
+    let per_core_url = format!("http://{per_core_at}/v1/chat/completions");
+    let _ = cmd!(sh, "wrk -t2 -c{c} -d2s -s {lua} {per_core_url}")
+        .quiet()
+        .ignore_stdout()
+        .run();
+    let per_core_pids = (mock.0.id(), per_core.0.id());
+    let per_core_run = measured(per_core_pids, || wrk(CONNECTIONS, 2, per_core_url.clone()))?;
+    let per_core_low = measured(per_core_pids, || {
+        wrk(LOW_CONNECTIONS, 1, per_core_url.clone())
+    })?;
+    let per_core_paced = measured(per_core_pids, || paced(per_core_url.clone()))?;
+    drop(per_core);
 
     println!("proxy load test: {seconds} s per run, {N_KEYS} keys, wrk");
     println!(
@@ -476,11 +517,18 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     for (path, connections, m) in [
         ("mock directly", "64", &direct),
         ("through the proxy", "64", &through),
+        ("through the proxy, per-core runtime", "64", &per_core_run),
         ("through the bare forwarder (floor)", "64", &floor),
         ("mock directly", "1", &direct_low),
         ("through the proxy", "1", &through_low),
+        ("through the proxy, per-core runtime", "1", &per_core_low),
         ("mock directly", "64 paced", &direct_paced),
         ("through the proxy", "64 paced", &through_paced),
+        (
+            "through the proxy, per-core runtime",
+            "64 paced",
+            &per_core_paced,
+        ),
         (
             "through the bare forwarder (floor)",
             "64 paced",
@@ -492,13 +540,31 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
             m.run.rps, m.run.p50_us, m.run.p99_us, m.mock_cpu_us, m.proxy_cpu_us
         );
     }
-    for (connections, direct, through) in [
-        ("64 connections", &direct, &through),
-        ("1 connection", &direct_low, &through_low),
-        ("64 paced connections", &direct_paced, &through_paced),
+    for (runtime, connections, direct, through) in [
+        ("", "64 connections", &direct, &through),
+        ("", "1 connection", &direct_low, &through_low),
+        ("", "64 paced connections", &direct_paced, &through_paced),
+        (
+            " (per-core runtime)",
+            "64 connections",
+            &direct,
+            &per_core_run,
+        ),
+        (
+            " (per-core runtime)",
+            "1 connection",
+            &direct_low,
+            &per_core_low,
+        ),
+        (
+            " (per-core runtime)",
+            "64 paced connections",
+            &direct_paced,
+            &per_core_paced,
+        ),
     ] {
         println!(
-            "added by the proxy at {connections}: p50 {:.0} µs, p99 {:.0} µs",
+            "added by the proxy{runtime} at {connections}: p50 {:.0} µs, p99 {:.0} µs",
             through.run.p50_us - direct.run.p50_us,
             through.run.p99_us - direct.run.p99_us,
         );
@@ -509,8 +575,8 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         floor_paced.run.p99_us - direct_paced.run.p99_us,
     );
     println!(
-        "proxy CPU per request: {:.1} µs at {CONNECTIONS} connections; resident memory {:.1} MB idle, {:.1} MB after load",
-        through.proxy_cpu_us, rss_idle, rss_loaded
+        "proxy CPU per request: {:.1} µs at {CONNECTIONS} connections ({:.1} µs on the per-core runtime); resident memory {:.1} MB idle, {:.1} MB after load",
+        through.proxy_cpu_us, per_core_run.proxy_cpu_us, rss_idle, rss_loaded
     );
     Ok(())
 }

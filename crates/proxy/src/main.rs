@@ -58,33 +58,32 @@ fn main() -> ExitCode {
     } else {
         LogFormat::Pretty
     };
-    if let Command::Check { config } = &cli.command {
-        return match Config::load(config) {
-            Ok(c) => {
-                print!("{}", c.summary());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        };
-    }
+    // The configuration decides how many threads serve and how, so it is read before
+    // the runtime exists.
+    let launch = match cli.command {
+        Command::Check { config } => return check(&config),
+        Command::Serve { config, listen } => Launch::serve(config, listen),
+        Command::Demo { listen } => Launch::demo(&listen),
+    };
     if let Err(e) = init_tracing(format, "info") {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let launch = match launch {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match server::main_runtime(&launch.config.server) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(launch.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -93,38 +92,68 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Serve {
-            config: path,
-            listen,
-        } => {
-            let mut config = match &path {
-                Some(p) => Config::load(p)?,
-                None => Config::from_env()?,
-            };
-            if let Some(listen) = listen {
-                config.listen = listen
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("--listen {listen:?}: {e}"))?;
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            print!("{}", c.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// What `serve` or `demo` will run: the configuration, the file to watch, and what
+/// to print once bound.
+struct Launch {
+    config: Config,
+    watch: Option<PathBuf>,
+    demo: bool,
+}
+
+impl Launch {
+    fn serve(path: Option<PathBuf>, listen: Option<String>) -> anyhow::Result<Self> {
+        let mut config = match &path {
+            Some(p) => Config::load(p)?,
+            None => Config::from_env()?,
+        };
+        if let Some(listen) = listen {
+            config.listen = listen
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--listen {listen:?}: {e}"))?;
+        }
+        Ok(Self {
+            config,
+            watch: path,
+            demo: false,
+        })
+    }
+
+    fn demo(listen: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            config: demo::config(listen)?,
+            watch: None,
+            demo: true,
+        })
+    }
+
+    async fn run(self) -> anyhow::Result<()> {
+        let Self {
+            config,
+            watch,
+            demo,
+        } = self;
+        let state = server::build_state(&config).await?;
+        let store = config.store.kind_name();
+        server::serve(state, config.listen, config.server, watch, |addr| {
+            if demo {
+                println!("{}", demo::banner(addr));
+            } else {
+                println!("apikeyrouter listening on http://{addr} (store: {store})");
             }
-            let state = server::build_state(&config).await?;
-            server::serve(state, config.listen, path, |addr| {
-                println!(
-                    "apikeyrouter listening on http://{addr} (store: {})",
-                    config.store.kind_name()
-                );
-            })
-            .await
-        }
-        Command::Demo { listen } => {
-            let config = demo::config(&listen)?;
-            let state = server::build_state(&config).await?;
-            server::serve(state, config.listen, None, |addr| {
-                println!("{}", demo::banner(addr))
-            })
-            .await
-        }
-        Command::Check { .. } => Ok(()),
+        })
+        .await
     }
 }

@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use apikeyrouter::config::Config;
+use apikeyrouter::config::{Config, ServerConfig, ServerRuntime};
 use apikeyrouter::{ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Enforcement};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::auth::Auth;
 use crate::state::AppState;
+
+mod per_core;
 
 /// Builds the shared state from a configuration.
 ///
@@ -63,36 +65,58 @@ async fn apply_virtual_key_budgets(router: &ApiKeyRouter, config: &Config) -> an
     Ok(())
 }
 
-/// Serves until SIGINT/SIGTERM. `on_bound` receives the bound address (port 0 picks one).
+/// The runtime the command runs on. With the shared arrangement it is the one that
+/// serves: work-stealing over `server.threads` workers. Per core, it only runs the
+/// router's background work (audit delivery, sweeps, reload, store connections) on
+/// the main thread; [`serve`] starts the serving threads.
+///
+/// # Errors
+/// When the runtime cannot be built.
+pub fn main_runtime(server: &ServerConfig) -> std::io::Result<tokio::runtime::Runtime> {
+    match server.runtime {
+        ServerRuntime::Shared => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(server.threads())
+            .enable_all()
+            .build(),
+        ServerRuntime::PerCore => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+}
+
+/// Serves until SIGINT/SIGTERM, as `server` arranges it (see [`main_runtime`]).
+/// `on_bound` receives the bound address (port 0 picks one).
 ///
 /// # Errors
 /// When the address cannot be bound or the server fails.
 pub async fn serve(
     state: Arc<AppState>,
     listen: SocketAddr,
+    server: ServerConfig,
     config_path: Option<PathBuf>,
     on_bound: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let bound = listener.local_addr()?;
-    on_bound(bound);
-    if let Some(path) = config_path {
-        tokio::spawn(watch_config(state.clone(), path));
-    }
-    let listener = listener.tap_io(|tcp| {
-        // Without it a kept-alive connection waits ~40 ms per small reply (Nagle).
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
+    match server.runtime {
+        ServerRuntime::Shared => {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            on_bound(listener.local_addr()?);
+            if let Some(path) = config_path {
+                tokio::spawn(watch_config(state.clone(), path));
+            }
+            serve_on(listener, state.clone(), shutdown_signal()).await?;
         }
-    });
-    let app =
-        axum::ServiceExt::<axum::extract::Request>::into_make_service(crate::app(state.clone()));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server failed")?;
+        ServerRuntime::PerCore => {
+            let listeners = per_core::bind(listen, server.threads())
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            on_bound(listeners[0].local_addr()?);
+            if let Some(path) = config_path {
+                tokio::spawn(watch_config(state.clone(), path));
+            }
+            per_core::serve(listeners, state.clone(), shutdown_signal()).await?;
+        }
+    }
     // In-flight requests are done; let their audit records reach the sink.
     if !state.router.flush_records(SHUTDOWN_RECORD_WAIT).await {
         let pending = state.router.record_delivery().pending;
@@ -103,6 +127,26 @@ pub async fn serve(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Serves the application on `listener` until `shutdown` completes, then until the
+/// requests in flight have finished.
+async fn serve_on(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        // Without it a kept-alive connection waits ~40 ms per small reply (Nagle).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
+    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(crate::app(state));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("server failed")
 }
 
 /// How long shutdown waits for audit records to reach a slow or recovering sink.

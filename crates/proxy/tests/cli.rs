@@ -1,5 +1,6 @@
 //! The `apikeyrouter` command as a user runs it: `check`, `serve` with a config file,
-//! reload on SIGHUP, many idle connections, and graceful shutdown on SIGTERM.
+//! reload on SIGHUP, many idle connections, graceful shutdown on SIGTERM, and the
+//! per-core runtime.
 
 #![expect(clippy::unwrap_used, clippy::panic, reason = "test code")]
 
@@ -343,4 +344,106 @@ fn served_requests_are_logged_as_json_lines_with_their_request_id() {
     assert_eq!(span["request_id"], request_id.as_str(), "{logs}");
     assert_eq!(span["model"], "gpt-4o");
     assert_eq!(served[0]["level"], "INFO");
+}
+
+/// Voluntary context switches of each serving thread of the per-core runtime: a thread
+/// parked with nothing to do makes none, so a rising count shows it is serving.
+fn serving_thread_switches(pid: u32) -> Vec<u64> {
+    let mut switches = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        // "apikeyrouter-serve-N", cut to the kernel's 15 characters.
+        if !comm.starts_with("apikeyrouter-se") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let count = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap();
+        switches.push(count);
+    }
+    switches
+}
+
+/// `[server] runtime = "per-core"`: each serving thread takes connections of its own,
+/// a second instance cannot take the port, and requests in flight at SIGTERM finish.
+#[test]
+fn per_core_runtime_spreads_connections_and_drains_on_sigterm() {
+    let text = format!(
+        "{}\n[server]\nruntime = \"per-core\"\nthreads = 3\n",
+        CONFIG.replace("tenant = \"acme\", ", "").replace(
+            "models = [\"gpt-4o\"]",
+            "models = [\"gpt-4o\"]\nlatency_ms = 400"
+        )
+    );
+    let config = temp_config("per-core", &text);
+    let mut server = serve(&config);
+    let pid = server.child.id();
+    // The listeners are bound (and queue connections) before the threads start.
+    let started = Instant::now();
+    let mut before = serving_thread_switches(pid);
+    while before.len() < 3 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+        before = serving_thread_switches(pid);
+    }
+    assert_eq!(before.len(), 3, "serving threads: {before:?}");
+    // Fresh connections, spread by the kernel over the three listeners.
+    for _ in 0..300 {
+        assert_eq!(http(server.addr, "GET", "/health", "").0, 200);
+    }
+    let after = serving_thread_switches(pid);
+    for (b, a) in before.iter().zip(&after) {
+        assert!(
+            a - b >= 10,
+            "a serving thread took no connections: {before:?} -> {after:?}"
+        );
+    }
+
+    // SO_REUSEPORT does not let a second instance share the port.
+    let second = envs(Command::new(BIN).args(["serve", "--config"]).arg(&config))
+        .args(["--listen", &server.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {}", server.addr)),
+        "{stderr}"
+    );
+
+    // Requests in flight when SIGTERM arrives are answered before the process exits.
+    let addr = server.addr;
+    let in_flight: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                http(
+                    addr,
+                    "POST",
+                    "/v1/chat/completions",
+                    r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(150));
+    signal(&server.child, "TERM");
+    for request in in_flight {
+        let (status, body) = request.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no graceful exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
 }

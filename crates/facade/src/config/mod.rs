@@ -11,6 +11,7 @@ mod validate;
 
 pub use file::{
     AdminConfig, AuditConfig, BudgetConfig, FallbackConfig, FileConfig, KeyConfig, LimitsConfig,
-    PriceConfig, ProviderConfig, ProviderKind, RoutingConfig, VirtualKeyConfig,
+    PriceConfig, ProviderConfig, ProviderKind, RoutingConfig, ServerConfig, ServerRuntime,
+    VirtualKeyConfig,
 };
 pub use validate::{Config, ConfigError, ResolvedKey, ResolvedProvider, ResolvedVirtualKey};

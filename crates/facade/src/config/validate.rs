@@ -15,7 +15,7 @@ use apikeyrouter_domain::{
 use thiserror::Error;
 
 use super::file::{
-    AuditConfig, DEFAULT_RESERVATION_LEASE_MS, FileConfig, LimitsConfig, ProviderKind,
+    AuditConfig, DEFAULT_RESERVATION_LEASE_MS, FileConfig, LimitsConfig, ProviderKind, ServerConfig,
 };
 
 /// What is wrong with a configuration, and where.
@@ -119,6 +119,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Request limits.
     pub limits: LimitsConfig,
+    /// Serving threads.
+    pub server: ServerConfig,
 }
 
 impl fmt::Debug for Config {
@@ -138,7 +140,11 @@ impl fmt::Debug for Config {
 
 /// Top-level keys the environment may override (arrays of tables cannot be).
 const ENV_PREFIX: &str = "APIKEYROUTER_";
-const ENV_SECTIONS: [&str; 6] = ["listen", "admin", "store", "routing", "audit", "limits"];
+const ENV_SECTIONS: [&str; 7] = [
+    "listen", "admin", "store", "routing", "audit", "limits", "server",
+];
+/// More serving threads than this is a typo, not a machine.
+const MAX_SERVER_THREADS: usize = 1024;
 const DEFAULT_ADMIN_TOKEN_ENV: &str = "APIKEYROUTER_ADMIN_TOKEN";
 
 impl Config {
@@ -196,6 +202,11 @@ impl Config {
         line(format!("config {} is valid", self.source_name));
         line(format!("listen: {}", self.listen));
         line(format!("store: {}", self.store.kind_name()));
+        line(format!(
+            "server: {} runtime, {} threads",
+            self.server.runtime.as_str(),
+            self.server.threads()
+        ));
         line(format!(
             "admin API: {}",
             if self.admin_token.is_some() {
@@ -671,6 +682,16 @@ impl Validator<'_> {
         if file.limits.max_body_bytes < 1024 {
             return Err(self.err("limits.max_body_bytes", "must be at least 1024"));
         }
+        if file
+            .server
+            .threads
+            .is_some_and(|n| !(1..=MAX_SERVER_THREADS).contains(&n))
+        {
+            return Err(self.err(
+                "server.threads",
+                format!("must be between 1 and {MAX_SERVER_THREADS}"),
+            ));
+        }
 
         Ok(Config {
             source_name: self.source.to_owned(),
@@ -685,6 +706,7 @@ impl Validator<'_> {
             virtual_keys,
             audit: file.audit.clone(),
             limits: file.limits.clone(),
+            server: file.server,
         })
     }
 }

@@ -4,6 +4,8 @@
 use super::*;
 use apikeyrouter_domain::{BudgetPeriod, Enforcement, Timestamp};
 
+use crate::config::ServerRuntime;
+
 const SPEC_EXAMPLE: &str = r#"
 listen = "127.0.0.1:8000"
 
@@ -218,6 +220,42 @@ fn reservation_lease_defaults_to_an_hour_and_must_outlast_the_deadline() {
     assert_eq!(
         parse_err(&shorter, &vars),
         "test.toml: routing.reservation_lease_ms: must be at least total_deadline_ms (30000 ms): a shorter lease would give back the reservations of requests still running"
+    );
+}
+
+#[test]
+fn server_runtime_and_threads_parse_and_are_checked() {
+    let vars = base_env();
+    let c = Config::parse(SPEC_EXAMPLE, "test.toml", &vars).unwrap();
+    assert_eq!(c.server.runtime, ServerRuntime::Shared);
+    assert!(c.server.threads() >= 1);
+
+    let per_core = format!("{SPEC_EXAMPLE}\n[server]\nruntime = \"per-core\"\nthreads = 3\n");
+    let c = Config::parse(&per_core, "test.toml", &vars).unwrap();
+    assert_eq!(
+        (c.server.runtime, c.server.threads()),
+        (ServerRuntime::PerCore, 3)
+    );
+    assert!(
+        c.summary().contains("server: per-core runtime, 3 threads"),
+        "{}",
+        c.summary()
+    );
+
+    // The environment overrides it like the other sections.
+    let mut env = vars.clone();
+    env.push(("APIKEYROUTER_SERVER__THREADS".to_owned(), "5".to_owned()));
+    let c = Config::parse(&per_core, "test.toml", &env).unwrap();
+    assert_eq!(c.server.threads(), 5);
+
+    assert_eq!(
+        parse_err(&per_core.replace("threads = 3", "threads = 0"), &vars),
+        "test.toml: server.threads: must be between 1 and 1024"
+    );
+    let unknown = parse_err(&per_core.replace("per-core", "per-thread"), &vars);
+    assert!(
+        unknown.contains("per-thread") && unknown.contains("per-core"),
+        "{unknown}"
     );
 }
 
