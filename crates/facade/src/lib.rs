@@ -61,6 +61,7 @@ pub use apikeyrouter_domain as domain;
 
 /// Provider adapters.
 pub mod providers {
+    pub use apikeyrouter_adapters_providers::http::use_connection_lane;
     pub use apikeyrouter_adapters_providers::simulated::{
         Behaviour, Failure, FailurePlan, SimulatedProvider,
     };

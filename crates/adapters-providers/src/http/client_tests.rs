@@ -1,6 +1,7 @@
 //! Tests of the client's transport: TLS with HTTP/2 through ALPN, certificate
 //! checks, and proxies (a `CONNECT` tunnel for `https`, absolute form for `http`),
-//! against a local HTTPS server with a test certificate authority and a local proxy.
+//! against a local HTTPS server with a test certificate authority and a local proxy;
+//! and the connection lanes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -483,4 +484,78 @@ async fn a_request_a_server_went_away_before_processing_is_sent_again() {
         seen += 1;
     }
     assert_eq!(seen, 2, "the connection that went away, then a new one");
+}
+
+/// A plain HTTP/1.1 server answering `200 ok` that counts the connections it accepts.
+async fn counting_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let answer = hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), answer)
+                    .await;
+            });
+        }
+    });
+    (address, accepted)
+}
+
+/// Runs `get_text` twice on a thread of its own (its own runtime), on connection lane
+/// `lane` when given one.
+async fn two_gets_on_a_thread(client: &HttpClient, url: &str, lane: Option<usize>) {
+    let (client, url) = (client.clone(), url.to_owned());
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        if let Some(lane) = lane {
+            super::use_connection_lane(lane);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            assert_eq!(get_text(&client, &url).await.1, "ok");
+            assert_eq!(get_text(&client, &url).await.1, "ok");
+        });
+        let _ = done.send(());
+    });
+    finished.await.unwrap();
+}
+
+/// Each connection lane has a pool of its own: a thread on another lane opens its own
+/// connection, while threads that chose no lane share lane 0's.
+#[tokio::test]
+async fn each_connection_lane_keeps_its_own_pool() {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let (address, accepted) = counting_server().await;
+    let client = trusting_client(Matcher::builder().build());
+    let url = format!("http://{address}/");
+    assert_eq!(get_text(&client, &url).await.1, "ok");
+    assert_eq!(get_text(&client, &url).await.1, "ok");
+    assert_eq!(accepted.load(SeqCst), 1, "lane 0 reuses its connection");
+
+    two_gets_on_a_thread(&client, &url, None).await;
+    assert_eq!(
+        accepted.load(SeqCst),
+        1,
+        "a thread of no lane shares lane 0"
+    );
+
+    two_gets_on_a_thread(&client, &url, Some(3)).await;
+    assert_eq!(
+        accepted.load(SeqCst),
+        2,
+        "lane 3 opens a connection of its own"
+    );
 }

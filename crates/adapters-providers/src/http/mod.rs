@@ -57,7 +57,7 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 
 use client::{BodyLimits, next_chunk};
-pub use client::{HttpClient, Response, transport_error};
+pub use client::{HttpClient, Response, transport_error, use_connection_lane};
 pub use errors::{
     MAX_MESSAGE_CHARS, error_from_parts, error_from_response, redact_key, scrub_message,
 };

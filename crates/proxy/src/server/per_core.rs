@@ -67,7 +67,12 @@ pub(super) async fn serve(
         let (state, stage, done) = (state.clone(), stage.clone(), done_tx.clone());
         std::thread::Builder::new()
             .name(format!("apikeyrouter-serve-{i}"))
-            .spawn(move || serving_thread(listener, state, stage, &done))
+            .spawn(move || {
+                // Upstream connections opened here are driven here and reused only by
+                // this thread's requests (lane 0 is the main thread's).
+                apikeyrouter::providers::use_connection_lane(i + 1);
+                serving_thread(listener, state, stage, &done);
+            })
             .context("cannot start a serving thread")?;
     }
     drop(done_tx);
