@@ -43,7 +43,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub(crate) const USER_AGENT_VALUE: &str = concat!("apikeyrouter/", env!("CARGO_PKG_VERSION"));
 
 /// Connection lanes a client keeps at most; higher lane numbers wrap around.
-const MAX_LANES: usize = 64;
+pub(super) const MAX_LANES: usize = 64;
 
 thread_local! {
     /// This thread's connection lane (see [`use_connection_lane`]).
@@ -76,6 +76,14 @@ pub struct HttpClient {
 struct Lanes {
     connector: connect::Connector,
     pools: [OnceLock<Pool>; MAX_LANES],
+}
+
+#[cfg(test)]
+impl HttpClient {
+    /// The address of the pool this thread's requests use (tests of the lanes).
+    pub(super) fn pool_address(&self) -> usize {
+        std::ptr::from_ref(self.lanes.pool()) as usize
+    }
 }
 
 impl Lanes {

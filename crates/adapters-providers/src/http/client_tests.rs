@@ -511,14 +511,12 @@ async fn counting_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) 
 }
 
 /// Runs `get_text` twice on a thread of its own (its own runtime), on connection lane
-/// `lane` when given one.
-async fn two_gets_on_a_thread(client: &HttpClient, url: &str, lane: Option<usize>) {
+/// `lane`.
+async fn two_gets_on_a_thread(client: &HttpClient, url: &str, lane: usize) {
     let (client, url) = (client.clone(), url.to_owned());
     let (done, finished) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        if let Some(lane) = lane {
-            super::use_connection_lane(lane);
-        }
+        super::use_connection_lane(lane);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -532,8 +530,8 @@ async fn two_gets_on_a_thread(client: &HttpClient, url: &str, lane: Option<usize
     finished.await.unwrap();
 }
 
-/// Each connection lane has a pool of its own: a thread on another lane opens its own
-/// connection, while threads that chose no lane share lane 0's.
+/// Each connection lane has a pool of its own: a thread on another lane opens a
+/// connection of its own although lane 0 holds an idle one, and reuses it.
 #[tokio::test]
 async fn each_connection_lane_keeps_its_own_pool() {
     use std::sync::atomic::Ordering::SeqCst;
@@ -545,17 +543,36 @@ async fn each_connection_lane_keeps_its_own_pool() {
     assert_eq!(get_text(&client, &url).await.1, "ok");
     assert_eq!(accepted.load(SeqCst), 1, "lane 0 reuses its connection");
 
-    two_gets_on_a_thread(&client, &url, None).await;
-    assert_eq!(
-        accepted.load(SeqCst),
-        1,
-        "a thread of no lane shares lane 0"
-    );
-
-    two_gets_on_a_thread(&client, &url, Some(3)).await;
+    two_gets_on_a_thread(&client, &url, 3).await;
     assert_eq!(
         accepted.load(SeqCst),
         2,
         "lane 3 opens a connection of its own"
     );
+}
+
+/// Threads that chose no lane use lane 0's pool (so the shared runtime has one pool),
+/// and lane numbers wrap around at the client's number of lanes. (Which pool, not
+/// which connection: reuse across threads depends on when the connection is back.)
+#[test]
+fn threads_of_no_lane_share_lane_0_and_lanes_wrap() {
+    let client = trusting_client(Matcher::builder().build());
+    let pool_on = |lane: Option<usize>| {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            if let Some(lane) = lane {
+                super::use_connection_lane(lane);
+            }
+            client.pool_address()
+        })
+        .join()
+        .unwrap()
+    };
+    let lane_0 = client.pool_address();
+    assert_eq!(pool_on(None), lane_0);
+    assert_eq!(pool_on(Some(0)), lane_0);
+    let lane_3 = pool_on(Some(3));
+    assert_ne!(lane_3, lane_0);
+    assert_eq!(pool_on(Some(3)), lane_3);
+    assert_eq!(pool_on(Some(3 + super::client::MAX_LANES)), lane_3);
 }
