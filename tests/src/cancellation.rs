@@ -93,7 +93,8 @@ async fn a_dropped_route_charges_its_estimate_and_is_audited() {
 }
 
 /// Clients that keep timing out before the provider answers do not build up a
-/// failure streak: the key stays available and the next genuine failure is its first.
+/// failure streak: the key stays available and the next genuine failure is its first,
+/// which does not yet put it into cooldown (three in a row do).
 #[tokio::test]
 async fn callers_giving_up_do_not_push_a_key_towards_cooldown() {
     let h = hanging_under_a_budget().await;
@@ -121,6 +122,20 @@ async fn callers_giving_up_do_not_push_a_key_towards_cooldown() {
     assert_eq!(key.stats.cost, budget.spent);
     assert_eq!((key.stats.failures, key.stats.consecutive_failures), (0, 0));
     assert_eq!(key.state, KeyState::Available);
+
+    h.provider("openai")
+        .set_default_behaviour(Behaviour::failing(FailurePlan::Always(
+            Failure::ServerError,
+        )));
+    assert!(
+        h.router
+            .route(ask("gpt-4o", "hello"), Objective::default())
+            .await
+            .is_err()
+    );
+    let key = &h.router.keys().await.unwrap()[0];
+    assert_eq!((key.stats.failures, key.stats.consecutive_failures), (1, 1));
+    assert_eq!(key.state, KeyState::Available, "{:?}", key.state_reason);
 }
 
 #[tokio::test]

@@ -781,12 +781,17 @@ mod cases {
         let mut c = charge(100, "k1", None, 0.0);
         c.budget_ids.clear();
         store.release(&c, &nothing_spent(base_now())).await.unwrap();
-        let before = store
-            .release(&c, &nothing_spent(base_now()))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!((before.requests, before.consecutive_failures), (2, 2));
+        let mut rate_limited = nothing_spent(base_now());
+        rate_limited.outcome.verdict = Verdict::Failed { rate_limited: true };
+        let before = store.release(&c, &rate_limited).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                before.requests,
+                before.consecutive_failures,
+                before.throttle_streak
+            ),
+            (2, 2, 1)
+        );
 
         let later = base_now().plus(Duration::from_secs(5));
         let mut abandoned = spent(40, Money::from_usd(0.003), later);

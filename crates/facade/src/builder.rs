@@ -222,6 +222,7 @@ impl ApiKeyRouterBuilder {
             );
         }
         core.sweep_stale_reservations();
+        core.start_record_delivery();
         Ok(ApiKeyRouter::from_core(core))
     }
 }

@@ -74,10 +74,14 @@ async fn apply_virtual_key_budgets(router: &ApiKeyRouter, config: &Config) -> an
 /// When the runtime cannot be built.
 pub fn main_runtime(server: &ServerConfig) -> std::io::Result<tokio::runtime::Runtime> {
     match server.runtime {
-        ServerRuntime::Shared => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(server.threads())
-            .enable_all()
-            .build(),
+        ServerRuntime::Shared => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            // Unset, tokio's default: `TOKIO_WORKER_THREADS`, else one per core.
+            if let Some(threads) = server.threads {
+                builder.worker_threads(threads);
+            }
+            builder.enable_all().build()
+        }
         ServerRuntime::PerCore => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
@@ -96,7 +100,10 @@ pub async fn serve(
     config_path: Option<PathBuf>,
     on_bound: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
-    match server.runtime {
+    // Per core, the serving threads' runtimes run until this is dropped, after the
+    // flush: tasks that requests left there (settling a request whose client went
+    // away) must finish.
+    let drained = match server.runtime {
         ServerRuntime::Shared => {
             let listener = TcpListener::bind(listen)
                 .await
@@ -106,6 +113,7 @@ pub async fn serve(
                 tokio::spawn(watch_config(state.clone(), path));
             }
             serve_on(listener, state.clone(), shutdown_signal()).await?;
+            None
         }
         ServerRuntime::PerCore => {
             let listeners = per_core::bind(listen, server.threads())
@@ -114,9 +122,9 @@ pub async fn serve(
             if let Some(path) = config_path {
                 tokio::spawn(watch_config(state.clone(), path));
             }
-            per_core::serve(listeners, state.clone(), shutdown_signal()).await?;
+            Some(per_core::serve(listeners, state.clone(), shutdown_signal()).await?)
         }
-    }
+    };
     // In-flight requests are done; let their audit records reach the sink.
     if !state.router.flush_records(SHUTDOWN_RECORD_WAIT).await {
         let pending = state.router.record_delivery().pending;
@@ -125,6 +133,7 @@ pub async fn serve(
             "shut down with audit records undelivered (sink or store down)"
         );
     }
+    drop(drained);
     tracing::info!("shut down");
     Ok(())
 }

@@ -369,15 +369,20 @@ fn serving_thread_switches(pid: u32) -> Vec<u64> {
 }
 
 /// `[server] runtime = "per-core"`: each serving thread takes connections of its own,
-/// a second instance cannot take the port, and requests in flight at SIGTERM finish.
+/// a second instance cannot take the port, and requests in flight at SIGTERM finish
+/// and are audited before the process exits.
 #[test]
 fn per_core_runtime_spreads_connections_and_drains_on_sigterm() {
+    let audit = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("per-core-audit-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&audit);
     let text = format!(
-        "{}\n[server]\nruntime = \"per-core\"\nthreads = 3\n",
+        "{}\n[server]\nruntime = \"per-core\"\nthreads = 3\n[audit]\nkind = \"file\"\npath = {:?}\n",
         CONFIG.replace("tenant = \"acme\", ", "").replace(
             "models = [\"gpt-4o\"]",
-            "models = [\"gpt-4o\"]\nlatency_ms = 400"
-        )
+            "models = [\"gpt-4o\"]\nlatency_ms = 1500"
+        ),
+        audit.display().to_string()
     );
     let config = temp_config("per-core", &text);
     let mut server = serve(&config);
@@ -428,7 +433,9 @@ fn per_core_runtime_spreads_connections_and_drains_on_sigterm() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(150));
+    // Long enough for the requests to be read on a loaded machine, well before they
+    // are answered.
+    std::thread::sleep(Duration::from_millis(500));
     signal(&server.child, "TERM");
     for request in in_flight {
         let (status, body) = request.join().unwrap();
@@ -446,4 +453,7 @@ fn per_core_runtime_spreads_connections_and_drains_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status}");
+    // Their audit records were delivered before the exit.
+    let records = std::fs::read_to_string(&audit).unwrap();
+    assert_eq!(records.lines().count(), 3, "{records}");
 }

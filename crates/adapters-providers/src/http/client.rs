@@ -42,7 +42,8 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Sent with every request, and with the `CONNECT` of a proxy tunnel.
 pub(crate) const USER_AGENT_VALUE: &str = concat!("apikeyrouter/", env!("CARGO_PKG_VERSION"));
 
-/// Connection lanes a client keeps at most; higher lane numbers wrap around.
+/// Connection lanes a client keeps at most; higher lane numbers wrap around lanes
+/// 1 and up, so that they never share lane 0 (the threads that chose none).
 pub(super) const MAX_LANES: usize = 64;
 
 thread_local! {
@@ -58,7 +59,10 @@ thread_local! {
 /// driven on the request's own thread (measured 7–24% more requests per second than
 /// one shared pool). Threads that choose no lane share lane 0, i.e. one pool.
 pub fn use_connection_lane(lane: usize) {
-    LANE.set(lane % MAX_LANES);
+    LANE.set(match lane {
+        0 => 0,
+        n => 1 + (n - 1) % (MAX_LANES - 1),
+    });
 }
 
 type Pool = Client<connect::Connector, Full<Bytes>>;

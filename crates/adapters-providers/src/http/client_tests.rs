@@ -552,7 +552,7 @@ async fn each_connection_lane_keeps_its_own_pool() {
 }
 
 /// Threads that chose no lane use lane 0's pool (so the shared runtime has one pool),
-/// and lane numbers wrap around at the client's number of lanes. (Which pool, not
+/// and lane numbers wrap around the client's other lanes, never onto lane 0. (Which pool, not
 /// which connection: reuse across threads depends on when the connection is back.)
 #[test]
 fn threads_of_no_lane_share_lane_0_and_lanes_wrap() {
@@ -574,5 +574,6 @@ fn threads_of_no_lane_share_lane_0_and_lanes_wrap() {
     let lane_3 = pool_on(Some(3));
     assert_ne!(lane_3, lane_0);
     assert_eq!(pool_on(Some(3)), lane_3);
-    assert_eq!(pool_on(Some(3 + super::client::MAX_LANES)), lane_3);
+    assert_eq!(pool_on(Some(3 + super::client::MAX_LANES - 1)), lane_3);
+    assert_ne!(pool_on(Some(super::client::MAX_LANES)), lane_0);
 }

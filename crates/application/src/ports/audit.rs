@@ -27,4 +27,14 @@ pub trait AuditSink: Send + Sync + 'static {
     /// [`AuditError`] when the record could not be accepted; the router logs it and
     /// counts it, and still answers the request.
     async fn record(&self, record: &AuditRecord) -> Result<(), AuditError>;
+
+    /// Waits until every record accepted so far is written: a sink that writes in the
+    /// background must not lose what it accepted when the process exits after
+    /// shutting down. The default has nothing to wait for.
+    ///
+    /// # Errors
+    /// [`AuditError`] when records accepted since the previous flush were not written.
+    async fn flush(&self) -> Result<(), AuditError> {
+        Ok(())
+    }
 }

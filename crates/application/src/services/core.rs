@@ -475,7 +475,15 @@ impl ApiKeyRouterCore {
     /// finished so far, or until `timeout`; returns whether they do. Call it before
     /// shutting down so no record is lost.
     pub async fn flush_records(&self, timeout: Duration) -> bool {
-        self.shared.records.settled(timeout).await
+        self.shared.records.flushed(timeout).await
+    }
+
+    /// Starts the background delivery of audit records on the current runtime, which
+    /// then runs it for the router's life. Without this call it starts on the runtime
+    /// of the first request's thread: with a runtime per serving thread, that thread
+    /// would carry every sink write, and its end would end the delivery.
+    pub fn start_record_delivery(&self) {
+        self.shared.records.start();
     }
 
     /// Counters of the background record delivery.

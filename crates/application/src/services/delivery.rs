@@ -100,6 +100,12 @@ impl RecordDelivery {
         }))
     }
 
+    /// Starts the worker on the current runtime if it has not started; without this
+    /// it starts on the runtime of the thread that submits the first record.
+    pub(crate) fn start(&self) {
+        let _ = self.sender();
+    }
+
     /// Queues `record` for delivery without waiting.
     pub(crate) fn submit(&self, record: AuditRecord) {
         let Some(tx) = self.sender() else {
@@ -135,6 +141,23 @@ impl RecordDelivery {
         tokio::time::timeout(timeout, rx.wait_for(|n| *n >= target))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// [`Self::settled`], then the sink's own [`AuditSink::flush`], both within
+    /// `timeout`: what shutdown waits for.
+    pub(crate) async fn flushed(&self, timeout: Duration) -> bool {
+        let by = tokio::time::Instant::now() + timeout;
+        if !self.settled(timeout).await {
+            return false;
+        }
+        match tokio::time::timeout_at(by, self.sink.flush()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "audit sink not flushed at shutdown");
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     pub(crate) fn stats(&self) -> DeliveryStats {

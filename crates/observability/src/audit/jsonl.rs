@@ -110,26 +110,6 @@ impl JsonLinesAuditSink {
             .spawn(move || write_lines(receiver, writer))?;
         Ok(Self { sender, capacity })
     }
-
-    /// Waits until every line accepted before this call is written and the writer
-    /// flushed.
-    ///
-    /// # Errors
-    /// [`AuditError::Internal`] when a write or the flush failed since the previous
-    /// flush (those lines may be lost), [`AuditError::Unavailable`] when the writer
-    /// thread has stopped.
-    pub async fn flush(&self) -> Result<(), AuditError> {
-        let (ack, acked) = oneshot::channel();
-        // Unlike `record`, this waits for room in the queue: the caller asked to wait.
-        self.sender
-            .send(Command::Flush(ack))
-            .await
-            .map_err(|_| writer_stopped())?;
-        acked
-            .await
-            .map_err(|_| writer_stopped())?
-            .map_err(AuditError::Internal)
-    }
 }
 
 #[async_trait]
@@ -143,6 +123,26 @@ impl AuditSink for JsonLinesAuditSink {
                 TrySendError::Full(_) => AuditError::Unavailable("audit buffer full".to_owned()),
                 TrySendError::Closed(_) => writer_stopped(),
             })
+    }
+
+    /// Waits until every line accepted before this call is written and the writer
+    /// flushed.
+    ///
+    /// # Errors
+    /// [`AuditError::Internal`] when a write or the flush failed since the previous
+    /// flush (those lines may be lost), [`AuditError::Unavailable`] when the writer
+    /// thread has stopped.
+    async fn flush(&self) -> Result<(), AuditError> {
+        let (ack, acked) = oneshot::channel();
+        // Unlike `record`, this waits for room in the queue: the caller asked to wait.
+        self.sender
+            .send(Command::Flush(ack))
+            .await
+            .map_err(|_| writer_stopped())?;
+        acked
+            .await
+            .map_err(|_| writer_stopped())?
+            .map_err(AuditError::Internal)
     }
 }
 

@@ -21,6 +21,7 @@ use crate::state::AppState;
 ///
 /// # Errors
 /// When the address is in use or cannot be bound.
+#[cfg(target_os = "linux")]
 pub(super) fn bind(
     listen: SocketAddr,
     threads: usize,
@@ -41,7 +42,21 @@ pub(super) fn bind(
         .collect()
 }
 
+/// Elsewhere `SO_REUSEPORT` does not spread connections over the listeners (or does
+/// not exist).
+#[cfg(not(target_os = "linux"))]
+pub(super) fn bind(
+    _listen: SocketAddr,
+    _threads: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "the per-core runtime needs Linux (SO_REUSEPORT spreading connections over listeners)",
+    ))
+}
+
 /// The serving threads after they drained; dropping it lets them end.
+#[must_use = "dropping it ends the serving threads' runtimes and the tasks left on them"]
 pub(super) struct Drained {
     _release: watch::Sender<bool>,
 }
@@ -60,7 +75,6 @@ pub(super) async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Drained> {
-    let threads = listeners.len();
     let (draining, stage) = watch::channel(false);
     let (done_tx, mut done) = mpsc::unbounded_channel();
     for (i, listener) in listeners.into_iter().enumerate() {
@@ -71,27 +85,21 @@ pub(super) async fn serve(
                 // Upstream connections opened here are driven here and reused only by
                 // this thread's requests (lane 0 is the main thread's).
                 apikeyrouter::providers::use_connection_lane(i + 1);
-                serving_thread(listener, state, stage, &done);
+                serving_thread(listener, state, stage, done);
             })
             .context("cannot start a serving thread")?;
     }
     drop(done_tx);
-    let mut finished = 0;
     let mut failure = None;
     tokio::select! {
         () = shutdown => {}
-        Some(result) = done.recv() => {
-            // A thread stopped on its own: its server failed.
-            finished = 1;
-            failure = result.err();
-        }
+        // A thread stopped on its own: its server failed.
+        Some(result) = done.recv() => failure = result.err(),
     }
     let _ = draining.send(true);
-    while finished < threads {
-        let Some(result) = done.recv().await else {
-            break;
-        };
-        finished += 1;
+    // Each thread drops its sender once drained (or when it panics), so this ends
+    // when the last one has.
+    while let Some(result) = done.recv().await {
         if let Err(e) = result {
             failure.get_or_insert(e);
         }
@@ -102,13 +110,13 @@ pub(super) async fn serve(
     }
 }
 
-/// One serving thread: serves until `stage` turns to draining, reports on `done`,
-/// then keeps its runtime running until `stage`'s sender is dropped.
+/// One serving thread: serves until `stage` turns to draining, reports on `done` and
+/// drops it, then keeps its runtime running until `stage`'s sender is dropped.
 fn serving_thread(
     listener: std::net::TcpListener,
     state: Arc<AppState>,
     mut stage: watch::Receiver<bool>,
-    done: &mpsc::UnboundedSender<anyhow::Result<()>>,
+    done: mpsc::UnboundedSender<anyhow::Result<()>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -130,6 +138,7 @@ fn serving_thread(
             Err(e) => Err(e).context("cannot register a listener"),
         };
         let _ = done.send(served);
+        drop(done);
         while stage.changed().await.is_ok() {}
     });
 }

@@ -173,11 +173,12 @@ impl Drop for Run {
 }
 
 /// Settles a reservation whose request was dropped, in a task of its own. Before the
-/// provider was called it is released (nothing was spent; the key's counters take it
-/// as a failed request, and if the reserve never reached the store its token windows
-/// lose the estimate); once it may have been called, its estimate is spent: the
-/// provider may bill the call, and a budget errs towards refusing. A settlement
-/// already asked of the store is left to it. Returns what the audit record says.
+/// provider was called it is released (nothing was spent, and if the reserve never
+/// reached the store its token windows lose the estimate); once it may have been
+/// called, its estimate is spent: the provider may bill the call, and a budget errs
+/// towards refusing. Either way the verdict is [`Verdict::Abandoned`], which leaves the
+/// key's health counters alone. A settlement already asked of the store is left to
+/// it. Returns what the audit record says.
 fn abandon(
     shared: &Arc<Shared>,
     held: Held,
