@@ -189,6 +189,8 @@ async fn bad_request_is_not_retried_and_is_audited_once() {
         .times(1)
         .withf(|r| matches!(&r.outcome, apikeyrouter::Outcome::Failure { code, .. } if code == "provider_rejected_request"))
         .returning(|_| Ok(()));
+    // Flushed once, by flush_records below.
+    audit.expect_flush().times(1).returning(|| Ok(()));
     let router = apikeyrouter::ApiKeyRouter::builder()
         .audit(Arc::new(audit))
         .build()
