@@ -222,7 +222,6 @@ impl ApiKeyRouterBuilder {
             );
         }
         core.sweep_stale_reservations();
-        core.start_record_delivery();
         Ok(ApiKeyRouter::from_core(core))
     }
 }

@@ -67,8 +67,8 @@ async fn apply_virtual_key_budgets(router: &ApiKeyRouter, config: &Config) -> an
 
 /// The runtime the command runs on. With the shared arrangement it is the one that
 /// serves: work-stealing over `server.threads` workers. Per core, it only runs the
-/// router's background work (audit delivery, sweeps, reload, store connections) on
-/// the main thread; [`serve`] starts the serving threads.
+/// router's background work (sweeps, reload, store connections) on the main thread;
+/// [`serve`] starts the serving threads (audit delivery starts on the first to serve).
 ///
 /// # Errors
 /// When the runtime cannot be built.

@@ -478,14 +478,6 @@ impl ApiKeyRouterCore {
         self.shared.records.flushed(timeout).await
     }
 
-    /// Starts the background delivery of audit records on the current runtime, which
-    /// then runs it for the router's life. Without this call it starts on the runtime
-    /// of the first request's thread: with a runtime per serving thread, that thread
-    /// would carry every sink write, and its end would end the delivery.
-    pub fn start_record_delivery(&self) {
-        self.shared.records.start();
-    }
-
     /// Counters of the background record delivery.
     pub fn record_delivery(&self) -> DeliveryStats {
         self.shared.records.stats()

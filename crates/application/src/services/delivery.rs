@@ -100,12 +100,6 @@ impl RecordDelivery {
         }))
     }
 
-    /// Starts the worker on the current runtime if it has not started; without this
-    /// it starts on the runtime of the thread that submits the first record.
-    pub(crate) fn start(&self) {
-        let _ = self.sender();
-    }
-
     /// Queues `record` for delivery without waiting.
     pub(crate) fn submit(&self, record: AuditRecord) {
         let Some(tx) = self.sender() else {
