@@ -48,6 +48,18 @@ async fn give_up_on<T>(
     (status, records.into_iter().next().unwrap())
 }
 
+/// The key counted no request, failure or failure streak.
+fn assert_no_health_counted(key: &apikeyrouter::KeyInfo) {
+    assert_eq!(
+        (
+            key.stats.requests,
+            key.stats.failures,
+            key.stats.consecutive_failures
+        ),
+        (0, 0, 0)
+    );
+}
+
 fn assert_charged_and_audited(status: &BudgetStatus, record: &apikeyrouter::AuditRecord) {
     assert_eq!(
         status.reserved,
@@ -80,14 +92,7 @@ async fn a_dropped_route_charges_its_estimate_and_is_audited() {
     // The caller's impatience says nothing about the key: its health counters stay
     // as they were, and only the estimate it may be billed is added.
     let key = &h.router.keys().await.unwrap()[0];
-    assert_eq!(
-        (
-            key.stats.requests,
-            key.stats.failures,
-            key.stats.consecutive_failures
-        ),
-        (0, 0, 0)
-    );
+    assert_no_health_counted(key);
     assert_eq!(key.stats.success_ewma, 1.0);
     assert_eq!(key.stats.cost, record.estimated_cost.unwrap());
 }
@@ -241,14 +246,7 @@ async fn dropped_while_the_reservation_is_made_it_is_released() {
     assert!(record.attempts.is_empty());
     // No call was made, so the key has nothing to learn.
     let key = &h.router.keys().await.unwrap()[0];
-    assert_eq!(
-        (
-            key.stats.requests,
-            key.stats.failures,
-            key.stats.consecutive_failures
-        ),
-        (0, 0, 0)
-    );
+    assert_no_health_counted(key);
 }
 
 /// Dropped after its call was released, while the key's cooldown is written: nothing

@@ -101,6 +101,22 @@ fn bound_address(child: &mut Child) -> SocketAddr {
         .unwrap()
 }
 
+/// Waits up to ten seconds for the server to exit after a signal, successfully.
+fn assert_graceful_exit(server: &mut Server) {
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no graceful exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
 fn signal(child: &Child, name: &str) {
     let ok = Command::new("kill")
         .args([&format!("-{name}"), &child.id().to_string()])
@@ -226,18 +242,7 @@ fn serve_reloads_on_sighup_and_shuts_down_gracefully() {
     assert_eq!(status, 200);
 
     signal(&server.child, "TERM");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no graceful exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "exit status {status}");
+    assert_graceful_exit(&mut server);
 }
 
 /// Open file limit of this process, to size the connection flood to the machine.
@@ -441,18 +446,7 @@ fn per_core_runtime_spreads_connections_and_drains_on_sigterm() {
         let (status, body) = request.join().unwrap();
         assert_eq!(status, 200, "{body}");
     }
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no graceful exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "exit status {status}");
+    assert_graceful_exit(&mut server);
     // Their audit records were delivered before the exit.
     let records = std::fs::read_to_string(&audit).unwrap();
     assert_eq!(records.lines().count(), 3, "{records}");
