@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 
 use apikeyrouter::config::Config;
-use apikeyrouter_proxy::server;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -48,18 +47,7 @@ impl Proxy {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         let config = Config::parse(&text, "test.toml", &vars).expect("valid config");
-        let state = server::build_state(&config).await.expect("state");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(server::serve(
-            state,
-            config.listen,
-            config.server,
-            None,
-            move |addr| {
-                let _ = tx.send(addr);
-            },
-        ));
-        let addr = rx.await.expect("bound");
+        let addr = crate::support::spawn_proxy(&config).await;
         Self {
             addr,
             client: reqwest::Client::new(),

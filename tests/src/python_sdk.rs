@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use apikeyrouter::config::Config;
-use apikeyrouter_proxy::server;
 
 const CONFIG: &str = r#"
 listen = "127.0.0.1:0"
@@ -47,18 +46,7 @@ fn python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_sdk_works_against_the_proxy() {
     let config = Config::parse(CONFIG, "sdk-test.toml", &[]).unwrap();
-    let state = server::build_state(&config).await.unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(server::serve(
-        state,
-        config.listen,
-        config.server,
-        None,
-        move |addr| {
-            let _ = tx.send(addr);
-        },
-    ));
-    let addr = rx.await.unwrap();
+    let addr = crate::support::spawn_proxy(&config).await;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/openai_sdk_client.py");
     let python = python();
     let output = tokio::task::spawn_blocking(move || {

@@ -18,7 +18,6 @@ use apikeyrouter::{
     Objective, RequestContext,
 };
 use apikeyrouter_adapters_stores::{FailMode, StoreConfig};
-use apikeyrouter_proxy::server;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -127,18 +126,7 @@ material = "sk-sim-fault-000001"
         redis.url()
     );
     let config = apikeyrouter::config::Config::parse(&text, "faults.toml", &[]).expect("config");
-    let state = server::build_state(&config).await.expect("state");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(server::serve(
-        state,
-        config.listen,
-        config.server,
-        None,
-        move |addr| {
-            let _ = tx.send(addr);
-        },
-    ));
-    let base = format!("http://{}", rx.await.expect("bound"));
+    let base = format!("http://{}", crate::support::spawn_proxy(&config).await);
     let client = reqwest::Client::new();
     let chat = |id: &str| {
         client

@@ -119,3 +119,22 @@ impl Harness {
 pub fn ask(model: &str, text: &str) -> RequestIntent {
     RequestIntent::new(model, vec![Message::user(text)])
 }
+
+/// Serves `config` in-process on the port it names (port 0: a free one) and returns
+/// the bound address once the proxy accepts connections.
+pub async fn spawn_proxy(config: &apikeyrouter::config::Config) -> std::net::SocketAddr {
+    let state = apikeyrouter_proxy::server::build_state(config)
+        .await
+        .expect("proxy state");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(apikeyrouter_proxy::server::serve(
+        state,
+        config.listen,
+        config.server,
+        None,
+        move |addr| {
+            let _ = tx.send(addr);
+        },
+    ));
+    rx.await.expect("proxy bound")
+}
