@@ -19,8 +19,9 @@
 //! connections that each pause a random 10–30 ms between requests (wrk's `delay`),
 //! i.e. 64 concurrent clients at roughly a third of the proxy's saturation rate.
 //!
-//! The same three runs are then made through the proxy on its per-core runtime
-//! (`[server] runtime = "per-core"`, set through the environment).
+//! The proxy runs on its default runtime (per core, on Linux); the same three runs are
+//! then made through it on the shared one (`[server] runtime = "shared"`, set
+//! through the environment).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -175,7 +176,7 @@ struct Setup {
     mock_at: String,
     proxy_at: String,
     bare_at: String,
-    per_core_at: String,
+    shared_at: String,
     dir: &'static str,
 }
 
@@ -189,9 +190,9 @@ fn prepare(sh: &Shell) -> Result<Setup> {
     let mock_at = format!("127.0.0.1:{port}");
     let proxy_at = format!("127.0.0.1:{}", port + 1);
     let bare_at = format!("127.0.0.1:{}", port + 2);
-    let per_core_at = format!("127.0.0.1:{}", port + 3);
+    let shared_at = format!("127.0.0.1:{}", port + 3);
     // A leftover server on these ports would be measured instead of ours.
-    for addr in [&mock_at, &proxy_at, &bare_at, &per_core_at] {
+    for addr in [&mock_at, &proxy_at, &bare_at, &shared_at] {
         if std::net::TcpListener::bind(addr).is_err() {
             bail!("{addr} is in use; stop what listens there or set BENCH_PROXY_PORT");
         }
@@ -233,14 +234,14 @@ fn prepare(sh: &Shell) -> Result<Setup> {
         mock_at,
         proxy_at,
         bare_at,
-        per_core_at,
+        shared_at,
         dir,
     })
 }
 
-/// Starts the proxy on `at` with the bench's configuration, on the per-core runtime
-/// or the default shared one, and waits until it is ready.
-fn start_proxy(dir: &str, at: &str, per_core: bool) -> Result<Guard> {
+/// Starts the proxy on `at` with the bench's configuration, on the shared runtime or
+/// the default one, and waits until it is ready.
+fn start_proxy(dir: &str, at: &str, shared: bool) -> Result<Guard> {
     let mut command = Command::new("target/release/apikeyrouter");
     command
         .args([
@@ -253,8 +254,8 @@ fn start_proxy(dir: &str, at: &str, per_core: bool) -> Result<Guard> {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    if per_core {
-        command.env("APIKEYROUTER_SERVER__RUNTIME", "per-core");
+    if shared {
+        command.env("APIKEYROUTER_SERVER__RUNTIME", "shared");
     }
     let mut child = command.spawn()?;
     let stdout = child.stdout.take();
@@ -442,7 +443,7 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         mock_at,
         proxy_at,
         bare_at,
-        per_core_at,
+        shared_at,
         dir,
     } = prepare(sh)?;
     let mock = start_mock(&mock_at)?;
@@ -494,20 +495,18 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     drop(bare);
     drop(proxy);
 
-    // The same proxy on the per-core runtime (`[server] runtime = "per-core"`).
-    let per_core = start_proxy(dir, &per_core_at, true)?;
-    let per_core_url = format!("http://{per_core_at}/v1/chat/completions");
-    let _ = cmd!(sh, "wrk -t2 -c{c} -d2s -s {lua} {per_core_url}")
+    // The same proxy on the shared runtime (`[server] runtime = "shared"`).
+    let shared = start_proxy(dir, &shared_at, true)?;
+    let shared_url = format!("http://{shared_at}/v1/chat/completions");
+    let _ = cmd!(sh, "wrk -t2 -c{c} -d2s -s {lua} {shared_url}")
         .quiet()
         .ignore_stdout()
         .run();
-    let per_core_pids = (mock.0.id(), per_core.0.id());
-    let per_core_run = measured(per_core_pids, || wrk(CONNECTIONS, 2, per_core_url.clone()))?;
-    let per_core_low = measured(per_core_pids, || {
-        wrk(LOW_CONNECTIONS, 1, per_core_url.clone())
-    })?;
-    let per_core_paced = measured(per_core_pids, || paced(per_core_url.clone()))?;
-    drop(per_core);
+    let shared_pids = (mock.0.id(), shared.0.id());
+    let shared_run = measured(shared_pids, || wrk(CONNECTIONS, 2, shared_url.clone()))?;
+    let shared_low = measured(shared_pids, || wrk(LOW_CONNECTIONS, 1, shared_url.clone()))?;
+    let shared_paced = measured(shared_pids, || paced(shared_url.clone()))?;
+    drop(shared);
 
     println!("proxy load test: {seconds} s per run, {N_KEYS} keys, wrk");
     println!(
@@ -517,17 +516,17 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     for (path, connections, m) in [
         ("mock directly", "64", &direct),
         ("through the proxy", "64", &through),
-        ("through the proxy, per-core runtime", "64", &per_core_run),
+        ("through the proxy, shared runtime", "64", &shared_run),
         ("through the bare forwarder (floor)", "64", &floor),
         ("mock directly", "1", &direct_low),
         ("through the proxy", "1", &through_low),
-        ("through the proxy, per-core runtime", "1", &per_core_low),
+        ("through the proxy, shared runtime", "1", &shared_low),
         ("mock directly", "64 paced", &direct_paced),
         ("through the proxy", "64 paced", &through_paced),
         (
-            "through the proxy, per-core runtime",
+            "through the proxy, shared runtime",
             "64 paced",
-            &per_core_paced,
+            &shared_paced,
         ),
         (
             "through the bare forwarder (floor)",
@@ -544,23 +543,18 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         ("", "64 connections", &direct, &through),
         ("", "1 connection", &direct_low, &through_low),
         ("", "64 paced connections", &direct_paced, &through_paced),
+        (" (shared runtime)", "64 connections", &direct, &shared_run),
         (
-            " (per-core runtime)",
-            "64 connections",
-            &direct,
-            &per_core_run,
-        ),
-        (
-            " (per-core runtime)",
+            " (shared runtime)",
             "1 connection",
             &direct_low,
-            &per_core_low,
+            &shared_low,
         ),
         (
-            " (per-core runtime)",
+            " (shared runtime)",
             "64 paced connections",
             &direct_paced,
-            &per_core_paced,
+            &shared_paced,
         ),
     ] {
         println!(
@@ -575,8 +569,8 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         floor_paced.run.p99_us - direct_paced.run.p99_us,
     );
     println!(
-        "proxy CPU per request: {:.1} µs at {CONNECTIONS} connections ({:.1} µs on the per-core runtime); resident memory {:.1} MB idle, {:.1} MB after load",
-        through.proxy_cpu_us, per_core_run.proxy_cpu_us, rss_idle, rss_loaded
+        "proxy CPU per request: {:.1} µs at {CONNECTIONS} connections ({:.1} µs on the shared runtime); resident memory {:.1} MB idle, {:.1} MB after load",
+        through.proxy_cpu_us, shared_run.proxy_cpu_us, rss_idle, rss_loaded
     );
     Ok(())
 }

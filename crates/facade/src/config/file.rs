@@ -484,17 +484,20 @@ impl ServerConfig {
     }
 }
 
-/// How request handling is spread over the serving threads.
+/// How request handling is spread over the serving threads. Per core on Linux, where
+/// it served 1.8 times the requests per second of the shared runtime at lower
+/// latency (docs/benchmarks.md); shared elsewhere, where it is the only one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ServerRuntime {
-    /// One work-stealing runtime over all threads: the lowest latency when lightly
-    /// loaded (a request's hops find a thread awake).
-    #[default]
+    /// One work-stealing runtime over all threads: it evens out load that arrives
+    /// over a few busy connections.
+    #[cfg_attr(not(target_os = "linux"), default)]
     Shared,
     /// A single-threaded runtime per thread, each accepting on its own listener
-    /// (`SO_REUSEPORT`): a connection's requests stay on one core, so more requests
-    /// per second at full load, but each hop of a lone request wakes a sleeping thread.
+    /// (`SO_REUSEPORT`, Linux only): a connection's requests stay on one core, with
+    /// no task or cache line moving between cores.
+    #[cfg_attr(target_os = "linux", default)]
     PerCore,
 }
 

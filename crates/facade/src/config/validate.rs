@@ -15,7 +15,8 @@ use apikeyrouter_domain::{
 use thiserror::Error;
 
 use super::file::{
-    AuditConfig, DEFAULT_RESERVATION_LEASE_MS, FileConfig, LimitsConfig, ProviderKind, ServerConfig,
+    AuditConfig, DEFAULT_RESERVATION_LEASE_MS, FileConfig, LimitsConfig, ProviderKind,
+    ServerConfig, ServerRuntime,
 };
 
 /// What is wrong with a configuration, and where.
@@ -681,6 +682,12 @@ impl Validator<'_> {
         }
         if file.limits.max_body_bytes < 1024 {
             return Err(self.err("limits.max_body_bytes", "must be at least 1024"));
+        }
+        if cfg!(not(target_os = "linux")) && file.server.runtime == ServerRuntime::PerCore {
+            return Err(self.err(
+                "server.runtime",
+                "per-core needs Linux (SO_REUSEPORT spreading connections over listeners); use shared",
+            ));
         }
         if file
             .server

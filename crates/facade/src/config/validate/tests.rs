@@ -227,8 +227,21 @@ fn reservation_lease_defaults_to_an_hour_and_must_outlast_the_deadline() {
 fn server_runtime_and_threads_parse_and_are_checked() {
     let vars = base_env();
     let c = Config::parse(SPEC_EXAMPLE, "test.toml", &vars).unwrap();
-    assert_eq!(c.server.runtime, ServerRuntime::Shared);
+    let default = if cfg!(target_os = "linux") {
+        ServerRuntime::PerCore
+    } else {
+        ServerRuntime::Shared
+    };
+    assert_eq!(c.server.runtime, default);
     assert!(c.server.threads() >= 1);
+    let shared = format!("{SPEC_EXAMPLE}\n[server]\nruntime = \"shared\"\n");
+    assert_eq!(
+        Config::parse(&shared, "test.toml", &vars)
+            .unwrap()
+            .server
+            .runtime,
+        ServerRuntime::Shared
+    );
 
     let per_core = format!("{SPEC_EXAMPLE}\n[server]\nruntime = \"per-core\"\nthreads = 3\n");
     let c = Config::parse(&per_core, "test.toml", &vars).unwrap();
