@@ -116,6 +116,16 @@ fn hello(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
 }
 
+/// The value of one series (name and labels as printed) on a metrics page.
+fn series(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series}: {metrics}"))
+        .parse()
+        .unwrap()
+}
+
 async fn error_of(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
     let body: Value = response.json().await.expect("json error body");
@@ -219,6 +229,21 @@ async fn streaming_sends_chunks_usage_and_done() {
             .iter()
             .any(|c| c["choices"][0]["finish_reason"] == "stop")
     );
+    // The stream's tokens and cost reach the metrics once it has settled.
+    let metrics = p.metrics().await;
+    let tokens = series(
+        &metrics,
+        "apikeyrouter_tokens_total{provider=\"openai\",model=\"gpt-4o\",kind=\"completion\"}",
+    );
+    assert_eq!(
+        tokens,
+        usage["usage"]["completion_tokens"].as_f64().unwrap()
+    );
+    let cost = series(
+        &metrics,
+        "apikeyrouter_cost_usd_total{provider=\"openai\",model=\"gpt-4o\"}",
+    );
+    assert!(cost > 0.0, "{metrics}");
 }
 
 #[tokio::test]
@@ -476,6 +501,20 @@ token_env = "CLIENT_SHARED"
     );
     let (status, _) = error_of(p.chat(hello("gpt-4o"), Some("wrong-token-000")).await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Credentials are checked before the body: no body detail reaches a stranger.
+    for path in ["/v1/chat/completions", "/v1/embeddings"] {
+        let (status, _) = error_of(
+            p.client
+                .post(p.url(path))
+                .header("content-type", "application/json")
+                .body("{not json")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
 
     // /v1/models follows routing: a tenant's client sees what its tenant's keys
     // serve (within its allowed models); an untenanted client what shared keys serve.
@@ -628,16 +667,60 @@ async fn management_api_requires_the_admin_token_and_masks_material() {
     assert_eq!(quota["capacity"], "abundant");
     assert_eq!(quota["windows"][0]["limit"], 60);
 
-    let patch = json!({"metadata": {"tenant": "t1", "rpm": 120}});
-    let patched: Value = admin(p.client.patch(p.url(&format!("/api/v1/keys/{id}"))))
-        .json(&patch)
+    // A merge patch: what it names changes, what it leaves out stays (the tenant),
+    // and `null` removes.
+    let patch_key =
+        |patch: Value| admin(p.client.patch(p.url(&format!("/api/v1/keys/{id}")))).json(&patch);
+    let patched: Value = patch_key(json!({"metadata": {"rpm": 120, "tier": "gold"}}))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(patched["metadata"]["rpm"], 120);
+    assert_eq!(
+        patched["metadata"],
+        json!({"tenant": "t1", "rpm": 120, "tier": "gold"})
+    );
+    let patched: Value = patch_key(json!({"metadata": {"tier": null, "env": "production"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        patched["metadata"],
+        json!({"tenant": "t1", "rpm": 120, "environment": "production"})
+    );
+    let (status, error) = error_of(
+        patch_key(json!({"metadata": {"rpm": "lots"}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["param"], "metadata", "{error}");
+    let (status, _) = error_of(
+        patch_key(json!({"metadata": {"rpm": 0}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a zero limit is refused");
+    let kept: Value = admin(p.client.get(p.url(&format!("/api/v1/keys/{id}"))))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        kept["metadata"]["rpm"], 120,
+        "a refused patch changes nothing"
+    );
 
     let bad_state = json!({"state": "throttled"});
     let (status, _) = error_of(
@@ -773,14 +856,10 @@ async fn operations_endpoints_answer() {
         "{metrics}"
     );
     // The served chat's cost reached its provider and model's series.
-    let cost: f64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("apikeyrouter_cost_usd_total{provider=\"openai\",model=\"gpt-4o\"} ")
-        })
-        .unwrap_or_else(|| panic!("no gpt-4o cost series: {metrics}"))
-        .parse()
-        .unwrap();
+    let cost = series(
+        &metrics,
+        "apikeyrouter_cost_usd_total{provider=\"openai\",model=\"gpt-4o\"}",
+    );
     assert!(cost > 0.0, "{metrics}");
 }
 
@@ -814,6 +893,23 @@ async fn client_disconnecting_mid_stream_is_settled_and_audited() {
     assert!(
         record["usage"]["completion_tokens"].as_u64().unwrap() > 0,
         "{record}"
+    );
+    // The metrics count what was billed, though the client never saw a usage chunk.
+    let metrics = p.metrics().await;
+    let tokens = series(
+        &metrics,
+        "apikeyrouter_tokens_total{provider=\"openai\",model=\"gpt-4o\",kind=\"completion\"}",
+    );
+    assert_eq!(
+        tokens,
+        record["usage"]["completion_tokens"].as_f64().unwrap()
+    );
+    assert!(
+        series(
+            &metrics,
+            "apikeyrouter_cost_usd_total{provider=\"openai\",model=\"gpt-4o\"}"
+        ) > 0.0,
+        "{metrics}"
     );
     // And the server keeps serving.
     assert_eq!(p.chat(hello("gpt-4o"), None).await.status(), StatusCode::OK);

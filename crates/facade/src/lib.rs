@@ -41,6 +41,7 @@ pub use apikeyrouter_application::ports::{
 };
 pub use apikeyrouter_application::services::{
     BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind, RoutedStream,
+    StreamTotals,
 };
 pub use apikeyrouter_application::{
     AttemptRecord, AuditRecord, DeliveryStats, EmbeddingRouteResponse, Outcome, ProviderSettings,

@@ -138,10 +138,13 @@ pub async fn get_key(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyPatch {
-    metadata: KeyMetadata,
+    metadata: serde_json::Map<String, serde_json::Value>,
 }
 
-/// `PATCH /api/v1/keys/{id}`: replaces the metadata.
+/// `PATCH /api/v1/keys/{id}`: merges into the metadata as a JSON merge patch (RFC
+/// 7396): a field given replaces its value, a field given as `null` is removed, the
+/// others are kept, so that changing `rpm` cannot drop a key's `tenant` by omission.
+/// Two patches of one key at the same moment: the later write wins whole.
 pub async fn update_key(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
@@ -149,12 +152,42 @@ pub async fn update_key(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let patch: KeyPatch = parse_json(body)?;
+    let id = KeyId::new(id);
+    let current = state.router.key(&id).await.map_err(key_error)?;
+    let metadata = merged(&current.metadata, patch.metadata)?;
     let info = state
         .router
-        .update_key_metadata(&KeyId::new(id), patch.metadata)
+        .update_key_metadata(&id, metadata)
         .await
         .map_err(key_error)?;
     Ok(Json(info).into_response())
+}
+
+/// `current` with `patch` merged in; a patch's aliases (`customer_id`, `env`) replace
+/// the fields they stand for.
+fn merged(
+    current: &KeyMetadata,
+    patch: serde_json::Map<String, serde_json::Value>,
+) -> Result<KeyMetadata, ApiError> {
+    let invalid = |e: serde_json::Error| {
+        ApiError::bad_request("invalid_value", format!("metadata: {e}")).with_param("metadata")
+    };
+    let mut fields: serde_json::Map<String, serde_json::Value> = serde_json::to_value(current)
+        .and_then(serde_json::from_value)
+        .map_err(invalid)?;
+    for (field, value) in patch {
+        let field = match field.as_str() {
+            "customer_id" => "tenant".to_owned(),
+            "env" => "environment".to_owned(),
+            _ => field,
+        };
+        if value.is_null() {
+            fields.remove(&field);
+        } else {
+            fields.insert(field, value);
+        }
+    }
+    serde_json::from_value(serde_json::Value::Object(fields)).map_err(invalid)
 }
 
 /// `DELETE /api/v1/keys/{id}`

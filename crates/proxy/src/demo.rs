@@ -73,8 +73,14 @@ pub fn config(listen: &str) -> Result<Config, ConfigError> {
     Config::parse(&text, "demo", &vars)
 }
 
-/// What to tell the user once the demo listens.
-pub fn banner(addr: std::net::SocketAddr) -> String {
+/// What to tell the user once the demo listens; with an admin token set
+/// (`APIKEYROUTER_ADMIN_TOKEN`), the management API call shows how to send it.
+pub fn banner(addr: std::net::SocketAddr, admin_token: bool) -> String {
+    let admin = if admin_token {
+        " -H \"Authorization: Bearer $APIKEYROUTER_ADMIN_TOKEN\""
+    } else {
+        ""
+    };
     format!(
         "apikeyrouter demo listening on http://{addr}\n\
          simulated providers: openai, anthropic, gemini (no network, no real keys)\n\n\
@@ -82,7 +88,7 @@ pub fn banner(addr: std::net::SocketAddr) -> String {
          curl -s http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    \
          -d '{{\"model\":\"gpt-4o\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n  \
          curl -s http://{addr}/v1/models\n  \
-         curl -s http://{addr}/api/v1/keys\n  \
+         curl -s http://{addr}/api/v1/keys{admin}\n  \
          curl -s http://{addr}/metrics\n\n\
          or point any OpenAI SDK at base_url=http://{addr}/v1 (any api_key)."
     )

@@ -147,9 +147,10 @@ impl Launch {
         } = self;
         let state = server::build_state(&config).await?;
         let store = config.store.kind_name();
+        let admin_token = config.admin_token.is_some();
         server::serve(state, config.listen, config.server, watch, |addr| {
             if demo {
-                println!("{}", demo::banner(addr));
+                println!("{}", demo::banner(addr, admin_token));
             } else {
                 println!("apikeyrouter listening on http://{addr} (store: {store})");
             }

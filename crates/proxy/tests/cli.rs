@@ -451,3 +451,111 @@ fn per_core_runtime_spreads_connections_and_drains_on_sigterm() {
     let records = std::fs::read_to_string(&audit).unwrap();
     assert_eq!(records.lines().count(), 3, "{records}");
 }
+
+/// `serve` without a config file: an empty router on the memory store, with the
+/// built-in providers, so that keys added through the management API can serve; the
+/// admin token comes from `APIKEYROUTER_ADMIN_TOKEN`.
+#[test]
+fn serve_without_a_config_takes_keys_for_the_built_in_providers() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("APIKEYROUTER_ADMIN_TOKEN", "admin-token-cli-1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = bound_address(&mut child);
+    let _server = Server { child, addr };
+
+    let (status, body) = http(addr, "GET", "/api/v1/keys", "");
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{body}");
+    let (status, body) = http(addr, "GET", "/v1/models", "");
+    assert_eq!(status, 200, "{body}");
+    let models: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        models["data"].as_array().unwrap().len(),
+        0,
+        "no keys, no models: {body}"
+    );
+
+    for (provider, material) in [
+        ("openai", "sk-nocfg-openai-4321"),
+        ("anthropic", "sk-ant-nocfg-8765"),
+        ("gemini", "AIza-nocfg-0042"),
+    ] {
+        let (status, body) = http(
+            addr,
+            "POST",
+            "/api/v1/keys",
+            &format!(r#"{{"key_material":"{material}","provider_id":"{provider}"}}"#),
+        );
+        assert_eq!(status, 201, "{provider}: {body}");
+        assert!(!body.contains(material), "material unmasked: {body}");
+        let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(created["provider_id"], provider, "{body}");
+    }
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/v1/keys",
+        r#"{"key_material":"sk-nocfg-unknown-1111","provider_id":"mistral"}"#,
+    );
+    assert_eq!(status, 400, "a provider that is not built in: {body}");
+
+    let (_, body) = http(addr, "GET", "/v1/models", "");
+    let models: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    for model in ["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-pro"] {
+        assert!(ids.contains(&model), "{model} missing from {ids:?}");
+    }
+}
+
+/// `demo` needs no secrets and no network: it answers a chat completion from its
+/// simulated providers and lists its demo keys masked.
+#[test]
+fn demo_serves_chat_from_simulated_providers() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env_remove("APIKEYROUTER_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = bound_address(&mut child);
+    let _server = Server { child, addr };
+
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hello!"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        !answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
+        "{body}"
+    );
+    assert!(
+        answer["usage"]["total_tokens"].as_u64().unwrap() > 0,
+        "{body}"
+    );
+
+    let (status, body) = http(addr, "GET", "/api/v1/keys", "");
+    assert_eq!(status, 200, "{body}");
+    let keys: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(keys["data"].as_array().unwrap().len(), 5, "{body}");
+    assert!(!body.contains("sk-demo-openai-key-0001"), "{body}");
+}

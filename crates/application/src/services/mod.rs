@@ -19,5 +19,5 @@ pub use errors::{
 };
 pub use keys::KeyService;
 pub use quota::{KeyQuota, QuotaService};
-pub use router::{RequestContext, RoutedStream, RouterService};
+pub use router::{RequestContext, RoutedStream, RouterService, StreamTotals};
 pub use settings::RouterSettings;

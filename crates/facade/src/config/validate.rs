@@ -148,6 +148,23 @@ const ENV_SECTIONS: [&str; 7] = [
 const MAX_SERVER_THREADS: usize = 1024;
 const DEFAULT_ADMIN_TOKEN_ENV: &str = "APIKEYROUTER_ADMIN_TOKEN";
 
+/// The providers of a configuration without a file: `openai`, `anthropic` and
+/// `gemini`, each of its kind at the kind's default URL, serving its price catalogue's
+/// models.
+const BUILT_IN_PROVIDERS: &str = r#"
+[[providers]]
+id = "openai"
+kind = "openai"
+
+[[providers]]
+id = "anthropic"
+kind = "anthropic"
+
+[[providers]]
+id = "gemini"
+kind = "gemini"
+"#;
+
 impl Config {
     /// Reads and validates a file, with overrides from the process environment.
     ///
@@ -162,13 +179,15 @@ impl Config {
     }
 
     /// The configuration of `apikeyrouter serve` without a file: defaults plus the
-    /// environment.
+    /// environment, no keys, and the built-in providers at their public addresses
+    /// (`openai`, `anthropic`, `gemini`), so that keys added through the management API have a
+    /// provider to belong to.
     ///
     /// # Errors
     /// [`ConfigError`] for a bad environment override.
     pub fn from_env() -> Result<Self, ConfigError> {
         let vars: Vec<(String, String)> = std::env::vars().collect();
-        Self::parse("", "environment", &vars)
+        Self::parse(BUILT_IN_PROVIDERS, "environment", &vars)
     }
 
     /// Parses and validates `text` with environment `vars`.

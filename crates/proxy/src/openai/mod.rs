@@ -27,6 +27,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
+use crate::auth::VirtualKey;
 use crate::errors::ApiError;
 use crate::metrics::Timed;
 use crate::state::AppState;
@@ -204,8 +205,14 @@ struct Routing {
     tags: BTreeMap<String, String>,
 }
 
-fn routing(state: &AppState, headers: &HeaderMap, model: &str) -> Result<Routing, ApiError> {
-    let client = state.auth().client(headers)?;
+/// How a request routes: `client` is its virtual key, checked before its body is
+/// parsed (a request without valid credentials gets 401 whatever its body).
+fn routing(
+    state: &AppState,
+    headers: &HeaderMap,
+    client: Option<Arc<VirtualKey>>,
+    model: &str,
+) -> Result<Routing, ApiError> {
     if let Some(vk) = &client {
         if !vk.allows(&ModelId::new(model)) {
             return Err(ApiError::forbidden(
@@ -290,13 +297,14 @@ pub async fn chat_completions(
     HeadersAndBody { headers, body }: HeadersAndBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let client = state.auth().client(&headers)?;
     let request: wire::ChatRequest = parse_json(body)?;
     let stream = request.stream;
     let include_usage = request
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let r = routing(&state, &headers, &request.model)?;
+    let r = routing(&state, &headers, client, &request.model)?;
     let mut intent = convert::intent(request)?;
     intent.tenant = r.tenant;
     intent.tags = r.tags;
@@ -321,9 +329,21 @@ pub async fn chat_completions(
             &routed.provider,
         )
         .with_amounts(None, routed.estimated_cost, None);
+        // Counted when the stream settles, so that a stream its client left still
+        // adds the tokens generated and their cost.
         let (provider, model_id) = (routed.provider.clone(), routed.model.clone());
         let attempts = routed.attempts.len() + 1;
         let metrics_state = state.clone();
+        let routed = routed.on_settled(move |totals| {
+            metrics_state.metrics.record_usage(
+                &provider,
+                &model_id,
+                totals.usage.prompt_tokens,
+                totals.usage.completion_tokens,
+                totals.cost.map(apikeyrouter::Money::as_usd),
+                attempts,
+            );
+        });
         let mut first = true;
         let events = routed
             .map(move |item| match item {
@@ -338,11 +358,8 @@ pub async fn chat_completions(
                     {
                         out.push(Event::default().json_data(&json));
                     }
-                    if let Some(u) = &chunk.usage {
-                        metrics_state.metrics.record_usage(&provider, &model_id, u.prompt_tokens, u.completion_tokens, None, attempts);
-                        if include_usage {
-                            out.push(Event::default().json_data(convert::usage_chunk(&id, &model, created, u)));
-                        }
+                    if let (Some(u), true) = (&chunk.usage, include_usage) {
+                        out.push(Event::default().json_data(convert::usage_chunk(&id, &model, created, u)));
                     }
                     out
                 }
@@ -395,6 +412,7 @@ pub async fn embeddings(
     HeadersAndBody { headers, body }: HeadersAndBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let client = state.auth().client(&headers)?;
     let request: EmbeddingRequest = parse_json(body)?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -418,7 +436,7 @@ pub async fn embeddings(
             .with_param("input"));
         }
     };
-    let r = routing(&state, &headers, &request.model)?;
+    let r = routing(&state, &headers, client, &request.model)?;
     let intent = EmbeddingIntent {
         model: request.model.as_str().into(),
         input,

@@ -33,7 +33,7 @@ use crate::ports::{
 };
 use crate::records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, RouteResponse};
 
-pub use stream::RoutedStream;
+pub use stream::{RoutedStream, StreamTotals};
 
 use run::{Held, Phase, Run};
 

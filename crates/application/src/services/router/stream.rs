@@ -66,6 +66,22 @@ struct Tally {
     failure: Option<ProviderError>,
     cancelled: bool,
     span: tracing::Span,
+    on_settled: Option<SettledHook>,
+}
+
+/// Called once with a stream's totals when it settles.
+type SettledHook = Box<dyn FnOnce(&StreamTotals) + Send>;
+
+/// What a stream used, as settled: when it ended, failed or its caller went away.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StreamTotals {
+    /// Tokens: the provider's count, or, for a stream cut short before it reported
+    /// one, the prompt's estimate and the completion's text so far.
+    pub usage: TokenUsage,
+    /// Their cost, when the model has a price.
+    pub cost: Option<Money>,
+    /// The caller dropped the stream before its end.
+    pub cancelled: bool,
 }
 
 impl RoutedStream {
@@ -110,10 +126,22 @@ impl RoutedStream {
                 failure: None,
                 cancelled: false,
                 span,
+                on_settled: None,
             }),
             ended: false,
             finishing: None,
         }
+    }
+
+    /// Calls `hook` with the stream's totals once it settles, also when the caller
+    /// drops it mid-stream (which settles it in the background): for counters that
+    /// must see every stream's tokens and cost.
+    #[must_use]
+    pub fn on_settled(mut self, hook: impl FnOnce(&StreamTotals) + Send + 'static) -> Self {
+        if let Some(tally) = self.tally.as_mut() {
+            tally.on_settled = Some(Box::new(hook));
+        }
+        self
     }
 
     fn start_finishing(&mut self) {
@@ -212,6 +240,7 @@ async fn settle(tally: Tally) {
         failure,
         cancelled,
         span,
+        on_settled,
     } = tally;
     let shared = run.shared.clone();
     let now = shared.clock.now();
@@ -225,6 +254,13 @@ async fn settle(tally: Tally) {
         .catalogue()
         .price(&provider, &model)
         .map(|p| p.cost(&usage));
+    if let Some(hook) = on_settled {
+        hook(&StreamTotals {
+            usage,
+            cost: actual_cost,
+            cancelled,
+        });
+    }
     let latency = started.elapsed();
     let outcome = KeyOutcome {
         verdict: match &failure {
