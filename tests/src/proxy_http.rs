@@ -721,6 +721,19 @@ async fn management_api_requires_the_admin_token_and_masks_material() {
         kept["metadata"]["rpm"], 120,
         "a refused patch changes nothing"
     );
+    // A path that does not decode to text: refused in the same error shape.
+    let (status, error) = error_of(
+        admin(p.client.get(p.url("/api/v1/keys/%FF")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_path")),
+        "{error}"
+    );
 
     let bad_state = json!({"state": "throttled"});
     let (status, _) = error_of(
@@ -1132,4 +1145,81 @@ async fn a_stale_reservation_in_the_shared_store_is_reclaimed_and_counted() {
         .await
         .unwrap()[0];
     assert_eq!(status.reserved, Money::ZERO);
+}
+
+/// What a client sees when the upstreams fail: every key rate limited answers 429
+/// with the provider's `Retry-After`, server errors 502, a provider too slow to start
+/// answering 504; each in OpenAI's error shape.
+#[tokio::test]
+async fn upstream_failures_map_to_429_502_and_504() {
+    use std::time::Duration;
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let answer = |status: u16| {
+        ResponseTemplate::new(status).set_body_json(json!({
+            "error": {"message": "upstream says no", "type": "server_error"}
+        }))
+    };
+    let limited = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(answer(429).insert_header("retry-after", "7"))
+        .mount(&limited)
+        .await;
+    let broken = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(answer(500))
+        .mount(&broken)
+        .await;
+    let slow = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(answer(200).set_delay(Duration::from_secs(2)))
+        .mount(&slow)
+        .await;
+    let mut extra = String::new();
+    for (id, server) in [("limited", &limited), ("broken", &broken), ("slow", &slow)] {
+        extra.push_str(&format!(
+            r#"
+[[providers]]
+id = "{id}"
+kind = "openai-compatible"
+base_url = "{}/v1"
+models = ["{id}-model"]
+first_byte_timeout_ms = 200
+
+[[keys]]
+provider = "{id}"
+material = "sk-{id}-test-0001"
+
+[[keys]]
+provider = "{id}"
+material = "sk-{id}-test-0002"
+"#,
+            server.uri()
+        ));
+    }
+    let p = Proxy::start(&extra, &[]).await;
+
+    let r = p.chat(hello("limited-model"), None).await;
+    let retry_after = r.headers().get("retry-after").cloned();
+    let (status, body) = error_of(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("upstream_rate_limited")),
+        "{body}"
+    );
+    assert_eq!(retry_after.unwrap(), "7");
+    // Both keys now cool down: the next request is refused before any call, also 429.
+    let (status, _) = error_of(p.chat(hello("limited-model"), None).await).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+
+    let (status, body) = error_of(p.chat(hello("broken-model"), None).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_GATEWAY, Some("upstream_failed")),
+        "{body}"
+    );
+
+    let (status, body) = error_of(p.chat(hello("slow-model"), None).await).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
 }

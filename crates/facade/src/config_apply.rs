@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use apikeyrouter_adapters_providers::simulated::SimulatedProvider;
 use apikeyrouter_application::ports::Provider;
+use apikeyrouter_application::services::BudgetServiceError;
 use apikeyrouter_application::{ProviderSettings, RegisterKeyError};
 use apikeyrouter_domain::{KeyId, Money};
 use apikeyrouter_observability::{DiscardAuditSink, JsonLinesAuditSink};
@@ -111,9 +112,11 @@ impl ApiKeyRouter {
     }
 
     /// Applies `config` to this running router: settings and prices are replaced,
-    /// providers (re)registered, configured keys added or updated (keys removed from
-    /// the file are deleted; keys added through the API are left alone), budgets added
-    /// or redefined keeping their spend. In-flight requests are not disturbed.
+    /// providers (re)registered, configured keys added or updated, budgets (those of
+    /// virtual keys included) added or redefined keeping their spend. Keys and budgets
+    /// removed from the file are deleted; those added through the API are left alone,
+    /// and so are providers removed from the file (keys added through the API may
+    /// still use them). In-flight requests are not disturbed.
     ///
     /// # Errors
     /// [`BuildError`] for the first provider, key or budget that is refused; what was
@@ -168,18 +171,31 @@ impl ApiKeyRouter {
             .list()
             .await
             .map_err(|e| BuildError::Setting(e.to_string()))?;
-        for b in &config.budgets {
-            let existing = current.iter().find(|s| s.budget_id == b.id);
-            let unchanged = existing.is_some_and(|s| {
-                s.scope == b.scope && s.limit == b.limit && s.enforcement == b.enforcement
-            });
-            if !unchanged {
-                let spent = existing.map_or(Money::ZERO, |s| s.spent);
-                budgets
-                    .put(b.clone(), spent)
-                    .await
-                    .map_err(|e| BuildError::Setting(format!("budget {}: {e}", b.id)))?;
+        let defined = budgets.definitions();
+        let wanted: HashSet<String> = config.budgets.iter().map(|b| b.id.clone()).collect();
+        let previous = self.take_config_budgets(wanted.clone());
+        for gone in previous.difference(&wanted) {
+            match budgets.remove(gone).await {
+                Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(budget_id = %gone, error = %e, "budget removed from config not deleted");
+                }
             }
+        }
+        for b in &config.budgets {
+            if defined.iter().any(|d| d == b) {
+                continue;
+            }
+            // Redefined (limit, period, scope or enforcement) or new: the spend of
+            // the current period carries over.
+            let spent = current
+                .iter()
+                .find(|s| s.budget_id == b.id)
+                .map_or(Money::ZERO, |s| s.spent);
+            budgets
+                .put(b.clone(), spent)
+                .await
+                .map_err(|e| BuildError::Setting(format!("budget {}: {e}", b.id)))?;
         }
         tracing::info!(source = %config.source_name, providers = config.providers.len(), keys = config.keys.len(), budgets = config.budgets.len(), "configuration applied");
         Ok(())
@@ -199,4 +215,120 @@ async fn register(
     .await
     .map(|_| ())
     .map_err(|e: RegisterKeyError| BuildError::Setting(format!("key {}: {e}", k.id)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apikeyrouter_domain::{Budget, BudgetPeriod, BudgetScope, Enforcement};
+
+    const BASE: &str = r#"
+[[providers]]
+id = "sim"
+kind = "simulated"
+models = ["gpt-4o"]
+
+[[keys]]
+provider = "sim"
+material = "sk-reload-test-0001"
+"#;
+
+    fn config(extra: &str) -> Config {
+        Config::parse(&format!("{BASE}{extra}"), "reload.toml", &[]).unwrap()
+    }
+
+    async fn budgets(router: &ApiKeyRouter) -> Vec<(String, Money, Money)> {
+        router
+            .budgets()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.budget_id, b.limit, b.spent))
+            .collect()
+    }
+
+    /// A reload makes the budgets those of the file: removed ones go (a virtual key's
+    /// with its key), a changed period or limit takes effect keeping the spend, and
+    /// budgets added through the API stay.
+    #[tokio::test]
+    async fn reload_makes_the_budgets_those_of_the_file() {
+        let first = config(
+            r#"
+[[budgets]]
+id = "monthly-cap"
+scope = "global"
+limit_usd = 100.0
+period = "monthly"
+
+[[budgets]]
+id = "gone-soon"
+scope = "global"
+limit_usd = 5.0
+period = "daily"
+
+[[virtual_keys]]
+name = "team"
+token = "client-token-team-1"
+budget_usd = 20.0
+"#,
+        );
+        let router = ApiKeyRouter::from_config(&first).await.unwrap();
+        router
+            .add_budget_with_spend(
+                Budget::new(
+                    "from-api",
+                    BudgetScope::Global,
+                    7.0,
+                    BudgetPeriod::Weekly,
+                    Enforcement::Soft,
+                )
+                .unwrap(),
+                Money::ZERO,
+            )
+            .await
+            .unwrap();
+        // Spend carried over a redefinition.
+        let mut cap = first.budgets[0].clone();
+        router
+            .add_budget_with_spend(cap.clone(), Money::from_usd(3.0))
+            .await
+            .unwrap();
+        assert_eq!(
+            budgets(&router)
+                .await
+                .into_iter()
+                .map(|b| b.0)
+                .collect::<Vec<_>>(),
+            ["from-api", "gone-soon", "monthly-cap", "virtual-key-team"]
+        );
+
+        let second = config(
+            r#"
+[[budgets]]
+id = "monthly-cap"
+scope = "global"
+limit_usd = 100.0
+period = "daily"
+"#,
+        );
+        router.apply_config(&second).await.unwrap();
+        assert_eq!(
+            budgets(&router).await,
+            [
+                ("from-api".to_owned(), Money::from_usd(7.0), Money::ZERO),
+                (
+                    "monthly-cap".to_owned(),
+                    Money::from_usd(100.0),
+                    Money::from_usd(3.0)
+                ),
+            ]
+        );
+        cap.period = BudgetPeriod::Daily;
+        let defined = router.core().budgets().definitions();
+        assert!(defined.contains(&cap), "the period changed: {defined:?}");
+
+        // Applying the same file again changes nothing.
+        router.apply_config(&second).await.unwrap();
+        assert_eq!(budgets(&router).await.len(), 2);
+    }
 }

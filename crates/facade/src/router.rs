@@ -25,6 +25,8 @@ pub struct ApiKeyRouter {
     core: ApiKeyRouterCore,
     /// Ids of the keys the last applied configuration declared.
     config_keys: Arc<Mutex<HashSet<KeyId>>>,
+    /// Ids of the budgets the last applied configuration declared.
+    config_budgets: Arc<Mutex<HashSet<String>>>,
 }
 
 impl ApiKeyRouter {
@@ -37,18 +39,19 @@ impl ApiKeyRouter {
         Self {
             core,
             config_keys: Arc::default(),
+            config_budgets: Arc::default(),
         }
     }
 
     /// Records the keys a configuration declares, returning those of the previous one.
     pub(crate) fn take_config_keys(&self, keys: HashSet<KeyId>) -> HashSet<KeyId> {
-        std::mem::replace(
-            &mut *self
-                .config_keys
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-            keys,
-        )
+        replace_locked(&self.config_keys, keys)
+    }
+
+    /// Records the budgets a configuration declares, returning those of the previous
+    /// one.
+    pub(crate) fn take_config_budgets(&self, budgets: HashSet<String>) -> HashSet<String> {
+        replace_locked(&self.config_budgets, budgets)
     }
 
     /// The assembled services, for hosts such as the proxy.
@@ -327,4 +330,11 @@ impl ApiKeyRouter {
     pub fn reclaimed_reservations(&self) -> crate::domain::Reclaimed {
         self.core.reclaimed_reservations()
     }
+}
+
+fn replace_locked<T>(slot: &Mutex<T>, value: T) -> T {
+    std::mem::replace(
+        &mut *slot.lock().unwrap_or_else(PoisonError::into_inner),
+        value,
+    )
 }

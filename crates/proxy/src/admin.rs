@@ -36,6 +36,22 @@ impl FromRequestParts<Arc<AppState>> for Admin {
     }
 }
 
+/// The id in a management path. A malformed one (percent-encoding that is not UTF-8)
+/// is refused in OpenAI's error shape, not with axum's plain-text rejection.
+#[derive(Debug)]
+pub struct PathId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| Self(id))
+            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+    }
+}
+
 fn key_error(e: KeyServiceError) -> ApiError {
     match e {
         KeyServiceError::NotFound(id) => {
@@ -129,7 +145,7 @@ pub async fn list_keys(
 pub async fn get_key(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let info = state.router.key(&KeyId::new(id)).await.map_err(key_error)?;
     Ok(Json(info).into_response())
@@ -148,7 +164,7 @@ pub struct KeyPatch {
 pub async fn update_key(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let patch: KeyPatch = parse_json(body)?;
@@ -194,7 +210,7 @@ fn merged(
 pub async fn delete_key(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     state
         .router
@@ -216,7 +232,7 @@ pub struct StateChange {
 pub async fn set_key_state(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let change: StateChange = parse_json(body)?;
@@ -243,7 +259,7 @@ pub async fn set_key_state(
 pub async fn key_quota(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let quota = state
         .router
@@ -257,7 +273,7 @@ pub async fn key_quota(
 pub async fn key_transitions(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let transitions = state
         .router
@@ -357,7 +373,7 @@ pub async fn providers(
 pub async fn request_record(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     match state
         .router

@@ -140,6 +140,30 @@ impl ApiError {
                 "provider_rejected_request",
                 format!("The provider rejected the request: {}", p.message),
             ),
+            // Every key tried answered 429: no key can serve now, as when all are
+            // cooling down before the request (below), so the client sees the same.
+            RouteErrorKind::AttemptsExhausted { attempts, last }
+                if !err.attempts.is_empty()
+                    && err
+                        .attempts
+                        .iter()
+                        .all(|a| a.failure == Some(apikeyrouter::FailureKind::RateLimited)) =>
+            {
+                let mut e = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "upstream_rate_limited",
+                    format!(
+                        "Every key tried ({attempts}) is rate limited by its provider; retry later."
+                    ),
+                );
+                e.retry_after_secs = Some(
+                    last.retry_after
+                        .map_or(1, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+                        .max(1),
+                );
+                e
+            }
             RouteErrorKind::AttemptsExhausted { attempts, last } => {
                 let status = if last.kind == apikeyrouter::FailureKind::Timeout {
                     StatusCode::GATEWAY_TIMEOUT

@@ -1,5 +1,6 @@
 //! The `apikeyrouter` command: `serve`, `demo` and `check`.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -149,11 +150,14 @@ impl Launch {
         let store = config.store.kind_name();
         let admin_token = config.admin_token.is_some();
         server::serve(state, config.listen, config.server, watch, |addr| {
-            if demo {
-                println!("{}", demo::banner(addr, admin_token));
+            let line = if demo {
+                demo::banner(addr, admin_token)
             } else {
-                println!("apikeyrouter listening on http://{addr} (store: {store})");
-            }
+                format!("apikeyrouter listening on http://{addr} (store: {store})")
+            };
+            // Not `println!`: it panics when stdout is closed (a pipe whose reader
+            // went away), which must not stop a server.
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
         })
         .await
     }

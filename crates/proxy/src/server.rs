@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use apikeyrouter::ApiKeyRouter;
 use apikeyrouter::config::{Config, ServerConfig, ServerRuntime};
-use apikeyrouter::{ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Enforcement};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
@@ -27,42 +27,11 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         .await
         .with_context(|| format!("cannot start from {}", config.source_name))?;
     let auth = Auth::from_config(config).map_err(anyhow::Error::msg)?;
-    apply_virtual_key_budgets(&router, config).await?;
     Ok(Arc::new(AppState::new(
         router,
         auth,
         config.limits.max_body_bytes,
     )))
-}
-
-/// Each virtual key with a budget gets a monthly hard budget on its tag.
-async fn apply_virtual_key_budgets(router: &ApiKeyRouter, config: &Config) -> anyhow::Result<()> {
-    let existing = router.budgets().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    for vk in &config.virtual_keys {
-        let Some(limit) = vk.budget_usd else { continue };
-        let id = format!("virtual-key-{}", vk.name);
-        let scope = BudgetScope::Tag {
-            key: "virtual_key".to_owned(),
-            value: vk.name.clone(),
-        };
-        let budget = Budget::new(
-            id.clone(),
-            scope,
-            limit,
-            BudgetPeriod::Monthly,
-            Enforcement::Hard,
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let spent = existing
-            .iter()
-            .find(|b| b.budget_id == id)
-            .map_or(apikeyrouter::Money::ZERO, |b| b.spent);
-        router
-            .add_budget_with_spend(budget, spent)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    Ok(())
 }
 
 /// The runtime the command runs on. With the shared arrangement it is the one that
@@ -235,9 +204,6 @@ pub async fn reload(state: &AppState, path: &std::path::Path, reason: &str) {
     if let Err(e) = state.router.apply_config(&config).await {
         tracing::error!(reason, error = %e, "configuration partly reloaded");
         return;
-    }
-    if let Err(e) = apply_virtual_key_budgets(&state.router, &config).await {
-        tracing::error!(reason, error = %e, "virtual key budgets not reloaded");
     }
     state.set_auth(auth);
     tracing::info!(reason, path = %path.display(), "configuration reloaded");

@@ -67,6 +67,12 @@ impl BudgetService {
             .await?)
     }
 
+    /// The budgets this instance enforces, as defined (limit, period, scope,
+    /// enforcement), without their spend.
+    pub fn definitions(&self) -> Arc<Vec<Budget>> {
+        self.shared.budgets()
+    }
+
     /// One budget's status.
     ///
     /// # Errors

@@ -9,8 +9,8 @@ use std::time::Duration;
 use apikeyrouter_adapters_stores::StoreConfig;
 use apikeyrouter_application::RouterSettings;
 use apikeyrouter_domain::{
-    Budget, KeyId, KeyMaterial, KeyMetadata, ModelId, ModelPrice, Objective, PriceCatalogue,
-    ProviderId, TenantId,
+    Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata, ModelId,
+    ModelPrice, Objective, PriceCatalogue, ProviderId, TenantId,
 };
 use thiserror::Error;
 
@@ -638,8 +638,19 @@ impl Validator<'_> {
                     "the same token is used by another virtual key",
                 ));
             }
-            if v.budget_usd.is_some_and(|b| !(b.is_finite() && b > 0.0)) {
-                return Err(self.err(format!("{key}.budget_usd"), "must be greater than zero"));
+            if let Some(limit) = v.budget_usd {
+                let budget = virtual_key_budget(&name, limit)
+                    .map_err(|e| self.err(format!("{key}.budget_usd"), e))?;
+                if !budget_ids.insert(budget.id.clone()) {
+                    return Err(self.err(
+                        format!("{key}.budget_usd"),
+                        format!(
+                            "its budget's id {:?} is taken by a [[budgets]] entry",
+                            budget.id
+                        ),
+                    ));
+                }
+                budgets.push(budget);
             }
             if v.rpm == Some(0) {
                 return Err(self.err(format!("{key}.rpm"), "must be greater than zero"));
@@ -735,6 +746,25 @@ impl Validator<'_> {
             server: file.server,
         })
     }
+}
+
+/// A virtual key's monthly hard budget, `virtual-key-<name>`, over the spend of the
+/// requests its client makes (tagged `virtual_key=<name>`).
+fn virtual_key_budget(name: &str, limit_usd: f64) -> Result<Budget, String> {
+    if !(limit_usd.is_finite() && limit_usd > 0.0) {
+        return Err("must be greater than zero".to_owned());
+    }
+    Budget::new(
+        format!("virtual-key-{name}"),
+        BudgetScope::Tag {
+            key: "virtual_key".to_owned(),
+            value: name.to_owned(),
+        },
+        limit_usd,
+        BudgetPeriod::Monthly,
+        Enforcement::Hard,
+    )
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
