@@ -244,6 +244,15 @@ async fn streaming_sends_chunks_usage_and_done() {
         "apikeyrouter_cost_usd_total{provider=\"openai\",model=\"gpt-4o\"}",
     );
     assert!(cost > 0.0, "{metrics}");
+    // The settled cost also follows the stream, as an SSE comment before `[DONE]`.
+    let comment: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(": x-apikeyrouter-cost-usd: "))
+        .unwrap_or_else(|| panic!("no cost comment in {text}"))
+        .parse()
+        .unwrap();
+    assert!((comment - cost).abs() < 1e-9, "{comment} against {cost}");
+    assert!(text.find(": x-apikeyrouter-cost-usd").unwrap() < text.find("[DONE]").unwrap());
 }
 
 #[tokio::test]

@@ -205,16 +205,13 @@ impl ApiError {
 }
 
 impl IntoResponse for ApiError {
+    /// The answer; it is logged by the request counter (`count_requests`), which
+    /// knows the endpoint and gives an id to refusals that have none yet.
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::warn!(status = self.status.as_u16(), code = self.code, message = %self.message, "request failed");
-        } else {
-            tracing::info!(
-                status = self.status.as_u16(),
-                code = self.code,
-                "request refused"
-            );
-        }
+        let details = ErrorDetails {
+            code: self.code,
+            message: self.message.clone(),
+        };
         let body = json!({
             "error": {
                 "message": self.message,
@@ -235,11 +232,16 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        response.extensions_mut().insert(ErrorCode(self.code));
+        response.extensions_mut().insert(details);
         response
     }
 }
 
-/// The error code of a response, for the metrics middleware.
-#[derive(Clone, Copy, Debug)]
-pub struct ErrorCode(pub &'static str);
+/// What went wrong with an answer, for the request counter's metrics and log line.
+#[derive(Clone, Debug)]
+pub struct ErrorDetails {
+    /// The error code, as in the body.
+    pub code: &'static str,
+    /// The message, as in the body.
+    pub message: String,
+}

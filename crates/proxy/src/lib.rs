@@ -19,13 +19,13 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use tower::{Layer, Service};
 
-use crate::errors::{ApiError, ErrorCode};
+use crate::errors::{ApiError, ErrorDetails};
 use crate::metrics::RequestLabels;
 use crate::state::AppState;
 
@@ -158,12 +158,15 @@ async fn count_requests(
         "/health" | "/ready" | "/metrics" => "ops",
         _ => "other",
     };
-    let response = next.run(request).await;
+    // Shares the request's buffer: no copy unless the request is refused.
+    let client_id = request.headers().get(&openai::headers::REQUEST_ID).cloned();
+    let mut response = next.run(request).await;
     let status = response.status().as_u16();
-    let code = response
-        .extensions()
-        .get::<ErrorCode>()
-        .map_or("ok", |c| c.0);
+    let error = response.extensions_mut().remove::<ErrorDetails>();
+    let code = error.as_ref().map_or("ok", |e| e.code);
+    if let Some(error) = &error {
+        log_refusal(&state, &mut response, client_id, endpoint, error);
+    }
     state
         .metrics
         .requests
@@ -181,4 +184,37 @@ async fn count_requests(
         "answered"
     );
     response
+}
+
+/// Logs an answer that is an error with its request id, giving it one (the client's
+/// `x-request-id` if valid, else a new one) when it failed before routing assigned
+/// one, so that a refusal can be found from the client's side as a served request can.
+fn log_refusal(
+    state: &AppState,
+    response: &mut Response,
+    client_id: Option<HeaderValue>,
+    endpoint: &str,
+    error: &ErrorDetails,
+) {
+    let headers = response.headers_mut();
+    let id = match headers.get(&openai::headers::REQUEST_ID) {
+        Some(id) => id.clone(),
+        None => {
+            let id = client_id
+                .filter(|id| id.len() <= 128 && id.as_bytes().iter().all(u8::is_ascii_graphic))
+                .or_else(|| {
+                    HeaderValue::from_str(state.router.core().new_request_id().as_str()).ok()
+                });
+            let Some(id) = id else { return };
+            headers.insert(openai::headers::REQUEST_ID, id.clone());
+            id
+        }
+    };
+    let request_id = id.to_str().unwrap_or_default();
+    let status = response.status();
+    if status.is_server_error() {
+        tracing::warn!(request_id, endpoint, status = status.as_u16(), code = error.code, detail = %error.message, "request failed");
+    } else {
+        tracing::info!(request_id, endpoint, status = status.as_u16(), code = error.code, detail = %error.message, "request refused");
+    }
 }

@@ -44,10 +44,23 @@ fn envs(cmd: &mut Command) -> &mut Command {
 
 /// Minimal HTTP/1.1 request over a fresh connection; returns status and body.
 fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let (status, _, body) = http_with(addr, method, path, "", body);
+    (status, body)
+}
+
+/// [`http`] with `extra` header lines (each ending in `\r\n`); returns status, head
+/// and body.
+fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &str,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin-token-cli-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin-token-cli-1\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).unwrap();
@@ -58,11 +71,8 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String)
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
 struct Server {
@@ -327,6 +337,24 @@ fn served_requests_are_logged_as_json_lines_with_their_request_id() {
         .and_then(|id| id.strip_prefix("chatcmpl-"))
         .unwrap()
         .to_owned();
+    // Refusals carry a request id too: the client's, or a new one.
+    let (status, head, _) = http_with(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        "x-request-id: refused-by-test-1\r\n",
+        "{not json",
+    );
+    assert_eq!(status, 400);
+    assert!(head.contains("x-request-id: refused-by-test-1"), "{head}");
+    let (status, head, _) = http_with(addr, "POST", "/v1/embeddings", "", "[]");
+    assert_eq!(status, 400);
+    let generated = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no request id: {head}"))
+        .to_owned();
+    assert!(generated.starts_with("req_"), "{generated}");
 
     signal(&server.child, "TERM");
     let mut logs = String::new();
@@ -349,6 +377,29 @@ fn served_requests_are_logged_as_json_lines_with_their_request_id() {
     assert_eq!(span["request_id"], request_id.as_str(), "{logs}");
     assert_eq!(span["model"], "gpt-4o");
     assert_eq!(served[0]["level"], "INFO");
+    let refused: Vec<(String, String)> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "request refused")
+        .map(|v| {
+            let f = &v["fields"];
+            (
+                f["request_id"].as_str().unwrap_or_default().to_owned(),
+                format!("{} {} {}", f["endpoint"], f["status"], f["code"]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (
+                "refused-by-test-1".to_owned(),
+                "\"chat\" 400 \"invalid_json\"".to_owned()
+            ),
+            (generated, "\"embeddings\" 400 \"invalid_json\"".to_owned()),
+        ],
+        "{logs}"
+    );
 }
 
 /// Voluntary context switches of each serving thread of the per-core runtime: a thread

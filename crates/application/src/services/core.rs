@@ -493,6 +493,12 @@ impl ApiKeyRouterCore {
         self.shared.store.health()
     }
 
+    /// A fresh request id, for answers given before a request reaches the router
+    /// (refused ones), so that every answer and its log line carry one.
+    pub fn new_request_id(&self) -> RequestId {
+        self.shared.ids.request_id()
+    }
+
     /// The store's backend name.
     pub fn store_kind(&self) -> &'static str {
         self.shared.store.kind()

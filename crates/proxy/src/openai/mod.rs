@@ -334,7 +334,13 @@ pub async fn chat_completions(
         let (provider, model_id) = (routed.provider.clone(), routed.model.clone());
         let attempts = routed.attempts.len() + 1;
         let metrics_state = state.clone();
+        // The settled cost, for the comment sent before `[DONE]`.
+        let settled_cost = Arc::new(std::sync::OnceLock::new());
+        let cost_slot = settled_cost.clone();
         let routed = routed.on_settled(move |totals| {
+            if let Some(cost) = totals.cost {
+                let _ = cost_slot.set(cost);
+            }
             metrics_state.metrics.record_usage(
                 &provider,
                 &model_id,
@@ -370,6 +376,13 @@ pub async fn chat_completions(
             })
             .flat_map(futures_util::stream::iter)
             .map(|event| Ok::<Event, Infallible>(event.unwrap_or_else(|_| Event::default().data("{}"))))
+            .chain(futures_util::stream::iter(std::iter::from_fn(move || {
+                // Headers went out before the cost was known: it follows as an SSE
+                // comment, which clients and SDKs skip, for those that want it.
+                settled_cost.get().map(|cost: &apikeyrouter::Money| {
+                    Ok(Event::default().comment(format!("x-apikeyrouter-cost-usd: {}", cost.usd_decimal())))
+                })
+            }).take(1)))
             .chain(futures_util::stream::once(async { Ok(Event::default().data("[DONE]")) }));
         let mut response = Sse::new(events)
             .keep_alive(KeepAlive::default())
