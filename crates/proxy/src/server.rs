@@ -27,11 +27,7 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         .await
         .with_context(|| format!("cannot start from {}", config.source_name))?;
     let auth = Auth::from_config(config).map_err(anyhow::Error::msg)?;
-    Ok(Arc::new(AppState::new(
-        router,
-        auth,
-        config.limits.max_body_bytes,
-    )))
+    Ok(Arc::new(AppState::new(router, auth, config.clone())))
 }
 
 /// The runtime the command runs on. With the shared arrangement it is the one that
@@ -204,6 +200,10 @@ pub async fn reload(state: &AppState, path: &std::path::Path, reason: &str) {
     if let Err(e) = state.router.apply_config(&config).await {
         tracing::error!(reason, error = %e, "configuration partly reloaded");
         return;
+    }
+    let needs_restart = state.launched.start_only_changes(&config);
+    if !needs_restart.is_empty() {
+        tracing::warn!(reason, sections = ?needs_restart, "these sections changed but apply only at start; restart to apply them");
     }
     state.set_auth(auth);
     tracing::info!(reason, path = %path.display(), "configuration reloaded");

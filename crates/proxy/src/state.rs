@@ -3,6 +3,7 @@
 use std::sync::{Arc, PoisonError, RwLock};
 
 use apikeyrouter::ApiKeyRouter;
+use apikeyrouter::config::Config;
 
 use crate::auth::Auth;
 use crate::metrics::Metrics;
@@ -15,15 +16,19 @@ pub struct AppState {
     auth: RwLock<Arc<Auth>>,
     pub metrics: Metrics,
     pub max_body_bytes: usize,
+    /// The configuration the proxy started with: a reload compares its sections read
+    /// only at start with the new file's.
+    pub launched: Config,
 }
 
 impl AppState {
-    pub fn new(router: ApiKeyRouter, auth: Auth, max_body_bytes: usize) -> Self {
+    pub fn new(router: ApiKeyRouter, auth: Auth, launched: Config) -> Self {
         Self {
             router,
             auth: RwLock::new(Arc::new(auth)),
             metrics: Metrics::new(),
-            max_body_bytes,
+            max_body_bytes: launched.limits.max_body_bytes,
+            launched,
         }
     }
 

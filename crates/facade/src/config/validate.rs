@@ -212,6 +212,22 @@ impl Config {
         .validate(file)
     }
 
+    /// The sections of `newer` that differ from this configuration's and that a
+    /// running proxy reads only at start (`[store]`, `[audit]`, `[limits]`,
+    /// `[server]`), by name: a reload applies the rest and reports these as needing a
+    /// restart.
+    pub fn start_only_changes(&self, newer: &Self) -> Vec<&'static str> {
+        [
+            ("store", self.store != newer.store),
+            ("audit", self.audit != newer.audit),
+            ("limits", self.limits != newer.limits),
+            ("server", self.server != newer.server),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     /// A human-readable summary of what would load (no secrets).
     pub fn summary(&self) -> String {
         let mut out = String::new();

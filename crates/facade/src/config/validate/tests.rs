@@ -370,3 +370,38 @@ fn mongodb_audit_needs_a_url_without_a_mongodb_store() {
         Some(StoreConfig::Mongodb { url, .. }) if url == "mongodb://db:27017"
     ));
 }
+
+#[test]
+fn start_only_changes_name_the_sections_a_reload_cannot_apply() {
+    let parse = |text: &str| Config::parse(text, "t.toml", &[]).unwrap();
+    let base = parse("[[providers]]\nid = \"sim\"\nkind = \"simulated\"\n");
+    let same_but_keys = parse(
+        "[[providers]]\nid = \"sim\"\nkind = \"simulated\"\n[[keys]]\nprovider = \"sim\"\nmaterial = \"sk-start-only-0001\"\n",
+    );
+    assert!(base.start_only_changes(&same_but_keys).is_empty());
+    let moved = parse(
+        "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n[limits]\nmax_body_bytes = 2048\n[[providers]]\nid = \"sim\"\nkind = \"simulated\"\n",
+    );
+    assert_eq!(base.start_only_changes(&moved), ["store", "limits"]);
+}
+
+#[test]
+fn virtual_key_budgets_are_resolved_with_the_config() {
+    let config = Config::parse(
+        "[[virtual_keys]]\nname = \"team\"\ntoken = \"client-token-0001\"\nbudget_usd = 12.5\n",
+        "t.toml",
+        &[],
+    )
+    .unwrap();
+    let budget = &config.budgets[0];
+    assert_eq!(budget.id, "virtual-key-team");
+    assert_eq!(budget.period, BudgetPeriod::Monthly);
+    assert_eq!(budget.enforcement, Enforcement::Hard);
+    let clash = Config::parse(
+        "[[budgets]]\nid = \"virtual-key-team\"\nscope = \"global\"\nlimit_usd = 1.0\n[[virtual_keys]]\nname = \"team\"\ntoken = \"client-token-0001\"\nbudget_usd = 12.5\n",
+        "t.toml",
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(clash.key, "virtual_keys[0].budget_usd");
+}
