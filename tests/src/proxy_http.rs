@@ -1232,3 +1232,128 @@ material = "sk-{id}-test-0002"
     let (status, body) = error_of(p.chat(hello("slow-model"), None).await).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
 }
+
+/// An OpenAI-compatible upstream that streams one word every 100 ms for three
+/// seconds, over plain TCP: for a client that leaves long before the end.
+async fn slow_streaming_upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // The request: headers, then as many body bytes as they announce.
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = socket.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for i in 0..30 {
+                    let chunk = json!({"id": "chatcmpl-slow", "object": "chat.completion.chunk",
+                        "created": 1, "model": "slow-stream",
+                        "choices": [{"index": 0, "delta": {"content": format!("word{i} ")}, "finish_reason": null}]});
+                    if socket
+                        .write_all(format!("data: {chunk}\n\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                let _ = socket.write_all(b"data: [DONE]\n\n").await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client that leaves a stream long before its end: the proxy notices, stops, and
+/// settles what was generated (audited as `client_disconnected`, counted in metrics).
+#[tokio::test]
+async fn a_client_leaving_a_long_stream_is_settled_as_disconnected() {
+    use futures_util::StreamExt;
+    let upstream = slow_streaming_upstream().await;
+    let extra = format!(
+        r#"
+[[providers]]
+id = "slow"
+kind = "openai-compatible"
+base_url = "http://{upstream}/v1"
+models = ["slow-stream"]
+
+[[keys]]
+provider = "slow"
+material = "sk-slow-stream-0001"
+
+[[prices]]
+model = "slow-stream"
+input_per_mtok = 1000.0
+output_per_mtok = 1000.0
+"#
+    );
+    let p = Proxy::start(&extra, &[]).await;
+    let started = std::time::Instant::now();
+    let r = p
+        .client
+        .post(p.url("/v1/chat/completions"))
+        .header("x-request-id", "left-early-1")
+        .json(&json!({"model": "slow-stream", "stream": true,
+            "messages": [{"role": "user", "content": "take your time"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut bytes = r.bytes_stream();
+    let first = bytes.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(bytes);
+
+    let record = p.record_when_written("left-early-1").await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "settled only after the upstream's end"
+    );
+    assert_eq!(record["outcome"]["code"], "client_disconnected", "{record}");
+    let billed = record["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(billed > 0, "{record}");
+    // The whole stream is 200 bytes of text, about 50 tokens.
+    assert!(billed < 25, "billed for most of the stream: {record}");
+    let metrics = p.metrics().await;
+    let counted = series(
+        &metrics,
+        "apikeyrouter_tokens_total{provider=\"slow\",model=\"slow-stream\",kind=\"completion\"}",
+    );
+    assert_eq!(counted, billed as f64);
+    // Nothing stays reserved.
+    let budgets = p.get_json("/api/v1/budgets").await;
+    assert_eq!(
+        budgets["data"][0]["reserved"].as_f64(),
+        Some(0.0),
+        "{budgets}"
+    );
+}
