@@ -1357,3 +1357,109 @@ output_per_mtok = 1000.0
         "{budgets}"
     );
 }
+
+/// An upstream that echoes the key it was sent in its error bodies (as OpenAI does for
+/// a wrong key) never gets that key to the client: not in the error answer, not in
+/// the audit record, not in the key views of the management API.
+#[tokio::test]
+async fn a_key_echoed_by_the_upstream_never_reaches_the_client_or_the_audit() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+    /// Answers with `status` and a message quoting the request's bearer token.
+    struct Echo(u16);
+    impl Respond for Echo {
+        fn respond(&self, request: &Request) -> ResponseTemplate {
+            let auth = request
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .trim_start_matches("Bearer ")
+                .to_owned();
+            ResponseTemplate::new(self.0).set_body_json(json!({
+                "error": {
+                    "message": format!("Incorrect API key provided: {auth}. Key {auth} rejected."),
+                    "type": "invalid_request_error"
+                }
+            }))
+        }
+    }
+
+    const SECRETS: [&str; 3] = [
+        "sk-echo401-secret-material-0001",
+        "sk-echo500-secret-material-0002",
+        "sk-echo400-secret-material-0003",
+    ];
+    let mut extra = String::new();
+    let mut servers = Vec::new();
+    for (status, secret) in [401, 500, 400].into_iter().zip(SECRETS) {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(Echo(status))
+            .mount(&server)
+            .await;
+        extra.push_str(&format!(
+            r#"
+[[providers]]
+id = "echo{status}"
+kind = "openai-compatible"
+base_url = "{}/v1"
+models = ["echo{status}-model"]
+
+[[keys]]
+provider = "echo{status}"
+material = "{secret}"
+"#,
+            server.uri()
+        ));
+        servers.push(server);
+    }
+    let p = Proxy::start(&extra, &[]).await;
+
+    // The first 401 marks the only key invalid: the second request finds none.
+    let expected = [
+        (401, false, StatusCode::BAD_GATEWAY, "upstream_failed"),
+        (
+            401,
+            true,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_eligible_key",
+        ),
+        (500, false, StatusCode::BAD_GATEWAY, "upstream_failed"),
+        (500, true, StatusCode::BAD_GATEWAY, "upstream_failed"),
+        (
+            400,
+            false,
+            StatusCode::BAD_REQUEST,
+            "provider_rejected_request",
+        ),
+        (
+            400,
+            true,
+            StatusCode::BAD_REQUEST,
+            "provider_rejected_request",
+        ),
+    ];
+    let mut seen = String::new();
+    for (upstream, stream, status, code) in expected {
+        let mut body = hello(&format!("echo{upstream}-model"));
+        body["stream"] = json!(stream);
+        let r = p.chat(body, None).await;
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let (got, error) = error_of(r).await;
+        assert_eq!((got, error["error"]["code"].as_str()), (status, Some(code)));
+        seen.push_str(&error.to_string());
+        let record = p.record_when_written(&id).await;
+        assert_eq!(record["outcome"]["code"], code, "{record}");
+        seen.push_str(&record.to_string());
+    }
+    seen.push_str(&p.get_json("/api/v1/keys").await.to_string());
+    for secret in SECRETS {
+        assert!(
+            !seen.contains(secret),
+            "{secret} reached the client: {seen}"
+        );
+    }
+    assert!(seen.contains("[redacted]"), "the echo was expected: {seen}");
+}
