@@ -1463,3 +1463,83 @@ material = "{secret}"
     }
     assert!(seen.contains("[redacted]"), "the echo was expected: {seen}");
 }
+
+/// OpenAI's sampling options a client sets (`seed`, the penalties,
+/// `parallel_tool_calls`, `user`) reach an OpenAI-compatible upstream as sent; a
+/// penalty out of range and log probabilities, which replies never carry, are refused
+/// with 400 naming the parameter, before any upstream call.
+#[tokio::test]
+async fn sampling_options_reach_the_upstream_and_unsupported_ones_are_refused() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+            "model": "compat-model",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "Hello"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+        })))
+        .mount(&upstream)
+        .await;
+    let extra = format!(
+        r#"
+[[providers]]
+id = "compat"
+kind = "openai-compatible"
+base_url = "{}/v1"
+models = ["compat-model"]
+
+[[keys]]
+provider = "compat"
+material = "sk-compat-test-0001"
+"#,
+        upstream.uri()
+    );
+    let p = Proxy::start(&extra, &[]).await;
+
+    let mut body = hello("compat-model");
+    body["seed"] = json!(1234);
+    body["presence_penalty"] = json!(0.5);
+    body["frequency_penalty"] = json!(-1.0);
+    body["parallel_tool_calls"] = json!(false);
+    body["user"] = json!("end-user-42");
+    body["tools"] = json!([{"type": "function", "function": {"name": "lookup"}}]);
+    let r = p.chat(body.clone(), None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let requests = upstream.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 1);
+    let sent: Value = serde_json::from_slice(&requests[0].body).unwrap();
+    for (field, value) in [
+        ("seed", json!(1234)),
+        ("presence_penalty", json!(0.5)),
+        ("frequency_penalty", json!(-1.0)),
+        ("parallel_tool_calls", json!(false)),
+        ("user", json!("end-user-42")),
+    ] {
+        assert_eq!(sent[field], value, "{field} in {sent}");
+    }
+
+    let refusals = [
+        ("frequency_penalty", json!(2.5), "invalid_request"),
+        ("logprobs", json!(true), "unsupported_value"),
+        ("top_logprobs", json!(3), "unsupported_value"),
+    ];
+    for (field, value, code) in refusals {
+        let mut bad = hello("compat-model");
+        bad[field] = value;
+        let (status, error) = error_of(p.chat(bad, None).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+        assert_eq!(error["error"]["code"], code, "{error}");
+        let named = error["error"]["param"] == field
+            || error["error"]["message"].as_str().unwrap().contains(field);
+        assert!(named, "{field} not named: {error}");
+    }
+    // `logprobs: false` asks for nothing and is accepted.
+    let mut plain = hello("compat-model");
+    plain["logprobs"] = json!(false);
+    assert_eq!(p.chat(plain, None).await.status(), StatusCode::OK);
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 2);
+}

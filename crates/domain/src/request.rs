@@ -187,6 +187,23 @@ pub struct RequestIntent {
     /// Shape of the reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<ResponseFormat>,
+    /// Seed for repeatable sampling; dropped for providers that have none (Anthropic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// Penalty on tokens already present, -2 to 2; dropped where unsupported (Anthropic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    /// Penalty by how often a token occurred, -2 to 2; dropped where unsupported
+    /// (Anthropic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// `Some(false)` asks for at most one tool call per turn; sent only with tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    /// The caller's id for its own end user, passed on for the provider's abuse
+    /// monitoring (OpenAI's `user`, Anthropic's `metadata.user_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_user: Option<String>,
     /// Preferred provider; when set, only that provider's keys are used for `model`
     /// (fallback chains may still move to another provider).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,6 +229,11 @@ impl RequestIntent {
             tools: Vec::new(),
             tool_choice: None,
             response_format: None,
+            seed: None,
+            presence_penalty: None,
+            frequency_penalty: None,
+            parallel_tool_calls: None,
+            end_user: None,
             provider: None,
             tenant: None,
             tags: BTreeMap::new(),

@@ -16,6 +16,10 @@
 //!   request that fell back from another provider is not rejected for it. When both
 //!   temperature and `top_p` are set only the temperature is sent: recent Claude models
 //!   reject the pair.
+//! - `parallel_tool_calls: false` becomes `disable_parallel_tool_use` on the tool
+//!   choice, the end user's id `metadata.user_id`. Anthropic has no `seed`,
+//!   `presence_penalty` or `frequency_penalty`: they are dropped, so a request that
+//!   falls back from OpenAI is still served.
 //! - `response_format` (JSON object or JSON schema) has no native equivalent. It is
 //!   emulated with a forced tool named [`JSON_TOOL`] whose input schema is the
 //!   requested schema; the tool's input comes back as the reply text with finish reason
@@ -61,8 +65,8 @@ use ::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use crate::http::{self, HttpClient, HttpSettings, Response, SseEvent};
 
 use self::wire::{
-    BlockDelta, ContentBlock, ImageSource, MessagesRequest, MessagesResponse, ResponseBlock,
-    StreamEvent, WireMessage, WireTool, WireToolChoice, WireUsage,
+    BlockDelta, ContentBlock, ImageSource, MessagesRequest, MessagesResponse, Metadata,
+    ResponseBlock, StreamEvent, WireMessage, WireTool, WireToolChoice, WireUsage,
 };
 
 /// The Messages API version this adapter speaks.
@@ -326,13 +330,24 @@ fn build_request<'a>(
             })
         })
         .collect::<Result<Vec<_>, ProviderError>>()?;
+    let disable_parallel_tool_use = request.parallel_tool_calls == Some(false);
     let mut tool_choice = match &request.tool_choice {
         _ if tools.is_empty() => None,
+        None if disable_parallel_tool_use => Some(WireToolChoice::Auto {
+            disable_parallel_tool_use,
+        }),
         None => None,
-        Some(ToolChoice::Auto) => Some(WireToolChoice::Auto),
+        Some(ToolChoice::Auto) => Some(WireToolChoice::Auto {
+            disable_parallel_tool_use,
+        }),
         Some(ToolChoice::None) => Some(WireToolChoice::None),
-        Some(ToolChoice::Required) => Some(WireToolChoice::Any),
-        Some(ToolChoice::Function { name }) => Some(WireToolChoice::Tool { name }),
+        Some(ToolChoice::Required) => Some(WireToolChoice::Any {
+            disable_parallel_tool_use,
+        }),
+        Some(ToolChoice::Function { name }) => Some(WireToolChoice::Tool {
+            name,
+            disable_parallel_tool_use,
+        }),
     };
     if let Some(ToolChoice::Function { name }) = &request.tool_choice {
         if !request.tools.iter().any(|t| &t.name == name) {
@@ -373,7 +388,10 @@ fn build_request<'a>(
             description: Some(description),
             input_schema,
         });
-        tool_choice = Some(WireToolChoice::Tool { name: JSON_TOOL });
+        tool_choice = Some(WireToolChoice::Tool {
+            name: JSON_TOOL,
+            disable_parallel_tool_use: false,
+        });
     }
 
     let temperature = request.temperature.map(|t| t.clamp(0.0, 1.0));
@@ -392,6 +410,10 @@ fn build_request<'a>(
             stop_sequences: request.stop.iter().map(String::as_str).collect(),
             tools,
             tool_choice,
+            metadata: request
+                .end_user
+                .as_deref()
+                .map(|user_id| Metadata { user_id }),
             stream,
         },
         json_tool,

@@ -219,6 +219,49 @@ fn tool_choice_maps_to_anthropic_types() {
     );
 }
 
+/// `parallel_tool_calls: false` rides on the tool choice (an `auto` one when the
+/// request named none), the end user goes to `metadata.user_id`, and the sampling
+/// options Anthropic lacks are dropped rather than refused.
+#[test]
+fn openai_only_options_are_mapped_or_dropped() {
+    let model = ModelId::new("claude-sonnet-4-5");
+    let mut request = hello();
+    request.tools = vec![weather_tool()];
+    request.parallel_tool_calls = Some(false);
+    request.end_user = Some("user-1234".to_owned());
+    request.seed = Some(7);
+    request.presence_penalty = Some(1.0);
+    request.frequency_penalty = Some(1.0);
+    let body = wire_json(&build_request(&request, &model, 1024, false).unwrap().body);
+    assert_eq!(
+        body["tool_choice"],
+        json!({"type": "auto", "disable_parallel_tool_use": true})
+    );
+    assert_eq!(body["metadata"], json!({"user_id": "user-1234"}));
+    for dropped in ["seed", "presence_penalty", "frequency_penalty"] {
+        assert!(body.get(dropped).is_none(), "{dropped} sent: {body}");
+    }
+
+    request.tool_choice = Some(ToolChoice::Function {
+        name: "get_weather".to_owned(),
+    });
+    let body = wire_json(&build_request(&request, &model, 1024, false).unwrap().body);
+    assert_eq!(
+        body["tool_choice"],
+        json!({"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true})
+    );
+
+    // Parallel calls allowed, or no tools at all: nothing to say.
+    request.parallel_tool_calls = Some(true);
+    request.tool_choice = None;
+    let body = wire_json(&build_request(&request, &model, 1024, false).unwrap().body);
+    assert!(body.get("tool_choice").is_none(), "{body}");
+    request.parallel_tool_calls = Some(false);
+    request.tools.clear();
+    let body = wire_json(&build_request(&request, &model, 1024, false).unwrap().body);
+    assert!(body.get("tool_choice").is_none(), "{body}");
+}
+
 #[test]
 fn max_tokens_is_always_sent() {
     let model = ModelId::new("claude-sonnet-4-5");

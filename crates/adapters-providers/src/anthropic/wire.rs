@@ -29,6 +29,8 @@ pub(super) struct MessagesRequest<'a> {
     pub tools: Vec<WireTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<WireToolChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata<'a>>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
 }
@@ -79,14 +81,31 @@ pub(super) struct WireTool<'a> {
     pub input_schema: Value,
 }
 
-/// Whether and which tool the model must call.
+/// Whether and which tool the model must call; `disable_parallel_tool_use` is
+/// OpenAI's `parallel_tool_calls: false`.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(super) enum WireToolChoice<'a> {
-    Auto,
-    Any,
-    Tool { name: &'a str },
+    Auto {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        disable_parallel_tool_use: bool,
+    },
+    Any {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        disable_parallel_tool_use: bool,
+    },
+    Tool {
+        name: &'a str,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        disable_parallel_tool_use: bool,
+    },
     None,
+}
+
+/// Request metadata: the caller's end-user id, for Anthropic's abuse detection.
+#[derive(Debug, Serialize)]
+pub(super) struct Metadata<'a> {
+    pub user_id: &'a str,
 }
 
 /// The body of a successful non-streaming reply.

@@ -181,6 +181,13 @@ fn request_maps_roles_system_tools_images_and_generation_config() {
     request.temperature = Some(1.5);
     request.top_p = Some(0.9);
     request.max_tokens = Some(256);
+    // Wider than Gemini's 32-bit seed: its low bits are sent.
+    request.seed = Some((1_i64 << 32) + 42);
+    request.presence_penalty = Some(0.5);
+    request.frequency_penalty = Some(-0.5);
+    // Neither has a Gemini equivalent.
+    request.parallel_tool_calls = Some(false);
+    request.end_user = Some("user-1234".to_owned());
     request.stop = vec!["END".to_owned()];
     request.tools = vec![
         weather_tool(),
@@ -244,6 +251,9 @@ fn request_maps_roles_system_tools_images_and_generation_config() {
                 "temperature": 1.5,
                 "topP": 0.9,
                 "maxOutputTokens": 256,
+                "seed": 42,
+                "presencePenalty": 0.5,
+                "frequencyPenalty": -0.5,
                 "stopSequences": ["END"]
             }
         })

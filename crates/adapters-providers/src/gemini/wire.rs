@@ -130,6 +130,13 @@ pub(super) struct GenerationConfig<'a> {
     pub top_p: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_output_tokens: Option<u32>,
+    /// 32 bits in Gemini's API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop_sequences: Vec<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,6 +150,9 @@ impl GenerationConfig<'_> {
         self.temperature.is_none()
             && self.top_p.is_none()
             && self.max_output_tokens.is_none()
+            && self.seed.is_none()
+            && self.presence_penalty.is_none()
+            && self.frequency_penalty.is_none()
             && self.stop_sequences.is_empty()
             && self.response_mime_type.is_none()
             && self.response_schema.is_none()

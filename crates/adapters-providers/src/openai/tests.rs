@@ -131,6 +131,11 @@ fn full_intent() -> RequestIntent {
     .with_max_tokens(256);
     intent.temperature = Some(0.5);
     intent.top_p = Some(0.25);
+    intent.seed = Some(42);
+    intent.presence_penalty = Some(0.5);
+    intent.frequency_penalty = Some(-0.25);
+    intent.parallel_tool_calls = Some(false);
+    intent.end_user = Some("user-1234".to_owned());
     intent.stop = vec!["\n\n".to_owned()];
     intent.tools = vec![ToolDefinition {
         name: "get_weather".to_owned(),
@@ -208,6 +213,11 @@ async fn chat_sends_the_translated_request_and_maps_the_reply() {
             "max_tokens": 256,
             "temperature": 0.5,
             "top_p": 0.25,
+            "seed": 42,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.25,
+            "parallel_tool_calls": false,
+            "user": "user-1234",
             "stop": ["\n\n"],
             "tools": [{"type": "function", "function": {
                 "name": "get_weather",
@@ -236,6 +246,8 @@ async fn reasoning_models_get_max_completion_tokens() {
     let mut intent = RequestIntent::new("o3-mini", vec![Message::user("hi")]).with_max_tokens(99);
     intent.response_format = Some(ResponseFormat::JsonObject);
     intent.tool_choice = Some(ToolChoice::Required);
+    // Without tools OpenAI refuses `parallel_tool_calls`: it is not sent.
+    intent.parallel_tool_calls = Some(false);
     provider
         .chat(call("o3-mini", intent.clone()))
         .await
@@ -247,6 +259,7 @@ async fn reasoning_models_get_max_completion_tokens() {
     assert!(bodies[0].get("max_tokens").is_none(), "{}", bodies[0]);
     assert_eq!(bodies[0]["response_format"], json!({"type": "json_object"}));
     assert_eq!(bodies[0]["tool_choice"], json!("required"));
+    assert!(bodies[0].get("parallel_tool_calls").is_none());
     assert_eq!(bodies[1]["max_tokens"], json!(99));
     assert!(bodies[1].get("max_completion_tokens").is_none());
     assert!(bodies[1].get("stream").is_none());

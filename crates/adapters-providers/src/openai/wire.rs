@@ -37,6 +37,17 @@ pub(crate) struct ChatRequest<'a> {
     tool_choice: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
+    /// OpenAI refuses it without tools.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,9 +181,14 @@ pub(crate) fn chat_request<'a>(
         temperature: intent.temperature,
         top_p: intent.top_p,
         stop: &intent.stop,
+        parallel_tool_calls: intent.parallel_tool_calls.filter(|_| !tools.is_empty()),
         tools,
         tool_choice,
         response_format,
+        seed: intent.seed,
+        presence_penalty: intent.presence_penalty,
+        frequency_penalty: intent.frequency_penalty,
+        user: intent.end_user.as_deref(),
         stream,
         stream_options: stream.then_some(StreamOptions {
             include_usage: true,

@@ -28,6 +28,18 @@ pub fn intent(req: ChatRequest) -> Result<RequestIntent, ApiError> {
             ApiError::bad_request("unsupported_value", "Only n=1 is supported.").with_param("n"),
         );
     }
+    if req.logprobs == Some(true) || req.top_logprobs.is_some() {
+        let param = if req.logprobs == Some(true) {
+            "logprobs"
+        } else {
+            "top_logprobs"
+        };
+        return Err(ApiError::bad_request(
+            "unsupported_value",
+            "Log probabilities are not supported: replies carry none.",
+        )
+        .with_param(param));
+    }
     if req.messages.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_value",
@@ -89,6 +101,11 @@ pub fn intent(req: ChatRequest) -> Result<RequestIntent, ApiError> {
     intent.max_tokens = req.max_completion_tokens.or(req.max_tokens);
     intent.temperature = req.temperature;
     intent.top_p = req.top_p;
+    intent.seed = req.seed;
+    intent.presence_penalty = req.presence_penalty;
+    intent.frequency_penalty = req.frequency_penalty;
+    intent.parallel_tool_calls = req.parallel_tool_calls;
+    intent.end_user = req.user;
     intent.stop = match req.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],

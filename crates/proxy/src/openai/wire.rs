@@ -36,7 +36,21 @@ pub struct ChatRequest {
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
     #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
     pub user: Option<String>,
+    /// Refused when true: replies carry no log probabilities.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// Refused when set, for the same reason.
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

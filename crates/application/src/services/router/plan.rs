@@ -127,6 +127,14 @@ pub(crate) fn validate_chat(intent: &RequestIntent) -> Result<(), RouteErrorKind
             return invalid(format!("top_p must be between 0 and 1, got {p}"));
         }
     }
+    for (name, penalty) in [
+        ("presence_penalty", intent.presence_penalty),
+        ("frequency_penalty", intent.frequency_penalty),
+    ] {
+        if let Some(p) = penalty.filter(|p| !(-2.0..=2.0).contains(p)) {
+            return invalid(format!("{name} must be between -2 and 2, got {p}"));
+        }
+    }
     if let Some(tool) = intent.tools.iter().find(|t| t.name.trim().is_empty()) {
         return invalid(format!(
             "tool name must not be empty (description: {:?})",

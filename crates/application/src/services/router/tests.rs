@@ -33,6 +33,20 @@ fn invalid_requests_are_named_precisely() {
         validate(&hot).unwrap_err().to_string(),
         "invalid request: temperature must be between 0 and 2, got 3.5"
     );
+    let mut repetitive = intent("gpt-4o", "hi");
+    repetitive.frequency_penalty = Some(-2.5);
+    assert_eq!(
+        validate(&repetitive).unwrap_err().to_string(),
+        "invalid request: frequency_penalty must be between -2 and 2, got -2.5"
+    );
+    repetitive.frequency_penalty = Some(-2.0);
+    repetitive.presence_penalty = Some(2.1);
+    assert_eq!(
+        validate(&repetitive).unwrap_err().to_string(),
+        "invalid request: presence_penalty must be between -2 and 2, got 2.1"
+    );
+    repetitive.presence_penalty = Some(2.0);
+    assert!(validate(&repetitive).is_ok());
     assert!(validate(&intent("gpt-4o", "hi").with_max_tokens(0)).is_err());
     assert!(validate(&intent("gpt-4o", "hi")).is_ok());
 }
