@@ -65,6 +65,34 @@ def main(base_url: str, token: str) -> None:
     assert "gpt-4o" in models and "text-embedding-3-small" in models, models
     checks += 1
 
+    model = client.models.retrieve("gpt-4o")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "openai"), model
+    try:
+        client.models.retrieve("no-such-model")
+        raise AssertionError("expected a 404")
+    except openai.NotFoundError as e:
+        assert e.body["code"] == "model_not_found", e.body
+    checks += 1
+
+    # Sampling options the SDK sends are accepted; log probabilities are refused by name.
+    seeded = client.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "seeded"}],
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        user="end-user-1",
+    )
+    assert seeded.choices[0].finish_reason == "stop", seeded
+    try:
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x"}], logprobs=True
+        )
+        raise AssertionError("expected a 400")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "logprobs", e.body
+    checks += 1
+
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
         raise AssertionError("expected a 404")

@@ -308,7 +308,17 @@ async fn embeddings_as_floats_and_base64() {
 
 #[tokio::test]
 async fn models_lists_what_keys_can_serve() {
-    let p = Proxy::start("", &[]).await;
+    let extra = r#"
+[[providers]]
+id = "together"
+kind = "simulated"
+models = ["meta-llama/Llama-3-70b"]
+
+[[keys]]
+provider = "together"
+material = "sk-test-together-0001"
+"#;
+    let p = Proxy::start(extra, &[]).await;
     let r: Value = p
         .client
         .get(p.url("/v1/models"))
@@ -330,8 +340,27 @@ async fn models_lists_what_keys_can_serve() {
             "claude-sonnet-4-5",
             "gpt-4o",
             "gpt-4o-mini",
+            "meta-llama/Llama-3-70b",
             "text-embedding-3-small"
         ]
+    );
+
+    // One model by id, as the SDK's `models.retrieve` asks, slashes and all.
+    for (id, owner) in [
+        ("gpt-4o", "openai"),
+        ("meta-llama/Llama-3-70b", "together"),
+    ] {
+        let one = p.get_json(&format!("/v1/models/{id}")).await;
+        assert_eq!(
+            one,
+            json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
+        );
+    }
+    let r = p.client.get(p.url("/v1/models/gpt-5")).send().await.unwrap();
+    let (status, body) = error_of(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("model_not_found"))
     );
 }
 
@@ -546,6 +575,21 @@ token_env = "CLIENT_SHARED"
             .collect::<Vec<_>>()
     };
     assert_eq!(models("client-a-token-123").await, ["gpt-4o"]);
+    // A model outside the client's allowed ones is not found for it, by id either.
+    for (token, status) in [
+        ("client-a-token-123", StatusCode::NOT_FOUND),
+        ("shared-token-456", StatusCode::OK),
+        ("wrong-token-000", StatusCode::UNAUTHORIZED),
+    ] {
+        let r = p
+            .client
+            .get(p.url("/v1/models/gpt-4o-mini"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{token}");
+    }
     assert_eq!(
         models("shared-token-456").await,
         [

@@ -65,5 +65,5 @@ async fn official_openai_sdk_works_against_the_proxy() {
         output.status.success(),
         "the SDK client failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains(": 8 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains(": 10 passed, 0 failed"), "{stdout}");
 }

@@ -8,7 +8,7 @@ use apikeyrouter::{KeyId, KeyMetadata, KeyServiceError, KeyState, Money, Request
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::errors::ApiError;
 use crate::openai::parse_json;
+use crate::path::PathId;
 use crate::state::AppState;
 
 /// The admin token was checked: handlers take it first, so a request without the
@@ -33,22 +34,6 @@ impl FromRequestParts<Arc<AppState>> for Admin {
     ) -> Result<Self, ApiError> {
         state.auth().admin.check(&parts.headers)?;
         Ok(Self)
-    }
-}
-
-/// The id in a management path. A malformed one (percent-encoding that is not UTF-8)
-/// is refused in OpenAI's error shape, not with axum's plain-text rejection.
-#[derive(Debug)]
-pub struct PathId(String);
-
-impl<S: Send + Sync> FromRequestParts<S> for PathId {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        Path::<String>::from_request_parts(parts, state)
-            .await
-            .map(|Path(id)| Self(id))
-            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
     }
 }
 

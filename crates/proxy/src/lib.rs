@@ -10,6 +10,7 @@ pub mod demo;
 pub mod errors;
 pub mod metrics;
 pub mod openai;
+pub mod path;
 pub mod server;
 pub mod state;
 
@@ -51,6 +52,7 @@ fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{*model}", get(openai::model))
         .route(
             "/api/v1/keys",
             post(admin::create_key).get(admin::list_keys),

@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use crate::auth::VirtualKey;
 use crate::errors::ApiError;
 use crate::metrics::Timed;
+use crate::path::PathId;
 use crate::state::AppState;
 use headers::RoutingHeaders;
 use wire::{
@@ -510,12 +511,48 @@ pub async fn embeddings(
     Ok(response)
 }
 
-/// `GET /v1/models`: the models the registered providers serve and some key can use.
+/// `GET /v1/models`: the models the registered providers serve and some key of the
+/// caller can use.
 pub async fn models(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let client = state.auth().client(&headers)?;
+    let data = visible_models(&state, &headers).await?;
+    Ok(axum::Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response())
+}
+
+/// `GET /v1/models/{model}`: one of those models, or 404 as OpenAI answers for a model
+/// the caller cannot use. The id may hold slashes (`meta-llama/Llama-3-70b`).
+pub async fn model(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    PathId(id): PathId,
+) -> Result<Response, ApiError> {
+    visible_models(&state, &headers)
+        .await?
+        .into_iter()
+        .find(|entry| entry.id == id)
+        .map(|entry| axum::Json(entry).into_response())
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "model_not_found",
+                format!("The model `{id}` does not exist or no configured key serves it."),
+            )
+            .with_param("model")
+        })
+}
+
+/// The models the configured keys can serve, within the virtual key's tenant and
+/// allowed models when there is one.
+async fn visible_models(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Vec<ModelEntry>, ApiError> {
+    let client = state.auth().client(headers)?;
     let tenant = client.as_ref().and_then(|vk| vk.tenant.as_ref());
     let served = state.router.served_models(tenant).await.map_err(|e| {
         ApiError::new(
@@ -525,22 +562,16 @@ pub async fn models(
             format!("{e}"),
         )
     })?;
-    let entries = served
+    Ok(served
         .into_iter()
-        .filter(|(model, _)| client.as_ref().is_none_or(|vk| vk.allows(model)));
-    let data = entries
+        .filter(|(model, _)| client.as_ref().is_none_or(|vk| vk.allows(model)))
         .map(|(id, owned_by)| ModelEntry {
             id: id.to_string(),
             object: "model",
             created: 0,
             owned_by: owned_by.to_string(),
         })
-        .collect();
-    Ok(axum::Json(ModelList {
-        object: "list",
-        data,
-    })
-    .into_response())
+        .collect())
 }
 
 #[cfg(test)]
