@@ -346,17 +346,19 @@ material = "sk-test-together-0001"
     );
 
     // One model by id, as the SDK's `models.retrieve` asks, slashes and all.
-    for (id, owner) in [
-        ("gpt-4o", "openai"),
-        ("meta-llama/Llama-3-70b", "together"),
-    ] {
+    for (id, owner) in [("gpt-4o", "openai"), ("meta-llama/Llama-3-70b", "together")] {
         let one = p.get_json(&format!("/v1/models/{id}")).await;
         assert_eq!(
             one,
             json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
         );
     }
-    let r = p.client.get(p.url("/v1/models/gpt-5")).send().await.unwrap();
+    let r = p
+        .client
+        .get(p.url("/v1/models/gpt-5"))
+        .send()
+        .await
+        .unwrap();
     let (status, body) = error_of(r).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),

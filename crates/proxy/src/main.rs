@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use apikeyrouter::config::Config;
 use apikeyrouter::observability::{LogFormat, init_tracing};
+use apikeyrouter_proxy::auth::Auth;
 use apikeyrouter_proxy::{demo, server};
 use clap::{Parser, Subcommand};
 
@@ -93,8 +94,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Validates the file as `serve` would, credentials included, without starting.
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
+    let checked = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|c| Auth::from_config(&c).map(|_| c));
+    match checked {
         Ok(c) => {
             print!("{}", c.summary());
             ExitCode::SUCCESS

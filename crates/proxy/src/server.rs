@@ -68,25 +68,27 @@ pub async fn serve(
     // Per core, the serving threads' runtimes run until this is dropped, after the
     // flush: tasks that requests left there (settling a request whose client went
     // away) must finish.
+    // Installed before the address is announced: a SIGHUP that arrives after it must
+    // not meet the signal's default action, which ends the process.
+    #[cfg(unix)]
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let hangup = None;
     let drained = match server.runtime {
         ServerRuntime::Shared => {
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
+            tokio::spawn(watch_config(state.clone(), config_path, hangup));
             on_bound(listener.local_addr()?);
-            if let Some(path) = config_path {
-                tokio::spawn(watch_config(state.clone(), path));
-            }
             serve_on(listener, state.clone(), shutdown_signal()).await?;
             None
         }
         ServerRuntime::PerCore => {
             let listeners = per_core::bind(listen, server.threads())
                 .with_context(|| format!("cannot listen on {listen}"))?;
+            tokio::spawn(watch_config(state.clone(), config_path, hangup));
             on_bound(listeners[0].local_addr()?);
-            if let Some(path) = config_path {
-                tokio::spawn(watch_config(state.clone(), path));
-            }
             Some(per_core::serve(listeners, state.clone(), shutdown_signal()).await?)
         }
     };
@@ -148,14 +150,20 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
+/// The SIGHUP stream (none off Unix).
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = std::convert::Infallible;
+
 /// Reloads the configuration on SIGHUP or when the file changes (checked every two
 /// seconds). A file that does not validate is reported and ignored: the running
-/// configuration stays.
-async fn watch_config(state: Arc<AppState>, path: PathBuf) {
+/// configuration stays. Without a file (`serve` from the environment, `demo`) SIGHUP
+/// is logged and ignored rather than left to its default action, which would end the
+/// process without draining.
+async fn watch_config(state: Arc<AppState>, path: Option<PathBuf>, mut hangup: Option<Hangup>) {
     let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last: Option<SystemTime> = modified(&path);
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut last: Option<SystemTime> = path.as_ref().and_then(modified);
     loop {
         #[cfg(unix)]
         let signalled = async {
@@ -167,29 +175,44 @@ async fn watch_config(state: Arc<AppState>, path: PathBuf) {
             }
         };
         #[cfg(not(unix))]
-        let signalled = std::future::pending::<()>();
+        let signalled = {
+            let _ = &mut hangup;
+            std::future::pending::<()>()
+        };
+        let polled = async {
+            match &path {
+                Some(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let reason = tokio::select! {
             () = signalled => "SIGHUP",
-            () = tokio::time::sleep(Duration::from_secs(2)) => {
-                let now = modified(&path);
+            () = polled => {
+                let now = path.as_ref().and_then(modified);
                 if now == last { continue; }
                 last = now;
                 "file changed"
             }
         };
-        reload(&state, &path, reason).await;
+        match &path {
+            Some(path) => reload(&state, path, reason).await,
+            None => tracing::warn!(reason, "no configuration file to reload"),
+        }
     }
 }
 
 /// Applies the file at `path` to the running proxy.
 pub async fn reload(state: &AppState, path: &std::path::Path, reason: &str) {
-    let config = match Config::load(path) {
+    let mut config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(reason, error = %e, "configuration not reloaded");
             return;
         }
     };
+    // The socket was bound at start (perhaps at `--listen`, not the file's address):
+    // whether the management API may go without a token depends on the one in use.
+    config.listen = state.launched.listen;
     let auth = match Auth::from_config(&config) {
         Ok(a) => a,
         Err(e) => {

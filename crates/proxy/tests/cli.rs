@@ -1,6 +1,7 @@
 //! The `apikeyrouter` command as a user runs it: `check`, `serve` with a config file,
 //! reload on SIGHUP (with a request in flight), 10,000 connections at once, graceful
-//! shutdown on SIGTERM, the per-core runtime, `serve` without a config, and `demo`.
+//! shutdown on SIGTERM, the per-core runtime, `serve` without a config, and `demo`;
+//! reloads judged by the address in use, SIGHUP without a file.
 
 #![expect(clippy::unwrap_used, clippy::panic, reason = "test code")]
 
@@ -177,6 +178,141 @@ fn check_names_file_key_and_problem() {
         )),
         "{stderr}"
     );
+}
+
+/// `check` refuses what `serve` would refuse: a public address without an admin token.
+#[test]
+fn check_refuses_a_public_address_without_an_admin_token() {
+    let public = CONFIG
+        .replace("127.0.0.1:0", "0.0.0.0:8000")
+        .replace("[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n", "");
+    let path = temp_config("check-public", &public);
+    let out = envs(Command::new(BIN).args(["check", "--config"]).arg(&path))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("listening on 0.0.0.0:8000 without an admin token"),
+        "{stderr}"
+    );
+}
+
+/// The status of `GET path` sent without credentials.
+fn status_without_token(addr: SocketAddr, path: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits up to ten seconds for the key list to show a key ending in `last4`.
+fn wait_for_key(addr: SocketAddr, last4: &str) {
+    let started = Instant::now();
+    loop {
+        let (_, keys) = http(addr, "GET", "/api/v1/keys", "");
+        if keys.contains(&format!("...{last4}")) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "reload did not happen: {keys}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A reload judges whether the management API may go without a token by the address
+/// the server listens on (`--listen` included), not by the file's `listen`: a file
+/// that drops its token cannot open the API on a public address, and a server on
+/// loopback started with `--listen` keeps reloading a file that names a public one.
+#[test]
+fn reloads_judge_the_admin_token_by_the_address_in_use() {
+    let untokened = CONFIG.replace("[admin]\ntoken_env = \"TEST_ADMIN_TOKEN\"\n", "");
+    let with_key = |text: &str, material: &str| {
+        format!("{text}\n[[keys]]\nprovider = \"openai\"\nmaterial = \"{material}\"\n")
+    };
+
+    // The file names a public address and no token; the server listens on loopback.
+    let public_file = untokened.replace("127.0.0.1:0", "0.0.0.0:8000");
+    let path = temp_config("reload-loopback", &public_file);
+    let child = envs(Command::new(BIN).args(["serve", "--listen", "127.0.0.1:0", "--config"]))
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    server.addr = bound_address(&mut server.child);
+    std::fs::write(&path, with_key(&public_file, "sk-cli-loopback-key-5555")).unwrap();
+    signal(&server.child, "HUP");
+    wait_for_key(server.addr, "5555");
+    drop(server);
+
+    // The file has a token and loopback; the server listens on every address.
+    let path = temp_config("reload-public", CONFIG);
+    let child = envs(Command::new(BIN).args(["serve", "--listen", "0.0.0.0:0", "--config"]))
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let port = bound_address(&mut server.child).port();
+    server.addr = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(status_without_token(server.addr, "/api/v1/keys"), 401);
+    std::fs::write(&path, with_key(&untokened, "sk-cli-refused-key-6666")).unwrap();
+    signal(&server.child, "HUP");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        status_without_token(server.addr, "/api/v1/keys"),
+        401,
+        "a reload opened the management API on a public address"
+    );
+    // A later valid file still applies: the refused one was seen and skipped.
+    std::fs::write(&path, with_key(CONFIG, "sk-cli-accepted-key-7777")).unwrap();
+    signal(&server.child, "HUP");
+    wait_for_key(server.addr, "7777");
+    let (_, keys) = http(server.addr, "GET", "/api/v1/keys", "");
+    assert!(!keys.contains("...6666"), "{keys}");
+}
+
+/// Without a configuration file SIGHUP has nothing to reload: it is logged, and the
+/// server goes on serving instead of dying of the signal's default action.
+#[test]
+fn sighup_without_a_config_file_leaves_the_server_serving() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env_remove("APIKEYROUTER_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = bound_address(&mut child);
+    let mut server = Server { child, addr };
+    // At once: the handler is in place before the address is announced.
+    signal(&server.child, "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended it"
+    );
+    assert_eq!(status_without_token(addr, "/health"), 200);
+    signal(&server.child, "TERM");
+    assert_graceful_exit(&mut server);
 }
 
 #[test]
