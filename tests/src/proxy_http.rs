@@ -1089,6 +1089,41 @@ token = "team-token-0002"
         .find(|b| b["budget_id"] == "virtual-key-intern")
         .unwrap();
     assert!(intern["spent"].as_f64().unwrap() <= 0.001);
+
+    // Another client cannot charge (or exhaust) the intern's budget by naming its tag;
+    // its own requests carry its own name.
+    let spoofed = p
+        .client
+        .post(p.url("/v1/chat/completions"))
+        .bearer_auth("team-token-0002")
+        .header("x-apikeyrouter-tags", "feature=x, virtual_key=intern")
+        .json(&hello("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(spoofed).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_header")),
+        "{body}"
+    );
+    let r = p
+        .client
+        .post(p.url("/v1/chat/completions"))
+        .bearer_auth("team-token-0002")
+        .header("x-apikeyrouter-tags", "feature=x")
+        .json(&hello("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let record = p.record_when_written(&id).await;
+    assert_eq!(
+        record["tags"],
+        json!({"feature": "x", "virtual_key": "team"}),
+        "{record}"
+    );
 }
 
 #[tokio::test]

@@ -64,8 +64,6 @@ pub struct VirtualKey {
     pub tenant: Option<TenantId>,
     pub models: Option<Vec<ModelId>>,
     pub rpm: Option<u32>,
-    /// Tag that its budget charges (`virtual_key=<name>`), when it has one.
-    pub budget_tag: Option<(String, String)>,
 }
 
 impl VirtualKey {
@@ -75,9 +73,6 @@ impl VirtualKey {
             tenant: v.tenant.clone(),
             models: v.models.clone(),
             rpm: v.rpm,
-            budget_tag: v
-                .budget_usd
-                .map(|_| ("virtual_key".to_owned(), v.name.clone())),
         }
     }
 

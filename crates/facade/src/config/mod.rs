@@ -14,4 +14,6 @@ pub use file::{
     PriceConfig, ProviderConfig, ProviderKind, RoutingConfig, ServerConfig, ServerRuntime,
     VirtualKeyConfig,
 };
-pub use validate::{Config, ConfigError, ResolvedKey, ResolvedProvider, ResolvedVirtualKey};
+pub use validate::{
+    Config, ConfigError, ResolvedKey, ResolvedProvider, ResolvedVirtualKey, VIRTUAL_KEY_TAG,
+};

@@ -65,6 +65,10 @@ pub struct ResolvedKey {
     pub metadata: KeyMetadata,
 }
 
+/// The tag every request made with a virtual key carries (`virtual_key=<name>`): the
+/// key's budget is a tag budget on it, and cost reports group by it.
+pub const VIRTUAL_KEY_TAG: &str = "virtual_key";
+
 /// A client credential with its token resolved.
 #[derive(Clone)]
 pub struct ResolvedVirtualKey {
@@ -773,7 +777,7 @@ fn virtual_key_budget(name: &str, limit_usd: f64) -> Result<Budget, String> {
     Budget::new(
         format!("virtual-key-{name}"),
         BudgetScope::Tag {
-            key: "virtual_key".to_owned(),
+            key: VIRTUAL_KEY_TAG.to_owned(),
             value: name.to_owned(),
         },
         limit_usd,

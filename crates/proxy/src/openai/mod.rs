@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use apikeyrouter::config::VIRTUAL_KEY_TAG;
 use apikeyrouter::{
     ClientLimit, EmbeddingIntent, ModelId, Objective, RequestContext, RequestId, TenantId,
 };
@@ -260,14 +261,23 @@ fn routing(
                         format!("x-apikeyrouter-tags: {pair:?} is not name=value"),
                     )
                 })?;
-            tags.insert(k.trim().to_owned(), v.trim().to_owned());
+            let k = k.trim();
+            if k == VIRTUAL_KEY_TAG {
+                // Set by the proxy from the credentials: a client naming another
+                // virtual key would charge that key's budget.
+                return Err(ApiError::bad_request(
+                    "invalid_header",
+                    format!(
+                        "x-apikeyrouter-tags: {VIRTUAL_KEY_TAG} is set by the proxy from the API key"
+                    ),
+                ));
+            }
+            tags.insert(k.to_owned(), v.trim().to_owned());
         }
     }
     let tenant = client.as_ref().and_then(|vk| vk.tenant.clone());
     if let Some(vk) = &client {
-        if let Some((k, v)) = &vk.budget_tag {
-            tags.insert(k.clone(), v.clone());
-        }
+        tags.insert(VIRTUAL_KEY_TAG.to_owned(), vk.name.clone());
         if let Some(models) = &vk.models {
             objective.constraints.allowed_models = Some(models.clone());
         }
