@@ -107,3 +107,48 @@ async fn lookups_see_the_request_just_made() {
         assert_eq!(record.request_id, id);
     }
 }
+
+/// Request ids can come from clients (`x-request-id`), and two requests may carry the
+/// same one: the first keeps it in the request log, each later one is saved under
+/// `{id}~{fresh id}`, and the audit trail carries the id each record was saved under.
+/// No record replaces another.
+#[tokio::test]
+async fn a_reused_request_id_never_replaces_the_first_record() {
+    let sink = Arc::new(FlakySink::default());
+    let h = harness(sink.clone(), 100).await;
+    let objective = Objective::default();
+    let questions = ["first", "second", "third"];
+    for question in questions {
+        let ctx = apikeyrouter::RequestContext {
+            request_id: Some(RequestId::new("client-id-1")),
+            ..apikeyrouter::RequestContext::default()
+        };
+        let r = h
+            .router
+            .route_with(
+                ask("gpt-4o-mini", question).with_tag("question", question),
+                &objective,
+                ctx,
+            )
+            .await
+            .expect("served");
+        assert_eq!(r.request_id.as_str(), "client-id-1");
+    }
+    assert!(h.router.flush_records(Duration::from_secs(5)).await);
+    let received = sink.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 3, "{received:?}");
+    assert_eq!(received[0].as_str(), "client-id-1");
+    for moved in &received[1..] {
+        assert!(
+            moved.as_str().starts_with("client-id-1~req_"),
+            "{received:?}"
+        );
+    }
+    assert_ne!(received[1], received[2]);
+    // Each id finds its own request's record: the first is not replaced.
+    for (id, question) in received.iter().zip(questions) {
+        let record = h.router.request(id).await.unwrap().expect("kept");
+        assert_eq!(&record.request_id, id);
+        assert_eq!(record.tags["question"], question, "{id}");
+    }
+}

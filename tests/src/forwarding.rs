@@ -179,7 +179,7 @@ impl BudgetStore for Forwarding {
 
 #[async_trait]
 impl RequestLog for Forwarding {
-    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<bool, StoreError> {
         self.request_log().save_request(record).await
     }
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {

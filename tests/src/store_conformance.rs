@@ -1778,30 +1778,30 @@ mod cases {
 
     pub(super) async fn request_log_round_trips(store: Store) {
         let first = record("r1");
-        store.save_request(Arc::new(first.clone())).await.unwrap();
+        assert!(store.save_request(Arc::new(first.clone())).await.unwrap());
         assert_eq!(
             store.get_request(&RequestId::new("r1")).await.unwrap(),
-            Some(first)
+            Some(first.clone())
         );
         assert_eq!(
             store.get_request(&RequestId::new("r2")).await.unwrap(),
             None
         );
 
-        // Saving an id again replaces its record.
-        let mut replaced = record("r1");
-        replaced.outcome = Outcome::Failure {
+        // Another request's record under a taken id (a client reused it) is refused,
+        // and the first record stays.
+        let mut other = record("r1");
+        other.outcome = Outcome::Failure {
             code: "rate_limited".to_owned(),
             message: "every key is throttled".to_owned(),
         };
-        store
-            .save_request(Arc::new(replaced.clone()))
-            .await
-            .unwrap();
+        assert!(!store.save_request(Arc::new(other)).await.unwrap());
         assert_eq!(
             store.get_request(&RequestId::new("r1")).await.unwrap(),
-            Some(replaced)
+            Some(first.clone())
         );
+        // The same record again (a delivery retried after a lost answer) is saved.
+        assert!(store.save_request(Arc::new(first)).await.unwrap());
     }
 
     /// 200 concurrent charges of $0.01 against a hard $1.00 budget: exactly 100 fit.

@@ -479,7 +479,7 @@ impl BudgetStore for FailOpenStore {
 /// until it is back.
 #[async_trait]
 impl RequestLog for FailOpenStore {
-    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<bool, StoreError> {
         self.remote.save_request(record).await
     }
 

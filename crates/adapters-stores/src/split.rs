@@ -296,7 +296,7 @@ impl BudgetStore for SplitStore {
 
 #[async_trait]
 impl RequestLog for SplitStore {
-    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<bool, StoreError> {
         self.records.save_request(record).await
     }
 

@@ -193,7 +193,7 @@ impl BudgetStore for Switchable {
 
 #[async_trait]
 impl RequestLog for Switchable {
-    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<bool, StoreError> {
         self.up()?;
         self.inner.save_request(record).await
     }

@@ -58,17 +58,19 @@ struct RequestRing {
 }
 
 impl RequestRing {
-    /// Stores `record`, returning the evicted records so the caller can drop them
-    /// after releasing the lock. Saving an id again replaces its record in place.
-    fn insert(&mut self, record: Arc<AuditRecord>) -> Vec<Arc<AuditRecord>> {
+    /// Stores `record` unless its id is taken by a different record (`false`),
+    /// returning the evicted records so the caller can drop them after releasing the
+    /// lock.
+    fn insert(&mut self, record: Arc<AuditRecord>) -> (bool, Vec<Arc<AuditRecord>>) {
         let mut evicted = Vec::new();
         if self.capacity == 0 {
             evicted.push(record);
-            return evicted;
+            return (true, evicted);
         }
-        if let Some(slot) = self.records.get_mut(&record.request_id) {
-            evicted.push(std::mem::replace(slot, record));
-            return evicted;
+        if let Some(kept) = self.records.get(&record.request_id) {
+            let same = **kept == *record;
+            evicted.push(record);
+            return (same, evicted);
         }
         while self.order.len() >= self.capacity {
             let Some(oldest) = self.order.pop_front() else {
@@ -78,7 +80,7 @@ impl RequestRing {
         }
         self.order.push_back(record.request_id.clone());
         self.records.insert(record.request_id.clone(), record);
-        evicted
+        (true, evicted)
     }
 }
 
@@ -307,10 +309,11 @@ impl MemoryStore {
         Ok(())
     }
 
-    fn save_request_now(&self, record: Arc<AuditRecord>) {
-        let evicted = lock(&self.requests).insert(record);
+    fn save_request_now(&self, record: Arc<AuditRecord>) -> bool {
+        let (saved, evicted) = lock(&self.requests).insert(record);
         // Freed here, outside the lock.
         drop(evicted);
+        saved
     }
 
     fn get_request_now(&self, id: &RequestId) -> Option<Arc<AuditRecord>> {
@@ -542,9 +545,8 @@ impl BudgetStore for MemoryStore {
 /// Keeps the newest records up to its capacity; older ones are forgotten.
 #[async_trait]
 impl RequestLog for MemoryStore {
-    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
-        self.save_request_now(record);
-        Ok(())
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<bool, StoreError> {
+        Ok(self.save_request_now(record))
     }
 
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {

@@ -1412,23 +1412,16 @@ impl BudgetStore for MongoStore {
 /// server's TTL monitor.
 #[async_trait]
 impl RequestLog for MongoStore {
-    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<bool, StoreError> {
         let raw = Self::request_doc(&record)?;
-        let filter = doc! { "request_id": record.request_id.as_str() };
-        match self
-            .requests
-            .replace_one(filter.clone(), raw.clone())
-            .upsert(true)
-            .await
-        {
-            Ok(_) => Ok(()),
-            // Two saves of a new id raced; the other inserted it, so replace it.
-            Err(e) if is_duplicate_key(&e) => self
-                .requests
-                .replace_one(filter, raw)
-                .await
-                .map(|_| ())
-                .map_err(|e| map_err(REQUESTS, "save a request", e)),
+        match self.requests.insert_one(raw).await {
+            Ok(_) => Ok(true),
+            // Taken (the unique index on `request_id`): by this very record when an
+            // earlier attempt's answer was lost.
+            Err(e) if is_duplicate_key(&e) => {
+                let kept = self.get_request(&record.request_id).await?;
+                Ok(kept.as_ref() == Some(&*record))
+            }
             Err(e) => Err(map_err(REQUESTS, "save a request", e)),
         }
     }

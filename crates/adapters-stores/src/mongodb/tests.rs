@@ -463,24 +463,22 @@ async fn request_log_and_audit_trail_round_trip() {
         None
     );
     let first = record("r1");
-    store.save_request(Arc::new(first.clone())).await.unwrap();
+    assert!(store.save_request(Arc::new(first.clone())).await.unwrap());
     assert_eq!(
         store.get_request(&RequestId::new("r1")).await.unwrap(),
         Some(first.clone())
     );
-    // Saving an id again replaces its record.
-    let mut replaced = record("r1");
-    replaced.outcome = Outcome::Failure {
+    // Another record under a taken id is refused; the same one again is saved.
+    let mut other = record("r1");
+    other.outcome = Outcome::Failure {
         code: "no_eligible_key".to_owned(),
         message: "every key is throttled".to_owned(),
     };
-    store
-        .save_request(Arc::new(replaced.clone()))
-        .await
-        .unwrap();
+    assert!(!store.save_request(Arc::new(other)).await.unwrap());
+    assert!(store.save_request(Arc::new(first.clone())).await.unwrap());
     assert_eq!(
         store.get_request(&RequestId::new("r1")).await.unwrap(),
-        Some(replaced)
+        Some(first.clone())
     );
     let requests = raw(store.db(), "requests");
     assert_eq!(requests.count_documents(doc! {}).await.unwrap(), 1);

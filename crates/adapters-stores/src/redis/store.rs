@@ -1363,22 +1363,28 @@ impl BudgetStore for RedisStore {
 }
 
 /// Keeps each record for the store's request TTL ([`DEFAULT_REQUEST_TTL`] unless set
-/// with [`RedisStore::with_request_ttl`]); saving an id again replaces its record.
+/// with [`RedisStore::with_request_ttl`]); an id is taken until its record expires.
 #[async_trait]
 impl RequestLog for RedisStore {
-    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError> {
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<bool, StoreError> {
         let redis_key = self.names.request(&record.request_id);
         let json = to_json(&*record, "request record")?;
         let ttl_ms = u64::try_from(self.request_ttl.as_millis()).unwrap_or(u64::MAX);
-        let _: () = redis::cmd("SET")
+        let set: Option<String> = redis::cmd("SET")
             .arg(&redis_key)
-            .arg(json)
+            .arg(&json)
+            .arg("NX")
             .arg("PX")
             .arg(clamp_i64(ttl_ms))
             .query_async(&mut self.conn())
             .await
             .map_err(|err| from_redis(err, &redis_key))?;
-        Ok(())
+        if set.is_some() {
+            return Ok(true);
+        }
+        // Taken: by this very record when an earlier attempt's answer was lost.
+        let kept = self.get_request(&record.request_id).await?;
+        Ok(kept.as_ref() == Some(&*record))
     }
 
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {

@@ -408,11 +408,14 @@ pub struct ReclaimedReservations {
 /// Records of routed requests, for look-up by request id.
 #[async_trait]
 pub trait RequestLog: Send + Sync + 'static {
-    /// Stores a request's record (decision, attempts, outcome).
+    /// Stores a request's record (decision, attempts, outcome) under its id, unless
+    /// the id is taken by a different record: ids may come from clients, and one
+    /// request's record must never replace another's. Returns `false` when the id is
+    /// taken; saving the same record again (a retried delivery) returns `true`.
     ///
     /// # Errors
     /// `Unavailable` when the backend is down.
-    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<(), StoreError>;
+    async fn save_request(&self, record: Arc<AuditRecord>) -> Result<bool, StoreError>;
 
     /// A request's record, if kept.
     ///

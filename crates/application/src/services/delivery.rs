@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use apikeyrouter_domain::RequestId;
+
+use super::ids::IdGenerator;
 use crate::ports::{AuditError, AuditSink, StateStore, StoreErrorKind};
 use crate::records::AuditRecord;
 
@@ -180,9 +183,13 @@ async fn run(
     counters: Arc<Counters>,
     finished: Arc<watch::Sender<u64>>,
 ) {
+    let ids = IdGenerator::new();
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         for record in batch.drain(..) {
+            // The request log first: it may move the record to a free id, which the
+            // audit trail must then carry too.
+            let (record, logged) = log_request(&counters, &*store, &ids, record).await;
             let audited = deliver(
                 &counters,
                 &record,
@@ -190,15 +197,8 @@ async fn run(
                 || sink.record(&record),
                 |e| matches!(e, AuditError::Unavailable(_)),
             )
-            .await;
-            let logged = deliver(
-                &counters,
-                &record,
-                "request log",
-                || store.save_request(record.clone()),
-                |e| e.kind == StoreErrorKind::Unavailable,
-            )
-            .await;
+            .await
+            .is_some();
             if audited && logged {
                 counters.delivered.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -210,24 +210,61 @@ async fn run(
     }
 }
 
-/// Delivers to one destination, retrying while it is unavailable; returns false when
-/// it refused the record for good.
-async fn deliver<F, Fut, E>(
+/// Saves `record` in the request log under its id or, when another request's record
+/// holds that id (a client sent an `x-request-id` already used), under
+/// `{id}~{fresh id}`: no record replaces another, and one probe suffices however often
+/// an id is reused. Returns the record as saved and whether it was.
+async fn log_request(
+    counters: &Counters,
+    store: &dyn StateStore,
+    ids: &IdGenerator,
+    record: Arc<AuditRecord>,
+) -> (Arc<AuditRecord>, bool) {
+    let mut saving = record.clone();
+    // A fresh id is free unless someone chose it on purpose: a few tries suffice.
+    for _ in 0..4 {
+        let saved = deliver(
+            counters,
+            &saving,
+            "request log",
+            || store.save_request(saving.clone()),
+            |e| e.kind == StoreErrorKind::Unavailable,
+        )
+        .await;
+        match saved {
+            Some(true) => return (saving, true),
+            Some(false) => {
+                let mut moved = (*record).clone();
+                moved.request_id =
+                    RequestId::new(format!("{}~{}", record.request_id, ids.request_id()));
+                tracing::warn!(request_id = %record.request_id, saved_as = %moved.request_id, "request id already taken; record saved under another");
+                saving = Arc::new(moved);
+            }
+            None => return (saving, false),
+        }
+    }
+    tracing::error!(request_id = %record.request_id, "record refused: no free request id found");
+    (saving, false)
+}
+
+/// Delivers to one destination, retrying while it is unavailable; returns its answer,
+/// or `None` when it refused the record for good.
+async fn deliver<T, F, Fut, E>(
     counters: &Counters,
     record: &AuditRecord,
     destination: &str,
     mut send: F,
     retryable: impl Fn(&E) -> bool,
-) -> bool
+) -> Option<T>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
     let mut backoff = FIRST_BACKOFF;
     loop {
         match send().await {
-            Ok(()) => return true,
+            Ok(answer) => return Some(answer),
             Err(e) if retryable(&e) => {
                 if counters.retries.fetch_add(1, Ordering::Relaxed) % 100 == 0 {
                     tracing::warn!(request_id = %record.request_id, destination, error = %e, "record delivery failed; retrying");
@@ -237,7 +274,7 @@ where
             }
             Err(e) => {
                 tracing::error!(request_id = %record.request_id, destination, error = %e, "record refused");
-                return false;
+                return None;
             }
         }
     }
