@@ -204,10 +204,10 @@ impl Config {
         vars: &[(String, String)],
     ) -> Result<Self, ConfigError> {
         let mut value: toml::Table =
-            toml::from_str(text).map_err(|e| err(source_name, "", toml_message(&e)))?;
+            toml::from_str(text).map_err(|e| err(source_name, "", toml_message(&e, text)))?;
         apply_env(&mut value, vars);
         let file: FileConfig = toml::Table::try_into(value)
-            .map_err(|e: toml::de::Error| err(source_name, "", toml_message(&e)))?;
+            .map_err(|e: toml::de::Error| err(source_name, "", toml_message(&e, "")))?;
         let env: HashMap<&str, &str> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Validator {
             source: source_name,
@@ -325,14 +325,56 @@ fn err(source: &str, key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-fn toml_message(e: &toml::de::Error) -> String {
-    // The toml crate's message already names the line, column and key; keep it on one line.
-    e.to_string()
+/// The parser's complaint with its line and column, on one line. Not the crate's
+/// `Display`, which quotes the offending source line: that line may hold a secret
+/// (`material = "sk-...` with its closing quote missing) and the message reaches
+/// stderr and the logs.
+fn toml_message(e: &toml::de::Error, text: &str) -> String {
+    let mut bare = e.clone();
+    bare.set_input(None);
+    let message = bare
+        .to_string()
         .lines()
-        .map(str::trim_end)
+        .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
-        .join(" | ")
+        .join(" | ");
+    let message = without_quoted_strings(&message);
+    let Some(at) = e.span().map(|span| span.start.min(text.len())) else {
+        return message;
+    };
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {message}")
+}
+
+/// `message` with serde's quotations of string values (`invalid type: string "..."`)
+/// cut to `string`: a secret written where another type belongs must not be echoed.
+fn without_quoted_strings(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(QUOTED) {
+        out.push_str(&rest[..at + "string".len()]);
+        let quoted = &rest[at + QUOTED.len()..];
+        let mut escaped = false;
+        let end = quoted.char_indices().find_map(|(i, c)| match c {
+            _ if escaped => {
+                escaped = false;
+                None
+            }
+            '\\' => {
+                escaped = true;
+                None
+            }
+            '"' => Some(i + 1),
+            _ => None,
+        });
+        rest = &quoted[end.unwrap_or(quoted.len())..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Applies `APIKEYROUTER_SECTION__KEY=value` overrides to the known sections.

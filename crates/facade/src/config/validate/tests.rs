@@ -405,3 +405,23 @@ fn virtual_key_budgets_are_resolved_with_the_config() {
     .unwrap_err();
     assert_eq!(clash.key, "virtual_keys[0].budget_usd");
 }
+
+/// A syntax error on a line holding a secret names the line and column but never
+/// quotes the line: the message goes to stderr and the logs.
+#[test]
+fn a_syntax_error_never_quotes_the_secret_on_its_line() {
+    let text = "[[providers]]\nid = \"sim\"\nkind = \"simulated\"\n\n[[keys]]\nprovider = \"sim\"\nmaterial = \"sk-live-unterminated-secret-4242\n";
+    let message = parse_err(text, &[]);
+    assert!(!message.contains("sk-live"), "{message}");
+    assert!(
+        message.starts_with("test.toml: line 7, column "),
+        "{message}"
+    );
+    // A type error found after parsing still names its key.
+    let typed = parse_err(
+        "[[providers]]\nid = \"sim\"\nkind = \"simulated\"\nmodels = \"sk-live-not-a-list-4242\"\n",
+        &[],
+    );
+    assert!(!typed.contains("sk-live"), "{typed}");
+    assert!(typed.contains("models"), "{typed}");
+}
