@@ -1,5 +1,5 @@
 //! Running the proxy: bind, serve with TCP_NODELAY, reload on SIGHUP or file change,
-//! shut down gracefully on SIGINT/SIGTERM (in-flight requests finish).
+//! shut down gracefully on SIGINT/SIGTERM (in-flight requests finish, within a limit).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,12 +9,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use apikeyrouter::ApiKeyRouter;
 use apikeyrouter::config::{Config, ServerConfig, ServerRuntime};
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::auth::Auth;
 use crate::state::AppState;
 
+mod connections;
 mod per_core;
 
 /// Builds the shared state from a configuration.
@@ -106,23 +106,15 @@ pub async fn serve(
 }
 
 /// Serves the application on `listener` until `shutdown` completes, then until the
-/// requests in flight have finished.
+/// requests in flight have finished (within `[limits] drain_timeout_ms`).
 async fn serve_on(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        // Without it a kept-alive connection waits ~40 ms per small reply (Nagle).
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(crate::app(state));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("server failed")
+    let limits = state.launched.limits.clone();
+    connections::serve(listener, crate::app(state), &limits, shutdown).await;
+    Ok(())
 }
 
 /// How long shutdown waits for audit records to reach a slow or recovering sink.

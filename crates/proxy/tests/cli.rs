@@ -315,6 +315,86 @@ fn sighup_without_a_config_file_leaves_the_server_serving() {
     assert_graceful_exit(&mut server);
 }
 
+/// A client that never finishes its request head, or leaves a kept-alive connection
+/// idle, is disconnected after `header_read_timeout_ms`; shutdown waits for a request
+/// in flight only `drain_timeout_ms`, then exits.
+#[test]
+fn slow_clients_are_cut_off_and_shutdown_drains_within_its_limit() {
+    let text = format!(
+        "{}\n[limits]\nheader_read_timeout_ms = 300\ndrain_timeout_ms = 500\n",
+        CONFIG
+            .replace(
+                "kind = \"simulated\"",
+                "kind = \"simulated\"\nlatency_ms = 5000"
+            )
+            .replace("metadata = { tenant = \"acme\", rpm = 100 }", "")
+    );
+    let path = temp_config("slow-clients", &text);
+    let mut server = serve(&path);
+    let addr = server.addr;
+
+    // Half a request head, then nothing: closed without an answer.
+    let mut half = TcpStream::connect(addr).unwrap();
+    half.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow:")
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = half.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+
+    // A kept-alive connection: answered, then closed once idle for the timeout.
+    let mut idle = TcpStream::connect(addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let started = Instant::now();
+    let _ = idle.read_to_end(&mut answer);
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // The server still serves, and a request in flight (5 s upstream) does not hold
+    // the shutdown past the drain limit.
+    assert_eq!(http(addr, "GET", "/health", "").0, 200);
+    let in_flight = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"slowly"}]}"#;
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    signal(&server.child, "TERM");
+    assert_graceful_exit(&mut server);
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "shutdown took {:?}",
+        asked.elapsed()
+    );
+    let cut = in_flight.join().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cut).contains("200 OK"),
+        "the 5-second request was not cut"
+    );
+}
+
 #[test]
 fn serve_reloads_on_sighup_and_shuts_down_gracefully() {
     let path = temp_config("serve", CONFIG);

@@ -1,5 +1,7 @@
 //! The shape of the configuration file, as written.
 
+use std::time::Duration;
+
 use apikeyrouter_adapters_stores::StoreConfig;
 use apikeyrouter_domain::cost::DowngradeRule;
 use apikeyrouter_domain::{
@@ -518,16 +520,46 @@ pub struct LimitsConfig {
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// How long a client has to send a request head (from connecting, or from the end
+    /// of its previous request on a kept-alive connection), in milliseconds.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// How long shutdown waits for requests in flight (streams included) before it
+    /// closes their connections, in milliseconds.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
 }
 
 const fn default_max_body_bytes() -> usize {
     4 * 1024 * 1024
 }
 
+const fn default_header_read_timeout_ms() -> u64 {
+    30_000
+}
+
+const fn default_drain_timeout_ms() -> u64 {
+    30_000
+}
+
+impl LimitsConfig {
+    /// [`Self::header_read_timeout_ms`] as a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    /// [`Self::drain_timeout_ms`] as a duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: default_max_body_bytes(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            drain_timeout_ms: default_drain_timeout_ms(),
         }
     }
 }

@@ -775,6 +775,12 @@ impl Validator<'_> {
         if file.limits.max_body_bytes < 1024 {
             return Err(self.err("limits.max_body_bytes", "must be at least 1024"));
         }
+        if file.limits.header_read_timeout_ms < 100 {
+            return Err(self.err(
+                "limits.header_read_timeout_ms",
+                "must be at least 100 (a client needs time to send its request head)",
+            ));
+        }
         if cfg!(not(target_os = "linux")) && file.server.runtime == ServerRuntime::PerCore {
             return Err(self.err(
                 "server.runtime",
