@@ -555,6 +555,23 @@ token_env = "CLIENT_SHARED"
         .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
     }
+    // ...nor is the body read: a stranger announcing a large body that never comes
+    // is answered at once.
+    for path in ["/v1/chat/completions", "/v1/embeddings"] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-token-000\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{\"model\":"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0; 512];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(3), tcp.read(&mut answer))
+            .await
+            .expect("no answer before the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+    }
 
     // /v1/models follows routing: a tenant's client sees what its tenant's keys
     // serve (within its allowed models); an untenanted client what shared keys serve.

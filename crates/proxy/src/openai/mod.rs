@@ -169,29 +169,37 @@ fn json_response<T: serde::Serialize>(value: &T) -> Response {
     }
 }
 
-/// A request's headers and body. axum's `HeaderMap` extractor clones the headers (and
-/// each value's buffer on first share); this moves them out of the request instead.
-pub struct HeadersAndBody {
+/// A client's request: its headers, its virtual key, and its body, read only once the
+/// credentials are checked (a stranger gets 401 without the server buffering up to
+/// `max_body_bytes` for it). axum's `HeaderMap` extractor clones the headers (and each
+/// value's buffer on first share); this moves them out of the request instead.
+pub struct ClientRequest {
     headers: HeaderMap,
+    client: Option<Arc<VirtualKey>>,
     body: Result<Bytes, BytesRejection>,
 }
 
-impl std::fmt::Debug for HeadersAndBody {
+impl std::fmt::Debug for ClientRequest {
     /// Says nothing of the headers: they carry the client's credential.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HeadersAndBody").finish_non_exhaustive()
+        f.debug_struct("ClientRequest").finish_non_exhaustive()
     }
 }
 
-impl<S: Send + Sync> FromRequest<S> for HeadersAndBody {
-    type Rejection = Infallible;
+impl FromRequest<Arc<AppState>> for ClientRequest {
+    type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Infallible> {
+    async fn from_request(request: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let (mut parts, body) = request.into_parts();
         let headers = std::mem::take(&mut parts.headers);
+        let client = state.auth().client(&headers)?;
         // The body limit travels in the extensions, which stay with the body.
         let body = Bytes::from_request(Request::from_parts(parts, body), state).await;
-        Ok(Self { headers, body })
+        Ok(Self {
+            headers,
+            client,
+            body,
+        })
     }
 }
 
@@ -305,10 +313,13 @@ fn routing(
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    HeadersAndBody { headers, body }: HeadersAndBody,
+    ClientRequest {
+        headers,
+        client,
+        body,
+    }: ClientRequest,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let client = state.auth().client(&headers)?;
     let request: wire::ChatRequest = parse_json(body)?;
     let stream = request.stream;
     let include_usage = request
@@ -433,10 +444,13 @@ pub async fn chat_completions(
 /// `POST /v1/embeddings`
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
-    HeadersAndBody { headers, body }: HeadersAndBody,
+    ClientRequest {
+        headers,
+        client,
+        body,
+    }: ClientRequest,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let client = state.auth().client(&headers)?;
     let request: EmbeddingRequest = parse_json(body)?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
