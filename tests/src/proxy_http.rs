@@ -841,6 +841,87 @@ async fn management_api_requires_the_admin_token_and_masks_material() {
     assert_eq!(team["spent"], 2.5);
     assert_eq!(team["remaining"], 7.5);
 
+    // One id, one budget: POST does not replace (and reset) an existing one.
+    let (status, error) = error_of(
+        admin(p.client.post(p.url("/api/v1/budgets")))
+            .json(&budget)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("budget_exists"))
+    );
+    let mut misspelt = budget.clone();
+    misspelt["id"] = json!("other");
+    misspelt["limit"] = json!(5.0);
+    let (status, error) = error_of(
+        admin(p.client.post(p.url("/api/v1/budgets")))
+            .json(&misspelt)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `limit`"),
+        "{error}"
+    );
+    // PUT redefines it keeping this period's spend; GET reads one budget.
+    let raised = json!({"scope": "tenant", "tenant": "t1", "limit_usd": 20.0, "period": "daily"});
+    let r = admin(p.client.put(p.url("/api/v1/budgets/team")))
+        .json(&raised)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let team: Value = admin(p.client.get(p.url("/api/v1/budgets/team")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (team["spent"].clone(), team["remaining"].clone()),
+        (json!(2.5), json!(17.5))
+    );
+    let mut renamed = raised.clone();
+    renamed["id"] = json!("elsewhere");
+    let (status, _) = error_of(
+        admin(p.client.put(p.url("/api/v1/budgets/team")))
+            .json(&renamed)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let r = admin(p.client.put(p.url("/api/v1/budgets/fresh")))
+        .json(&raised)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    for (method, code) in [
+        ("DELETE", StatusCode::NO_CONTENT),
+        ("DELETE", StatusCode::NOT_FOUND),
+        ("GET", StatusCode::NOT_FOUND),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = admin(p.client.request(method, p.url("/api/v1/budgets/team")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), code);
+    }
+
     let policies: Value = admin(p.client.get(p.url("/api/v1/policies")))
         .send()
         .await

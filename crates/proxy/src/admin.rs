@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use apikeyrouter::config::BudgetConfig;
-use apikeyrouter::{KeyId, KeyMetadata, KeyServiceError, KeyState, Money, RequestId};
+use apikeyrouter::{
+    Budget, BudgetServiceError, KeyId, KeyMetadata, KeyServiceError, KeyState, Money, RequestId,
+};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -277,40 +279,148 @@ pub async fn list_budgets(
     Ok(Json(json!({ "object": "list", "data": budgets })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// A budget as the API takes it: a `[[budgets]]` entry plus `spent_usd`, the spend
+/// of the current period so far.
+#[derive(Debug)]
 pub struct NewBudget {
-    #[serde(flatten)]
     budget: BudgetConfig,
-    #[serde(default)]
-    spent_usd: Option<f64>,
+    spent: Option<Money>,
 }
 
-/// `POST /api/v1/budgets`: the shape of a `[[budgets]]` entry, plus `spent_usd`.
+impl NewBudget {
+    /// Parses `body`, refusing unknown fields (a `#[serde(flatten)]` would let them
+    /// pass silently) and a negative or non-finite `spent_usd`.
+    fn parse(body: Result<Bytes, BytesRejection>) -> Result<Self, ApiError> {
+        let mut fields: serde_json::Map<String, serde_json::Value> = parse_json(body)?;
+        let spent = match fields.remove("spent_usd") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => match v.as_f64() {
+                Some(s) if s.is_finite() && s >= 0.0 => Some(Money::from_usd(s)),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_value",
+                        "spent_usd must be a number, zero or more.",
+                    )
+                    .with_param("spent_usd"));
+                }
+            },
+        };
+        let budget = serde_json::from_value(serde_json::Value::Object(fields))
+            .map_err(|e| ApiError::bad_request("invalid_value", format!("Invalid budget: {e}.")))?;
+        Ok(Self { budget, spent })
+    }
+}
+
+fn budget_error(e: BudgetServiceError) -> ApiError {
+    match e {
+        BudgetServiceError::NotFound(id) => {
+            ApiError::not_found("budget_not_found", format!("Budget {id} not found."))
+        }
+        BudgetServiceError::Invalid(e) => ApiError::bad_request("invalid_value", e.to_string()),
+        other => store_error(other),
+    }
+}
+
+fn to_budget(config: &BudgetConfig) -> Result<Budget, ApiError> {
+    config.to_budget().map_err(|(field, message)| {
+        ApiError::bad_request("invalid_value", message).with_param(field)
+    })
+}
+
+/// `POST /api/v1/budgets`: a new budget; an id already in use is 409 (redefine it
+/// with `PUT /api/v1/budgets/{id}`, which keeps its spend).
 pub async fn create_budget(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let new: NewBudget = parse_json(body)?;
-    let budget = new.budget.to_budget().map_err(|(field, message)| {
-        ApiError::bad_request("invalid_value", message).with_param(field)
-    })?;
-    let spent = match new.spent_usd {
-        Some(s) if !(s.is_finite() && s >= 0.0) => {
-            return Err(
-                ApiError::bad_request("invalid_value", "spent_usd must be zero or more.")
-                    .with_param("spent_usd"),
-            );
-        }
-        Some(s) => Money::from_usd(s),
-        None => Money::ZERO,
-    };
+    let new = NewBudget::parse(body)?;
+    let budget = to_budget(&new.budget)?;
+    let budgets = state.router.core().budgets();
+    if budgets.definitions().iter().any(|b| b.id == budget.id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "budget_exists",
+            format!(
+                "Budget {} exists; PUT /api/v1/budgets/{} redefines it.",
+                budget.id, budget.id
+            ),
+        ));
+    }
+    let status = budgets
+        .put(budget, new.spent.unwrap_or(Money::ZERO))
+        .await
+        .map_err(budget_error)?;
+    Ok((StatusCode::CREATED, Json(status)).into_response())
+}
+
+/// `GET /api/v1/budgets/{id}`: one budget with its spend, reserved and remaining.
+pub async fn get_budget(
+    State(state): State<Arc<AppState>>,
+    _admin: Admin,
+    PathId(id): PathId,
+) -> Result<Response, ApiError> {
     let status = state
         .router
-        .add_budget_with_spend(budget, spent)
+        .core()
+        .budgets()
+        .get(&id)
         .await
-        .map_err(store_error)?;
-    Ok((StatusCode::CREATED, Json(status)).into_response())
+        .map_err(budget_error)?;
+    Ok(Json(status).into_response())
+}
+
+/// `PUT /api/v1/budgets/{id}`: defines the budget `id` (the body's `id`, if given,
+/// must match): a new one starts at `spent_usd` (default zero); an existing one is
+/// redefined keeping what this period has spent, unless `spent_usd` is given.
+pub async fn put_budget(
+    State(state): State<Arc<AppState>>,
+    _admin: Admin,
+    PathId(id): PathId,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut new = NewBudget::parse(body)?;
+    match &new.budget.id {
+        Some(named) if *named != id => {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                format!("The body names budget {named}, the path {id}."),
+            )
+            .with_param("id"));
+        }
+        _ => new.budget.id = Some(id.clone()),
+    }
+    let budget = to_budget(&new.budget)?;
+    let budgets = state.router.core().budgets();
+    let existing = match budgets.get(&id).await {
+        Ok(status) => Some(status.spent),
+        Err(BudgetServiceError::NotFound(_)) => None,
+        Err(e) => return Err(budget_error(e)),
+    };
+    let spent = new.spent.or(existing).unwrap_or(Money::ZERO);
+    let status = budgets.put(budget, spent).await.map_err(budget_error)?;
+    let code = if existing.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(status)).into_response())
+}
+
+/// `DELETE /api/v1/budgets/{id}`: 204. A budget of the config file comes back on the
+/// next reload; remove it from the file.
+pub async fn delete_budget(
+    State(state): State<Arc<AppState>>,
+    _admin: Admin,
+    PathId(id): PathId,
+) -> Result<Response, ApiError> {
+    state
+        .router
+        .delete_budget(&id)
+        .await
+        .map_err(budget_error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `GET /api/v1/policies`: routing settings and fallback chains.

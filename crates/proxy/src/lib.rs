@@ -70,6 +70,12 @@ fn routes(state: Arc<AppState>) -> Router {
             "/api/v1/budgets",
             get(admin::list_budgets).post(admin::create_budget),
         )
+        .route(
+            "/api/v1/budgets/{id}",
+            get(admin::get_budget)
+                .put(admin::put_budget)
+                .delete(admin::delete_budget),
+        )
         .route("/api/v1/policies", get(admin::policies))
         .route("/api/v1/providers", get(admin::providers))
         .route("/api/v1/requests/{id}", get(admin::request_record))
