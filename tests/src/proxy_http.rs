@@ -1027,6 +1027,17 @@ async fn operations_endpoints_answer() {
         "apikeyrouter_cost_usd_total{provider=\"openai\",model=\"gpt-4o\"}",
     );
     assert!(cost > 0.0, "{metrics}");
+
+    // Scrapes at once each count every key once (one rewrites the gauges at a time).
+    let pages = futures_util::future::join_all((0..16).map(|_| p.metrics())).await;
+    for page in pages {
+        let keys: f64 = page
+            .lines()
+            .filter(|l| l.starts_with("apikeyrouter_keys{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(keys, 2.0, "{page}");
+    }
 }
 
 #[tokio::test]
@@ -1140,6 +1151,24 @@ output_per_mtok = 1000.0
     assert_eq!(global["reserved"].as_f64(), Some(0.0), "{budgets}");
     // 6 tokens at $1,000 per million.
     assert_eq!(global["spent"].as_f64(), Some(0.006), "{budgets}");
+    // And counted in the metrics, though no answer was written (right after the
+    // record is handed over: wait a moment for it).
+    let mut metrics = p.metrics().await;
+    for _ in 0..100 {
+        if metrics.contains("apikeyrouter_tokens_total{provider=\"slow\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        metrics = p.metrics().await;
+    }
+    for (kind, tokens) in [("prompt", 5.0), ("completion", 1.0)] {
+        let name = format!(
+            "apikeyrouter_tokens_total{{provider=\"slow\",model=\"slow-model\",kind=\"{kind}\"}}"
+        );
+        assert_eq!(series(&metrics, &name), tokens, "{kind}");
+    }
+    let cost = "apikeyrouter_cost_usd_total{provider=\"slow\",model=\"slow-model\"}";
+    assert!((series(&metrics, cost) - 0.006).abs() < 1e-9, "{metrics}");
 }
 
 #[tokio::test]

@@ -107,19 +107,17 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // Key states are read at scrape time: they change rarely, scrapes are rare.
-    if let Ok(keys) = state.router.keys().await {
-        state.metrics.keys.clear();
+    let key_states = state.router.keys().await.ok().map(|keys| {
+        let mut counts = foldhash::HashMap::default();
         for k in keys {
-            state
-                .metrics
-                .keys
-                .get_or_create(&metrics::KeyStateLabels {
-                    provider: metrics::IdLabel(k.provider_id.clone()),
-                    state: k.state.as_str(),
-                })
-                .inc();
+            let labels = metrics::KeyStateLabels {
+                provider: metrics::IdLabel(k.provider_id.clone()),
+                state: k.state.as_str(),
+            };
+            *counts.entry(labels).or_insert(0) += 1;
         }
-    }
+        counts
+    });
     state.metrics.set_audit(state.router.record_delivery());
     state.metrics.set_store_health(state.router.store_health());
     state
@@ -130,7 +128,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.metrics.scrape(key_states),
     )
         .into_response()
 }

@@ -3,7 +3,7 @@
 //! endpoint, the status code, a stable error code, provider and model.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use apikeyrouter::{ModelId, ProviderId};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -81,6 +81,9 @@ pub struct Metrics {
     chat_latency: Histogram,
     embeddings_latency: Histogram,
     by_model: RwLock<foldhash::HashMap<(ProviderId, ModelId), Arc<ModelCounters>>>,
+    /// One scrape at a time rewrites the key-state gauges and renders: two at once
+    /// would count a key twice (one clears, both add).
+    scrape: Mutex<()>,
 }
 
 /// A provider and model's series in the token, cost and failover families.
@@ -192,6 +195,7 @@ impl Metrics {
             chat_latency,
             embeddings_latency,
             by_model: RwLock::default(),
+            scrape: Mutex::default(),
         }
     }
 
@@ -294,6 +298,19 @@ impl Metrics {
     }
 
     /// The text exposition format.
+    /// The page, with the key-state gauges set to `key_states` (how many keys of each
+    /// provider are in each state) when they could be read.
+    pub fn scrape(&self, key_states: Option<foldhash::HashMap<KeyStateLabels, i64>>) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(counts) = key_states {
+            self.keys.clear();
+            for (labels, n) in counts {
+                self.keys.get_or_create(&labels).set(n);
+            }
+        }
+        self.render()
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

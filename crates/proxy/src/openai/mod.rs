@@ -416,17 +416,22 @@ pub async fn chat_completions(
         return Ok(response);
     }
     let router = state.router.core().router();
-    let served = run_to_completion(async move { router.route(intent, &r.objective, r.ctx).await })
-        .await
-        .map_err(|e| ApiError::from_route(&e))?;
-    state.metrics.record_usage(
-        &served.provider,
-        &served.model,
-        served.usage.prompt_tokens,
-        served.usage.completion_tokens,
-        served.actual_cost.map(apikeyrouter::Money::as_usd),
-        served.attempts.len(),
-    );
+    // Counted inside the call: it also finishes when the client has hung up.
+    let counting = state.clone();
+    let served = run_to_completion(async move {
+        let served = router.route(intent, &r.objective, r.ctx).await?;
+        counting.metrics.record_usage(
+            &served.provider,
+            &served.model,
+            served.usage.prompt_tokens,
+            served.usage.completion_tokens,
+            served.actual_cost.map(apikeyrouter::Money::as_usd),
+            served.attempts.len(),
+        );
+        Ok(served)
+    })
+    .await
+    .map_err(|e| ApiError::from_route(&e))?;
     let routing_headers = RoutingHeaders::new(&served.request_id, &served.key_id, &served.provider)
         .with_amounts(
             served.actual_cost,
@@ -483,20 +488,22 @@ pub async fn embeddings(
         tags: r.tags,
     };
     let router = state.router.core().router();
-    let served =
-        run_to_completion(
-            async move { router.route_embeddings(intent, &r.objective, r.ctx).await },
-        )
-        .await
-        .map_err(|e| ApiError::from_route(&e))?;
-    state.metrics.record_usage(
-        &served.provider,
-        &served.model,
-        served.usage.prompt_tokens,
-        0,
-        served.actual_cost.map(apikeyrouter::Money::as_usd),
-        served.attempts.len(),
-    );
+    // Counted inside the call: it also finishes when the client has hung up.
+    let counting = state.clone();
+    let served = run_to_completion(async move {
+        let served = router.route_embeddings(intent, &r.objective, r.ctx).await?;
+        counting.metrics.record_usage(
+            &served.provider,
+            &served.model,
+            served.usage.prompt_tokens,
+            0,
+            served.actual_cost.map(apikeyrouter::Money::as_usd),
+            served.attempts.len(),
+        );
+        Ok(served)
+    })
+    .await
+    .map_err(|e| ApiError::from_route(&e))?;
     let data = served
         .vectors
         .iter()
@@ -579,11 +586,13 @@ async fn visible_models(
     let client = state.auth().client(headers)?;
     let tenant = client.as_ref().and_then(|vk| vk.tenant.as_ref());
     let served = state.router.served_models(tenant).await.map_err(|e| {
+        // The store's own words (addresses, names) stay in the log.
+        tracing::warn!(error = %e, "models not listed: store failure");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
             "store_unavailable",
-            format!("{e}"),
+            "The state store is unavailable.",
         )
     })?;
     Ok(served
