@@ -70,7 +70,7 @@ fn store_error(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     key_material: String,
@@ -79,6 +79,17 @@ pub struct NewKey {
     metadata: KeyMetadata,
     #[serde(default)]
     id: Option<String>,
+}
+
+impl std::fmt::Debug for NewKey {
+    /// Without the material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewKey")
+            .field("provider_id", &self.provider_id)
+            .field("metadata", &self.metadata)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `POST /api/v1/keys`

@@ -87,6 +87,9 @@ pub enum ObjectiveError {
         /// Which objective.
         kind: ObjectiveKind,
     },
+    /// The weights add up to more than a float holds.
+    #[error("objective weights are too large; use weights such as 0.7 and 0.3")]
+    WeightsTooLarge,
     /// Every weight is zero: nothing to optimise.
     #[error("objective weights are all zero; give at least one a positive weight")]
     AllZero,
@@ -248,6 +251,10 @@ impl Objective {
         if sum <= 0.0 {
             return Err(ObjectiveError::AllZero);
         }
+        // Finite weights can still add up to infinity (`cost=1e308,cost=1e308`).
+        if !sum.is_finite() {
+            return Err(ObjectiveError::WeightsTooLarge);
+        }
         for x in &mut w {
             *x /= sum;
         }
@@ -338,6 +345,14 @@ mod tests {
             Err(ObjectiveError::NonFiniteWeight {
                 kind: ObjectiveKind::Cost
             })
+        );
+        assert_eq!(
+            Objective::parse("cost=1e308,cost=1e308"),
+            Err(ObjectiveError::WeightsTooLarge)
+        );
+        assert_eq!(
+            Objective::parse("cost=1e308,latency=1e308"),
+            Err(ObjectiveError::WeightsTooLarge)
         );
     }
 

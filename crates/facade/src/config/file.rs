@@ -1,5 +1,6 @@
 //! The shape of the configuration file, as written.
 
+use std::fmt;
 use std::time::Duration;
 
 use apikeyrouter_adapters_stores::StoreConfig;
@@ -63,7 +64,7 @@ pub(crate) fn default_listen() -> String {
 }
 
 /// `[admin]`
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Environment variable holding the admin bearer token.
@@ -193,7 +194,7 @@ pub struct FallbackConfig {
 }
 
 /// `[[keys]]`
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// Stable id; default `<provider>-<n>` (n counts that provider's keys from 1).
@@ -363,7 +364,7 @@ fn default_enforcement() -> String {
 }
 
 /// `[[virtual_keys]]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VirtualKeyConfig {
     /// Name for logs, metrics and budgets; default `vk-<n>`.
@@ -561,5 +562,45 @@ impl Default for LimitsConfig {
             header_read_timeout_ms: default_header_read_timeout_ms(),
             drain_timeout_ms: default_drain_timeout_ms(),
         }
+    }
+}
+
+/// Shown in place of a secret in `Debug` output.
+fn secret_shown(secret: Option<&String>) -> Option<&'static str> {
+    secret.map(|_| "[redacted]")
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("token_env", &self.token_env)
+            .field("token", &secret_shown(self.token.as_ref()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyConfig")
+            .field("id", &self.id)
+            .field("provider", &self.provider)
+            .field("material_env", &self.material_env)
+            .field("material", &secret_shown(self.material.as_ref()))
+            .field("metadata", &self.metadata)
+            .finish()
+    }
+}
+
+impl fmt::Debug for VirtualKeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VirtualKeyConfig")
+            .field("name", &self.name)
+            .field("token_env", &self.token_env)
+            .field("token", &secret_shown(self.token.as_ref()))
+            .field("tenant", &self.tenant)
+            .field("models", &self.models)
+            .field("budget_usd", &self.budget_usd)
+            .field("rpm", &self.rpm)
+            .finish()
     }
 }

@@ -425,3 +425,26 @@ fn a_syntax_error_never_quotes_the_secret_on_its_line() {
     assert!(!typed.contains("sk-live"), "{typed}");
     assert!(typed.contains("models"), "{typed}");
 }
+
+/// The file's shape prints without the secrets written in it.
+#[test]
+fn the_file_as_parsed_debugs_without_its_secrets() {
+    let text = r#"
+[admin]
+token = "admin-secret-token-1111"
+
+[[keys]]
+provider = "openai"
+material = "sk-debug-secret-key-2222"
+
+[[virtual_keys]]
+name = "a"
+token = "client-secret-token-3333"
+"#;
+    let file: crate::config::FileConfig = toml::from_str(text).unwrap();
+    let shown = format!("{file:?}");
+    for secret in ["1111", "2222", "3333"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(shown.contains("[redacted]"), "{shown}");
+}
