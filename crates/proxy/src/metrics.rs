@@ -297,7 +297,6 @@ impl Metrics {
         self.reservations_reclaimed_usd.set(stats.amount.as_usd());
     }
 
-    /// The text exposition format.
     /// The page, with the key-state gauges set to `key_states` (how many keys of each
     /// provider are in each state) when they could be read.
     pub fn scrape(&self, key_states: Option<foldhash::HashMap<KeyStateLabels, i64>>) -> String {
@@ -311,6 +310,7 @@ impl Metrics {
         self.render()
     }
 
+    /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -260,12 +260,22 @@ fn reloads_judge_the_admin_token_by_the_address_in_use() {
 
     // The file has a token and loopback; the server listens on every address.
     let path = temp_config("reload-public", CONFIG);
-    let child = envs(Command::new(BIN).args(["serve", "--listen", "0.0.0.0:0", "--config"]))
+    let mut child = envs(Command::new(BIN).args(["serve", "--listen", "0.0.0.0:0", "--config"]))
         .arg(&path)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // The log lines, as they come: the refused reload is awaited, not slept on.
+    let (lines, logged) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut server = Server {
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -275,7 +285,11 @@ fn reloads_judge_the_admin_token_by_the_address_in_use() {
     assert_eq!(status_without_token(server.addr, "/api/v1/keys"), 401);
     std::fs::write(&path, with_key(&untokened, "sk-cli-refused-key-6666")).unwrap();
     signal(&server.child, "HUP");
-    std::thread::sleep(Duration::from_millis(1000));
+    let refused = logged
+        .iter()
+        .find(|l| l.contains("configuration not reloaded"))
+        .unwrap();
+    assert!(refused.contains("without an admin token"), "{refused}");
     assert_eq!(
         status_without_token(server.addr, "/api/v1/keys"),
         401,
@@ -333,12 +347,13 @@ fn slow_clients_are_cut_off_and_shutdown_drains_within_its_limit() {
     let mut server = serve(&path);
     let addr = server.addr;
 
-    // Half a request head, then nothing: closed without an answer.
+    // Half a request head, then nothing: closed without an answer. Timed from before
+    // the connection: the server's timer starts when it accepts.
+    let started = Instant::now();
     let mut half = TcpStream::connect(addr).unwrap();
     half.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     half.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow:")
         .unwrap();
-    let started = Instant::now();
     let mut rest = Vec::new();
     let _ = half.read_to_end(&mut rest);
     let waited = started.elapsed();
@@ -388,11 +403,9 @@ fn slow_clients_are_cut_off_and_shutdown_drains_within_its_limit() {
         "shutdown took {:?}",
         asked.elapsed()
     );
+    // Cut without any answer: neither served nor refused early.
     let cut = in_flight.join().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&cut).contains("200 OK"),
-        "the 5-second request was not cut"
-    );
+    assert!(cut.is_empty(), "{}", String::from_utf8_lossy(&cut));
 }
 
 #[test]

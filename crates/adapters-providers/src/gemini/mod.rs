@@ -25,9 +25,11 @@
 //! - `response_format` maps to `responseMimeType: application/json` (plus
 //!   `responseSchema` for a JSON schema). Gemini cannot combine a JSON response with
 //!   function calling, so a request with both is rejected before the call.
-//! - `seed` (its low 32 bits, Gemini's width), `presence_penalty` and
-//!   `frequency_penalty` go to `generationConfig`; `parallel_tool_calls` and the end
-//!   user's id have no Gemini equivalent and are dropped.
+//! - `seed` goes to `generationConfig` (its low 32 bits, Gemini's width).
+//!   `presence_penalty` and `frequency_penalty` are dropped: Gemini 2.5 models answer
+//!   400 "Penalty is not enabled" for them, and a request that falls back from OpenAI
+//!   must still be served. `parallel_tool_calls` and the end user's id have no Gemini
+//!   equivalent and are dropped.
 //! - Function calls carry no id on Gemini: replies number them `call_0`, `call_1`, ...
 //!   in order (an id the model does send is kept).
 //! - A prompt Gemini blocks (`promptFeedback.blockReason`, no candidates) is answered
@@ -479,8 +481,6 @@ fn build_request(request: &RequestIntent) -> Result<GenerateContentRequest<'_>, 
             max_output_tokens: request.max_tokens,
             // A seed wider than Gemini's 32 bits keeps its low bits: still repeatable.
             seed: request.seed.map(|seed| seed as i32),
-            presence_penalty: request.presence_penalty,
-            frequency_penalty: request.frequency_penalty,
             stop_sequences: request.stop.iter().map(String::as_str).collect(),
             response_mime_type,
             response_schema,

@@ -183,6 +183,7 @@ fn request_maps_roles_system_tools_images_and_generation_config() {
     request.max_tokens = Some(256);
     // Wider than Gemini's 32-bit seed: its low bits are sent.
     request.seed = Some((1_i64 << 32) + 42);
+    // Refused by Gemini 2.5 models ("Penalty is not enabled"): dropped.
     request.presence_penalty = Some(0.5);
     request.frequency_penalty = Some(-0.5);
     // Neither has a Gemini equivalent.
@@ -252,8 +253,6 @@ fn request_maps_roles_system_tools_images_and_generation_config() {
                 "topP": 0.9,
                 "maxOutputTokens": 256,
                 "seed": 42,
-                "presencePenalty": 0.5,
-                "frequencyPenalty": -0.5,
                 "stopSequences": ["END"]
             }
         })

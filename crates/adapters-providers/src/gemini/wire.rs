@@ -133,10 +133,6 @@ pub(super) struct GenerationConfig<'a> {
     /// 32 bits in Gemini's API.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop_sequences: Vec<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,8 +147,6 @@ impl GenerationConfig<'_> {
             && self.top_p.is_none()
             && self.max_output_tokens.is_none()
             && self.seed.is_none()
-            && self.presence_penalty.is_none()
-            && self.frequency_penalty.is_none()
             && self.stop_sequences.is_empty()
             && self.response_mime_type.is_none()
             && self.response_schema.is_none()

@@ -780,6 +780,32 @@ impl MongoStore {
     // -----------------------------------------------------------------------------
     // request records
 
+    /// Whether `collection` keeps the record of `raw` under its request id. Both
+    /// sides are decoded the same way before they are compared: a record read back
+    /// differs from the one written where its serde shape rounds (objective weights
+    /// are kept as a two-decimal label).
+    async fn holds(
+        &self,
+        collection: &Collection<Document>,
+        name: &str,
+        raw: &Document,
+    ) -> Result<bool, StoreError> {
+        let id = raw.get_str("request_id").unwrap_or_default();
+        let kept = collection
+            .find_one(doc! { "request_id": id })
+            .await
+            .map_err(|e| map_err(name, "read a request", e))?;
+        let decode = |doc: Document| {
+            bson::from_document::<RequestDoc>(doc)
+                .ok()
+                .and_then(|d| bson::from_document::<AuditRecord>(d.record).ok())
+        };
+        Ok(match (kept.and_then(decode), decode(raw.clone())) {
+            (Some(kept), Some(ours)) => kept == ours,
+            _ => false,
+        })
+    }
+
     fn request_doc(record: &AuditRecord) -> Result<Document, StoreError> {
         let cannot_encode = || {
             StoreError::new(
@@ -1414,14 +1440,11 @@ impl BudgetStore for MongoStore {
 impl RequestLog for MongoStore {
     async fn save_request(&self, record: Arc<AuditRecord>) -> Result<bool, StoreError> {
         let raw = Self::request_doc(&record)?;
-        match self.requests.insert_one(raw).await {
+        match self.requests.insert_one(raw.clone()).await {
             Ok(_) => Ok(true),
             // Taken (the unique index on `request_id`): by this very record when an
             // earlier attempt's answer was lost.
-            Err(e) if is_duplicate_key(&e) => {
-                let kept = self.get_request(&record.request_id).await?;
-                Ok(kept.as_ref() == Some(&*record))
-            }
+            Err(e) if is_duplicate_key(&e) => self.holds(&self.requests, REQUESTS, &raw).await,
             Err(e) => Err(map_err(REQUESTS, "save a request", e)),
         }
     }
@@ -1465,22 +1488,44 @@ impl StateStore for MongoStore {
 }
 
 /// The audit trail: one document per request in `audit`, append-only, kept for the
-/// retention's `audit_days`. Recording a request id twice keeps the first record.
+/// retention's `audit_days`. Recording the same record twice (a retried delivery)
+/// keeps one; another record under a taken id (a client reused an id after the
+/// request log forgot it) is kept as `{id}~<object id>`.
 #[async_trait]
 impl AuditSink for MongoStore {
     async fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        let raw = Self::request_doc(record).map_err(|e| AuditError::Internal(e.message))?;
-        match self.audit.insert_one(raw).await {
-            Ok(_) => Ok(()),
-            Err(e) if is_duplicate_key(&e) => Ok(()),
-            Err(e) => {
-                let err = map_err(AUDIT, "record", e);
-                Err(if err.kind == StoreErrorKind::Unavailable {
-                    AuditError::Unavailable(err.message)
-                } else {
-                    AuditError::Internal(err.message)
-                })
+        let audit_error = |err: StoreError| {
+            if err.kind == StoreErrorKind::Unavailable {
+                AuditError::Unavailable(err.message)
+            } else {
+                AuditError::Internal(err.message)
             }
+        };
+        let raw = Self::request_doc(record).map_err(|e| AuditError::Internal(e.message))?;
+        match self.audit.insert_one(raw.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => return Err(audit_error(map_err(AUDIT, "record", e))),
         }
+        if self
+            .holds(&self.audit, AUDIT, &raw)
+            .await
+            .map_err(audit_error)?
+        {
+            return Ok(());
+        }
+        let mut moved = record.clone();
+        moved.request_id = RequestId::new(format!(
+            "{}~{}",
+            record.request_id,
+            bson::oid::ObjectId::new().to_hex()
+        ));
+        tracing::warn!(request_id = %record.request_id, saved_as = %moved.request_id, "request id already in the audit trail; record kept under another");
+        let raw = Self::request_doc(&moved).map_err(|e| AuditError::Internal(e.message))?;
+        self.audit
+            .insert_one(raw)
+            .await
+            .map(|_| ())
+            .map_err(|e| audit_error(map_err(AUDIT, "record", e)))
     }
 }

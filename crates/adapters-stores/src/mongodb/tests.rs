@@ -499,6 +499,20 @@ async fn request_log_and_audit_trail_round_trip() {
     let decoded: AuditRecord =
         mongodb::bson::from_document(audited.get_document("record").unwrap().clone()).unwrap();
     assert_eq!(decoded, first);
+    // Another request's record under a taken id is kept too, under a new id.
+    let mut reused = record("r1");
+    reused.correlation_id = Some("second request".to_owned());
+    store.record(&reused).await.unwrap();
+    assert_eq!(audit.count_documents(doc! {}).await.unwrap(), 3);
+    let moved = audit
+        .find_one(doc! { "record.correlation_id": "second request" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        moved.get_str("request_id").unwrap().starts_with("r1~"),
+        "{moved}"
+    );
     finish(store).await;
 }
 

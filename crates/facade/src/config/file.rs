@@ -535,8 +535,11 @@ const fn default_max_body_bytes() -> usize {
     4 * 1024 * 1024
 }
 
+/// Above the 60-second idle timeout of common load balancers (nginx, AWS ALB): the
+/// timeout also closes idle kept-alive connections, and the side in front must close
+/// an idle connection first, or it may send a request down one the proxy is closing.
 const fn default_header_read_timeout_ms() -> u64 {
-    30_000
+    75_000
 }
 
 const fn default_drain_timeout_ms() -> u64 {

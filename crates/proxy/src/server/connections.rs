@@ -70,7 +70,7 @@ pub async fn serve<S>(
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(limits.drain_timeout()) => {
-            tracing::warn!(limit_ms = limits.drain_timeout_ms, "requests still in flight at the drain limit; closing their connections");
+            tracing::warn!(limit_ms = limits.drain_timeout_ms, "requests still in flight at the drain limit; shutting down without waiting for them");
         }
     }
 }
