@@ -17,7 +17,7 @@
 //!   temperature and `top_p` are set only the temperature is sent: recent Claude models
 //!   reject the pair.
 //! - `parallel_tool_calls: false` becomes `disable_parallel_tool_use` on the tool
-//!   choice, the end user's id `metadata.user_id`. Anthropic has no `seed`,
+//!   choice, the end user's id `metadata.user_id` (left out beyond 256 characters) Anthropic has no `seed`,
 //!   `presence_penalty` or `frequency_penalty`: they are dropped, so a request that
 //!   falls back from OpenAI is still served.
 //! - `response_format` (JSON object or JSON schema) has no native equivalent. It is
@@ -38,6 +38,9 @@
 //! module, and serde for the private wire shapes in `wire`; never on other adapters.
 
 mod wire;
+
+/// The longest `metadata.user_id` Anthropic accepts.
+const MAX_USER_ID_CHARS: usize = 256;
 
 #[cfg(test)]
 mod tests;
@@ -410,9 +413,12 @@ fn build_request<'a>(
             stop_sequences: request.stop.iter().map(String::as_str).collect(),
             tools,
             tool_choice,
+            // Anthropic takes at most 256 characters: a longer id is left out
+            // rather than failing the request.
             metadata: request
                 .end_user
                 .as_deref()
+                .filter(|id| id.chars().count() <= MAX_USER_ID_CHARS)
                 .map(|user_id| Metadata { user_id }),
             stream,
         },

@@ -251,6 +251,11 @@ fn openai_only_options_are_mapped_or_dropped() {
         json!({"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true})
     );
 
+    // An end-user id longer than Anthropic takes is left out.
+    request.end_user = Some("u".repeat(257));
+    let body = wire_json(&build_request(&request, &model, 1024, false).unwrap().body);
+    assert!(body.get("metadata").is_none(), "{body}");
+
     // Parallel calls allowed, or no tools at all: nothing to say.
     request.parallel_tool_calls = Some(true);
     request.tool_choice = None;
