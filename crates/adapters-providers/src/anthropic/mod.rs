@@ -17,9 +17,9 @@
 //!   temperature and `top_p` are set only the temperature is sent: recent Claude models
 //!   reject the pair.
 //! - `parallel_tool_calls: false` becomes `disable_parallel_tool_use` on the tool
-//!   choice, the end user's id `metadata.user_id` (left out beyond 256 characters) Anthropic has no `seed`,
-//!   `presence_penalty` or `frequency_penalty`: they are dropped, so a request that
-//!   falls back from OpenAI is still served.
+//!   choice, the end user's id `metadata.user_id` (left out beyond 256 characters).
+//!   Anthropic has no `seed`, `presence_penalty` or `frequency_penalty`: they are
+//!   dropped, so a request that falls back from OpenAI is still served.
 //! - `response_format` (JSON object or JSON schema) has no native equivalent. It is
 //!   emulated with a forced tool named [`JSON_TOOL`] whose input schema is the
 //!   requested schema; the tool's input comes back as the reply text with finish reason
