@@ -30,7 +30,7 @@ pub enum FailMode {
 /// { "kind": "redis", "url": "redis://node-a:6379,redis://node-b:6379", "cluster": true }
 /// { "kind": "mongodb", "url": "mongodb://localhost:27017", "database": "apikeyrouter" }
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum StoreConfig {
     /// In process memory (feature `memory`); lost on restart.
@@ -356,9 +356,112 @@ fn unavailable(message: &str) -> StoreError {
     StoreError::new(StoreErrorKind::Unavailable, message)
 }
 
+/// `url` with the password (and any query string, which may carry one) masked.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            // A lone userinfo may be a password written without its colon.
+            None => format!("***@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, _query)) => format!("{path}?***"),
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+impl std::fmt::Debug for StoreConfig {
+    /// URLs without their passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Memory {} => f.write_str("Memory"),
+            Self::Redis {
+                url,
+                namespace,
+                cluster,
+                on_unavailable,
+            } => f
+                .debug_struct("Redis")
+                .field("url", &redact_url(url))
+                .field("namespace", namespace)
+                .field("cluster", cluster)
+                .field("on_unavailable", on_unavailable)
+                .finish(),
+            Self::Mongodb {
+                url,
+                database,
+                decisions_retention_days,
+                audit_retention_days,
+                on_unavailable,
+            } => f
+                .debug_struct("Mongodb")
+                .field("url", &redact_url(url))
+                .field("database", database)
+                .field("decisions_retention_days", decisions_retention_days)
+                .field("audit_retention_days", audit_retention_days)
+                .field("on_unavailable", on_unavailable)
+                .finish(),
+            Self::Split {
+                counters,
+                records,
+                on_unavailable,
+            } => f
+                .debug_struct("Split")
+                .field("counters", counters)
+                .field("records", records)
+                .field("on_unavailable", on_unavailable)
+                .finish(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
+            ("rediss://user:s3cret@host", "rediss://user:***@host"),
+            ("redis://s3cret@host", "redis://***@host"),
+            (
+                "redis+unix:///run/redis.sock?pass=s3cret",
+                "redis+unix:///run/redis.sock?***",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        let split = StoreConfig::Split {
+            counters: Box::new(StoreConfig::Redis {
+                url: "redis://:s3cret@host:6379".to_owned(),
+                namespace: None,
+                cluster: None,
+                on_unavailable: None,
+            }),
+            records: Box::new(StoreConfig::Mongodb {
+                url: "mongodb://router:s3cret@db:27017/app".to_owned(),
+                database: None,
+                decisions_retention_days: None,
+                audit_retention_days: None,
+                on_unavailable: None,
+            }),
+            on_unavailable: None,
+        };
+        let shown = format!("{split:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("router:***@db:27017"), "{shown}");
+    }
 
     #[test]
     fn config_parses_each_kind() {

@@ -43,6 +43,8 @@ use redis::{
     ServerErrorKind, Value,
 };
 
+use crate::config::redact_url;
+
 use super::codec::{
     Hash, budget_fields, budget_row, cooldown_text, from_json, from_redis, invalid, key_fields,
     key_from_hash, parse_num, state_text, stats_from_hash, to_json,
@@ -671,28 +673,6 @@ impl fmt::Debug for RedisStore {
             .field("request_ttl", &self.request_ttl)
             .finish_non_exhaustive()
     }
-}
-
-/// `url` with the password (and any query string, which may carry one) masked.
-pub(super) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            // A lone userinfo may be a password written without its colon.
-            None => format!("***@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, _query)) => format!("{path}?***"),
-        None => tail.to_owned(),
-    };
-    format!("{scheme}://{authority}{tail}")
 }
 
 /// Day, week and month period bounds containing `now`, for the scripts' roll of

@@ -24,7 +24,6 @@ use redis::AsyncCommands;
 
 use super::RedisStore;
 use super::keys::Names;
-use super::store::redact_url;
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
@@ -108,23 +107,6 @@ fn charge(reservation: u64, key_id: &str, est_usd: f64) -> Charge {
         budget_ids: vec!["b".to_owned()],
         client: None,
         now: base_now(),
-    }
-}
-
-#[test]
-fn urls_are_shown_without_their_password() {
-    for (url, shown) in [
-        ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
-        ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
-        ("rediss://user:s3cret@host", "rediss://user:***@host"),
-        ("redis://s3cret@host", "redis://***@host"),
-        (
-            "redis+unix:///run/redis.sock?pass=s3cret",
-            "redis+unix:///run/redis.sock?***",
-        ),
-        ("not a url", "not a url"),
-    ] {
-        assert_eq!(redact_url(url), shown);
     }
 }
 

@@ -412,7 +412,7 @@ pub struct PriceConfig {
 }
 
 /// `[audit]`
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// `none` (records only kept for look-up), `stdout`, `file` or `mongodb`.
@@ -604,6 +604,23 @@ impl fmt::Debug for VirtualKeyConfig {
             .field("models", &self.models)
             .field("budget_usd", &self.budget_usd)
             .field("rpm", &self.rpm)
+            .finish()
+    }
+}
+
+impl fmt::Debug for AuditConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditConfig")
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .field(
+                "url",
+                &self
+                    .url
+                    .as_deref()
+                    .map(apikeyrouter_adapters_stores::redact_url),
+            )
+            .field("database", &self.database)
             .finish()
     }
 }

@@ -440,10 +440,14 @@ material = "sk-debug-secret-key-2222"
 [[virtual_keys]]
 name = "a"
 token = "client-secret-token-3333"
+
+[audit]
+kind = "mongodb"
+url = "mongodb://audit:secret-password-4444@db:27017"
 "#;
     let file: crate::config::FileConfig = toml::from_str(text).unwrap();
     let shown = format!("{file:?}");
-    for secret in ["1111", "2222", "3333"] {
+    for secret in ["1111", "2222", "3333", "4444"] {
         assert!(!shown.contains(secret), "{secret} in {shown}");
     }
     assert!(shown.contains("[redacted]"), "{shown}");
