@@ -116,6 +116,32 @@ fn hello(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
 }
 
+/// Config for an OpenAI-compatible provider `id` at `base` serving `model`, with one
+/// key; `then` follows (prices, for instance).
+fn compatible(id: &str, model: &str, base: &str, material: &str, then: &str) -> String {
+    format!(
+        "\n[[providers]]\nid = \"{id}\"\nkind = \"openai-compatible\"\nbase_url = \"{base}/v1\"\n\
+         models = [\"{model}\"]\n\n[[keys]]\nprovider = \"{id}\"\nmaterial = \"{material}\"\n{then}"
+    )
+}
+
+/// The price lines of `model`: $1,000 per million tokens in and out.
+fn thousand_dollar_price(model: &str) -> String {
+    format!(
+        "\n[[prices]]\nmodel = \"{model}\"\ninput_per_mtok = 1000.0\noutput_per_mtok = 1000.0\n"
+    )
+}
+
+/// An OpenAI chat completion from `model` saying `content` (5 tokens in, 1 out).
+fn completion_json(model: &str, content: &str) -> Value {
+    json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    })
+}
+
 /// The value of one series (name and labels as printed) on a metrics page.
 fn series(metrics: &str, series: &str) -> f64 {
     metrics
@@ -1103,34 +1129,16 @@ async fn a_client_hanging_up_mid_request_leaves_nothing_reserved_and_is_audited(
         .respond_with(
             ResponseTemplate::new(200)
                 .set_delay(Duration::from_millis(400))
-                .set_body_json(json!({
-                    "id": "chatcmpl-slow", "object": "chat.completion", "created": 1,
-                    "model": "slow-model",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                        "message": {"role": "assistant", "content": "late"}}],
-                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
-                })),
+                .set_body_json(completion_json("slow-model", "late")),
         )
         .mount(&upstream)
         .await;
-    let extra = format!(
-        r#"
-[[providers]]
-id = "slow"
-kind = "openai-compatible"
-base_url = "{}/v1"
-models = ["slow-model"]
-
-[[keys]]
-provider = "slow"
-material = "sk-slow-test-0001"
-
-[[prices]]
-model = "slow-model"
-input_per_mtok = 1000.0
-output_per_mtok = 1000.0
-"#,
-        upstream.uri()
+    let extra = compatible(
+        "slow",
+        "slow-model",
+        &upstream.uri(),
+        "sk-slow-test-0001",
+        &thousand_dollar_price("slow-model"),
     );
     let p = Proxy::start(&extra, &[]).await;
     let gave_up = p
@@ -1506,23 +1514,12 @@ async fn slow_streaming_upstream() -> SocketAddr {
 async fn a_client_leaving_a_long_stream_is_settled_as_disconnected() {
     use futures_util::StreamExt;
     let upstream = slow_streaming_upstream().await;
-    let extra = format!(
-        r#"
-[[providers]]
-id = "slow"
-kind = "openai-compatible"
-base_url = "http://{upstream}/v1"
-models = ["slow-stream"]
-
-[[keys]]
-provider = "slow"
-material = "sk-slow-stream-0001"
-
-[[prices]]
-model = "slow-stream"
-input_per_mtok = 1000.0
-output_per_mtok = 1000.0
-"#
+    let extra = compatible(
+        "slow",
+        "slow-stream",
+        &format!("http://{upstream}"),
+        "sk-slow-stream-0001",
+        &thousand_dollar_price("slow-stream"),
     );
     let p = Proxy::start(&extra, &[]).await;
     let started = std::time::Instant::now();
@@ -1607,19 +1604,12 @@ async fn a_key_echoed_by_the_upstream_never_reaches_the_client_or_the_audit() {
             .respond_with(Echo(status))
             .mount(&server)
             .await;
-        extra.push_str(&format!(
-            r#"
-[[providers]]
-id = "echo{status}"
-kind = "openai-compatible"
-base_url = "{}/v1"
-models = ["echo{status}-model"]
-
-[[keys]]
-provider = "echo{status}"
-material = "{secret}"
-"#,
-            server.uri()
+        extra.push_str(&compatible(
+            &format!("echo{status}"),
+            &format!("echo{status}-model"),
+            &server.uri(),
+            secret,
+            "",
         ));
         servers.push(server);
     }
@@ -1683,28 +1673,17 @@ async fn sampling_options_reach_the_upstream_and_unsupported_ones_are_refused() 
 
     let upstream = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
-            "model": "compat-model",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                "message": {"role": "assistant", "content": "Hello"}}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
-        })))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(completion_json("compat-model", "Hello")),
+        )
         .mount(&upstream)
         .await;
-    let extra = format!(
-        r#"
-[[providers]]
-id = "compat"
-kind = "openai-compatible"
-base_url = "{}/v1"
-models = ["compat-model"]
-
-[[keys]]
-provider = "compat"
-material = "sk-compat-test-0001"
-"#,
-        upstream.uri()
+    let extra = compatible(
+        "compat",
+        "compat-model",
+        &upstream.uri(),
+        "sk-compat-test-0001",
+        "",
     );
     let p = Proxy::start(&extra, &[]).await;
 

@@ -1800,8 +1800,30 @@ mod cases {
             store.get_request(&RequestId::new("r1")).await.unwrap(),
             Some(first.clone())
         );
-        // The same record again (a delivery retried after a lost answer) is saved.
+        // The same record again (a delivery retried after a lost answer) is saved,
+        // also when its objective weights (1/3, 2/3) read back rounded in their label.
         assert!(store.save_request(Arc::new(first)).await.unwrap());
+        let mut weighted = record("r3");
+        let mut decision: apikeyrouter_domain::Decision = serde_json::from_value(serde_json::json!({
+            "key_id": "k1", "provider": "openai", "model": "gpt-4o", "objective": "fairness",
+            "score": 0.8125,
+            "metrics": { "uses": 3, "success_rate": 0.95, "latency_ms": 120.5, "est_cost": null },
+            "alternatives": [], "ready": 1,
+            "ineligible": {
+                "throttled": 0, "exhausted": 0, "disabled": 0, "invalid": 0, "rate_limited": 0,
+                "model_not_served": 0, "provider_not_allowed": 0, "over_max_cost": 0,
+                "below_min_success_rate": 0, "already_tried": 0, "budget_exceeded": 0,
+            },
+            "at": base_now().as_millis(),
+        }))
+        .unwrap();
+        decision.objective = apikeyrouter_domain::Objective::parse("cost=1,latency=2")
+            .unwrap()
+            .weights;
+        weighted.decision = Some(decision);
+        let weighted = Arc::new(weighted);
+        assert!(store.save_request(weighted.clone()).await.unwrap());
+        assert!(store.save_request(weighted).await.unwrap());
     }
 
     /// 200 concurrent charges of $0.01 against a hard $1.00 budget: exactly 100 fit.

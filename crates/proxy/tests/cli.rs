@@ -98,6 +98,20 @@ fn serve(config: &PathBuf) -> Server {
     Server { child, addr }
 }
 
+/// `demo` on a free loopback port, without an admin token.
+fn demo() -> Server {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env_remove("APIKEYROUTER_ADMIN_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = bound_address(&mut child);
+    Server { child, addr }
+}
+
 /// The address a starting server prints on its first line of stdout.
 fn bound_address(child: &mut Child) -> SocketAddr {
     let mut line = String::new();
@@ -307,16 +321,8 @@ fn reloads_judge_the_admin_token_by_the_address_in_use() {
 /// server goes on serving instead of dying of the signal's default action.
 #[test]
 fn sighup_without_a_config_file_leaves_the_server_serving() {
-    let mut child = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0"])
-        .env_remove("APIKEYROUTER_ADMIN_TOKEN")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = bound_address(&mut child);
-    let mut server = Server { child, addr };
+    let mut server = demo();
+    let addr = server.addr;
     // At once: the handler is in place before the address is announced.
     signal(&server.child, "HUP");
     std::thread::sleep(Duration::from_millis(300));
@@ -842,16 +848,8 @@ fn serve_without_a_config_takes_keys_for_the_built_in_providers() {
 /// simulated providers and lists its demo keys masked.
 #[test]
 fn demo_serves_chat_from_simulated_providers() {
-    let mut child = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0"])
-        .env_remove("APIKEYROUTER_ADMIN_TOKEN")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = bound_address(&mut child);
-    let _server = Server { child, addr };
+    let server = demo();
+    let addr = server.addr;
 
     let (status, body) = http(
         addr,
