@@ -507,7 +507,18 @@ metadata = { rpm = 1 }
         StatusCode::OK
     );
     let r = p.chat(hello("tiny-model"), None).await;
-    assert!(r.headers().contains_key("retry-after"));
+    // The key's minute window holds one request: it is back when that minute ends,
+    // not in the 1 s a blind retry would take.
+    let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let minute_end = (60_000 - now_ms % 60_000).div_ceil(1000);
+    assert!(
+        (minute_end..=minute_end + 1).contains(&retry_after),
+        "Retry-After {retry_after}, minute ends in {minute_end} s"
+    );
     let (status, body) = error_of(r).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),

@@ -11,7 +11,7 @@ use apikeyrouter::{
     PriceCatalogue, ProviderId, RouteErrorKind, TenantId,
 };
 
-use crate::support::{Harness, ask};
+use crate::support::{Harness, T0, ask};
 
 /// Use case 1: cost optimisation. Short prompts go to the cheaper model, long ones keep
 /// the premium model; among providers serving the same model the cheaper one wins.
@@ -525,6 +525,50 @@ async fn fallback_chain_moves_to_another_provider() {
     assert_eq!(r.attempts.len(), 2);
     assert_eq!(r.attempts[0].failure, Some(FailureKind::RateLimited));
     assert_eq!(r.attempts[1].failure, None);
+}
+
+/// When every key of a fallback chain is cooling down, the refusal says when the
+/// first one is back, whichever model of the chain it serves.
+#[tokio::test]
+async fn no_eligible_key_names_the_earliest_cooldown_end_of_the_chain() {
+    let h = Harness::new(|b| b.fallback("gpt-4o", ["claude-sonnet-4-5"])).await;
+    let openai = h.provider("openai");
+    let anthropic = h.provider("anthropic");
+    let only = |model: &str| KeyMetadata {
+        models: Some(vec![ModelId::new(model)]),
+        ..Default::default()
+    };
+    let o = h.key("openai", 1, only("gpt-4o")).await;
+    let a = h.key("anthropic", 1, only("claude-sonnet-4-5")).await;
+    for (sim, key, secs) in [(&openai, &o, 20), (&anthropic, &a, 30)] {
+        sim.set_behaviour(
+            key,
+            Behaviour::failing(FailurePlan::Always(Failure::RateLimited {
+                retry_after: Some(Duration::from_secs(secs)),
+            })),
+        );
+    }
+    let err = h
+        .router
+        .route(ask("gpt-4o", "hi"), Objective::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.kind, RouteErrorKind::AttemptsExhausted { .. }),
+        "{err}"
+    );
+    h.advance(Duration::from_secs(5));
+    let err = h
+        .router
+        .route(ask("gpt-4o", "hi"), Objective::default())
+        .await
+        .unwrap_err();
+    let RouteErrorKind::NoEligibleKey(no_key) = &err.kind else {
+        panic!("expected no eligible key, got {err}");
+    };
+    // The Claude key, last in the chain, waits 30 s; the GPT-4o key is back at 20.
+    assert_eq!(no_key.model.as_str(), "claude-sonnet-4-5");
+    assert_eq!(no_key.retry_at, Some(T0.plus(Duration::from_secs(20))));
 }
 
 /// Use case 9 in brief: the audit record of a request explains the decision and

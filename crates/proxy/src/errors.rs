@@ -103,7 +103,7 @@ impl ApiError {
                         "no_eligible_key",
                         no_key.to_string(),
                     );
-                    e.retry_after_secs = Some(1);
+                    e.retry_after_secs = Some(no_key.retry_at.map_or(1, secs_until));
                     e
                 } else {
                     Self::new(
@@ -126,14 +126,7 @@ impl ApiError {
                     "rate_limit_exceeded",
                     format!("Rate limit of {rpm} requests per minute reached for client {client}."),
                 );
-                let now_ms = apikeyrouter::Clock::now(&apikeyrouter::SystemClock).as_millis();
-                e.retry_after_secs = Some(
-                    retry_at
-                        .as_millis()
-                        .saturating_sub(now_ms)
-                        .div_ceil(1000)
-                        .max(1),
-                );
+                e.retry_after_secs = Some(secs_until(*retry_at));
                 e
             }
             RouteErrorKind::Rejected(p) => Self::bad_request(
@@ -202,6 +195,13 @@ impl ApiError {
         };
         e.with_request_id(err.request_id.to_string())
     }
+}
+
+/// Whole seconds from now until `at` for a `Retry-After`, rounded up and at least 1
+/// (a client told 0 would retry at once).
+fn secs_until(at: apikeyrouter::Timestamp) -> u64 {
+    let now_ms = apikeyrouter::Clock::now(&apikeyrouter::SystemClock).as_millis();
+    at.as_millis().saturating_sub(now_ms).div_ceil(1000).max(1)
 }
 
 impl IntoResponse for ApiError {

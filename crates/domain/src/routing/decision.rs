@@ -204,6 +204,11 @@ pub struct NoEligibleKey {
     pub considered: u32,
     /// Why each was ineligible.
     pub ineligible: IneligibleCounts,
+    /// When the first of the keys now cooling down or over a rate window can serve
+    /// again (what a client's retry should wait for); `None` when none is waiting on
+    /// a time, e.g. every key is disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Timestamp>,
 }
 
 fn describe(counts: &IneligibleCounts) -> String {

@@ -241,6 +241,21 @@ impl Entry {
         }
     }
 
+    /// When the key can serve again if nothing else happens: the later of the end of
+    /// its cooldown and of its parking; `None` when it is ready now or only an
+    /// operator can bring it back.
+    fn ready_at(&self) -> Option<Timestamp> {
+        let cooldown = match self.state {
+            KeyState::Available | KeyState::Recovering => None,
+            KeyState::Throttled | KeyState::Exhausted => Some(self.cooldown_until?),
+            KeyState::Disabled | KeyState::Invalid => return None,
+        };
+        match (cooldown, self.parked_until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     fn next_wake(&self) -> Option<Timestamp> {
         let cooldown = match self.state {
             KeyState::Throttled | KeyState::Exhausted => self.cooldown_until,
@@ -545,6 +560,7 @@ impl RoutingTable {
                 model: query.model.clone(),
                 considered,
                 ineligible: counts,
+                retry_at: None,
             });
         };
         for offer in query.offers {
@@ -652,6 +668,7 @@ impl RoutingTable {
                 model: query.model.clone(),
                 considered,
                 ineligible: counts,
+                retry_at: self.first_ready_at(query, objective),
             });
         };
         let score_of = |c: &Candidate| match single {
@@ -776,6 +793,37 @@ impl RoutingTable {
                 .then_with(|| a.key_id.cmp(&b.key_id))
         });
         rows
+    }
+
+    /// The earliest [`Entry::ready_at`] among the keys that could serve `query` but for
+    /// their cooldown or rate window. Linear in those keys; only asked when no key can
+    /// serve.
+    fn first_ready_at(&self, query: &RouteQuery<'_>, objective: &Objective) -> Option<Timestamp> {
+        let by_provider = self.pools_by_tenant.get(&query.tenant.cloned())?;
+        query
+            .offers
+            .iter()
+            .filter(|o| objective.constraints.allows_provider(&o.provider))
+            .filter(|o| {
+                !matches!(
+                    (objective.constraints.max_cost_per_request, o.est_cost),
+                    (Some(max), Some(cost)) if cost > max
+                )
+            })
+            .filter_map(|o| by_provider.get(&o.provider))
+            .flatten()
+            .map(|&id| &self.pools[id as usize])
+            .filter(|p| p.serves(query.model))
+            .flat_map(|p| &p.members)
+            .map(|&slot| &self.entries[slot as usize])
+            .filter(|e| {
+                objective
+                    .constraints
+                    .min_success_rate
+                    .is_none_or(|min| f64::from(e.success_q) / 1e6 >= min)
+            })
+            .filter_map(Entry::ready_at)
+            .min()
     }
 
     fn pool_for(&mut self, key: PoolKey) -> u32 {

@@ -485,7 +485,13 @@ impl RouterService {
                 }
                 let decision = match choice {
                     Ok(d) => d,
-                    Err(no_key) => {
+                    Err(mut no_key) => {
+                        // A retry may be served by any model of the chain: the
+                        // earliest of their waits is the one to report.
+                        if let Some(earlier) = last_no_key.and_then(|k| k.retry_at) {
+                            no_key.retry_at =
+                                Some(no_key.retry_at.map_or(earlier, |t| t.min(earlier)));
+                        }
                         last_no_key = Some(no_key);
                         continue 'models;
                     }
@@ -654,6 +660,7 @@ impl RouterService {
                 model: plan.requested_model.clone(),
                 considered: 0,
                 ineligible: Default::default(),
+                retry_at: None,
             },
         )))
     }

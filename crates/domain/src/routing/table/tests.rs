@@ -181,6 +181,52 @@ fn parked_key_rejoins_after_window() {
 }
 
 #[test]
+fn no_key_names_when_the_first_waiting_key_is_ready_again() {
+    let mut t = table_with(5, "openai");
+    let mut cheap = key("cheap", "gemini");
+    cheap.metadata.models = Some(vec![ModelId::new("other")]);
+    t.upsert(&cheap);
+    let at = |s| T0.plus(Duration::from_secs(s));
+    // Throttled for 30 s but parked for 45: ready only when both end.
+    t.set_state(&KeyId::new("k0"), KeyState::Throttled, Some(at(30)));
+    t.park(&KeyId::new("k0"), at(45));
+    t.set_state(&KeyId::new("k1"), KeyState::Exhausted, Some(at(3_600)));
+    t.park(&KeyId::new("k2"), at(50));
+    // Waiting on nothing that ends by itself: an operator's state, an exhaustion with
+    // no known reset.
+    t.set_state(&KeyId::new("k3"), KeyState::Disabled, Some(at(1)));
+    t.set_state(&KeyId::new("k4"), KeyState::Exhausted, None);
+    t.set_state(&KeyId::new("cheap"), KeyState::Throttled, Some(at(2)));
+    let model = ModelId::new("m");
+    let o = offers(&[("openai", 0.01), ("gemini", 0.001)]);
+    let err = t
+        .choose(&query(&model, &o), &Objective::default(), T0)
+        .unwrap_err();
+    assert_eq!(err.retry_at, Some(at(45)), "{err}");
+
+    // Keys a constraint keeps out do not count, however soon they wake.
+    let gemini_only = Objective::default()
+        .with_constraints(crate::routing::Constraints {
+            allowed_providers: Some(vec![ProviderId::new("gemini")]),
+            ..Default::default()
+        })
+        .unwrap();
+    let err = t.choose(&query(&model, &o), &gemini_only, T0).unwrap_err();
+    assert_eq!(err.retry_at, None);
+
+    let d = t
+        .choose(&query(&model, &o), &Objective::default(), at(46))
+        .unwrap();
+    assert_eq!(d.key_id.as_str(), "k0");
+    t.set_state(&KeyId::new("k0"), KeyState::Disabled, None);
+    t.set_state(&KeyId::new("k2"), KeyState::Invalid, None);
+    let err = t
+        .choose(&query(&model, &o), &Objective::default(), at(46))
+        .unwrap_err();
+    assert_eq!(err.retry_at, Some(at(3_600)));
+}
+
+#[test]
 fn tenant_requests_stay_within_tenant_keys() {
     let mut t = RoutingTable::new();
     for (id, tenant) in [("a1", "a"), ("a2", "a"), ("b1", "b")] {
@@ -391,6 +437,11 @@ proptest! {
             Err(e) => {
                 prop_assert!(!eligible);
                 prop_assert_eq!(e.ineligible.total() as usize, states.len());
+                let waiting = states.iter().any(|(s, parked, _)| {
+                    matches!(s, KeyState::Throttled | KeyState::Exhausted)
+                        || (s.is_routable() && *parked)
+                });
+                prop_assert_eq!(e.retry_at, waiting.then(|| T0.plus(Duration::from_secs(60))));
             }
         }
     }
