@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use apikeyrouter_adapters_stores::MemoryStore;
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
-    Settlement, StateStore, StoreError, UsageLedger,
+    Settlement, StateStore, StoreError, UsageLedger, VirtualKeyStore,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money, QuotaLimits,
-    QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
+    QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger, VirtualKey,
 };
 use async_trait::async_trait;
 
@@ -184,6 +184,19 @@ impl RequestLog for Forwarding {
     }
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
         self.request_log().get_request(id).await
+    }
+}
+
+#[async_trait]
+impl VirtualKeyStore for Forwarding {
+    async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        self.inner.insert_virtual_key(key).await
+    }
+    async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+        self.inner.list_virtual_keys().await
+    }
+    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.delete_virtual_key(name).await
     }
 }
 

@@ -509,7 +509,11 @@ metadata = { rpm = 1 }
     let r = p.chat(hello("tiny-model"), None).await;
     // The key's minute window holds one request: it is back when that minute ends,
     // not in the 1 s a blind retry would take.
-    let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

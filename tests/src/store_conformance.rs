@@ -60,6 +60,7 @@ macro_rules! conformance_suite {
                 observed_quota_blocks_until_its_reset,
                 quota_snapshot_reports_capacity_and_prediction,
                 request_log_round_trips,
+                virtual_keys_are_unique_by_name_listed_in_order_and_deleted,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -292,11 +293,11 @@ async fn redis_cluster_spreads_one_namespace_over_several_nodes() {
     assert!(nodes_with_keys >= 2, "keys on {nodes_with_keys} node(s)");
 }
 
-/// On Cluster, key and budget changes made through any node reach a subscriber
+/// On Cluster, key, budget and virtual-key changes made through any node reach a subscriber
 /// (subscribed through the first seed node; Cluster broadcasts `PUBLISH`), and the
 /// `cluster = true` configuration opens such a store.
 #[tokio::test]
-async fn redis_cluster_announces_key_and_budget_changes_and_opens_from_config() {
+async fn redis_cluster_announces_key_budget_and_virtual_key_changes_and_opens_from_config() {
     use std::collections::BTreeSet;
     use std::time::Duration;
 
@@ -304,7 +305,7 @@ async fn redis_cluster_announces_key_and_budget_changes_and_opens_from_config() 
     use apikeyrouter_application::ports::StoreChange;
     use apikeyrouter_domain::{
         ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
-        Money, ProviderId, Timestamp,
+        Money, ProviderId, Timestamp, VirtualKey,
     };
     use futures_util::StreamExt;
 
@@ -344,11 +345,24 @@ async fn redis_cluster_announces_key_and_budget_changes_and_opens_from_config() 
     .unwrap();
     writer.put_budget(budget, Money::ZERO, now).await.unwrap();
     writer.delete_key(&KeyId::new("k0")).await.unwrap();
+    writer
+        .insert_virtual_key(VirtualKey {
+            name: "client".to_owned(),
+            token_sha256: "0".repeat(64),
+            tenant: None,
+            models: None,
+            rpm: None,
+            budget_usd: None,
+            created_at: now,
+        })
+        .await
+        .unwrap();
     let mut seen = BTreeSet::new();
     let mut budgets = 0;
+    let mut virtual_keys = 0;
     let mut deleted_seen = false;
     tokio::time::timeout(Duration::from_secs(10), async {
-        while seen != expected || budgets == 0 || !deleted_seen {
+        while seen != expected || budgets == 0 || virtual_keys == 0 || !deleted_seen {
             match changes.next().await.expect("the change stream ended") {
                 StoreChange::Key(id) if seen.contains(id.as_str()) => {
                     deleted_seen |= id.as_str() == "k0";
@@ -357,11 +371,14 @@ async fn redis_cluster_announces_key_and_budget_changes_and_opens_from_config() 
                     seen.insert(id.as_str().to_owned());
                 }
                 StoreChange::Budgets => budgets += 1,
+                StoreChange::VirtualKeys => virtual_keys += 1,
             }
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("changes seen: {seen:?}, budgets: {budgets}"));
+    .unwrap_or_else(|_| {
+        panic!("changes seen: {seen:?}, budgets: {budgets}, virtual keys: {virtual_keys}")
+    });
     assert_eq!(writer.list_keys().await.unwrap().len(), 7);
 }
 
@@ -392,8 +409,8 @@ mod cases {
     use apikeyrouter_domain::{
         ApiKey, Budget, BudgetError, BudgetPeriod, BudgetScope, CapacityState, Enforcement, KeyId,
         KeyMaterial, KeyMetadata, KeyState, ModelId, Money, ProviderId, QuotaLimits,
-        QuotaObservation, QuotaSnapshot, RequestId, ReservationId, Timestamp, TokenUsage,
-        TransitionTrigger, Uncertainty, WindowKind,
+        QuotaObservation, QuotaSnapshot, RequestId, ReservationId, TenantId, Timestamp, TokenUsage,
+        TransitionTrigger, Uncertainty, VirtualKey, WindowKind,
     };
 
     type Store = Arc<dyn StateStore>;
@@ -1650,6 +1667,60 @@ mod cases {
         let mut big = charge(2, "k1", None, 100.0);
         big.budget_ids = vec!["daily".to_owned()];
         store.reserve(&big).await.unwrap();
+    }
+
+    fn virtual_key(name: &str, digit: char) -> VirtualKey {
+        VirtualKey {
+            name: name.to_owned(),
+            token_sha256: digit.to_string().repeat(64),
+            tenant: None,
+            models: None,
+            rpm: None,
+            budget_usd: None,
+            created_at: base_now(),
+        }
+    }
+
+    pub(super) async fn virtual_keys_are_unique_by_name_listed_in_order_and_deleted(store: Store) {
+        assert!(store.list_virtual_keys().await.unwrap().is_empty());
+        let full = VirtualKey {
+            tenant: Some(TenantId::new("customer-a")),
+            models: Some(vec![ModelId::new("gpt-4o"), ModelId::new("gpt-4o-mini")]),
+            rpm: Some(u32::MAX),
+            budget_usd: Some(12.5),
+            ..virtual_key("team-b", '1')
+        };
+        store.insert_virtual_key(full.clone()).await.unwrap();
+        store
+            .insert_virtual_key(virtual_key("team-a", '2'))
+            .await
+            .unwrap();
+        let err = store
+            .insert_virtual_key(virtual_key("team-b", '3'))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Conflict, "{err}");
+        assert_eq!(
+            store.list_virtual_keys().await.unwrap(),
+            [virtual_key("team-a", '2'), full]
+        );
+
+        store.delete_virtual_key("team-b").await.unwrap();
+        let err = store.delete_virtual_key("team-b").await.unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
+        // The name is free again.
+        store
+            .insert_virtual_key(virtual_key("team-b", '4'))
+            .await
+            .unwrap();
+        let digests: Vec<String> = store
+            .list_virtual_keys()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.token_sha256)
+            .collect();
+        assert_eq!(digests, ["2".repeat(64), "4".repeat(64)]);
     }
 
     pub(super) async fn observed_quota_blocks_until_its_reset(store: Store) {

@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, Clock, KeyStore, ReclaimedReservations, RequestLog,
     Settled, Settlement, StateStore, StoreChanges, StoreError, StoreHealth, SystemClock,
-    UsageLedger,
+    UsageLedger, VirtualKeyStore,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money, QuotaLimits,
-    QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
+    QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger, VirtualKey,
 };
 use async_trait::async_trait;
 
@@ -472,6 +472,23 @@ impl BudgetStore for FailOpenStore {
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|b| b.id != id);
         Ok(())
+    }
+}
+
+/// Virtual keys go to the shared store only: the proxy keeps the ones it read, so its
+/// clients are still served while the store is down.
+#[async_trait]
+impl VirtualKeyStore for FailOpenStore {
+    async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        self.remote.insert_virtual_key(key).await
+    }
+
+    async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+        self.remote.list_virtual_keys().await
+    }
+
+    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        self.remote.delete_virtual_key(name).await
     }
 }
 

@@ -6,6 +6,7 @@
 //! | quota windows, reservations, budget ledgers, key counters | counters |
 //! | key state (routing view, change events) | counters, mirrored to records |
 //! | keys with their material, transition history, budget definitions, request records | records |
+//! | virtual keys | records, copied to counters for change events |
 //!
 //! Key material stays in the records store (sealed at rest in MongoDB): the counters
 //! store holds each key under a placeholder, and reads put the real material back.
@@ -19,11 +20,13 @@ use apikeyrouter_application::ports::BudgetStore;
 use apikeyrouter_application::ports::{
     Charge, ChargeRejection, Clock, KeyStore, ReclaimedReservations, RequestLog, Settled,
     Settlement, StateStore, StoreChanges, StoreError, StoreErrorKind, SystemClock, UsageLedger,
+    VirtualKeyStore,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetStatus, KeyId, KeyMaterial, KeyMetadata, KeyState, KeyStats, Money,
     QuotaLimits, QuotaSnapshot, RequestId, StateTransition, Timestamp, TransitionTrigger,
+    VirtualKey,
 };
 use async_trait::async_trait;
 
@@ -302,6 +305,29 @@ impl RequestLog for SplitStore {
 
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
         self.records.get_request(id).await
+    }
+}
+
+/// Kept in the records store; written to the counters store too, for its change
+/// events.
+#[async_trait]
+impl VirtualKeyStore for SplitStore {
+    async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        self.records.insert_virtual_key(key.clone()).await?;
+        match self.counters.insert_virtual_key(key).await {
+            // Left there by an earlier insert whose record was deleted since.
+            Err(e) if e.kind == StoreErrorKind::Conflict => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+        self.records.list_virtual_keys().await
+    }
+
+    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        self.records.delete_virtual_key(name).await?;
+        tolerate_missing(self.counters.delete_virtual_key(name).await)
     }
 }
 

@@ -17,6 +17,7 @@ pub mod request;
 pub mod routing;
 pub mod secret;
 pub mod time;
+pub mod virtual_key;
 
 pub use budget::{
     Budget, BudgetError, BudgetLedger, BudgetPeriod, BudgetScope, BudgetStatus, Enforcement,
@@ -43,3 +44,4 @@ pub use routing::{
 };
 pub use secret::{KeyMaterial, KeyMaterialError};
 pub use time::Timestamp;
+pub use virtual_key::{VirtualKey, VirtualKeyError};

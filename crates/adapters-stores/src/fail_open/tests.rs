@@ -8,13 +8,13 @@ use std::time::Duration;
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, Clock, KeyOutcome, KeyStore, ReclaimedReservations,
     RequestLog, Settled, Settlement, StateStore, StoreError, StoreErrorKind, SystemClock,
-    UsageLedger, Verdict,
+    UsageLedger, Verdict, VirtualKeyStore,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetPeriod, BudgetScope, BudgetStatus, Enforcement, KeyId, KeyMaterial,
     KeyMetadata, KeyState, KeyStats, Money, ProviderId, QuotaLimits, QuotaSnapshot, RequestId,
-    ReservationId, StateTransition, Timestamp, TokenUsage, TransitionTrigger,
+    ReservationId, StateTransition, Timestamp, TokenUsage, TransitionTrigger, VirtualKey,
 };
 use async_trait::async_trait;
 
@@ -200,6 +200,22 @@ impl RequestLog for Switchable {
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
         self.up()?;
         self.inner.get_request(id).await
+    }
+}
+
+#[async_trait]
+impl VirtualKeyStore for Switchable {
+    async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        self.up()?;
+        self.inner.insert_virtual_key(key).await
+    }
+    async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+        self.up()?;
+        self.inner.list_virtual_keys().await
+    }
+    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        self.up()?;
+        self.inner.delete_virtual_key(name).await
     }
 }
 

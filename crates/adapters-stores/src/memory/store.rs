@@ -15,8 +15,8 @@
 //! - A poisoned lock is recovered: every critical section leaves its data consistent
 //!   between domain calls, and the domain calls do not panic.
 
-use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, VecDeque};
 
 use foldhash::HashMap;
 use std::fmt;
@@ -24,13 +24,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
-    Settlement, StateStore, StoreError, StoreErrorKind, UsageLedger, Verdict,
+    Settlement, StateStore, StoreError, StoreErrorKind, UsageLedger, Verdict, VirtualKeyStore,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetLedger, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money,
     QuotaLimits, QuotaSnapshot, QuotaWindows, RequestId, StateTransition, Timestamp,
-    TransitionTrigger, WindowKind,
+    TransitionTrigger, VirtualKey, WindowKind,
 };
 use async_trait::async_trait;
 
@@ -94,6 +94,7 @@ pub struct MemoryStore {
     /// Per client: the current minute's start and its request count.
     clients: Mutex<HashMap<String, (Timestamp, u32)>>,
     requests: Mutex<RequestRing>,
+    virtual_keys: Mutex<BTreeMap<String, VirtualKey>>,
 }
 
 impl MemoryStore {
@@ -113,6 +114,7 @@ impl MemoryStore {
                 order: VecDeque::new(),
                 records: HashMap::default(),
             }),
+            virtual_keys: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -551,6 +553,35 @@ impl RequestLog for MemoryStore {
 
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError> {
         Ok(self.get_request_now(id).map(|record| (*record).clone()))
+    }
+}
+
+#[async_trait]
+impl VirtualKeyStore for MemoryStore {
+    async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        let mut keys = lock(&self.virtual_keys);
+        if keys.contains_key(&key.name) {
+            return Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("virtual key {} already exists", key.name),
+            ));
+        }
+        keys.insert(key.name.clone(), key);
+        Ok(())
+    }
+
+    async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+        Ok(lock(&self.virtual_keys).values().cloned().collect())
+    }
+
+    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        match lock(&self.virtual_keys).remove(name) {
+            Some(_) => Ok(()),
+            None => Err(StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("virtual key {name} not found"),
+            )),
+        }
     }
 }
 

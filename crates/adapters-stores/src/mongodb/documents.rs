@@ -34,6 +34,8 @@ pub(super) const REQUESTS: &str = "requests";
 pub(super) const AUDIT: &str = "audit";
 /// One document per client: `{ _id: client, start, count }` for its current minute.
 pub(super) const CLIENTS: &str = "clients";
+/// Virtual keys made at run time: `_id` is the name, the rest the key's fields.
+pub(super) const VIRTUAL_KEYS: &str = "virtual_keys";
 /// Store metadata: the schema version.
 pub(super) const META: &str = "meta";
 

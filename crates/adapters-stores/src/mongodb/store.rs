@@ -11,13 +11,13 @@ use std::time::Duration;
 use apikeyrouter_application::ports::{
     AuditError, AuditSink, BudgetStore, Charge, ChargeRejection, CipherError, ClientLimit,
     KeyOutcome, KeyStore, ReclaimedReservations, RequestLog, SecretCipher, Settled, Settlement,
-    StateStore, StoreError, StoreErrorKind, UsageLedger, Verdict,
+    StateStore, StoreError, StoreErrorKind, UsageLedger, Verdict, VirtualKeyStore,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetError, BudgetStatus, Enforcement, KeyId, KeyMaterial, KeyMetadata,
     KeyState, KeyStats, Money, ProviderId, QuotaLimits, QuotaSnapshot, RequestId, ReservationId,
-    StateTransition, Timestamp, TransitionError, TransitionTrigger, WindowKind,
+    StateTransition, Timestamp, TransitionError, TransitionTrigger, VirtualKey, WindowKind,
 };
 use async_trait::async_trait;
 use futures_util::TryStreamExt as _;
@@ -28,7 +28,7 @@ use mongodb::{Client, Collection, Database};
 
 use super::documents::{
     AUDIT, BUDGETS, BudgetDoc, CLIENTS, KEYS, KeyDoc, ObservationDoc, QuotaDoc, REQUESTS,
-    RequestDoc, StatsDoc, TRANSITIONS, TransitionDoc, WindowDoc, current_start, date,
+    RequestDoc, StatsDoc, TRANSITIONS, TransitionDoc, VIRTUAL_KEYS, WindowDoc, current_start, date,
     enforcement_name, millis, nanos, record_id, reservation_key, rolled_exhausted, to_i64, to_u64,
     window_field, window_increment,
 };
@@ -57,6 +57,7 @@ pub struct MongoStore {
     requests: Collection<Document>,
     audit: Collection<Document>,
     clients: Collection<Document>,
+    virtual_keys: Collection<Document>,
     cipher: Arc<dyn SecretCipher>,
     shown_url: String,
     retention: Retention,
@@ -145,6 +146,7 @@ impl MongoStore {
             requests: db.collection(REQUESTS),
             audit: db.collection(AUDIT),
             clients: db.collection(CLIENTS),
+            virtual_keys: db.collection(VIRTUAL_KEYS),
             db,
             cipher,
             shown_url,
@@ -1463,6 +1465,62 @@ impl RequestLog for MongoStore {
         bson::from_document(doc.record)
             .map(Some)
             .map_err(|_| malformed(REQUESTS, id.as_str()))
+    }
+}
+
+/// One document per key, its name as `_id` (whose index keeps names unique).
+#[async_trait]
+impl VirtualKeyStore for MongoStore {
+    async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        let mut raw = bson::to_document(&key).map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("virtual key {} cannot be encoded for mongodb", key.name),
+            )
+        })?;
+        raw.insert("_id", key.name.as_str());
+        match self.virtual_keys.insert_one(raw).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("virtual key {} already exists", key.name),
+            )),
+            Err(e) => Err(map_err(VIRTUAL_KEYS, "insert a virtual key", e)),
+        }
+    }
+
+    async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+        let failed = |e| map_err(VIRTUAL_KEYS, "list virtual keys", e);
+        let docs: Vec<Document> = self
+            .virtual_keys
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(failed)?
+            .try_collect()
+            .await
+            .map_err(failed)?;
+        docs.into_iter()
+            .map(|raw| {
+                let id = raw.get_str("_id").unwrap_or("?").to_owned();
+                bson::from_document(raw).map_err(|_| malformed(VIRTUAL_KEYS, &id))
+            })
+            .collect()
+    }
+
+    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        let deleted = self
+            .virtual_keys
+            .delete_one(doc! { "_id": name })
+            .await
+            .map_err(|e| map_err(VIRTUAL_KEYS, "delete a virtual key", e))?;
+        if deleted.deleted_count == 0 {
+            return Err(StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("virtual key {name} not found"),
+            ));
+        }
+        Ok(())
     }
 }
 

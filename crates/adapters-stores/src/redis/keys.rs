@@ -78,6 +78,16 @@ impl Names {
         format!("{{{}}}:budget-events", self.ns)
     }
 
+    /// The channel on which virtual-key changes are announced (payload: the name).
+    pub(super) fn virtual_key_events(&self) -> String {
+        format!("{{{}}}:virtual-key-events", self.ns)
+    }
+
+    /// The hash of virtual keys: name to the key's JSON.
+    pub(super) fn virtual_keys(&self) -> String {
+        format!("{{{}}}:virtual-keys", self.ns)
+    }
+
     /// The set of budget ids.
     pub(super) fn budget_ids(&self) -> String {
         format!("{{{}:budgets}}:ids", self.ns)

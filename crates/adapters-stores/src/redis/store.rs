@@ -23,7 +23,7 @@ use std::time::Duration;
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
     Settlement, StateStore, StoreChange, StoreChanges, StoreError, StoreErrorKind, UsageLedger,
-    Verdict,
+    Verdict, VirtualKeyStore,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::quota::QuotaDenial;
@@ -31,7 +31,7 @@ use apikeyrouter_domain::{
     ApiKey, Budget, BudgetError, BudgetLedger, BudgetPeriod, BudgetStatus, KeyId, KeyMetadata,
     KeyState, KeyStats, Money, QuotaLimits, QuotaObservation, QuotaSnapshot, QuotaWindows,
     RequestId, ReservationId, StateTransition, Timestamp, TransitionError, TransitionTrigger,
-    WindowCounts, WindowKind,
+    VirtualKey, WindowCounts, WindowKind,
 };
 use async_trait::async_trait;
 use futures_util::{Stream, StreamExt, future};
@@ -307,18 +307,22 @@ impl RedisStore {
     ) -> Result<impl Stream<Item = StoreChange> + Send + 'static + use<>, StoreError> {
         let keys = self.names.key_events();
         let budgets = self.names.budget_events();
+        let virtual_keys = self.names.virtual_key_events();
         let mut pubsub = self
             .client
             .get_async_pubsub()
             .await
             .map_err(|err| from_redis(err, &keys))?;
         pubsub
-            .subscribe(&[&keys, &budgets])
+            .subscribe(&[&keys, &budgets, &virtual_keys])
             .await
             .map_err(|err| from_redis(err, &keys))?;
         Ok(pubsub.into_on_message().filter_map(move |msg| {
-            let change = if msg.get_channel_name() == budgets {
+            let channel = msg.get_channel_name();
+            let change = if channel == budgets {
                 Some(StoreChange::Budgets)
+            } else if channel == virtual_keys {
+                Some(StoreChange::VirtualKeys)
             } else {
                 msg.get_payload::<String>()
                     .ok()
@@ -326,6 +330,19 @@ impl RedisStore {
             };
             future::ready(change)
         }))
+    }
+
+    /// Tells every instance that the virtual key `name` changed. A lost announcement
+    /// leaves other instances on their old list until their next subscription, so the
+    /// caller hears of it.
+    async fn announce_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        let channel = self.names.virtual_key_events();
+        let _: i64 = self
+            .conn()
+            .publish(&channel, name)
+            .await
+            .map_err(|err| from_redis(err, &channel))?;
+        Ok(())
     }
 
     /// Network round trips this store has made since it connected: each command,
@@ -1381,6 +1398,59 @@ impl RequestLog for RedisStore {
             .await
             .map_err(|err| from_redis(err, &redis_key))?;
         json.map(|json| from_json(&json, &redis_key)).transpose()
+    }
+}
+
+/// One hash, name to the key's JSON; each change announced on the virtual-key
+/// channel (payload: the name).
+#[async_trait]
+impl VirtualKeyStore for RedisStore {
+    async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        let hash = self.names.virtual_keys();
+        let json = to_json(&key, "virtual key")?;
+        let added: bool = self
+            .conn()
+            .hset_nx(&hash, &key.name, json)
+            .await
+            .map_err(|err| from_redis(err, &hash))?;
+        if !added {
+            return Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("virtual key {} already exists", key.name),
+            ));
+        }
+        self.announce_virtual_key(&key.name).await
+    }
+
+    async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+        let hash = self.names.virtual_keys();
+        let rows: Vec<String> = self
+            .conn()
+            .hvals(&hash)
+            .await
+            .map_err(|err| from_redis(err, &hash))?;
+        let mut keys = rows
+            .iter()
+            .map(|json| from_json::<VirtualKey>(json, &hash))
+            .collect::<Result<Vec<_>, _>>()?;
+        keys.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        Ok(keys)
+    }
+
+    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        let hash = self.names.virtual_keys();
+        let removed: i64 = self
+            .conn()
+            .hdel(&hash, name)
+            .await
+            .map_err(|err| from_redis(err, &hash))?;
+        if removed == 0 {
+            return Err(StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("virtual key {name} not found"),
+            ));
+        }
+        self.announce_virtual_key(name).await
     }
 }
 

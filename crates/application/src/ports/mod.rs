@@ -19,7 +19,7 @@ pub use provider::{
 pub use store::{
     BudgetStore, Charge, ChargeRejection, ClientLimit, KeyOutcome, KeyStore, ReclaimedReservations,
     RequestLog, Settled, Settlement, StateStore, StoreChange, StoreChanges, StoreError,
-    StoreErrorKind, StoreHealth, UsageLedger, Verdict,
+    StoreErrorKind, StoreHealth, UsageLedger, Verdict, VirtualKeyStore,
 };
 
 #[cfg(any(test, feature = "test-util"))]

@@ -1,6 +1,7 @@
-//! The state-store ports: keys, usage and quota, budgets, and the request log.
+//! The state-store ports: keys, usage and quota, budgets, the request log and the
+//! virtual keys made at run time.
 //!
-//! One adapter implements all four (memory, Redis, MongoDB); [`StateStore`] bundles
+//! One adapter implements all five (memory, Redis, MongoDB); [`StateStore`] bundles
 //! them so the services hold a single `Arc<dyn StateStore>`.
 
 use std::fmt;
@@ -11,7 +12,7 @@ use apikeyrouter_domain::quota::QuotaDenial;
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetError, BudgetStatus, KeyId, KeyMetadata, KeyState, KeyStats, Money,
     QuotaLimits, QuotaObservation, QuotaSnapshot, RequestId, ReservationId, StateTransition,
-    Timestamp, TokenUsage, TransitionTrigger,
+    Timestamp, TokenUsage, TransitionTrigger, VirtualKey,
 };
 use async_trait::async_trait;
 
@@ -424,6 +425,30 @@ pub trait RequestLog: Send + Sync + 'static {
     async fn get_request(&self, id: &RequestId) -> Result<Option<AuditRecord>, StoreError>;
 }
 
+/// The proxy's virtual keys made through its management API (those of the config
+/// file are not stored).
+#[async_trait]
+pub trait VirtualKeyStore: Send + Sync + 'static {
+    /// Adds a virtual key. Only the name must be free: tokens are drawn at random by
+    /// the proxy, so digests do not collide.
+    ///
+    /// # Errors
+    /// `Conflict` when the name is taken; `Unavailable` when the backend is down.
+    async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError>;
+
+    /// Every virtual key, in name order.
+    ///
+    /// # Errors
+    /// `Unavailable` when the backend is down; `Invalid` for a malformed record.
+    async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError>;
+
+    /// Removes a virtual key.
+    ///
+    /// # Errors
+    /// `NotFound` if absent; `Unavailable` when the backend is down.
+    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError>;
+}
+
 /// A change another instance made through a shared store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreChange {
@@ -431,6 +456,8 @@ pub enum StoreChange {
     Key(KeyId),
     /// A budget was added, redefined or deleted.
     Budgets,
+    /// A virtual key was added or deleted.
+    VirtualKeys,
 }
 
 /// Changes made by any instance sharing a store; ends when the subscription is lost.
@@ -448,11 +475,11 @@ pub struct StoreHealth {
 
 /// Everything a store adapter provides.
 #[async_trait]
-pub trait StateStore: KeyStore + UsageLedger + BudgetStore + RequestLog {
+pub trait StateStore: KeyStore + UsageLedger + BudgetStore + RequestLog + VirtualKeyStore {
     /// The backend's name (`memory`, `redis`, `mongodb`).
     fn kind(&self) -> &'static str;
 
-    /// Key and budget changes made through this store by other instances, so each
+    /// Key, budget and virtual-key changes made through this store by other instances, so each
     /// can refresh its local view. `None` for stores used by one process only.
     ///
     /// # Errors

@@ -12,7 +12,7 @@ use apikeyrouter_domain::cost::TokenEstimate;
 use apikeyrouter_domain::routing::ProviderOffer;
 use apikeyrouter_domain::{
     ApiKey, Budget, KeyId, KeyMaterial, KeyState, ModelId, PriceCatalogue, ProviderId, QuotaLimits,
-    RequestId, RoutingTable, TenantId,
+    RequestId, RoutingTable, TenantId, VirtualKey,
 };
 
 use super::budgets::{BudgetService, ReclaimCounters};
@@ -22,7 +22,9 @@ use super::keys::KeyService;
 use super::quota::QuotaService;
 use super::router::RouterService;
 use super::settings::RouterSettings;
-use crate::ports::{AuditSink, Clock, ModelSet, Provider, StateStore, StoreChange, StoreError};
+use crate::ports::{
+    AuditSink, Clock, ModelSet, Provider, StateStore, StoreChange, StoreError, StoreErrorKind,
+};
 use crate::records::AuditRecord;
 
 /// Per-provider settings given at registration.
@@ -70,6 +72,9 @@ pub(crate) struct Shared {
     pub(crate) budgets: RwLock<Arc<Vec<Budget>>>,
     pub(crate) catalogue: RwLock<Arc<PriceCatalogue>>,
     pub(crate) settings: RwLock<Arc<RouterSettings>>,
+    /// Counts changes to the stored virtual keys (made here or, through a shared
+    /// store, elsewhere), for the proxy to re-read them.
+    pub(crate) virtual_keys: tokio::sync::watch::Sender<u64>,
 }
 
 /// Reads through a lock even if a panicking thread poisoned it: every value behind
@@ -85,6 +90,10 @@ fn write<T>(lock: &RwLock<T>, value: T) {
 impl Shared {
     pub(crate) fn table(&self) -> MutexGuard<'_, RoutingTable> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn virtual_keys_changed(&self) {
+        self.virtual_keys.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub(crate) fn settings(&self) -> Arc<RouterSettings> {
@@ -240,6 +249,7 @@ impl ApiKeyRouterCore {
                 budgets: RwLock::new(Arc::new(Vec::new())),
                 catalogue: RwLock::new(Arc::new(catalogue)),
                 settings: RwLock::new(Arc::new(settings)),
+                virtual_keys: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -281,6 +291,7 @@ impl ApiKeyRouterCore {
                     match change {
                         StoreChange::Key(id) => refresh_key(&shared, &id).await,
                         StoreChange::Budgets => refresh_budgets(&shared).await,
+                        StoreChange::VirtualKeys => shared.virtual_keys_changed(),
                     }
                 }
                 // The subscription was lost: events in between are gone, so resubscribe
@@ -296,6 +307,7 @@ impl ApiKeyRouterCore {
                                 }
                             }
                             refresh_budgets(&shared).await;
+                            shared.virtual_keys_changed();
                             break;
                         }
                         Ok(None) => return,
@@ -476,6 +488,44 @@ impl ApiKeyRouterCore {
     /// shutting down so no record is lost.
     pub async fn flush_records(&self, timeout: Duration) -> bool {
         self.shared.records.flushed(timeout).await
+    }
+
+    /// Stores a virtual key made at run time.
+    ///
+    /// # Errors
+    /// `Invalid` for a malformed key, `Conflict` when its name is taken, or the store's
+    /// error.
+    pub async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        key.validate()
+            .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
+        self.shared.store.insert_virtual_key(key).await?;
+        self.shared.virtual_keys_changed();
+        Ok(())
+    }
+
+    /// The stored virtual keys, in name order.
+    ///
+    /// # Errors
+    /// The store's error when it cannot be read.
+    pub async fn virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+        self.shared.store.list_virtual_keys().await
+    }
+
+    /// Removes a stored virtual key.
+    ///
+    /// # Errors
+    /// `NotFound` if absent, or the store's error.
+    pub async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        self.shared.store.delete_virtual_key(name).await?;
+        self.shared.virtual_keys_changed();
+        Ok(())
+    }
+
+    /// Changes whenever the stored virtual keys may have changed: through this router
+    /// or, with a shared store, through another instance (and after a lost change
+    /// subscription, when changes may have been missed).
+    pub fn virtual_key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.virtual_keys.subscribe()
     }
 
     /// Counters of the background record delivery.
