@@ -548,6 +548,245 @@ metadata = { rpm = 1 }
     );
 }
 
+/// Virtual keys made through the management API: the token is shown once and then
+/// authenticates with the key's models, rpm and budget; the list shows the file's
+/// keys and the API's with their spend, never a token; a revoked token is refused at
+/// once, and its budget goes with it.
+#[tokio::test]
+async fn virtual_keys_are_made_listed_used_and_revoked_through_the_api() {
+    let extra = r#"
+[[virtual_keys]]
+name = "from-file"
+token_env = "CLIENT_FILE"
+budget_usd = 3.0
+"#;
+    let p = Proxy::start(extra, &[("CLIENT_FILE", "file-client-token-1")]).await;
+    let post = async |body: Value| {
+        p.client
+            .post(p.url("/api/v1/virtual_keys"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    };
+    let r =
+        post(json!({"name": "team-a", "models": ["gpt-4o"], "rpm": 2, "budget_usd": 5.0})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let made: Value = r.json().await.unwrap();
+    let token = made["token"].as_str().unwrap().to_owned();
+    assert!(
+        token.starts_with("sk-akr-") && token.len() == 7 + 43,
+        "{token}"
+    );
+    assert_eq!(made["source"], "api");
+    assert_eq!(made["models"], json!(["gpt-4o"]));
+    assert_eq!(made["budget"]["limit"], 5.0, "{made}");
+    assert!(made.get("token_sha256").is_none(), "{made}");
+
+    // The token works at once, within the key's models and rpm.
+    assert_eq!(
+        p.chat(hello("gpt-4o"), Some(&token)).await.status(),
+        StatusCode::OK
+    );
+    let (status, body) = error_of(p.chat(hello("gpt-4o-mini"), Some(&token)).await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        p.chat(hello("gpt-4o"), Some(&token)).await.status(),
+        StatusCode::OK
+    );
+    let (status, body) = error_of(p.chat(hello("gpt-4o"), Some(&token)).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limit_exceeded"))
+    );
+
+    // Listed with the file's key, in name order, with this month's spend; no token.
+    let r = p
+        .client
+        .get(p.url("/api/v1/virtual_keys"))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(
+        !text.contains(&token) && !text.contains("file-client-token-1"),
+        "{text}"
+    );
+    let list: Value = serde_json::from_str(&text).unwrap();
+    let names: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["from-file", "team-a"]);
+    assert_eq!(list["data"][0]["source"], "config");
+    assert_eq!(list["data"][0]["budget"]["limit"], 3.0);
+    assert!(
+        list["data"][1]["budget"]["spent"].as_f64().unwrap() > 0.0,
+        "{list}"
+    );
+    let one = p.get_json("/api/v1/virtual_keys/team-a").await;
+    assert_eq!(one["rpm"], 2);
+    assert!(one.get("token").is_none());
+
+    // Refusals name what is wrong.
+    for (body, status, code, param) in [
+        (
+            json!({"name": "team-a"}),
+            StatusCode::CONFLICT,
+            "virtual_key_exists",
+            Some("name"),
+        ),
+        (
+            json!({"name": "from-file"}),
+            StatusCode::CONFLICT,
+            "virtual_key_exists",
+            Some("name"),
+        ),
+        (
+            json!({"name": "a b"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("name"),
+        ),
+        (
+            json!({"rpm": 0}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("rpm"),
+        ),
+        (
+            json!({"budget_usd": -1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            Some("budget_usd"),
+        ),
+        (
+            json!({"token": "mine"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            None,
+        ),
+    ] {
+        let (got, err) = error_of(post(body.clone()).await).await;
+        assert_eq!(
+            (
+                got,
+                err["error"]["code"].as_str(),
+                err["error"]["param"].as_str()
+            ),
+            (status, Some(code), param),
+            "{body}: {err}"
+        );
+    }
+    // Without a name, one is made up.
+    let r = post(json!({})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let unnamed: Value = r.json().await.unwrap();
+    assert!(
+        unnamed["name"].as_str().unwrap().starts_with("vk-"),
+        "{unnamed}"
+    );
+
+    // Revoked: refused at once, gone from the list, and its budget with it.
+    let delete = async |name: &str| {
+        p.client
+            .delete(p.url(&format!("/api/v1/virtual_keys/{name}")))
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(delete("team-a").await.status(), StatusCode::NO_CONTENT);
+    let (status, _) = error_of(p.chat(hello("gpt-4o"), Some(&token)).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = error_of(delete("team-a").await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("virtual_key_not_found"))
+    );
+    let (status, body) = error_of(delete("from-file").await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("defined_in_config"))
+    );
+    let budgets = p.get_json("/api/v1/budgets").await.to_string();
+    assert!(
+        !budgets.contains("virtual-key-team-a") && budgets.contains("virtual-key-from-file"),
+        "{budgets}"
+    );
+    // The file's key still works.
+    assert_eq!(
+        p.chat(hello("gpt-4o"), Some("file-client-token-1"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+}
+
+/// A reload of the config file replaces the file's virtual keys and keeps the ones
+/// made through the API.
+#[tokio::test]
+async fn a_reload_keeps_the_virtual_keys_made_through_the_api() {
+    let dir = std::env::temp_dir().join(format!("akr-vk-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.toml");
+    let file = |extra: &str| format!("listen = \"127.0.0.1:0\"\n{BASE}\n{extra}");
+    let first = "[[virtual_keys]]\nname = \"old\"\ntoken = \"old-client-token-1\"\n";
+    std::fs::write(&path, file(first)).unwrap();
+    let config = Config::load(&path).unwrap();
+    let state = apikeyrouter_proxy::server::build_state(&config)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(apikeyrouter_proxy::server::serve(
+        state,
+        config.listen,
+        config.server,
+        Some(path.clone()),
+        move |addr| {
+            let _ = tx.send(addr);
+        },
+    ));
+    let p = Proxy {
+        addr: rx.await.unwrap(),
+        client: reqwest::Client::new(),
+    };
+    let made: Value = p
+        .client
+        .post(p.url("/api/v1/virtual_keys"))
+        .json(&json!({"name": "made"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = made["token"].as_str().unwrap().to_owned();
+
+    // The file now names another key; the watcher polls every two seconds (file
+    // times may be coarse, so the size changes too).
+    let second = "[[virtual_keys]]\nname = \"new\"\ntoken = \"new-client-token-22\"\n";
+    std::fs::write(&path, file(second)).unwrap();
+    let started = std::time::Instant::now();
+    while p
+        .chat(hello("gpt-4o"), Some("new-client-token-22"))
+        .await
+        .status()
+        != StatusCode::OK
+    {
+        assert!(started.elapsed().as_secs() < 15, "reload did not happen");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        p.chat(hello("gpt-4o"), Some(&token)).await.status(),
+        StatusCode::OK
+    );
+    let (status, _) = error_of(p.chat(hello("gpt-4o"), Some("old-client-token-1")).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn virtual_keys_authenticate_and_confine_clients() {
     let extra = r#"

@@ -36,8 +36,8 @@ pub use router::ApiKeyRouter;
 pub use apikeyrouter_application::ports::{
     AuditSink, ChatChunk, ChatResponse, ChatStream, ClientLimit, Clock, EmbeddingCall,
     EmbeddingResponse, FinishReason, ManualClock, ModelSet, Provider, ProviderCall, ProviderError,
-    ReclaimedReservations, StateStore, StoreError, StoreHealth, StreamStart, SystemClock,
-    ToolCallDelta,
+    ReclaimedReservations, StateStore, StoreError, StoreErrorKind, StoreHealth, StreamStart,
+    SystemClock, ToolCallDelta,
 };
 pub use apikeyrouter_application::services::{
     BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind, RoutedStream,
@@ -54,7 +54,8 @@ pub use apikeyrouter_domain::{
     Budget, BudgetPeriod, BudgetScope, BudgetStatus, CapacityState, Constraints, Decision,
     EmbeddingIntent, Enforcement, FailureKind, KeyId, KeyMetadata, KeyState, Message, ModelId,
     ModelPrice, Money, Objective, ObjectiveKind, PriceCatalogue, ProviderId, RequestId,
-    RequestIntent, Role, StateTransition, TenantId, Timestamp, TokenUsage, Uncertainty,
+    RequestIntent, Role, StateTransition, TenantId, Timestamp, TokenUsage, Uncertainty, VirtualKey,
+    VirtualKeyError,
 };
 
 /// The pure domain model, for users who need more than the re-exports.

@@ -1,5 +1,7 @@
 //! The management API under `/api/v1`, behind the admin token: keys, quota, budgets,
-//! policies, providers, and the record of a request.
+//! virtual keys, policies, providers, and the record of a request.
+
+pub mod virtual_keys;
 
 use std::sync::Arc;
 

@@ -1,9 +1,12 @@
 //! Who may call: the admin token for the management API, virtual keys (client tokens
 //! mapped to a tenant and its limits) for the OpenAI-compatible API.
 //!
-//! Tokens are kept only as SHA-256 digests and compared in constant time.
+//! Virtual keys come from the config file and from the state store (made through the
+//! management API). Tokens are kept only as SHA-256 digests and compared in constant
+//! time.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use apikeyrouter::config::{Config, ResolvedVirtualKey};
 use apikeyrouter::domain::secret::constant_time_eq;
@@ -19,6 +22,28 @@ fn digest(token: &str) -> TokenHash {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// A token's digest as stored: 64 lowercase hex digits.
+pub fn digest_hex(token: &str) -> String {
+    digest(token)
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            hex.push_str(&format!("{b:02x}"));
+            hex
+        })
+}
+
+/// The digest a stored key holds, `None` when it is not 64 hex digits.
+fn parse_digest(hex: &str) -> Option<TokenHash> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// The bearer token of a request, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers
@@ -30,7 +55,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Access to the management API.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum AdminAuth {
     /// Requests must carry this token.
     Token(TokenHash),
@@ -64,6 +89,8 @@ pub struct VirtualKey {
     pub tenant: Option<TenantId>,
     pub models: Option<Vec<ModelId>>,
     pub rpm: Option<u32>,
+    /// Made through the management API (kept in the store), not the config file.
+    pub stored: bool,
 }
 
 impl VirtualKey {
@@ -73,6 +100,17 @@ impl VirtualKey {
             tenant: v.tenant.clone(),
             models: v.models.clone(),
             rpm: v.rpm,
+            stored: false,
+        }
+    }
+
+    fn of_stored(v: &apikeyrouter::VirtualKey) -> Self {
+        Self {
+            name: v.name.clone(),
+            tenant: v.tenant.clone(),
+            models: v.models.clone(),
+            rpm: v.rpm,
+            stored: true,
         }
     }
 
@@ -82,11 +120,12 @@ impl VirtualKey {
     }
 }
 
-/// The credentials in force (replaced whole on reload).
+/// The credentials in force (replaced whole on reload and when the stored virtual
+/// keys change).
 #[derive(Debug)]
 pub struct Auth {
     pub admin: AdminAuth,
-    clients: HashMap<TokenHash, std::sync::Arc<VirtualKey>>,
+    clients: HashMap<TokenHash, Arc<VirtualKey>>,
 }
 
 impl Auth {
@@ -109,7 +148,7 @@ impl Auth {
         let clients = config
             .virtual_keys
             .iter()
-            .map(|v| (digest(&v.token), std::sync::Arc::new(VirtualKey::of(v))))
+            .map(|v| (digest(&v.token), Arc::new(VirtualKey::of(v))))
             .collect();
         Ok(Self { admin, clients })
     }
@@ -119,10 +158,7 @@ impl Auth {
     ///
     /// # Errors
     /// 401 when virtual keys are configured and the token is missing or unknown.
-    pub fn client(
-        &self,
-        headers: &HeaderMap,
-    ) -> Result<Option<std::sync::Arc<VirtualKey>>, ApiError> {
+    pub fn client(&self, headers: &HeaderMap) -> Result<Option<Arc<VirtualKey>>, ApiError> {
         if self.clients.is_empty() {
             return Ok(None);
         }
@@ -140,8 +176,133 @@ impl Auth {
             .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))
     }
 
-    /// The virtual keys, for budgets at start-up.
+    /// The virtual keys, in no particular order.
     pub fn clients(&self) -> impl Iterator<Item = &VirtualKey> {
         self.clients.values().map(|v| &**v)
+    }
+
+    /// These credentials with `current`'s stored virtual keys: what a reload of the
+    /// file keeps.
+    pub fn keeping_stored(mut self, current: &Self) -> Self {
+        let file_names = self.file_names();
+        let stored = current.clients.iter().filter(|(_, v)| v.stored);
+        for (hash, v) in stored {
+            if file_names.contains(&v.name) {
+                tracing::warn!(virtual_key = %v.name, "a stored virtual key has the name of one in the config file; the file's is used");
+                continue;
+            }
+            self.clients.entry(*hash).or_insert_with(|| v.clone());
+        }
+        self
+    }
+
+    /// The names of the config file's virtual keys.
+    pub fn file_names(&self) -> std::collections::HashSet<String> {
+        self.clients()
+            .filter(|v| !v.stored)
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
+    /// These credentials with `stored` in place of the stored virtual keys they hold.
+    /// A stored key named like one of the file, or with a malformed digest, is
+    /// left out (logged).
+    pub fn with_stored(&self, stored: &[apikeyrouter::VirtualKey]) -> Self {
+        let file_names = self.file_names();
+        let mut clients: HashMap<TokenHash, Arc<VirtualKey>> = self
+            .clients
+            .iter()
+            .filter(|(_, v)| !v.stored)
+            .map(|(hash, v)| (*hash, v.clone()))
+            .collect();
+        for v in stored {
+            let Some(hash) = parse_digest(&v.token_sha256) else {
+                tracing::warn!(virtual_key = %v.name, "stored virtual key has a malformed digest; ignored");
+                continue;
+            };
+            if file_names.contains(&v.name) {
+                tracing::warn!(virtual_key = %v.name, "a stored virtual key has the name of one in the config file; the file's is used");
+                continue;
+            }
+            clients
+                .entry(hash)
+                .or_insert_with(|| Arc::new(VirtualKey::of_stored(v)));
+        }
+        Self {
+            admin: self.admin.clone(),
+            clients,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_print_and_parse_as_lowercase_hex() {
+        // SHA-256("abc"), from FIPS 180-2.
+        let hex = digest_hex("abc");
+        assert_eq!(
+            hex,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(parse_digest(&hex), Some(digest("abc")));
+        assert_eq!(parse_digest(&hex[..62]), None);
+        assert_eq!(parse_digest(&format!("{}zz", &hex[..62])), None);
+        assert_eq!(parse_digest(&format!("é{}", &hex[..62])), None);
+    }
+
+    fn stored(name: &str, token: &str) -> apikeyrouter::VirtualKey {
+        apikeyrouter::VirtualKey {
+            name: name.to_owned(),
+            token_sha256: digest_hex(token),
+            tenant: Some(TenantId::new("acme")),
+            models: None,
+            rpm: Some(7),
+            budget_usd: None,
+            created_at: apikeyrouter::Timestamp::from_millis(0),
+        }
+    }
+
+    fn client_of(auth: &Auth, token: &str) -> Option<Arc<VirtualKey>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        auth.client(&headers).ok().flatten()
+    }
+
+    #[test]
+    fn stored_keys_join_the_files_which_win_a_name_and_survive_a_reload() {
+        let text = "[[virtual_keys]]\nname = \"shared\"\ntoken = \"file-token-0001\"\n";
+        let config = Config::parse(text, "t.toml", &[]).unwrap();
+        let mut malformed = stored("broken", "broken-token-01");
+        malformed.token_sha256.replace_range(..2, "zz");
+        let auth = Auth::from_config(&config).unwrap().with_stored(&[
+            stored("made", "made-token-0001"),
+            stored("shared", "clash-token-001"),
+            malformed,
+        ]);
+        let made = client_of(&auth, "made-token-0001").unwrap();
+        assert_eq!(
+            (made.name.as_str(), made.rpm, made.stored),
+            ("made", Some(7), true)
+        );
+        assert!(!client_of(&auth, "file-token-0001").unwrap().stored);
+        assert!(client_of(&auth, "clash-token-001").is_none());
+        assert!(client_of(&auth, "broken-token-01").is_none());
+
+        // A reload to a file without virtual keys keeps the stored one; a new list
+        // of stored keys replaces the old.
+        let reloaded = Auth::from_config(&Config::parse("", "t.toml", &[]).unwrap())
+            .unwrap()
+            .keeping_stored(&auth);
+        assert!(client_of(&reloaded, "made-token-0001").is_some());
+        assert!(client_of(&reloaded, "file-token-0001").is_none());
+        let emptied = auth.with_stored(&[]);
+        assert!(client_of(&emptied, "made-token-0001").is_none());
+        assert!(client_of(&emptied, "file-token-0001").is_some());
     }
 }

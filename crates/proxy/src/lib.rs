@@ -76,6 +76,14 @@ fn routes(state: Arc<AppState>) -> Router {
                 .put(admin::put_budget)
                 .delete(admin::delete_budget),
         )
+        .route(
+            "/api/v1/virtual_keys",
+            get(admin::virtual_keys::list).post(admin::virtual_keys::create),
+        )
+        .route(
+            "/api/v1/virtual_keys/{id}",
+            get(admin::virtual_keys::get).delete(admin::virtual_keys::delete),
+        )
         .route("/api/v1/policies", get(admin::policies))
         .route("/api/v1/providers", get(admin::providers))
         .route("/api/v1/requests/{id}", get(admin::request_record))

@@ -27,7 +27,36 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         .await
         .with_context(|| format!("cannot start from {}", config.source_name))?;
     let auth = Auth::from_config(config).map_err(anyhow::Error::msg)?;
-    Ok(Arc::new(AppState::new(router, auth, config.clone())))
+    let state = Arc::new(AppState::new(router, auth, config.clone()));
+    state
+        .refresh_virtual_keys()
+        .await
+        .context("cannot read the stored virtual keys")?;
+    follow_virtual_keys(&state);
+    Ok(state)
+}
+
+/// Re-reads the stored virtual keys whenever they change (through this instance or,
+/// with a shared store, another), until the state is dropped. A failed read is
+/// retried a second later.
+fn follow_virtual_keys(state: &Arc<AppState>) {
+    let mut changes = state.router.virtual_key_changes();
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            loop {
+                let Some(state) = weak.upgrade() else { return };
+                match state.refresh_virtual_keys().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stored virtual keys not re-read; retrying")
+                    }
+                }
+                drop(state);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    });
 }
 
 /// The runtime the command runs on. With the shared arrangement it is the one that
@@ -220,6 +249,6 @@ pub async fn reload(state: &AppState, path: &std::path::Path, reason: &str) {
     if !needs_restart.is_empty() {
         tracing::warn!(reason, sections = ?needs_restart, "these sections changed but apply only at start; restart to apply them");
     }
-    state.set_auth(auth);
+    state.update_auth(|current| auth.keeping_stored(current));
     tracing::info!(reason, path = %path.display(), "configuration reloaded");
 }

@@ -39,7 +39,21 @@ impl AppState {
             .clone()
     }
 
-    pub fn set_auth(&self, auth: Auth) {
-        *self.auth.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(auth);
+    /// Replaces the credentials with what `change` makes of the ones in force, under
+    /// the lock: a reload of the file and a change of the stored virtual keys at the
+    /// same moment both land.
+    pub fn update_auth(&self, change: impl FnOnce(&Auth) -> Auth) {
+        let mut auth = self.auth.write().unwrap_or_else(PoisonError::into_inner);
+        *auth = Arc::new(change(&auth));
+    }
+
+    /// Re-reads the stored virtual keys into the credentials in force.
+    ///
+    /// # Errors
+    /// The store's error; the credentials are left as they were.
+    pub async fn refresh_virtual_keys(&self) -> Result<(), apikeyrouter::StoreError> {
+        let stored = self.router.virtual_keys().await?;
+        self.update_auth(|auth| auth.with_stored(&stored));
+        Ok(())
     }
 }

@@ -5,6 +5,8 @@
 //! - a key's rpm limit, and a client's, hold across both instances;
 //! - a hard budget is never exceeded;
 //! - a key disabled through one instance gets no traffic from the other a second later;
+//! - a virtual key made through one instance is accepted by the others (one started
+//!   later too), and refused by all once revoked;
 //! - the audit trail in MongoDB has exactly one record per request.
 //!
 //! Needs Redis and the MongoDB-compatible server of `cargo xtask services up`
@@ -317,7 +319,53 @@ rpm = 3
     assert_eq!(enabled.status().as_u16(), 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // 3. The hard budget holds across instances under concurrency.
+    // 3. A virtual key made through one instance serves clients of the other a
+    // moment later, and of an instance started after; revoked through another, it
+    // is refused everywhere a moment later.
+    let made: Value = client
+        .post(format!("{}/api/v1/virtual_keys", one.base))
+        .json(&json!({"name": "made-at-run-time"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = made["token"].as_str().unwrap_or_else(|| panic!("{made}"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let statuses = burst(&client, &both, ("open-model", token), "vk", 4, &mut sent).await;
+    assert_eq!(count(&statuses, 200), 4, "{statuses:?}");
+    let three = Instance::start(&path);
+    let statuses = burst(
+        &client,
+        &[&three, &three],
+        ("open-model", token),
+        "vk-late",
+        2,
+        &mut sent,
+    )
+    .await;
+    assert_eq!(count(&statuses, 200), 2, "{statuses:?}");
+    let revoked = client
+        .delete(format!("{}/api/v1/virtual_keys/made-at-run-time", two.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 204);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for instance in [&one, &two, &three] {
+        let refused = client
+            .post(format!("{}/v1/chat/completions", instance.base))
+            .bearer_auth(token)
+            .json(&json!({"model": "open-model", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status().as_u16(), 401, "{}", instance.base);
+    }
+    three.stop();
+
+    // 4. The hard budget holds across instances under concurrency.
     let statuses = burst(
         &client,
         &both,
@@ -358,7 +406,7 @@ rpm = 3
         );
     }
 
-    // 4. One audit record per request in MongoDB, none missing, once both
+    // 5. One audit record per request in MongoDB, none missing, once the
     // instances have shut down (draining and flushing their queues).
     one.stop();
     two.stop();

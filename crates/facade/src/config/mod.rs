@@ -16,4 +16,5 @@ pub use file::{
 };
 pub use validate::{
     Config, ConfigError, ResolvedKey, ResolvedProvider, ResolvedVirtualKey, VIRTUAL_KEY_TAG,
+    virtual_key_budget, virtual_key_budget_id,
 };

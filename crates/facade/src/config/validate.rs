@@ -816,14 +816,22 @@ impl Validator<'_> {
     }
 }
 
+/// The id of a virtual key's budget.
+pub fn virtual_key_budget_id(name: &str) -> String {
+    format!("virtual-key-{name}")
+}
+
 /// A virtual key's monthly hard budget, `virtual-key-<name>`, over the spend of the
 /// requests its client makes (tagged `virtual_key=<name>`).
-fn virtual_key_budget(name: &str, limit_usd: f64) -> Result<Budget, String> {
+///
+/// # Errors
+/// A message when the limit is not a positive amount.
+pub fn virtual_key_budget(name: &str, limit_usd: f64) -> Result<Budget, String> {
     if !(limit_usd.is_finite() && limit_usd > 0.0) {
         return Err("must be greater than zero".to_owned());
     }
     Budget::new(
-        format!("virtual-key-{name}"),
+        virtual_key_budget_id(name),
         BudgetScope::Tag {
             key: VIRTUAL_KEY_TAG.to_owned(),
             value: name.to_owned(),

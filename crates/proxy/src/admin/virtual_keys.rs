@@ -1,0 +1,286 @@
+//! `/api/v1/virtual_keys`: client credentials made and revoked at run time.
+//!
+//! A new key's token is drawn from the OS's random source and shown once, in the
+//! answer to its creation; the store keeps only its SHA-256 digest. Keys of the config
+//! file are listed too (`"source": "config"`) but change only with the file.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use apikeyrouter::config::virtual_key_budget_id;
+use apikeyrouter::{
+    BudgetStatus, Clock, ModelId, StoreErrorKind, SystemClock, TenantId, VirtualKey,
+    VirtualKeyError,
+};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Admin, store_error};
+use crate::auth::digest_hex;
+use crate::errors::ApiError;
+use crate::openai::parse_json;
+use crate::path::PathId;
+use crate::state::AppState;
+
+/// What the API takes to make a key; every field optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewVirtualKey {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    models: Option<Vec<String>>,
+    #[serde(default)]
+    rpm: Option<u32>,
+    #[serde(default)]
+    budget_usd: Option<f64>,
+}
+
+/// A virtual key as the API shows it: never its token, except once at creation.
+#[derive(Debug, Serialize)]
+struct View {
+    object: &'static str,
+    name: String,
+    /// `api` (made through this API, in the store) or `config` (the file).
+    source: &'static str,
+    tenant: Option<TenantId>,
+    models: Option<Vec<ModelId>>,
+    rpm: Option<u32>,
+    /// Its monthly budget with this month's spend, if it has one.
+    budget: Option<BudgetStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_at: Option<apikeyrouter::Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+impl View {
+    fn stored(key: VirtualKey, budgets: &mut HashMap<String, BudgetStatus>) -> Self {
+        Self {
+            object: "virtual_key",
+            budget: budgets.remove(&virtual_key_budget_id(&key.name)),
+            name: key.name,
+            source: "api",
+            tenant: key.tenant,
+            models: key.models,
+            rpm: key.rpm,
+            created_at: Some(key.created_at),
+            token: None,
+        }
+    }
+
+    fn file(key: &crate::auth::VirtualKey, budgets: &mut HashMap<String, BudgetStatus>) -> Self {
+        Self {
+            object: "virtual_key",
+            budget: budgets.remove(&virtual_key_budget_id(&key.name)),
+            name: key.name.clone(),
+            source: "config",
+            tenant: key.tenant.clone(),
+            models: key.models.clone(),
+            rpm: key.rpm,
+            created_at: None,
+            token: None,
+        }
+    }
+}
+
+fn exists(name: &str, why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "invalid_request_error",
+        "virtual_key_exists",
+        format!("Virtual key {name} exists{why}."),
+    )
+    .with_param("name")
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::not_found(
+        "virtual_key_not_found",
+        format!("Virtual key {name} not found."),
+    )
+}
+
+fn invalid(e: &VirtualKeyError) -> ApiError {
+    let param = match e {
+        VirtualKeyError::Name => "name",
+        VirtualKeyError::Digest => "token",
+        VirtualKeyError::Rpm => "rpm",
+        VirtualKeyError::Budget => "budget_usd",
+    };
+    ApiError::bad_request("invalid_value", format!("Invalid virtual key: {e}.")).with_param(param)
+}
+
+/// `count` bytes from the OS's random source, URL-safe base64 without padding.
+fn random_text(count: usize) -> Result<String, ApiError> {
+    let mut bytes = vec![0u8; count];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        tracing::error!(error = %e, "no randomness for a virtual key");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "internal_error",
+            "Internal error.",
+        )
+    })?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Every virtual key's view, file's and stored, in name order.
+async fn views(state: &AppState) -> Result<Vec<View>, ApiError> {
+    let stored = state.router.virtual_keys().await.map_err(store_error)?;
+    let mut budgets: HashMap<String, BudgetStatus> = state
+        .router
+        .budgets()
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .map(|b| (b.budget_id.clone(), b))
+        .collect();
+    let auth = state.auth();
+    let mut views: Vec<View> = auth
+        .clients()
+        .filter(|v| !v.stored)
+        .map(|v| View::file(v, &mut budgets))
+        .collect();
+    let file_names = auth.file_names();
+    views.extend(
+        stored
+            .into_iter()
+            .filter(|v| !file_names.contains(&v.name))
+            .map(|v| View::stored(v, &mut budgets)),
+    );
+    views.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    Ok(views)
+}
+
+/// Takes a change to the stored keys into this instance's credentials now, so the
+/// caller's next request sees it (the change follower would, moments later).
+async fn apply_now(state: &AppState) {
+    if let Err(e) = state.refresh_virtual_keys().await {
+        tracing::warn!(error = %e, "stored virtual keys not re-read after a change; retrying in the background");
+    }
+}
+
+/// `GET /api/v1/virtual_keys`
+pub async fn list(State(state): State<Arc<AppState>>, _admin: Admin) -> Result<Response, ApiError> {
+    let data = views(&state).await?;
+    Ok(Json(json!({ "object": "list", "data": data })).into_response())
+}
+
+/// `GET /api/v1/virtual_keys/{name}`
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    _admin: Admin,
+    PathId(name): PathId,
+) -> Result<Response, ApiError> {
+    views(&state)
+        .await?
+        .into_iter()
+        .find(|v| v.name == name)
+        .map(|v| Json(v).into_response())
+        .ok_or_else(|| not_found(&name))
+}
+
+/// `POST /api/v1/virtual_keys`: 201 with the key and its token, shown only here. The
+/// name defaults to `vk-` and 12 random characters.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    _admin: Admin,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let new: NewVirtualKey = parse_json(body)?;
+    let name = match new.name {
+        Some(name) => name,
+        None => format!("vk-{}", random_text(9)?),
+    };
+    let token = format!("sk-akr-{}", random_text(32)?);
+    let key = VirtualKey {
+        name,
+        token_sha256: digest_hex(&token),
+        tenant: new.tenant.map(TenantId::new),
+        models: new
+            .models
+            .map(|m| m.into_iter().map(ModelId::new).collect()),
+        rpm: new.rpm,
+        budget_usd: new.budget_usd,
+        created_at: SystemClock.now(),
+    };
+    key.validate().map_err(|e| invalid(&e))?;
+    if state.auth().file_names().contains(&key.name) {
+        return Err(exists(&key.name, " in the config file"));
+    }
+    let budget_id = virtual_key_budget_id(&key.name);
+    let budget_taken = key.budget_usd.is_some()
+        && state
+            .router
+            .core()
+            .budgets()
+            .definitions()
+            .iter()
+            .any(|b| b.id == budget_id);
+    if budget_taken {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "budget_exists",
+            format!("Budget {budget_id}, which this key's budget would be, exists."),
+        )
+        .with_param("budget_usd"));
+    }
+    match state.router.add_virtual_key(key.clone()).await {
+        Ok(()) => {}
+        Err(e) if e.kind == StoreErrorKind::Conflict => return Err(exists(&key.name, "")),
+        Err(e) if e.kind == StoreErrorKind::Invalid => {
+            return Err(ApiError::bad_request("invalid_value", e.message));
+        }
+        Err(e) => return Err(store_error(e)),
+    }
+    apply_now(&state).await;
+    let mut budgets = state
+        .router
+        .budgets()
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .map(|b| (b.budget_id.clone(), b))
+        .collect();
+    let view = View {
+        token: Some(token),
+        ..View::stored(key, &mut budgets)
+    };
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// `DELETE /api/v1/virtual_keys/{name}`: 204; the token is refused from then on, and
+/// the key's budget is removed. A key of the config file is 409: remove it there.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    _admin: Admin,
+    PathId(name): PathId,
+) -> Result<Response, ApiError> {
+    if state.auth().file_names().contains(&name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "defined_in_config",
+            format!("Virtual key {name} is defined in the config file; remove it there."),
+        ));
+    }
+    match state.router.delete_virtual_key(&name).await {
+        Ok(()) => {}
+        Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
+        Err(e) => return Err(store_error(e)),
+    }
+    apply_now(&state).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
