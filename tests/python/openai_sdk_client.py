@@ -1,7 +1,8 @@
 """The official OpenAI Python SDK as a client of the apikeyrouter proxy.
 
 Run by the Rust test `python_sdk::official_openai_sdk_works_against_the_proxy`, which
-starts the proxy and passes its base URL and a client token. Every check asserts on
+starts the proxy and passes its base URL, a client token of the config file and one
+made through the management API. Every check asserts on
 values; the script exits non-zero on the first failure.
 """
 
@@ -11,7 +12,7 @@ import openai
 from openai import OpenAI
 
 
-def main(base_url: str, token: str) -> None:
+def main(base_url: str, token: str, made_token: str) -> None:
     client = OpenAI(base_url=base_url, api_key=token, max_retries=0)
     checks = 0
 
@@ -118,8 +119,27 @@ def main(base_url: str, token: str) -> None:
         assert e.body["param"] == "messages", e.body
     checks += 1
 
+    # A virtual key made through the management API (models gpt-4o, rpm 1): its
+    # limits reach the SDK as its own exceptions.
+    made = OpenAI(base_url=base_url, api_key=made_token, max_retries=0)
+    assert made.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "made"}]
+    ).choices[0].finish_reason == "stop"
+    try:
+        made.embeddings.create(model="text-embedding-3-small", input="x")
+        raise AssertionError("expected a 403")
+    except openai.PermissionDeniedError as e:
+        assert e.status_code == 403, e
+    try:
+        made.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "again"}])
+        raise AssertionError("expected a 429")
+    except openai.RateLimitError as e:
+        assert e.body["code"] == "rate_limit_exceeded", e.body
+        assert int(e.response.headers["retry-after"]) >= 1
+    checks += 1
+
     print(f"openai sdk {openai.__version__}: {checks} passed, 0 failed")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

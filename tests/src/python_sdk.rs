@@ -47,6 +47,16 @@ fn python() -> PathBuf {
 async fn official_openai_sdk_works_against_the_proxy() {
     let config = Config::parse(CONFIG, "sdk-test.toml", &[]).unwrap();
     let addr = crate::support::spawn_proxy(&config).await;
+    let made: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v1/virtual_keys"))
+        .json(&serde_json::json!({"name": "made", "models": ["gpt-4o"], "rpm": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let made_token = made["token"].as_str().unwrap().to_owned();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/openai_sdk_client.py");
     let python = python();
     let output = tokio::task::spawn_blocking(move || {
@@ -54,6 +64,7 @@ async fn official_openai_sdk_works_against_the_proxy() {
             .arg(script)
             .arg(format!("http://{addr}/v1"))
             .arg("sdk-client-token-1")
+            .arg(made_token)
             .output()
     })
     .await
@@ -65,5 +76,5 @@ async fn official_openai_sdk_works_against_the_proxy() {
         output.status.success(),
         "the SDK client failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains(": 10 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains(": 11 passed, 0 failed"), "{stdout}");
 }

@@ -439,6 +439,16 @@ mod tests {
                 "redis+unix:///run/redis.sock?***",
             ),
             ("not a url", "not a url"),
+            // MongoDB's options may carry secrets too (tlsCertificateKeyFilePassword).
+            (
+                "mongodb://router:s3cret@db1:27017,db2/app?authSource=admin",
+                "mongodb://router:***@db1:27017,db2/app?***",
+            ),
+            ("mongodb://a:b@c@host/x", "mongodb://a:***@host/x"),
+            (
+                "mongodb+srv://cluster.example.net",
+                "mongodb+srv://cluster.example.net",
+            ),
         ] {
             assert_eq!(redact_url(url), shown);
         }

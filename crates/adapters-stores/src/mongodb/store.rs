@@ -32,7 +32,8 @@ use super::documents::{
     enforcement_name, millis, nanos, record_id, reservation_key, rolled_exhausted, to_i64, to_u64,
     window_field, window_increment,
 };
-use super::{Retention, is_duplicate_key, malformed, map_err, redact_url, schema};
+use super::{Retention, is_duplicate_key, malformed, map_err, schema};
+use crate::config::redact_url;
 
 /// How long to look for a server before reporting it unreachable, unless the URL
 /// says otherwise (`serverSelectionTimeoutMS`).
