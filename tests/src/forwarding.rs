@@ -195,8 +195,15 @@ impl VirtualKeyStore for Forwarding {
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
         self.inner.list_virtual_keys().await
     }
-    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
-        self.inner.delete_virtual_key(name).await
+    async fn revoke_virtual_key(
+        &self,
+        name: &str,
+        at: Timestamp,
+    ) -> Result<VirtualKey, StoreError> {
+        self.inner.revoke_virtual_key(name, at).await
+    }
+    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
+        self.inner.announce_virtual_keys().await
     }
 }
 

@@ -502,6 +502,7 @@ material = "sk-tiny-key-0001"
 metadata = { rpm = 1 }
 "#;
     let p = Proxy::start(extra, &[]).await;
+    crate::support::wait_out_a_late_minute().await;
     assert_eq!(
         p.chat(hello("tiny-model"), None).await.status(),
         StatusCode::OK
@@ -561,6 +562,7 @@ token_env = "CLIENT_FILE"
 budget_usd = 3.0
 "#;
     let p = Proxy::start(extra, &[("CLIENT_FILE", "file-client-token-1")]).await;
+    crate::support::wait_out_a_late_minute().await;
     let post = async |body: Value| {
         p.client
             .post(p.url("/api/v1/virtual_keys"))
@@ -689,7 +691,7 @@ budget_usd = 3.0
         "{unnamed}"
     );
 
-    // Revoked: refused at once, gone from the list, and its budget with it.
+    // Revoked: refused at once; listed as revoked, its name kept; its budget gone.
     let delete = async |name: &str| {
         p.client
             .delete(p.url(&format!("/api/v1/virtual_keys/{name}")))
@@ -700,7 +702,19 @@ budget_usd = 3.0
     assert_eq!(delete("team-a").await.status(), StatusCode::NO_CONTENT);
     let (status, _) = error_of(p.chat(hello("gpt-4o"), Some(&token)).await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, body) = error_of(delete("team-a").await).await;
+    let revoked = p.get_json("/api/v1/virtual_keys/team-a").await;
+    assert!(revoked["revoked_at"].as_u64().is_some(), "{revoked}");
+    assert_eq!(delete("team-a").await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        p.get_json("/api/v1/virtual_keys/team-a").await["revoked_at"],
+        revoked["revoked_at"]
+    );
+    let (status, body) = error_of(post(json!({"name": "team-a"})).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("virtual_key_exists"))
+    );
+    let (status, body) = error_of(delete("nobody").await).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("virtual_key_not_found"))
@@ -814,6 +828,7 @@ token_env = "CLIENT_SHARED"
         ],
     )
     .await;
+    crate::support::wait_out_a_late_minute().await;
     let (status, body) = error_of(p.chat(hello("gpt-4o"), None).await).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),

@@ -60,7 +60,7 @@ macro_rules! conformance_suite {
                 observed_quota_blocks_until_its_reset,
                 quota_snapshot_reports_capacity_and_prediction,
                 request_log_round_trips,
-                virtual_keys_are_unique_by_name_listed_in_order_and_deleted,
+                virtual_keys_are_unique_by_name_listed_in_order_and_revoked,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -101,6 +101,47 @@ conformance_suite!(split, || async {
         Arc::new(mongo_store().await),
     )) as Arc<dyn StateStore>
 });
+
+/// The split store keeps virtual keys in the records store only and announces their
+/// changes through the counters store (Redis), which other instances listen to.
+#[tokio::test]
+async fn split_store_announces_virtual_key_changes_through_the_counters() {
+    use std::time::Duration;
+
+    use apikeyrouter_application::ports::{StoreChange, VirtualKeyStore};
+    use apikeyrouter_domain::{Timestamp, VirtualKey};
+    use futures_util::StreamExt;
+
+    let namespace = crate::support::fresh_namespace("split-vk");
+    let watcher = crate::support::redis_store_in(&namespace).await;
+    let counters: Arc<dyn StateStore> = Arc::new(crate::support::redis_store_in(&namespace).await);
+    let split = SplitStore::new(counters.clone(), Arc::new(mongo_store().await));
+    let mut changes = Box::pin(watcher.subscribe_changes().await.unwrap());
+    let mut next_change = async || {
+        tokio::time::timeout(Duration::from_secs(5), changes.next())
+            .await
+            .expect("no change event")
+    };
+    let key = VirtualKey {
+        name: "client".to_owned(),
+        token_sha256: "0".repeat(64),
+        tenant: None,
+        models: None,
+        rpm: None,
+        budget_usd: None,
+        created_at: Timestamp::from_millis(1_000),
+        revoked_at: None,
+    };
+    split.insert_virtual_key(key).await.unwrap();
+    assert_eq!(next_change().await, Some(StoreChange::VirtualKeys));
+    assert!(counters.list_virtual_keys().await.unwrap().is_empty());
+    split
+        .revoke_virtual_key("client", Timestamp::from_millis(2_000))
+        .await
+        .unwrap();
+    assert_eq!(next_change().await, Some(StoreChange::VirtualKeys));
+    assert_eq!(split.list_virtual_keys().await.unwrap().len(), 1);
+}
 
 /// The split store keeps material out of the counters store and restores keys the
 /// counters store lost (a Redis restarted without persistence) from the records.
@@ -354,6 +395,7 @@ async fn redis_cluster_announces_key_budget_and_virtual_key_changes_and_opens_fr
             rpm: None,
             budget_usd: None,
             created_at: now,
+            revoked_at: None,
         })
         .await
         .unwrap();
@@ -1678,10 +1720,11 @@ mod cases {
             rpm: None,
             budget_usd: None,
             created_at: base_now(),
+            revoked_at: None,
         }
     }
 
-    pub(super) async fn virtual_keys_are_unique_by_name_listed_in_order_and_deleted(store: Store) {
+    pub(super) async fn virtual_keys_are_unique_by_name_listed_in_order_and_revoked(store: Store) {
         assert!(store.list_virtual_keys().await.unwrap().is_empty());
         let full = VirtualKey {
             tenant: Some(TenantId::new("customer-a")),
@@ -1702,25 +1745,36 @@ mod cases {
         assert_eq!(err.kind, StoreErrorKind::Conflict, "{err}");
         assert_eq!(
             store.list_virtual_keys().await.unwrap(),
-            [virtual_key("team-a", '2'), full]
+            [virtual_key("team-a", '2'), full.clone()]
         );
 
-        store.delete_virtual_key("team-b").await.unwrap();
-        let err = store.delete_virtual_key("team-b").await.unwrap_err();
-        assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
-        // The name is free again.
-        store
-            .insert_virtual_key(virtual_key("team-b", '4'))
+        // Revoked once: a second revocation keeps the first time; the record stays,
+        // and so does its name.
+        let at = base_now().plus(Duration::from_secs(5));
+        let revoked = store.revoke_virtual_key("team-b", at).await.unwrap();
+        assert_eq!(revoked.revoked_at, Some(at));
+        let again = store
+            .revoke_virtual_key("team-b", at.plus(Duration::from_secs(1)))
             .await
             .unwrap();
-        let digests: Vec<String> = store
-            .list_virtual_keys()
+        assert_eq!(again, revoked);
+        let listed = store.list_virtual_keys().await.unwrap();
+        assert_eq!(
+            listed[1],
+            VirtualKey {
+                revoked_at: Some(at),
+                ..full
+            }
+        );
+        assert!(listed[0].is_active() && !listed[1].is_active());
+        let err = store
+            .insert_virtual_key(virtual_key("team-b", '4'))
             .await
-            .unwrap()
-            .into_iter()
-            .map(|k| k.token_sha256)
-            .collect();
-        assert_eq!(digests, ["2".repeat(64), "4".repeat(64)]);
+            .unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Conflict, "{err}");
+        let err = store.revoke_virtual_key("nobody", at).await.unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
+        store.announce_virtual_keys().await.unwrap();
     }
 
     pub(super) async fn observed_quota_blocks_until_its_reset(store: Store) {

@@ -138,3 +138,17 @@ pub async fn spawn_proxy(config: &apikeyrouter::config::Config) -> std::net::Soc
     ));
     rx.await.expect("proxy bound")
 }
+
+/// Waits for the next minute when fewer than ten seconds of this one are left, so a
+/// test of per-minute limits (a key's or a client's rpm, counted in fixed wall-clock
+/// minutes) runs its requests inside one window.
+pub async fn wait_out_a_late_minute() {
+    let into_minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis()
+        % 60_000;
+    if into_minute > 50_000 {
+        tokio::time::sleep(Duration::from_millis(60_100 - into_minute as u64)).await;
+    }
+}

@@ -487,8 +487,16 @@ impl VirtualKeyStore for FailOpenStore {
         self.remote.list_virtual_keys().await
     }
 
-    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
-        self.remote.delete_virtual_key(name).await
+    async fn revoke_virtual_key(
+        &self,
+        name: &str,
+        at: Timestamp,
+    ) -> Result<VirtualKey, StoreError> {
+        self.remote.revoke_virtual_key(name, at).await
+    }
+
+    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
+        self.remote.announce_virtual_keys().await
     }
 }
 

@@ -6,7 +6,7 @@
 //! | quota windows, reservations, budget ledgers, key counters | counters |
 //! | key state (routing view, change events) | counters, mirrored to records |
 //! | keys with their material, transition history, budget definitions, request records | records |
-//! | virtual keys | records, copied to counters for change events |
+//! | virtual keys | records (their change events go through counters) |
 //!
 //! Key material stays in the records store (sealed at rest in MongoDB): the counters
 //! store holds each key under a placeholder, and reads put the real material back.
@@ -308,26 +308,35 @@ impl RequestLog for SplitStore {
     }
 }
 
-/// Kept in the records store; written to the counters store too, for its change
-/// events.
+/// Kept in the records store; the change events go through the counters store.
 #[async_trait]
 impl VirtualKeyStore for SplitStore {
     async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
-        self.records.insert_virtual_key(key.clone()).await?;
-        match self.counters.insert_virtual_key(key).await {
-            // Left there by an earlier insert whose record was deleted since.
-            Err(e) if e.kind == StoreErrorKind::Conflict => Ok(()),
-            other => other,
-        }
+        self.records.insert_virtual_key(key).await?;
+        self.announce_virtual_keys().await
     }
 
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
         self.records.list_virtual_keys().await
     }
 
-    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
-        self.records.delete_virtual_key(name).await?;
-        tolerate_missing(self.counters.delete_virtual_key(name).await)
+    async fn revoke_virtual_key(
+        &self,
+        name: &str,
+        at: Timestamp,
+    ) -> Result<VirtualKey, StoreError> {
+        let revoked = self.records.revoke_virtual_key(name, at).await?;
+        self.announce_virtual_keys().await?;
+        Ok(revoked)
+    }
+
+    /// Through the counters store; a failure is logged, not returned: the change is
+    /// made, and instances also re-read the keys now and then.
+    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
+        if let Err(e) = self.counters.announce_virtual_keys().await {
+            tracing::warn!(error = %e, "split store: virtual-key change not announced");
+        }
+        Ok(())
     }
 }
 

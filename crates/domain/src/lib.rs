@@ -44,4 +44,4 @@ pub use routing::{
 };
 pub use secret::{KeyMaterial, KeyMaterialError};
 pub use time::Timestamp;
-pub use virtual_key::{VirtualKey, VirtualKeyError};
+pub use virtual_key::{VirtualKey, VirtualKeyError, parse_sha256_hex, validate_name};

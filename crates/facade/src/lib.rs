@@ -27,11 +27,13 @@
 mod builder;
 mod config_apply;
 mod router;
+mod virtual_keys;
 
 pub mod config;
 
 pub use builder::{ApiKeyRouterBuilder, BuildError};
 pub use router::ApiKeyRouter;
+pub use virtual_keys::AddVirtualKeyError;
 
 pub use apikeyrouter_application::ports::{
     AuditSink, ChatChunk, ChatResponse, ChatStream, ClientLimit, Clock, EmbeddingCall,

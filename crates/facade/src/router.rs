@@ -3,9 +3,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use apikeyrouter_application::ports::{
-    Provider, ReclaimedReservations, StoreError, StoreErrorKind,
-};
+use apikeyrouter_application::ports::{Provider, ReclaimedReservations};
 use apikeyrouter_application::services::{
     BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RoutedStream,
 };
@@ -16,7 +14,7 @@ use apikeyrouter_application::{
 use apikeyrouter_domain::key::KeyInfo;
 use apikeyrouter_domain::{
     Budget, BudgetStatus, EmbeddingIntent, KeyId, KeyMetadata, KeyState, Money, Objective,
-    ProviderId, RequestId, RequestIntent, StateTransition, VirtualKey,
+    ProviderId, RequestId, RequestIntent, StateTransition,
 };
 
 use crate::builder::ApiKeyRouterBuilder;
@@ -312,68 +310,6 @@ impl ApiKeyRouter {
     /// `timeout`; returns whether they do. Call it before shutting down.
     pub async fn flush_records(&self, timeout: std::time::Duration) -> bool {
         self.core.flush_records(timeout).await
-    }
-
-    /// Stores a virtual key made at run time and, when it has one, its monthly hard
-    /// budget (`virtual-key-<name>`, as for the config file's virtual keys). If the
-    /// budget cannot be set the key is taken back out, so no key runs unlimited.
-    ///
-    /// # Errors
-    /// `Invalid` for a malformed key, `Conflict` when its name is taken, or a store
-    /// failure.
-    pub async fn add_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
-        let budget = key
-            .budget_usd
-            .map(|usd| crate::config::virtual_key_budget(&key.name, usd))
-            .transpose()
-            .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e))?;
-        let name = key.name.clone();
-        self.core.insert_virtual_key(key).await?;
-        let Some(budget) = budget else {
-            return Ok(());
-        };
-        let Err(e) = self.core.budgets().put(budget, Money::ZERO).await else {
-            return Ok(());
-        };
-        if let Err(undo) = self.core.delete_virtual_key(&name).await {
-            tracing::error!(virtual_key = %name, error = %undo, "virtual key kept without its budget");
-        }
-        Err(match e {
-            BudgetServiceError::Store(e) => e,
-            other => StoreError::new(StoreErrorKind::Invalid, other.to_string()),
-        })
-    }
-
-    /// The virtual keys made at run time, in name order.
-    ///
-    /// # Errors
-    /// A store failure.
-    pub async fn virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
-        self.core.virtual_keys().await
-    }
-
-    /// Revokes a virtual key made at run time, and removes its budget.
-    ///
-    /// # Errors
-    /// `NotFound` if absent, or a store failure.
-    pub async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
-        self.core.delete_virtual_key(name).await?;
-        match self
-            .core
-            .budgets()
-            .remove(&crate::config::virtual_key_budget_id(name))
-            .await
-        {
-            Ok(()) | Err(BudgetServiceError::NotFound(_)) => Ok(()),
-            Err(BudgetServiceError::Store(e)) => Err(e),
-            Err(other) => Err(StoreError::new(StoreErrorKind::Invalid, other.to_string())),
-        }
-    }
-
-    /// Changes whenever the virtual keys made at run time may have changed, here or
-    /// (with a shared store) on another instance.
-    pub fn virtual_key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.core.virtual_key_changes()
     }
 
     /// Whether the store is degraded (fail-open on local limits) and how many

@@ -2,13 +2,14 @@
 //! mapped to a tenant and its limits) for the OpenAI-compatible API.
 //!
 //! Virtual keys come from the config file and from the state store (made through the
-//! management API). Tokens are kept only as SHA-256 digests and compared in constant
-//! time.
+//! management API). Tokens are kept only as SHA-256 digests and looked up by digest,
+//! so the time a look-up takes says nothing about how much of a token matched.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use apikeyrouter::config::{Config, ResolvedVirtualKey};
+use apikeyrouter::domain::parse_sha256_hex;
 use apikeyrouter::domain::secret::constant_time_eq;
 use apikeyrouter::{ModelId, TenantId};
 use axum::http::HeaderMap;
@@ -30,18 +31,6 @@ pub fn digest_hex(token: &str) -> String {
             hex.push_str(&format!("{b:02x}"));
             hex
         })
-}
-
-/// The digest a stored key holds, `None` when it is not 64 hex digits.
-fn parse_digest(hex: &str) -> Option<TokenHash> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// The bearer token of a request, if any.
@@ -126,6 +115,9 @@ impl VirtualKey {
 pub struct Auth {
     pub admin: AdminAuth,
     clients: HashMap<TokenHash, Arc<VirtualKey>>,
+    /// Whether the store holds virtual keys, revoked ones included: once client
+    /// credentials were issued, revoking the last one must not open the API.
+    stored_any: bool,
 }
 
 impl Auth {
@@ -150,16 +142,20 @@ impl Auth {
             .iter()
             .map(|v| (digest(&v.token), Arc::new(VirtualKey::of(v))))
             .collect();
-        Ok(Self { admin, clients })
+        Ok(Self {
+            admin,
+            clients,
+            stored_any: false,
+        })
     }
 
-    /// The client making a request: `None` when no virtual keys are configured (the
-    /// API is open), else the matching key.
+    /// The client making a request: `None` when no virtual key was ever configured or
+    /// made (the API is open), else the matching key.
     ///
     /// # Errors
-    /// 401 when virtual keys are configured and the token is missing or unknown.
+    /// 401 when virtual keys exist and the token is missing or unknown.
     pub fn client(&self, headers: &HeaderMap) -> Result<Option<Arc<VirtualKey>>, ApiError> {
-        if self.clients.is_empty() {
+        if self.clients.is_empty() && !self.stored_any {
             return Ok(None);
         }
         let Some(token) = bearer(headers) else {
@@ -183,55 +179,63 @@ impl Auth {
 
     /// These credentials with `current`'s stored virtual keys: what a reload of the
     /// file keeps.
-    pub fn keeping_stored(mut self, current: &Self) -> Self {
-        let file_names = self.file_names();
+    pub fn keeping_stored(self, current: &Self) -> Self {
         let stored = current.clients.iter().filter(|(_, v)| v.stored);
+        self.merged(
+            stored.map(|(hash, v)| (*hash, v.clone())),
+            current.stored_any,
+        )
+    }
+
+    /// These credentials with the active keys of `stored` in place of the stored
+    /// virtual keys they hold. A stored key with a malformed digest is left out
+    /// (logged).
+    pub fn with_stored(&self, stored: &[apikeyrouter::VirtualKey]) -> Self {
+        let file = Self {
+            admin: self.admin.clone(),
+            clients: self
+                .clients
+                .iter()
+                .filter(|(_, v)| !v.stored)
+                .map(|(hash, v)| (*hash, v.clone()))
+                .collect(),
+            stored_any: false,
+        };
+        let active = stored.iter().filter(|v| v.is_active()).filter_map(|v| {
+            let hash = parse_sha256_hex(&v.token_sha256);
+            if hash.is_none() {
+                tracing::warn!(virtual_key = %v.name, "stored virtual key has a malformed digest; ignored");
+            }
+            Some((hash?, Arc::new(VirtualKey::of_stored(v))))
+        });
+        file.merged(active, !stored.is_empty())
+    }
+
+    /// `self` (the file's keys) with `stored` added; the file's key wins a name or
+    /// a token.
+    fn merged(
+        mut self,
+        stored: impl Iterator<Item = (TokenHash, Arc<VirtualKey>)>,
+        stored_any: bool,
+    ) -> Self {
+        let file_names = self.file_names();
         for (hash, v) in stored {
             if file_names.contains(&v.name) {
                 tracing::warn!(virtual_key = %v.name, "a stored virtual key has the name of one in the config file; the file's is used");
                 continue;
             }
-            self.clients.entry(*hash).or_insert_with(|| v.clone());
+            self.clients.entry(hash).or_insert(v);
         }
+        self.stored_any = stored_any;
         self
     }
 
     /// The names of the config file's virtual keys.
-    pub fn file_names(&self) -> std::collections::HashSet<String> {
+    pub fn file_names(&self) -> HashSet<String> {
         self.clients()
             .filter(|v| !v.stored)
             .map(|v| v.name.clone())
             .collect()
-    }
-
-    /// These credentials with `stored` in place of the stored virtual keys they hold.
-    /// A stored key named like one of the file, or with a malformed digest, is
-    /// left out (logged).
-    pub fn with_stored(&self, stored: &[apikeyrouter::VirtualKey]) -> Self {
-        let file_names = self.file_names();
-        let mut clients: HashMap<TokenHash, Arc<VirtualKey>> = self
-            .clients
-            .iter()
-            .filter(|(_, v)| !v.stored)
-            .map(|(hash, v)| (*hash, v.clone()))
-            .collect();
-        for v in stored {
-            let Some(hash) = parse_digest(&v.token_sha256) else {
-                tracing::warn!(virtual_key = %v.name, "stored virtual key has a malformed digest; ignored");
-                continue;
-            };
-            if file_names.contains(&v.name) {
-                tracing::warn!(virtual_key = %v.name, "a stored virtual key has the name of one in the config file; the file's is used");
-                continue;
-            }
-            clients
-                .entry(hash)
-                .or_insert_with(|| Arc::new(VirtualKey::of_stored(v)));
-        }
-        Self {
-            admin: self.admin.clone(),
-            clients,
-        }
     }
 }
 
@@ -240,17 +244,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn digests_print_and_parse_as_lowercase_hex() {
+    fn digests_print_as_lowercase_hex() {
         // SHA-256("abc"), from FIPS 180-2.
         let hex = digest_hex("abc");
         assert_eq!(
             hex,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        assert_eq!(parse_digest(&hex), Some(digest("abc")));
-        assert_eq!(parse_digest(&hex[..62]), None);
-        assert_eq!(parse_digest(&format!("{}zz", &hex[..62])), None);
-        assert_eq!(parse_digest(&format!("é{}", &hex[..62])), None);
+        assert_eq!(parse_sha256_hex(&hex), Some(digest("abc")));
     }
 
     fn stored(name: &str, token: &str) -> apikeyrouter::VirtualKey {
@@ -262,6 +263,7 @@ mod tests {
             rpm: Some(7),
             budget_usd: None,
             created_at: apikeyrouter::Timestamp::from_millis(0),
+            revoked_at: None,
         }
     }
 
@@ -304,5 +306,26 @@ mod tests {
         let emptied = auth.with_stored(&[]);
         assert!(client_of(&emptied, "made-token-0001").is_none());
         assert!(client_of(&emptied, "file-token-0001").is_some());
+    }
+
+    /// Without keys in the file, revoking the last stored key leaves the API closed:
+    /// the revoked record still says credentials were issued.
+    #[test]
+    fn revoking_the_last_stored_key_keeps_the_api_closed() {
+        let open = Auth::from_config(&Config::parse("", "t.toml", &[]).unwrap()).unwrap();
+        assert!(matches!(open.client(&HeaderMap::new()), Ok(None)));
+        let made = open.with_stored(&[stored("made", "made-token-0001")]);
+        assert!(client_of(&made, "made-token-0001").is_some());
+        let revoked = made.with_stored(&[apikeyrouter::VirtualKey {
+            revoked_at: Some(apikeyrouter::Timestamp::from_millis(1)),
+            ..stored("made", "made-token-0001")
+        }]);
+        assert!(client_of(&revoked, "made-token-0001").is_none());
+        assert!(revoked.client(&HeaderMap::new()).is_err());
+        // And a reload of the file keeps it so.
+        let reloaded = Auth::from_config(&Config::parse("", "t.toml", &[]).unwrap())
+            .unwrap()
+            .keeping_stored(&revoked);
+        assert!(reloaded.client(&HeaderMap::new()).is_err());
     }
 }

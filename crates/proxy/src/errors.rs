@@ -96,14 +96,20 @@ impl ApiError {
                     + no_key.ineligible.exhausted
                     + no_key.ineligible.rate_limited
                     + no_key.ineligible.already_tried;
-                if busy > 0 {
+                // The counts are the last model's of a fallback chain; a wait known
+                // for any model of it makes the request one to retry too.
+                if busy > 0 || no_key.retry_at.is_some() {
                     let mut e = Self::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "rate_limit_error",
                         "no_eligible_key",
                         no_key.to_string(),
                     );
-                    e.retry_after_secs = Some(no_key.retry_at.map_or(1, secs_until));
+                    e.retry_after_secs = Some(
+                        no_key
+                            .retry_at
+                            .map_or(1, |at| secs_until(at).min(MAX_KEY_WAIT_SECS)),
+                    );
                     e
                 } else {
                     Self::new(
@@ -197,11 +203,22 @@ impl ApiError {
     }
 }
 
+/// The longest `Retry-After` for `no_eligible_key`: a key exhausted until next month
+/// must not park a client for weeks when an operator may add or re-enable a key
+/// within minutes.
+const MAX_KEY_WAIT_SECS: u64 = 60;
+
 /// Whole seconds from now until `at` for a `Retry-After`, rounded up and at least 1
 /// (a client told 0 would retry at once).
 fn secs_until(at: apikeyrouter::Timestamp) -> u64 {
-    let now_ms = apikeyrouter::Clock::now(&apikeyrouter::SystemClock).as_millis();
-    at.as_millis().saturating_sub(now_ms).div_ceil(1000).max(1)
+    secs_between(apikeyrouter::Clock::now(&apikeyrouter::SystemClock), at)
+}
+
+fn secs_between(now: apikeyrouter::Timestamp, at: apikeyrouter::Timestamp) -> u64 {
+    at.as_millis()
+        .saturating_sub(now.as_millis())
+        .div_ceil(1000)
+        .max(1)
 }
 
 impl IntoResponse for ApiError {
@@ -244,4 +261,63 @@ pub struct ErrorDetails {
     pub code: &'static str,
     /// The message, as in the body.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use apikeyrouter::domain::routing::{IneligibleCounts, NoEligibleKey};
+    use apikeyrouter::{ModelId, RequestId, Timestamp};
+
+    use super::*;
+
+    #[test]
+    fn waits_round_up_to_whole_seconds_of_at_least_one() {
+        let now = Timestamp::from_millis(1_000_000);
+        for (later_ms, secs) in [(0, 1), (1, 1), (1_000, 1), (1_001, 2), (59_999, 60)] {
+            assert_eq!(
+                secs_between(now, now.plus(std::time::Duration::from_millis(later_ms))),
+                secs,
+                "{later_ms}"
+            );
+        }
+        assert_eq!(secs_between(now, Timestamp::from_millis(5)), 1);
+    }
+
+    fn no_key(ineligible: IneligibleCounts, retry_in_secs: Option<u64>) -> ApiError {
+        let now = apikeyrouter::Clock::now(&apikeyrouter::SystemClock);
+        ApiError::from_route(&RouteError {
+            request_id: RequestId::new("req-1"),
+            kind: RouteErrorKind::NoEligibleKey(NoEligibleKey {
+                model: ModelId::new("m"),
+                considered: 1,
+                ineligible,
+                retry_at: retry_in_secs.map(|s| now.plus(std::time::Duration::from_secs(s))),
+            }),
+            attempts: Vec::new(),
+        })
+    }
+
+    /// The last model of a chain has only disabled keys, an earlier one a key cooling
+    /// down: the client is told to retry when that one is back, at most a minute on.
+    #[test]
+    fn a_known_wait_makes_no_eligible_key_a_429_with_its_retry_after() {
+        let disabled = IneligibleCounts {
+            disabled: 1,
+            ..IneligibleCounts::default()
+        };
+        let e = no_key(disabled, Some(30));
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            matches!(e.retry_after_secs, Some(29..=30)),
+            "{:?}",
+            e.retry_after_secs
+        );
+        let e = no_key(disabled, Some(40 * 86_400));
+        assert_eq!(e.retry_after_secs, Some(MAX_KEY_WAIT_SECS));
+        let e = no_key(disabled, None);
+        assert_eq!(
+            (e.status, e.retry_after_secs),
+            (StatusCode::SERVICE_UNAVAILABLE, None)
+        );
+    }
 }

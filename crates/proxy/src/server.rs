@@ -28,32 +28,42 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         .with_context(|| format!("cannot start from {}", config.source_name))?;
     let auth = Auth::from_config(config).map_err(anyhow::Error::msg)?;
     let state = Arc::new(AppState::new(router, auth, config.clone()));
+    // Subscribed before the first read: a change made in between is not missed.
+    let changes = state.router.virtual_key_changes();
     state
         .refresh_virtual_keys()
         .await
         .context("cannot read the stored virtual keys")?;
-    follow_virtual_keys(&state);
+    follow_virtual_keys(&state, changes);
     Ok(state)
 }
 
+/// How often the stored virtual keys are re-read without a change event: what
+/// instances sharing a store without events (MongoDB) see each other's changes by,
+/// and what catches an event that was lost.
+const VIRTUAL_KEYS_REREAD: Duration = Duration::from_secs(10);
+
 /// Re-reads the stored virtual keys whenever they change (through this instance or,
-/// with a shared store, another), until the state is dropped. A failed read is
-/// retried a second later.
-fn follow_virtual_keys(state: &Arc<AppState>) {
-    let mut changes = state.router.virtual_key_changes();
+/// with a store that has change events, another) and every [`VIRTUAL_KEYS_REREAD`],
+/// until the state is dropped. A failed read is retried a second later.
+fn follow_virtual_keys(state: &Arc<AppState>, mut changes: tokio::sync::watch::Receiver<u64>) {
     let weak = Arc::downgrade(state);
     tokio::spawn(async move {
-        while changes.changed().await.is_ok() {
+        loop {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(VIRTUAL_KEYS_REREAD) => {}
+            }
             loop {
                 let Some(state) = weak.upgrade() else { return };
                 match state.refresh_virtual_keys().await {
                     Ok(()) => break,
                     Err(e) => {
-                        tracing::warn!(error = %e, "stored virtual keys not re-read; retrying")
+                        tracing::warn!(error = %e, "stored virtual keys not re-read; retrying");
                     }
                 }
                 drop(state);
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     });
@@ -250,5 +260,9 @@ pub async fn reload(state: &AppState, path: &std::path::Path, reason: &str) {
         tracing::warn!(reason, sections = ?needs_restart, "these sections changed but apply only at start; restart to apply them");
     }
     state.update_auth(|current| auth.keeping_stored(current));
+    // A stored key the file's key of the same name hid may be back.
+    if let Err(e) = state.refresh_virtual_keys().await {
+        tracing::warn!(error = %e, "stored virtual keys not re-read after a reload");
+    }
     tracing::info!(reason, path = %path.display(), "configuration reloaded");
 }

@@ -19,6 +19,9 @@ pub struct AppState {
     /// The configuration the proxy started with: a reload compares its sections read
     /// only at start with the new file's.
     pub launched: Config,
+    /// Held across a re-read of the stored virtual keys and its application, so that
+    /// a read that began before a change never lands after one that began after it.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -29,6 +32,7 @@ impl AppState {
             metrics: Metrics::new(),
             max_body_bytes: launched.limits.max_body_bytes,
             launched,
+            refreshing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -52,6 +56,7 @@ impl AppState {
     /// # Errors
     /// The store's error; the credentials are left as they were.
     pub async fn refresh_virtual_keys(&self) -> Result<(), apikeyrouter::StoreError> {
+        let _one_at_a_time = self.refreshing.lock().await;
         let stored = self.router.virtual_keys().await?;
         self.update_auth(|auth| auth.with_stored(&stored));
         Ok(())

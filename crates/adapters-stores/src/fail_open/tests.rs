@@ -213,9 +213,17 @@ impl VirtualKeyStore for Switchable {
         self.up()?;
         self.inner.list_virtual_keys().await
     }
-    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+    async fn revoke_virtual_key(
+        &self,
+        name: &str,
+        at: Timestamp,
+    ) -> Result<VirtualKey, StoreError> {
         self.up()?;
-        self.inner.delete_virtual_key(name).await
+        self.inner.revoke_virtual_key(name, at).await
+    }
+    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
+        self.up()?;
+        self.inner.announce_virtual_keys().await
     }
 }
 

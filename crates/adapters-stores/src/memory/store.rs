@@ -574,14 +574,20 @@ impl VirtualKeyStore for MemoryStore {
         Ok(lock(&self.virtual_keys).values().cloned().collect())
     }
 
-    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
-        match lock(&self.virtual_keys).remove(name) {
-            Some(_) => Ok(()),
-            None => Err(StoreError::new(
+    async fn revoke_virtual_key(
+        &self,
+        name: &str,
+        at: Timestamp,
+    ) -> Result<VirtualKey, StoreError> {
+        let mut keys = lock(&self.virtual_keys);
+        let key = keys.get_mut(name).ok_or_else(|| {
+            StoreError::new(
                 StoreErrorKind::NotFound,
                 format!("virtual key {name} not found"),
-            )),
-        }
+            )
+        })?;
+        key.revoked_at.get_or_insert(at);
+        Ok(key.clone())
     }
 }
 

@@ -1469,7 +1469,9 @@ impl RequestLog for MongoStore {
     }
 }
 
-/// One document per key, its name as `_id` (whose index keeps names unique).
+/// One document per key, its name as `_id` (whose index keeps names unique). No
+/// change events: instances sharing only a MongoDB store see each other's changes
+/// when they re-read the keys (the proxy does every few seconds).
 #[async_trait]
 impl VirtualKeyStore for MongoStore {
     async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
@@ -1501,27 +1503,51 @@ impl VirtualKeyStore for MongoStore {
             .try_collect()
             .await
             .map_err(failed)?;
-        docs.into_iter()
-            .map(|raw| {
+        Ok(docs
+            .into_iter()
+            .filter_map(|raw| {
                 let id = raw.get_str("_id").unwrap_or("?").to_owned();
-                bson::from_document(raw).map_err(|_| malformed(VIRTUAL_KEYS, &id))
+                bson::from_document(raw)
+                    .inspect_err(|_| {
+                        tracing::warn!(virtual_key = %id, "stored virtual key does not decode; left out");
+                    })
+                    .ok()
             })
-            .collect()
+            .collect())
     }
 
-    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
-        let deleted = self
+    /// One conditional update (only a key not yet revoked is marked), then a read
+    /// for a key revoked before.
+    async fn revoke_virtual_key(
+        &self,
+        name: &str,
+        at: Timestamp,
+    ) -> Result<VirtualKey, StoreError> {
+        let failed = |e| map_err(VIRTUAL_KEYS, "revoke a virtual key", e);
+        let marked = self
             .virtual_keys
-            .delete_one(doc! { "_id": name })
+            .find_one_and_update(
+                doc! { "_id": name, "revoked_at": { "$exists": false } },
+                doc! { "$set": { "revoked_at": to_i64(at.as_millis()) } },
+            )
+            .return_document(ReturnDocument::After)
             .await
-            .map_err(|e| map_err(VIRTUAL_KEYS, "delete a virtual key", e))?;
-        if deleted.deleted_count == 0 {
-            return Err(StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("virtual key {name} not found"),
-            ));
-        }
-        Ok(())
+            .map_err(failed)?;
+        let raw = match marked {
+            Some(raw) => raw,
+            None => self
+                .virtual_keys
+                .find_one(doc! { "_id": name })
+                .await
+                .map_err(failed)?
+                .ok_or_else(|| {
+                    StoreError::new(
+                        StoreErrorKind::NotFound,
+                        format!("virtual key {name} not found"),
+                    )
+                })?,
+        };
+        bson::from_document(raw).map_err(|_| malformed(VIRTUAL_KEYS, name))
     }
 }
 

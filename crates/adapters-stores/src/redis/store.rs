@@ -332,17 +332,12 @@ impl RedisStore {
         }))
     }
 
-    /// Tells every instance that the virtual key `name` changed. A lost announcement
-    /// leaves other instances on their old list until their next subscription, so the
-    /// caller hears of it.
-    async fn announce_virtual_key(&self, name: &str) -> Result<(), StoreError> {
-        let channel = self.names.virtual_key_events();
-        let _: i64 = self
-            .conn()
-            .publish(&channel, name)
-            .await
-            .map_err(|err| from_redis(err, &channel))?;
-        Ok(())
+    /// [`VirtualKeyStore::announce_virtual_keys`] after a change already made: a
+    /// failure is logged.
+    async fn announce_or_log(&self) {
+        if let Err(e) = self.announce_virtual_keys().await {
+            tracing::warn!(error = %e, "virtual-key change not announced; other instances see it at their next re-read");
+        }
     }
 
     /// Network round trips this store has made since it connected: each command,
@@ -1402,7 +1397,9 @@ impl RequestLog for RedisStore {
 }
 
 /// One hash, name to the key's JSON; each change announced on the virtual-key
-/// channel (payload: the name).
+/// channel. An announcement that fails after the write is logged, not returned: the
+/// change is made (the caller must not think otherwise and, say, lose the token it
+/// was about to show), and instances also re-read the keys now and then.
 #[async_trait]
 impl VirtualKeyStore for RedisStore {
     async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
@@ -1419,38 +1416,71 @@ impl VirtualKeyStore for RedisStore {
                 format!("virtual key {} already exists", key.name),
             ));
         }
-        self.announce_virtual_key(&key.name).await
+        self.announce_or_log().await;
+        Ok(())
     }
 
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
         let hash = self.names.virtual_keys();
-        let rows: Vec<String> = self
+        let rows: Vec<(String, String)> = self
             .conn()
-            .hvals(&hash)
+            .hgetall(&hash)
             .await
             .map_err(|err| from_redis(err, &hash))?;
-        let mut keys = rows
+        let mut keys: Vec<VirtualKey> = rows
             .iter()
-            .map(|json| from_json::<VirtualKey>(json, &hash))
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|(name, json)| match from_json::<VirtualKey>(json, &hash) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    tracing::warn!(virtual_key = %name, error = %e, "stored virtual key does not decode; left out");
+                    None
+                }
+            })
+            .collect();
         keys.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         Ok(keys)
     }
 
-    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+    /// Read, then written back marked: two revocations at once write the same record
+    /// but for the time, and nothing else rewrites a record.
+    async fn revoke_virtual_key(
+        &self,
+        name: &str,
+        at: Timestamp,
+    ) -> Result<VirtualKey, StoreError> {
         let hash = self.names.virtual_keys();
-        let removed: i64 = self
+        let json: Option<String> = self
             .conn()
-            .hdel(&hash, name)
+            .hget(&hash, name)
             .await
             .map_err(|err| from_redis(err, &hash))?;
-        if removed == 0 {
+        let Some(json) = json else {
             return Err(StoreError::new(
                 StoreErrorKind::NotFound,
                 format!("virtual key {name} not found"),
             ));
+        };
+        let mut key: VirtualKey = from_json(&json, &hash)?;
+        if key.revoked_at.is_none() {
+            key.revoked_at = Some(at);
+            let _: i64 = self
+                .conn()
+                .hset(&hash, name, to_json(&key, "virtual key")?)
+                .await
+                .map_err(|err| from_redis(err, &hash))?;
         }
-        self.announce_virtual_key(name).await
+        self.announce_or_log().await;
+        Ok(key)
+    }
+
+    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
+        let channel = self.names.virtual_key_events();
+        let _: i64 = self
+            .conn()
+            .publish(&channel, "changed")
+            .await
+            .map_err(|err| from_redis(err, &channel))?;
+        Ok(())
     }
 }
 
@@ -1460,7 +1490,8 @@ impl StateStore for RedisStore {
         "redis"
     }
 
-    /// Key and budget events published on the namespace's channels by every instance.
+    /// Key, budget and virtual-key events published on the namespace's channels by
+    /// every instance.
     async fn changes(&self) -> Result<Option<StoreChanges>, StoreError> {
         Ok(Some(Box::pin(self.subscribe_changes().await?)))
     }

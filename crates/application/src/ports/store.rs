@@ -426,27 +426,44 @@ pub trait RequestLog: Send + Sync + 'static {
 }
 
 /// The proxy's virtual keys made through its management API (those of the config
-/// file are not stored).
+/// file are not stored). Revoked keys keep their record (see
+/// [`VirtualKey::revoked_at`]).
 #[async_trait]
 pub trait VirtualKeyStore: Send + Sync + 'static {
-    /// Adds a virtual key. Only the name must be free: tokens are drawn at random by
-    /// the proxy, so digests do not collide.
+    /// Adds a virtual key and announces the change. Only the name must be free
+    /// (revoked keys keep theirs): tokens are drawn at random by the proxy, so
+    /// digests do not collide.
     ///
     /// # Errors
     /// `Conflict` when the name is taken; `Unavailable` when the backend is down.
     async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError>;
 
-    /// Every virtual key, in name order.
+    /// Every virtual key, revoked ones included, in name order. A record that does
+    /// not decode is left out and logged: one bad record must not lock every client
+    /// out.
     ///
     /// # Errors
-    /// `Unavailable` when the backend is down; `Invalid` for a malformed record.
+    /// `Unavailable` when the backend is down.
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError>;
 
-    /// Removes a virtual key.
+    /// Marks a virtual key revoked at `at` (once: revoking it again keeps the first
+    /// time) and announces the change; returns the record.
     ///
     /// # Errors
     /// `NotFound` if absent; `Unavailable` when the backend is down.
-    async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError>;
+    async fn revoke_virtual_key(&self, name: &str, at: Timestamp)
+    -> Result<VirtualKey, StoreError>;
+
+    /// Tells the instances sharing this store that the virtual keys changed (a
+    /// change event); nothing for stores without change events. Inserts and
+    /// revocations call it themselves; a store that keeps the records elsewhere (the
+    /// split store) calls it on the store that carries the events.
+    ///
+    /// # Errors
+    /// `Unavailable` when the event cannot be sent.
+    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A change another instance made through a shared store.

@@ -490,20 +490,23 @@ impl ApiKeyRouterCore {
         self.shared.records.flushed(timeout).await
     }
 
-    /// Stores a virtual key made at run time.
+    /// Stores a virtual key made now (its `created_at` is set from the router's clock).
     ///
     /// # Errors
     /// `Invalid` for a malformed key, `Conflict` when its name is taken, or the store's
     /// error.
-    pub async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+    pub async fn insert_virtual_key(&self, mut key: VirtualKey) -> Result<(), StoreError> {
+        key.created_at = self.shared.clock.now();
+        key.revoked_at = None;
         key.validate()
             .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
-        self.shared.store.insert_virtual_key(key).await?;
+        let inserted = self.shared.store.insert_virtual_key(key).await;
+        // Even after an error: the write may have landed before the failure.
         self.shared.virtual_keys_changed();
-        Ok(())
+        inserted
     }
 
-    /// The stored virtual keys, in name order.
+    /// The stored virtual keys, revoked ones included, in name order.
     ///
     /// # Errors
     /// The store's error when it cannot be read.
@@ -511,14 +514,16 @@ impl ApiKeyRouterCore {
         self.shared.store.list_virtual_keys().await
     }
 
-    /// Removes a stored virtual key.
+    /// Revokes a stored virtual key now (keeping the first time if it was already);
+    /// returns its record.
     ///
     /// # Errors
     /// `NotFound` if absent, or the store's error.
-    pub async fn delete_virtual_key(&self, name: &str) -> Result<(), StoreError> {
-        self.shared.store.delete_virtual_key(name).await?;
+    pub async fn revoke_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        let now = self.shared.clock.now();
+        let revoked = self.shared.store.revoke_virtual_key(name, now).await;
         self.shared.virtual_keys_changed();
-        Ok(())
+        revoked
     }
 
     /// Changes whenever the stored virtual keys may have changed: through this router

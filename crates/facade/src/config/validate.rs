@@ -681,6 +681,8 @@ impl Validator<'_> {
         for (i, v) in file.virtual_keys.iter().enumerate() {
             let key = format!("virtual_keys[{i}]");
             let name = v.name.clone().unwrap_or_else(|| format!("vk-{}", i + 1));
+            apikeyrouter_domain::validate_name(&name)
+                .map_err(|e| self.err(format!("{key}.name"), e.to_string()))?;
             if !names.insert(name.clone()) {
                 return Err(self.err(
                     format!("{key}.name"),

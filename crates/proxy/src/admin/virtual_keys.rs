@@ -1,15 +1,16 @@
 //! `/api/v1/virtual_keys`: client credentials made and revoked at run time.
 //!
 //! A new key's token is drawn from the OS's random source and shown once, in the
-//! answer to its creation; the store keeps only its SHA-256 digest. Keys of the config
-//! file are listed too (`"source": "config"`) but change only with the file.
+//! answer to its creation; the store keeps only its SHA-256 digest. Revoking keeps the
+//! record (listed with `revoked_at`) and its name. Keys of the config file are listed
+//! too (`"source": "config"`) but change only with the file.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use apikeyrouter::config::virtual_key_budget_id;
 use apikeyrouter::{
-    BudgetStatus, Clock, ModelId, StoreErrorKind, SystemClock, TenantId, VirtualKey,
+    AddVirtualKeyError, BudgetStatus, ModelId, StoreErrorKind, TenantId, Timestamp, VirtualKey,
     VirtualKeyError,
 };
 use axum::Json;
@@ -58,7 +59,10 @@ struct View {
     /// Its monthly budget with this month's spend, if it has one.
     budget: Option<BudgetStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    created_at: Option<apikeyrouter::Timestamp>,
+    created_at: Option<Timestamp>,
+    /// When it was revoked; it authenticates no one since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revoked_at: Option<Timestamp>,
     #[serde(skip_serializing_if = "Option::is_none")]
     token: Option<String>,
 }
@@ -74,6 +78,7 @@ impl View {
             models: key.models,
             rpm: key.rpm,
             created_at: Some(key.created_at),
+            revoked_at: key.revoked_at,
             token: None,
         }
     }
@@ -88,6 +93,7 @@ impl View {
             models: key.models.clone(),
             rpm: key.rpm,
             created_at: None,
+            revoked_at: None,
             token: None,
         }
     }
@@ -114,6 +120,8 @@ fn invalid(e: &VirtualKeyError) -> ApiError {
     let param = match e {
         VirtualKeyError::Name => "name",
         VirtualKeyError::Digest => "token",
+        VirtualKeyError::Tenant => "tenant",
+        VirtualKeyError::Models => "models",
         VirtualKeyError::Rpm => "rpm",
         VirtualKeyError::Budget => "budget_usd",
     };
@@ -213,56 +221,77 @@ pub async fn create(
             .map(|m| m.into_iter().map(ModelId::new).collect()),
         rpm: new.rpm,
         budget_usd: new.budget_usd,
-        created_at: SystemClock.now(),
+        // Set by the router from its clock.
+        created_at: Timestamp::EPOCH,
+        revoked_at: None,
     };
     key.validate().map_err(|e| invalid(&e))?;
     if state.auth().file_names().contains(&key.name) {
         return Err(exists(&key.name, " in the config file"));
     }
-    let budget_id = virtual_key_budget_id(&key.name);
-    let budget_taken = key.budget_usd.is_some()
-        && state
-            .router
-            .core()
-            .budgets()
-            .definitions()
-            .iter()
-            .any(|b| b.id == budget_id);
-    if budget_taken {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
-            "budget_exists",
-            format!("Budget {budget_id}, which this key's budget would be, exists."),
-        )
-        .with_param("budget_usd"));
-    }
-    match state.router.add_virtual_key(key.clone()).await {
+    let name = key.name.clone();
+    match state.router.add_virtual_key(key).await {
         Ok(()) => {}
-        Err(e) if e.kind == StoreErrorKind::Conflict => return Err(exists(&key.name, "")),
-        Err(e) if e.kind == StoreErrorKind::Invalid => {
-            return Err(ApiError::bad_request("invalid_value", e.message));
+        Err(AddVirtualKeyError::Invalid(e)) => return Err(invalid(&e)),
+        Err(AddVirtualKeyError::NameTaken(_)) => return Err(exists(&name, "")),
+        Err(AddVirtualKeyError::BudgetTaken(id)) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "budget_exists",
+                format!("Budget {id}, which would limit this key, exists; delete it or choose another name."),
+            )
+            .with_param("name"));
         }
-        Err(e) => return Err(store_error(e)),
+        Err(AddVirtualKeyError::Store(e)) => return Err(store_error(e)),
     }
     apply_now(&state).await;
-    let mut budgets = state
+    // From here on the key exists: whatever fails, the token must reach the caller.
+    let stored = state
         .router
-        .budgets()
+        .virtual_keys()
         .await
-        .map_err(store_error)?
-        .into_iter()
-        .map(|b| (b.budget_id.clone(), b))
-        .collect();
-    let view = View {
-        token: Some(token),
-        ..View::stored(key, &mut budgets)
+        .ok()
+        .and_then(|keys| keys.into_iter().find(|k| k.name == name));
+    let mut budgets = HashMap::new();
+    let budget_id = virtual_key_budget_id(&name);
+    match state.router.core().budgets().get(&budget_id).await {
+        Ok(status) => {
+            budgets.insert(budget_id, status);
+        }
+        Err(e) => {
+            tracing::debug!(virtual_key = %name, error = %e, "budget of a new virtual key not read back")
+        }
+    }
+    let view = match stored {
+        Some(key) => View::stored(key, &mut budgets),
+        None => View {
+            object: "virtual_key",
+            name,
+            source: "api",
+            tenant: None,
+            models: None,
+            rpm: None,
+            budget: None,
+            created_at: None,
+            revoked_at: None,
+            token: None,
+        },
     };
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(View {
+            token: Some(token),
+            ..view
+        }),
+    )
+        .into_response())
 }
 
-/// `DELETE /api/v1/virtual_keys/{name}`: 204; the token is refused from then on, and
-/// the key's budget is removed. A key of the config file is 409: remove it there.
+/// `DELETE /api/v1/virtual_keys/{name}`: revokes the key, 204; the token is refused
+/// from then on and the key's budget is removed. The record stays (listed with
+/// `revoked_at`), and so does its name. Revoking a revoked key is 204 again (and
+/// retries the budget's removal). A key of the config file is 409: remove it there.
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
@@ -276,8 +305,8 @@ pub async fn delete(
             format!("Virtual key {name} is defined in the config file; remove it there."),
         ));
     }
-    match state.router.delete_virtual_key(&name).await {
-        Ok(()) => {}
+    match state.router.revoke_virtual_key(&name).await {
+        Ok(_) => {}
         Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
         Err(e) => return Err(store_error(e)),
     }

@@ -404,6 +404,15 @@ fn virtual_key_budgets_are_resolved_with_the_config() {
     )
     .unwrap_err();
     assert_eq!(clash.key, "virtual_keys[0].budget_usd");
+    // Names follow the API's rule: they become tags, budget ids and URL segments.
+    let odd = Config::parse(
+        "[[virtual_keys]]\nname = \"a,b\"\ntoken = \"client-token-0001\"\n",
+        "t.toml",
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(odd.key, "virtual_keys[0].name");
+    assert!(odd.message.contains("letters, digits"), "{}", odd.message);
 }
 
 /// A syntax error on a line holding a secret names the line and column but never

@@ -1,0 +1,122 @@
+//! Virtual keys made at run time, with their budgets: what the proxy's management API
+//! calls.
+
+use apikeyrouter_application::ports::{StoreError, StoreErrorKind};
+use apikeyrouter_application::services::BudgetServiceError;
+use apikeyrouter_domain::{Money, VirtualKey, VirtualKeyError};
+
+use crate::ApiKeyRouter;
+use crate::config::{virtual_key_budget, virtual_key_budget_id};
+
+/// Why a virtual key was not added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddVirtualKeyError {
+    /// A field is wrong.
+    #[error(transparent)]
+    Invalid(#[from] VirtualKeyError),
+    /// The name is taken (names of revoked keys stay taken).
+    #[error("virtual key {0} exists")]
+    NameTaken(String),
+    /// A budget already has the id the key's would have, and would limit the key.
+    #[error("budget {0} exists")]
+    BudgetTaken(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl ApiKeyRouter {
+    /// Stores a virtual key made now and, when it has one, its monthly hard budget
+    /// (`virtual-key-<name>`, as for the config file's virtual keys). If the budget
+    /// cannot be set the key is revoked again, so that no key runs without the limit
+    /// it was given; its name stays taken.
+    ///
+    /// # Errors
+    /// See [`AddVirtualKeyError`].
+    pub async fn add_virtual_key(&self, key: VirtualKey) -> Result<(), AddVirtualKeyError> {
+        key.validate()?;
+        // Named first: a key's own budget must not hide that the key exists.
+        let existing = self.core().virtual_keys().await;
+        if existing
+            .map_err(AddVirtualKeyError::Store)?
+            .iter()
+            .any(|k| k.name == key.name)
+        {
+            return Err(AddVirtualKeyError::NameTaken(key.name));
+        }
+        let budget_id = virtual_key_budget_id(&key.name);
+        // A budget under that id would apply to the key's requests (its scope is the
+        // key's tag): one made by hand, or left behind by a failed clean-up.
+        match self.core().budgets().get(&budget_id).await {
+            Ok(_) => return Err(AddVirtualKeyError::BudgetTaken(budget_id)),
+            Err(BudgetServiceError::NotFound(_)) => {}
+            Err(e) => return Err(AddVirtualKeyError::Store(store_error(e))),
+        }
+        let budget = key
+            .budget_usd
+            .map(|usd| virtual_key_budget(&key.name, usd))
+            .transpose()
+            .map_err(|_| VirtualKeyError::Budget)?;
+        let name = key.name.clone();
+        match self.core().insert_virtual_key(key).await {
+            Ok(()) => {}
+            Err(e) if e.kind == StoreErrorKind::Conflict => {
+                return Err(AddVirtualKeyError::NameTaken(name));
+            }
+            Err(e) => return Err(AddVirtualKeyError::Store(e)),
+        }
+        let Some(budget) = budget else {
+            return Ok(());
+        };
+        let Err(e) = self.core().budgets().put(budget, Money::ZERO).await else {
+            return Ok(());
+        };
+        if let Err(undo) = self.core().revoke_virtual_key(&name).await {
+            tracing::error!(virtual_key = %name, error = %undo, "virtual key left without its budget: revoke it");
+        }
+        Err(AddVirtualKeyError::Store(store_error(e)))
+    }
+
+    /// Every virtual key made at run time, revoked ones included, in name order.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+        self.core().virtual_keys().await
+    }
+
+    /// Revokes a virtual key made at run time (again, if it was: its budget's
+    /// removal is retried) and removes its budget; returns its record. A budget that
+    /// cannot be removed is logged: the key is revoked, which is what counts.
+    ///
+    /// # Errors
+    /// `NotFound` if absent, or a store failure.
+    pub async fn revoke_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        let revoked = self.core().revoke_virtual_key(name).await?;
+        match self
+            .core()
+            .budgets()
+            .remove(&virtual_key_budget_id(name))
+            .await
+        {
+            Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::warn!(virtual_key = %name, error = %e, "budget of a revoked virtual key not removed; revoke again to retry");
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Changes whenever the virtual keys made at run time may have changed, here or
+    /// (with a store that has change events) on another instance.
+    pub fn virtual_key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.core().virtual_key_changes()
+    }
+}
+
+fn store_error(e: BudgetServiceError) -> StoreError {
+    match e {
+        BudgetServiceError::Store(e) => e,
+        other => StoreError::new(StoreErrorKind::Internal, other.to_string()),
+    }
+}
