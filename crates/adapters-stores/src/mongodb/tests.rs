@@ -14,12 +14,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apikeyrouter_application::ports::{
     AuditSink, BudgetStore, Charge, ChargeRejection, KeyStore, RequestLog, StateStore,
-    StoreErrorKind, UsageLedger,
+    StoreErrorKind, UsageLedger, VirtualKeyStore,
 };
 use apikeyrouter_application::records::{AttemptRecord, AuditRecord, Outcome};
 use apikeyrouter_domain::{
     ApiKey, FailureKind, KeyId, KeyMaterial, KeyMetadata, KeyState, ModelId, Money, ProviderId,
-    QuotaLimits, RequestId, ReservationId, TenantId, TokenUsage, TransitionTrigger,
+    QuotaLimits, RequestId, ReservationId, TenantId, TokenUsage, TransitionTrigger, VirtualKey,
 };
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::{Collection, Database};
@@ -404,6 +404,25 @@ async fn corrupt_documents_are_invalid_naming_the_record_and_left_alone() {
         .await
         .unwrap_err();
     assert_eq!(err.message, "mongodb requests: record r-bad is malformed");
+
+    // A virtual key that does not decode is left out of the list: one bad record
+    // must not lock every client out.
+    let good = VirtualKey {
+        name: "good".to_owned(),
+        token_sha256: "b".repeat(64),
+        tenant: None,
+        models: None,
+        rpm: Some(5),
+        budget_usd: None,
+        created_at: base_now(),
+        revoked_at: None,
+    };
+    store.insert_virtual_key(good.clone()).await.unwrap();
+    raw(store.db(), "virtual_keys")
+        .insert_one(doc! { "_id": "bad", "rpm": "many" })
+        .await
+        .unwrap();
+    assert_eq!(store.list_virtual_keys().await.unwrap(), [good]);
     finish(store).await;
 }
 

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, KeyOutcome, KeyStore, RequestLog, Settlement, StateStore,
-    StoreChange, StoreErrorKind, UsageLedger, Verdict,
+    StoreChange, StoreErrorKind, UsageLedger, Verdict, VirtualKeyStore,
 };
 use apikeyrouter_domain::{
     ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
     KeyState, Money, ProviderId, QuotaLimits, RequestId, ReservationId, TokenUsage,
-    TransitionTrigger, WindowKind,
+    TransitionTrigger, VirtualKey, WindowKind,
 };
 use futures_util::StreamExt;
 use redis::AsyncCommands;
@@ -329,6 +329,47 @@ async fn budget_changes_are_announced_to_subscribers() {
             .expect("an event within 5 s");
         assert_eq!(event, Some(StoreChange::Budgets));
     }
+}
+
+/// Virtual-key changes reach subscribers, and a stored record that does not decode
+/// (written by another version, or by hand) is left out of the list rather than
+/// failing it: one bad record must not lock every client out.
+#[tokio::test]
+async fn virtual_key_changes_are_announced_and_a_bad_record_is_left_out() {
+    let store = store().await;
+    let names = Names::new(store.namespace()).unwrap();
+    let mut events = Box::pin(store.subscribe_changes().await.unwrap());
+    let key = VirtualKey {
+        name: "good".to_owned(),
+        token_sha256: "a".repeat(64),
+        tenant: None,
+        models: None,
+        rpm: None,
+        budget_usd: None,
+        created_at: base_now(),
+        revoked_at: None,
+    };
+    store.insert_virtual_key(key.clone()).await.unwrap();
+    store.revoke_virtual_key("good", base_now()).await.unwrap();
+    for _ in 0..2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event within 5 s");
+        assert_eq!(event, Some(StoreChange::VirtualKeys));
+    }
+    let _: () = raw()
+        .await
+        .hset(names.virtual_keys(), "bad", "{not json")
+        .await
+        .unwrap();
+    let listed = store.list_virtual_keys().await.unwrap();
+    assert_eq!(
+        listed,
+        [VirtualKey {
+            revoked_at: Some(base_now()),
+            ..key
+        }]
+    );
 }
 
 #[tokio::test]
