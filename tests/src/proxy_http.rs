@@ -738,6 +738,62 @@ budget_usd = 3.0
     );
 }
 
+/// Without virtual keys in the file, /v1 is open until the API makes one, and stays
+/// closed once the last is revoked; a budget that would limit a new key's requests
+/// (its id is the key's budget id) is refused with 409 whether or not the key asks
+/// for a budget.
+#[tokio::test]
+async fn revoking_the_last_virtual_key_keeps_the_api_closed() {
+    let p = Proxy::start("", &[]).await;
+    assert_eq!(p.chat(hello("gpt-4o"), None).await.status(), StatusCode::OK);
+    let post = async |path: &str, body: Value| {
+        p.client.post(p.url(path)).json(&body).send().await.unwrap()
+    };
+    let r = post("/api/v1/virtual_keys", json!({"name": "only"})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = error_of(p.chat(hello("gpt-4o"), None).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        p.chat(hello("gpt-4o"), Some(&token)).await.status(),
+        StatusCode::OK
+    );
+    let r = p
+        .client
+        .delete(p.url("/api/v1/virtual_keys/only"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    for credential in [None, Some(token.as_str())] {
+        let (status, _) = error_of(p.chat(hello("gpt-4o"), credential).await).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{credential:?}");
+    }
+
+    let budget = json!({"id": "virtual-key-later", "scope": "tag", "tag": "virtual_key=later",
+        "limit_usd": 1.0});
+    let r = post("/api/v1/budgets", budget).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let (status, body) =
+        error_of(post("/api/v1/virtual_keys", json!({"name": "later"})).await).await;
+    assert_eq!(
+        (
+            status,
+            body["error"]["code"].as_str(),
+            body["error"]["param"].as_str()
+        ),
+        (StatusCode::CONFLICT, Some("budget_exists"), Some("name"))
+    );
+}
+
 /// A reload of the config file replaces the file's virtual keys and keeps the ones
 /// made through the API.
 #[tokio::test]

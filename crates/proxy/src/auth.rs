@@ -43,13 +43,23 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Access to the management API.
-#[derive(Clone, Debug)]
+/// Access to the management API. `Debug` says which, never the digest: an operator's
+/// token may be weak enough to find from its unsalted hash.
+#[derive(Clone)]
 pub enum AdminAuth {
     /// Requests must carry this token.
     Token(TokenHash),
     /// No token configured: allowed only because the proxy listens on loopback.
     Open,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Token(_) => "Token",
+            Self::Open => "Open",
+        })
+    }
 }
 
 impl AdminAuth {
@@ -111,13 +121,30 @@ impl VirtualKey {
 
 /// The credentials in force (replaced whole on reload and when the stored virtual
 /// keys change).
-#[derive(Debug)]
 pub struct Auth {
     pub admin: AdminAuth,
     clients: HashMap<TokenHash, Arc<VirtualKey>>,
-    /// Whether the store holds virtual keys, revoked ones included: once client
-    /// credentials were issued, revoking the last one must not open the API.
+    /// Whether the store held virtual keys (revoked ones included) at any read since
+    /// start: once client credentials were issued, revoking the last one, or a read
+    /// that finds none, must not open the API.
     stored_any: bool,
+    /// Digests revoked through this instance: a read of the store that began before
+    /// the revocation, or a stale replica, must not bring them back.
+    revoked: HashSet<TokenHash>,
+}
+
+impl std::fmt::Debug for Auth {
+    /// Names only: digests identify tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&str> = self.clients.values().map(|v| v.name.as_str()).collect();
+        names.sort_unstable();
+        f.debug_struct("Auth")
+            .field("admin", &self.admin)
+            .field("clients", &names)
+            .field("stored_any", &self.stored_any)
+            .field("revoked", &self.revoked.len())
+            .finish()
+    }
 }
 
 impl Auth {
@@ -146,6 +173,7 @@ impl Auth {
             admin,
             clients,
             stored_any: false,
+            revoked: HashSet::new(),
         })
     }
 
@@ -179,7 +207,8 @@ impl Auth {
 
     /// These credentials with `current`'s stored virtual keys: what a reload of the
     /// file keeps.
-    pub fn keeping_stored(self, current: &Self) -> Self {
+    pub fn keeping_stored(mut self, current: &Self) -> Self {
+        self.revoked.clone_from(&current.revoked);
         let stored = current.clients.iter().filter(|(_, v)| v.stored);
         self.merged(
             stored.map(|(hash, v)| (*hash, v.clone())),
@@ -187,28 +216,53 @@ impl Auth {
         )
     }
 
+    /// These credentials without the stored key of digest `token_sha256`, which
+    /// stays refused whatever a later read of the store says.
+    pub fn revoking(&self, token_sha256: &str) -> Self {
+        let mut next = self.with_stored_clients(self.clients.iter().filter(|(_, v)| v.stored));
+        if let Some(hash) = parse_sha256_hex(token_sha256) {
+            next.clients.remove(&hash);
+            next.revoked.insert(hash);
+        }
+        next
+    }
+
     /// These credentials with the active keys of `stored` in place of the stored
     /// virtual keys they hold. A stored key with a malformed digest is left out
-    /// (logged).
+    /// (logged), and so is one revoked through this instance.
     pub fn with_stored(&self, stored: &[apikeyrouter::VirtualKey]) -> Self {
-        let file = Self {
+        let file = self.with_stored_clients(std::iter::empty());
+        let active: Vec<(TokenHash, Arc<VirtualKey>)> = stored
+            .iter()
+            .filter(|v| v.is_active())
+            .filter_map(|v| {
+                let hash = parse_sha256_hex(&v.token_sha256);
+                if hash.is_none() {
+                    tracing::warn!(virtual_key = %v.name, "stored virtual key has a malformed digest; ignored");
+                }
+                Some((hash?, Arc::new(VirtualKey::of_stored(v))))
+            })
+            .filter(|(hash, _)| !self.revoked.contains(hash))
+            .collect();
+        file.merged(active.into_iter(), self.stored_any || !stored.is_empty())
+    }
+
+    /// The file's credentials and this instance's memory of the store (whether it
+    /// held keys, what was revoked here), with `stored` as the stored keys.
+    fn with_stored_clients<'a>(
+        &'a self,
+        stored: impl Iterator<Item = (&'a TokenHash, &'a Arc<VirtualKey>)>,
+    ) -> Self {
+        let file = self.clients.iter().filter(|(_, v)| !v.stored);
+        Self {
             admin: self.admin.clone(),
-            clients: self
-                .clients
-                .iter()
-                .filter(|(_, v)| !v.stored)
+            clients: file
+                .chain(stored)
                 .map(|(hash, v)| (*hash, v.clone()))
                 .collect(),
-            stored_any: false,
-        };
-        let active = stored.iter().filter(|v| v.is_active()).filter_map(|v| {
-            let hash = parse_sha256_hex(&v.token_sha256);
-            if hash.is_none() {
-                tracing::warn!(virtual_key = %v.name, "stored virtual key has a malformed digest; ignored");
-            }
-            Some((hash?, Arc::new(VirtualKey::of_stored(v))))
-        });
-        file.merged(active, !stored.is_empty())
+            stored_any: self.stored_any,
+            revoked: self.revoked.clone(),
+        }
     }
 
     /// `self` (the file's keys) with `stored` added; the file's key wins a name or
@@ -308,6 +362,33 @@ mod tests {
         assert!(client_of(&emptied, "file-token-0001").is_some());
     }
 
+    /// A key revoked through this instance stays refused even when a later read of
+    /// the store (begun before the revocation, or from a stale replica) still lists
+    /// it as active, and across a reload of the file.
+    #[test]
+    fn a_key_revoked_here_stays_refused_whatever_a_stale_read_says() {
+        let open = Auth::from_config(&Config::parse("", "t.toml", &[]).unwrap()).unwrap();
+        let made = stored("made", "made-token-0001");
+        let other = stored("other", "other-token-001");
+        let auth = open.with_stored(&[made.clone(), other.clone()]);
+        let revoked = auth.revoking(&made.token_sha256);
+        assert!(client_of(&revoked, "made-token-0001").is_none());
+        assert!(client_of(&revoked, "other-token-001").is_some());
+        let stale = revoked.with_stored(&[made.clone(), other.clone()]);
+        assert!(client_of(&stale, "made-token-0001").is_none());
+        assert!(client_of(&stale, "other-token-001").is_some());
+        let reloaded = Auth::from_config(&Config::parse("", "t.toml", &[]).unwrap())
+            .unwrap()
+            .keeping_stored(&stale)
+            .with_stored(&[made]);
+        assert!(client_of(&reloaded, "made-token-0001").is_none());
+        let shown = format!("{reloaded:?}");
+        assert!(
+            !shown.contains(&digest_hex("made-token-0001")[..8]),
+            "{shown}"
+        );
+    }
+
     /// Without keys in the file, revoking the last stored key leaves the API closed:
     /// the revoked record still says credentials were issued.
     #[test]
@@ -322,6 +403,8 @@ mod tests {
         }]);
         assert!(client_of(&revoked, "made-token-0001").is_none());
         assert!(revoked.client(&HeaderMap::new()).is_err());
+        // A read that finds nothing (a store that lost its data) does not open it.
+        assert!(revoked.with_stored(&[]).client(&HeaderMap::new()).is_err());
         // And a reload of the file keeps it so.
         let reloaded = Auth::from_config(&Config::parse("", "t.toml", &[]).unwrap())
             .unwrap()

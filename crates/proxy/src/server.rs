@@ -44,26 +44,27 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
 const VIRTUAL_KEYS_REREAD: Duration = Duration::from_secs(10);
 
 /// Re-reads the stored virtual keys whenever they change (through this instance or,
-/// with a store that has change events, another) and every [`VIRTUAL_KEYS_REREAD`],
-/// until the state is dropped. A failed read is retried a second later.
+/// with a store that has change events, another), and the virtual keys and the
+/// budgets every [`VIRTUAL_KEYS_REREAD`], until the state is dropped. A failed read
+/// is logged and tried again at the next change or tick.
 fn follow_virtual_keys(state: &Arc<AppState>, mut changes: tokio::sync::watch::Receiver<u64>) {
     let weak = Arc::downgrade(state);
     tokio::spawn(async move {
         loop {
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(VIRTUAL_KEYS_REREAD) => {}
+            let ticked = tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return } else { false },
+                () = tokio::time::sleep(VIRTUAL_KEYS_REREAD) => true,
+            };
+            let Some(state) = weak.upgrade() else { return };
+            if let Err(e) = state.refresh_virtual_keys().await {
+                tracing::warn!(error = %e, "stored virtual keys not re-read");
             }
-            loop {
-                let Some(state) = weak.upgrade() else { return };
-                match state.refresh_virtual_keys().await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "stored virtual keys not re-read; retrying");
-                    }
+            // Budgets follow change events where the store has them; without (MongoDB),
+            // a virtual key's budget made elsewhere is known from here on.
+            if ticked {
+                if let Err(e) = state.router.core().reload_budgets().await {
+                    tracing::warn!(error = %e, "budgets not re-read");
                 }
-                drop(state);
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     });
@@ -261,7 +262,7 @@ pub async fn reload(state: &AppState, path: &std::path::Path, reason: &str) {
     }
     state.update_auth(|current| auth.keeping_stored(current));
     // A stored key the file's key of the same name hid may be back.
-    if let Err(e) = state.refresh_virtual_keys().await {
+    if let Err(e) = state.reapply_virtual_keys().await {
         tracing::warn!(error = %e, "stored virtual keys not re-read after a reload");
     }
     tracing::info!(reason, path = %path.display(), "configuration reloaded");

@@ -20,8 +20,9 @@ pub struct AppState {
     /// only at start with the new file's.
     pub launched: Config,
     /// Held across a re-read of the stored virtual keys and its application, so that
-    /// a read that began before a change never lands after one that began after it.
-    refreshing: tokio::sync::Mutex<()>,
+    /// a read that began before a change never lands after one that began after it;
+    /// holds the list last applied (`None`: apply the next read whatever it is).
+    refreshing: tokio::sync::Mutex<Option<Vec<apikeyrouter::VirtualKey>>>,
 }
 
 impl AppState {
@@ -32,7 +33,7 @@ impl AppState {
             metrics: Metrics::new(),
             max_body_bytes: launched.limits.max_body_bytes,
             launched,
-            refreshing: tokio::sync::Mutex::new(()),
+            refreshing: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -56,9 +57,28 @@ impl AppState {
     /// # Errors
     /// The store's error; the credentials are left as they were.
     pub async fn refresh_virtual_keys(&self) -> Result<(), apikeyrouter::StoreError> {
-        let _one_at_a_time = self.refreshing.lock().await;
+        let mut applied = self.refreshing.lock().await;
         let stored = self.router.virtual_keys().await?;
-        self.update_auth(|auth| auth.with_stored(&stored));
+        // The same list again (the periodic re-read, mostly): nothing to rebuild, and
+        // its warnings were logged already.
+        if applied.as_ref() != Some(&stored) {
+            self.update_auth(|auth| auth.with_stored(&stored));
+            *applied = Some(stored);
+        }
         Ok(())
+    }
+
+    /// [`Self::refresh_virtual_keys`] that applies the list even if it did not change:
+    /// after a reload, a stored key a file key of the same name hid may be back.
+    pub async fn reapply_virtual_keys(&self) -> Result<(), apikeyrouter::StoreError> {
+        *self.refreshing.lock().await = None;
+        self.refresh_virtual_keys().await
+    }
+
+    /// Refuses the key of `token_sha256` on this instance now, whatever a re-read of
+    /// the store says later: what `DELETE /api/v1/virtual_keys/{name}` answers for.
+    pub async fn revoke_locally(&self, token_sha256: &str) {
+        let _applying = self.refreshing.lock().await;
+        self.update_auth(|auth| auth.revoking(token_sha256));
     }
 }

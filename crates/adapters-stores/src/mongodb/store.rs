@@ -1503,7 +1503,8 @@ impl VirtualKeyStore for MongoStore {
             .try_collect()
             .await
             .map_err(failed)?;
-        Ok(docs
+        let stored = docs.len();
+        let keys: Vec<VirtualKey> = docs
             .into_iter()
             .filter_map(|raw| {
                 let id = raw.get_str("_id").unwrap_or("?").to_owned();
@@ -1513,7 +1514,13 @@ impl VirtualKeyStore for MongoStore {
                     })
                     .ok()
             })
-            .collect())
+            .collect();
+        if keys.is_empty() && stored > 0 {
+            // None decodes: an empty list would read as "no client credentials were
+            // ever issued".
+            return Err(malformed(VIRTUAL_KEYS, "every one"));
+        }
+        Ok(keys)
     }
 
     /// One conditional update (only a key not yet revoked is marked), then a read
@@ -1527,7 +1534,7 @@ impl VirtualKeyStore for MongoStore {
         let marked = self
             .virtual_keys
             .find_one_and_update(
-                doc! { "_id": name, "revoked_at": { "$exists": false } },
+                doc! { "_id": name, "revoked_at": null },
                 doc! { "$set": { "revoked_at": to_i64(at.as_millis()) } },
             )
             .return_document(ReturnDocument::After)

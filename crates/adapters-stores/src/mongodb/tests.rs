@@ -422,7 +422,27 @@ async fn corrupt_documents_are_invalid_naming_the_record_and_left_alone() {
         .insert_one(doc! { "_id": "bad", "rpm": "many" })
         .await
         .unwrap();
-    assert_eq!(store.list_virtual_keys().await.unwrap(), [good]);
+    assert_eq!(
+        store.list_virtual_keys().await.unwrap(),
+        std::slice::from_ref(&good)
+    );
+    // A record written with `revoked_at: null` is revoked like one without it.
+    raw(store.db(), "virtual_keys")
+        .update_one(
+            doc! { "_id": "good" },
+            doc! { "$set": { "revoked_at": Bson::Null } },
+        )
+        .await
+        .unwrap();
+    let revoked = store.revoke_virtual_key("good", base_now()).await.unwrap();
+    assert_eq!(revoked.revoked_at, Some(base_now()));
+    // When none decodes, the list fails rather than say no key was ever made.
+    raw(store.db(), "virtual_keys")
+        .update_one(doc! { "_id": "good" }, doc! { "$set": { "rpm": "many" } })
+        .await
+        .unwrap();
+    let err = store.list_virtual_keys().await.unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Invalid, "{err}");
     finish(store).await;
 }
 

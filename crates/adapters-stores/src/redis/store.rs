@@ -1396,6 +1396,25 @@ impl RequestLog for RedisStore {
     }
 }
 
+/// Marks a virtual key's record revoked at ARGV[2] unless it holds a `revoked_at`
+/// already, and returns the record (nil when there is none). The field is appended to
+/// the JSON text rather than the record re-encoded, which would round its numbers; a
+/// top-level `"revoked_at":` cannot occur inside a string value, where quotes are
+/// escaped.
+static REVOKE_VIRTUAL_KEY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local json = redis.call('HGET', KEYS[1], ARGV[1])
+if not json then return false end
+if not string.find(json, '"revoked_at":', 1, true) then
+  json = string.sub(json, 1, -2) .. ',"revoked_at":' .. ARGV[2] .. '}'
+  redis.call('HSET', KEYS[1], ARGV[1], json)
+end
+return json
+"#,
+    )
+});
+
 /// One hash, name to the key's JSON; each change announced on the virtual-key
 /// channel. An announcement that fails after the write is logged, not returned: the
 /// change is made (the caller must not think otherwise and, say, lose the token it
@@ -1437,21 +1456,28 @@ impl VirtualKeyStore for RedisStore {
                 }
             })
             .collect();
+        if keys.is_empty() && !rows.is_empty() {
+            // None decodes: something is wrong with all of them, and an empty list
+            // would read as "no client credentials were ever issued".
+            return Err(invalid(&hash, "no virtual key decodes".to_owned()));
+        }
         keys.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         Ok(keys)
     }
 
-    /// Read, then written back marked: two revocations at once write the same record
-    /// but for the time, and nothing else rewrites a record.
+    /// One script: marks the record unless it is marked already, so the first
+    /// revocation's time is the one kept.
     async fn revoke_virtual_key(
         &self,
         name: &str,
         at: Timestamp,
     ) -> Result<VirtualKey, StoreError> {
         let hash = self.names.virtual_keys();
-        let json: Option<String> = self
-            .conn()
-            .hget(&hash, name)
+        let json: Option<String> = REVOKE_VIRTUAL_KEY
+            .key(&hash)
+            .arg(name)
+            .arg(at.as_millis())
+            .invoke_async(&mut self.conn())
             .await
             .map_err(|err| from_redis(err, &hash))?;
         let Some(json) = json else {
@@ -1460,15 +1486,7 @@ impl VirtualKeyStore for RedisStore {
                 format!("virtual key {name} not found"),
             ));
         };
-        let mut key: VirtualKey = from_json(&json, &hash)?;
-        if key.revoked_at.is_none() {
-            key.revoked_at = Some(at);
-            let _: i64 = self
-                .conn()
-                .hset(&hash, name, to_json(&key, "virtual key")?)
-                .await
-                .map_err(|err| from_redis(err, &hash))?;
-        }
+        let key = from_json(&json, &hash)?;
         self.announce_or_log().await;
         Ok(key)
     }

@@ -370,6 +370,14 @@ async fn virtual_key_changes_are_announced_and_a_bad_record_is_left_out() {
             ..key
         }]
     );
+    // When none decodes, the list fails rather than say no key was ever made.
+    let _: () = raw()
+        .await
+        .hset(names.virtual_keys(), "good", "[]")
+        .await
+        .unwrap();
+    let err = store.list_virtual_keys().await.unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Invalid, "{err}");
 }
 
 #[tokio::test]

@@ -443,7 +443,9 @@ pub trait VirtualKeyStore: Send + Sync + 'static {
     /// out.
     ///
     /// # Errors
-    /// `Unavailable` when the backend is down.
+    /// `Unavailable` when the backend is down; `Invalid` when records are stored but
+    /// none decodes (an empty list would read as "no credentials were ever issued",
+    /// which leaves the API open).
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError>;
 
     /// Marks a virtual key revoked at `at` (once: revoking it again keeps the first

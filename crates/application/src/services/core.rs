@@ -526,9 +526,21 @@ impl ApiKeyRouterCore {
         revoked
     }
 
+    /// Re-reads the budgets from the store. For stores without change events
+    /// (MongoDB), which is how instances sharing one see each other's budgets.
+    ///
+    /// # Errors
+    /// The store's error; the budgets in force stay.
+    pub async fn reload_budgets(&self) -> Result<(), StoreError> {
+        let budgets = self.shared.store.list_budgets().await?;
+        self.shared.set_budgets(budgets);
+        Ok(())
+    }
+
     /// Changes whenever the stored virtual keys may have changed: through this router
-    /// or, with a shared store, through another instance (and after a lost change
-    /// subscription, when changes may have been missed).
+    /// or, with a store that has change events (Redis), through another instance (and
+    /// after a lost change subscription, when changes may have been missed). Stores
+    /// without events need re-reading now and then.
     pub fn virtual_key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.virtual_keys.subscribe()
     }

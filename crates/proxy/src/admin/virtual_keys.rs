@@ -230,6 +230,7 @@ pub async fn create(
         return Err(exists(&key.name, " in the config file"));
     }
     let name = key.name.clone();
+    let submitted = key.clone();
     match state.router.add_virtual_key(key).await {
         Ok(()) => {}
         Err(AddVirtualKeyError::Invalid(e)) => return Err(invalid(&e)),
@@ -263,21 +264,8 @@ pub async fn create(
             tracing::debug!(virtual_key = %name, error = %e, "budget of a new virtual key not read back")
         }
     }
-    let view = match stored {
-        Some(key) => View::stored(key, &mut budgets),
-        None => View {
-            object: "virtual_key",
-            name,
-            source: "api",
-            tenant: None,
-            models: None,
-            rpm: None,
-            budget: None,
-            created_at: None,
-            revoked_at: None,
-            token: None,
-        },
-    };
+    // The stored record (with the router's created_at), else what was submitted.
+    let view = View::stored(stored.unwrap_or(submitted), &mut budgets);
     Ok((
         StatusCode::CREATED,
         Json(View {
@@ -306,7 +294,8 @@ pub async fn delete(
         ));
     }
     match state.router.revoke_virtual_key(&name).await {
-        Ok(_) => {}
+        // Refused here before the answer, whether or not the store can be re-read.
+        Ok(revoked) => state.revoke_locally(&revoked.token_sha256).await,
         Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
         Err(e) => return Err(store_error(e)),
     }
