@@ -738,6 +738,125 @@ budget_usd = 3.0
     );
 }
 
+/// PATCH changes a virtual key's limits under the same token: models and rpm at
+/// once, a new budget limit keeping this month's spend, `null` removing one; a
+/// revoked key, an unknown one and fields that cannot change are refused.
+#[tokio::test]
+async fn virtual_keys_change_their_limits_under_the_same_token() {
+    let p = Proxy::start("", &[]).await;
+    crate::support::wait_out_a_late_minute().await;
+    let made: Value = p
+        .client
+        .post(p.url("/api/v1/virtual_keys"))
+        .json(&json!({"name": "team", "budget_usd": 5.0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = made["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        p.chat(hello("gpt-4o-mini"), Some(&token)).await.status(),
+        StatusCode::OK
+    );
+    let patch = async |name: &str, body: Value| {
+        p.client
+            .patch(p.url(&format!("/api/v1/virtual_keys/{name}")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    };
+    let r = patch(
+        "team",
+        json!({"models": ["gpt-4o"], "rpm": 1, "budget_usd": 7.0}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let changed: Value = r.json().await.unwrap();
+    assert_eq!(
+        (changed["rpm"].as_u64(), changed["models"].clone()),
+        (Some(1), json!(["gpt-4o"]))
+    );
+    assert_eq!(changed["budget"]["limit"], 7.0, "{changed}");
+    assert!(
+        changed["budget"]["spent"].as_f64().unwrap() > 0.0,
+        "spend kept: {changed}"
+    );
+    assert!(changed.get("token").is_none());
+    // In force at once, same token.
+    let (status, _) = error_of(p.chat(hello("gpt-4o-mini"), Some(&token)).await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        p.chat(hello("gpt-4o"), Some(&token)).await.status(),
+        StatusCode::OK
+    );
+    let (status, body) = error_of(p.chat(hello("gpt-4o"), Some(&token)).await).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limit_exceeded"))
+    );
+    // null removes a limit, the budget with it.
+    let r = patch("team", json!({"rpm": null, "budget_usd": null})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let changed: Value = r.json().await.unwrap();
+    assert!(
+        changed["rpm"].is_null() && changed["budget"].is_null(),
+        "{changed}"
+    );
+    assert_eq!(
+        p.chat(hello("gpt-4o"), Some(&token)).await.status(),
+        StatusCode::OK
+    );
+
+    for (name, body, status, code) in [
+        (
+            "team",
+            json!({"name": "other"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            "team",
+            json!({"rpm": "fast"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            "team",
+            json!({"rpm": 0}),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            "nobody",
+            json!({"rpm": 5}),
+            StatusCode::NOT_FOUND,
+            "virtual_key_not_found",
+        ),
+    ] {
+        let (got, err) = error_of(patch(name, body.clone()).await).await;
+        assert_eq!(
+            (got, err["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {err}"
+        );
+    }
+    let r = p
+        .client
+        .delete(p.url("/api/v1/virtual_keys/team"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let (got, err) = error_of(patch("team", json!({"rpm": 5})).await).await;
+    assert_eq!(
+        (got, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("virtual_key_revoked"))
+    );
+}
+
 /// Without virtual keys in the file, /v1 is open until the API makes one, and stays
 /// closed once the last is revoked; a budget that would limit a new key's requests
 /// (its id is the key's budget id) is refused with 409 whether or not the key asks

@@ -1748,6 +1748,39 @@ mod cases {
             [virtual_key("team-a", '2'), full.clone()]
         );
 
+        // Limits change in place; name, digest and times stay.
+        let limited = VirtualKey {
+            tenant: None,
+            models: Some(vec![ModelId::new("o3")]),
+            rpm: Some(5),
+            budget_usd: None,
+            token_sha256: "f".repeat(64),
+            ..virtual_key("team-a", '9')
+        };
+        store.update_virtual_key(limited).await.unwrap();
+        let team_a = store.list_virtual_keys().await.unwrap().remove(0);
+        assert_eq!(
+            team_a,
+            VirtualKey {
+                models: Some(vec![ModelId::new("o3")]),
+                rpm: Some(5),
+                ..virtual_key("team-a", '2')
+            }
+        );
+        store
+            .update_virtual_key(virtual_key("team-a", '2'))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.list_virtual_keys().await.unwrap()[0],
+            virtual_key("team-a", '2')
+        );
+        let err = store
+            .update_virtual_key(virtual_key("nobody", '2'))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
+
         // Revoked once: a second revocation keeps the first time; the record stays,
         // and so does its name.
         let at = base_now().plus(Duration::from_secs(5));
@@ -1774,6 +1807,15 @@ mod cases {
         assert_eq!(err.kind, StoreErrorKind::Conflict, "{err}");
         let err = store.revoke_virtual_key("nobody", at).await.unwrap_err();
         assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
+        let err = store
+            .update_virtual_key(virtual_key("team-b", '1'))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Conflict, "{err}");
+        assert_eq!(
+            store.list_virtual_keys().await.unwrap()[1].revoked_at,
+            Some(at)
+        );
         store.announce_virtual_keys().await.unwrap();
     }
 

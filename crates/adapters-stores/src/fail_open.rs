@@ -487,6 +487,10 @@ impl VirtualKeyStore for FailOpenStore {
         self.remote.list_virtual_keys().await
     }
 
+    async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        self.remote.update_virtual_key(key).await
+    }
+
     async fn revoke_virtual_key(
         &self,
         name: &str,

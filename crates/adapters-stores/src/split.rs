@@ -320,6 +320,11 @@ impl VirtualKeyStore for SplitStore {
         self.records.list_virtual_keys().await
     }
 
+    async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        self.records.update_virtual_key(key).await?;
+        self.announce_virtual_keys().await
+    }
+
     async fn revoke_virtual_key(
         &self,
         name: &str,

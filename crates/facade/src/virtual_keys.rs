@@ -77,6 +77,45 @@ impl ApiKeyRouter {
         Err(AddVirtualKeyError::Store(store_error(e)))
     }
 
+    /// Gives an active virtual key made at run time `key`'s limits (tenant, models,
+    /// rpm, budget) under the same token. A new budget limit keeps this month's spend;
+    /// no limit removes the budget.
+    ///
+    /// # Errors
+    /// `Invalid` for malformed limits, `NotFound` for an unknown key, `Conflict` for a
+    /// revoked one, or a store failure.
+    pub async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        let before = self
+            .core()
+            .virtual_keys()
+            .await?
+            .into_iter()
+            .find(|k| k.name == key.name);
+        self.core().update_virtual_key(key.clone()).await?;
+        if before.and_then(|k| k.budget_usd) == key.budget_usd {
+            return Ok(());
+        }
+        let budgets = self.core().budgets();
+        let id = virtual_key_budget_id(&key.name);
+        match key.budget_usd {
+            Some(usd) => {
+                let budget = virtual_key_budget(&key.name, usd)
+                    .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e))?;
+                let spent = match budgets.get(&id).await {
+                    Ok(status) => status.spent,
+                    Err(BudgetServiceError::NotFound(_)) => Money::ZERO,
+                    Err(e) => return Err(store_error(e)),
+                };
+                budgets.put(budget, spent).await.map_err(store_error)?;
+            }
+            None => match budgets.remove(&id).await {
+                Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
+                Err(e) => return Err(store_error(e)),
+            },
+        }
+        Ok(())
+    }
+
     /// Every virtual key made at run time, revoked ones included, in name order.
     ///
     /// # Errors

@@ -82,7 +82,9 @@ fn routes(state: Arc<AppState>) -> Router {
         )
         .route(
             "/api/v1/virtual_keys/{id}",
-            get(admin::virtual_keys::get).delete(admin::virtual_keys::delete),
+            get(admin::virtual_keys::get)
+                .patch(admin::virtual_keys::update)
+                .delete(admin::virtual_keys::delete),
         )
         .route("/api/v1/policies", get(admin::policies))
         .route("/api/v1/providers", get(admin::providers))

@@ -213,6 +213,10 @@ impl VirtualKeyStore for Switchable {
         self.up()?;
         self.inner.list_virtual_keys().await
     }
+    async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        self.up()?;
+        self.inner.update_virtual_key(key).await
+    }
     async fn revoke_virtual_key(
         &self,
         name: &str,

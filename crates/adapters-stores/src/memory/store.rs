@@ -574,6 +574,27 @@ impl VirtualKeyStore for MemoryStore {
         Ok(lock(&self.virtual_keys).values().cloned().collect())
     }
 
+    async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        let mut keys = lock(&self.virtual_keys);
+        let stored = keys.get_mut(&key.name).ok_or_else(|| {
+            StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("virtual key {} not found", key.name),
+            )
+        })?;
+        if !stored.is_active() {
+            return Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("virtual key {} is revoked", key.name),
+            ));
+        }
+        stored.tenant = key.tenant;
+        stored.models = key.models;
+        stored.rpm = key.rpm;
+        stored.budget_usd = key.budget_usd;
+        Ok(())
+    }
+
     async fn revoke_virtual_key(
         &self,
         name: &str,

@@ -1523,6 +1523,70 @@ impl VirtualKeyStore for MongoStore {
         Ok(keys)
     }
 
+    /// One conditional update of the limits (only while not revoked), then a read to
+    /// tell a revoked key from a missing one.
+    async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        let failed = |e| map_err(VIRTUAL_KEYS, "update a virtual key", e);
+        let mut set = Document::new();
+        let mut unset = Document::new();
+        let mut field = |name: &str, value: Option<Bson>| match value {
+            Some(v) => {
+                set.insert(name, v);
+            }
+            None => {
+                unset.insert(name, "");
+            }
+        };
+        field(
+            "tenant",
+            key.tenant.map(|t| Bson::String(t.as_str().to_owned())),
+        );
+        field(
+            "models",
+            key.models.map(|m| {
+                Bson::Array(
+                    m.iter()
+                        .map(|m| Bson::String(m.as_str().to_owned()))
+                        .collect(),
+                )
+            }),
+        );
+        field("rpm", key.rpm.map(|r| Bson::Int64(i64::from(r))));
+        field("budget_usd", key.budget_usd.map(Bson::Double));
+        let mut update = Document::new();
+        if !set.is_empty() {
+            update.insert("$set", set);
+        }
+        if !unset.is_empty() {
+            update.insert("$unset", unset);
+        }
+        let result = self
+            .virtual_keys
+            .update_one(doc! { "_id": &key.name, "revoked_at": null }, update)
+            .await
+            .map_err(failed)?;
+        if result.matched_count == 1 {
+            return Ok(());
+        }
+        let exists = self
+            .virtual_keys
+            .find_one(doc! { "_id": &key.name })
+            .await
+            .map_err(failed)?
+            .is_some();
+        Err(if exists {
+            StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("virtual key {} is revoked", key.name),
+            )
+        } else {
+            StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("virtual key {} not found", key.name),
+            )
+        })
+    }
+
     /// One conditional update (only a key not yet revoked is marked), then a read
     /// for a key revoked before.
     async fn revoke_virtual_key(

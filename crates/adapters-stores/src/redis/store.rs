@@ -1415,6 +1415,22 @@ return json
     )
 });
 
+/// Replaces the record of virtual key ARGV[1] with ARGV[2] if it exists and is not
+/// revoked: 1, or 0 when there is none, -1 when it is revoked. The caller built ARGV[2]
+/// from a read of the record whose other fields never change, so only a revocation
+/// in between matters, and the script sees it.
+static UPDATE_VIRTUAL_KEY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local json = redis.call('HGET', KEYS[1], ARGV[1])
+if not json then return 0 end
+if string.find(json, '"revoked_at":', 1, true) then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#,
+    )
+});
+
 /// One hash, name to the key's JSON; each change announced on the virtual-key
 /// channel. An announcement that fails after the write is logged, not returned: the
 /// change is made (the caller must not think otherwise and, say, lose the token it
@@ -1463,6 +1479,44 @@ impl VirtualKeyStore for RedisStore {
         }
         keys.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         Ok(keys)
+    }
+
+    async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        let hash = self.names.virtual_keys();
+        let json: Option<String> = self
+            .conn()
+            .hget(&hash, &key.name)
+            .await
+            .map_err(|err| from_redis(err, &hash))?;
+        let mut stored: VirtualKey = match json {
+            Some(json) => from_json(&json, &hash)?,
+            None => key.clone(),
+        };
+        stored.tenant = key.tenant;
+        stored.models = key.models;
+        stored.rpm = key.rpm;
+        stored.budget_usd = key.budget_usd;
+        let outcome: i64 = UPDATE_VIRTUAL_KEY
+            .key(&hash)
+            .arg(&stored.name)
+            .arg(to_json(&stored, "virtual key")?)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &hash))?;
+        match outcome {
+            1 => {
+                self.announce_or_log().await;
+                Ok(())
+            }
+            0 => Err(StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("virtual key {} not found", stored.name),
+            )),
+            _ => Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("virtual key {} is revoked", stored.name),
+            )),
+        }
     }
 
     /// One script: marks the record unless it is marked already, so the first

@@ -448,6 +448,14 @@ pub trait VirtualKeyStore: Send + Sync + 'static {
     /// which leaves the API open).
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError>;
 
+    /// Replaces the limits (tenant, models, rpm, budget) of an active virtual key
+    /// with `key`'s and announces the change; its name, digest and times stay.
+    ///
+    /// # Errors
+    /// `NotFound` if absent; `Conflict` if revoked; `Unavailable` when the backend
+    /// is down.
+    async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError>;
+
     /// Marks a virtual key revoked at `at` (once: revoking it again keeps the first
     /// time) and announces the change; returns the record.
     ///

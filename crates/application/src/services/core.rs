@@ -514,6 +514,20 @@ impl ApiKeyRouterCore {
         self.shared.store.list_virtual_keys().await
     }
 
+    /// Replaces the limits of an active stored virtual key with `key`'s (its name,
+    /// digest and times stay).
+    ///
+    /// # Errors
+    /// `Invalid` for malformed limits, `NotFound` if absent, `Conflict` if revoked, or
+    /// the store's error.
+    pub async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        key.validate()
+            .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
+        let updated = self.shared.store.update_virtual_key(key).await;
+        self.shared.virtual_keys_changed();
+        updated
+    }
+
     /// Revokes a stored virtual key now (keeping the first time if it was already);
     /// returns its record.
     ///

@@ -276,6 +276,107 @@ pub async fn create(
         .into_response())
 }
 
+/// `PATCH /api/v1/virtual_keys/{name}`: a JSON merge patch of the key's limits
+/// (`tenant`, `models`, `rpm`, `budget_usd`; `null` removes one), under the same
+/// token: 200 with the key. A new `budget_usd` keeps this month's spend. A revoked key
+/// is 409 `virtual_key_revoked`; a key of the config file 409 `defined_in_config`.
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    _admin: Admin,
+    PathId(name): PathId,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let patch: serde_json::Map<String, serde_json::Value> = parse_json(body)?;
+    if state.auth().file_names().contains(&name) {
+        return Err(in_config(&name));
+    }
+    let Some(mut key) = state
+        .router
+        .virtual_keys()
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .find(|k| k.name == name)
+    else {
+        return Err(not_found(&name));
+    };
+    for (field, value) in patch {
+        let bad = |param: &'static str, what: &str| {
+            ApiError::bad_request("invalid_value", format!("{param} must be {what}."))
+                .with_param(param)
+        };
+        let value = (!value.is_null()).then_some(value);
+        match field.as_str() {
+            "tenant" => {
+                key.tenant = value
+                    .map(|v| {
+                        v.as_str()
+                            .map(TenantId::new)
+                            .ok_or_else(|| bad("tenant", "a string"))
+                    })
+                    .transpose()?;
+            }
+            "models" => {
+                key.models = value
+                    .map(|v| {
+                        serde_json::from_value::<Vec<String>>(v)
+                            .map(|m| m.into_iter().map(ModelId::new).collect())
+                            .map_err(|_| bad("models", "a list of model names"))
+                    })
+                    .transpose()?;
+            }
+            "rpm" => {
+                key.rpm = value
+                    .map(|v| {
+                        serde_json::from_value::<u32>(v).map_err(|_| bad("rpm", "a whole number"))
+                    })
+                    .transpose()?;
+            }
+            "budget_usd" => {
+                key.budget_usd = value
+                    .map(|v| v.as_f64().ok_or_else(|| bad("budget_usd", "a number")))
+                    .transpose()?;
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_value",
+                    format!("{field} cannot be changed; tenant, models, rpm and budget_usd can."),
+                ));
+            }
+        }
+    }
+    key.validate().map_err(|e| invalid(&e))?;
+    match state.router.update_virtual_key(key).await {
+        Ok(()) => {}
+        Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
+        Err(e) if e.kind == StoreErrorKind::Conflict => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "virtual_key_revoked",
+                format!("Virtual key {name} is revoked; make a new one."),
+            ));
+        }
+        Err(e) => return Err(store_error(e)),
+    }
+    apply_now(&state).await;
+    views(&state)
+        .await?
+        .into_iter()
+        .find(|v| v.name == name)
+        .map(|v| Json(v).into_response())
+        .ok_or_else(|| not_found(&name))
+}
+
+fn in_config(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "invalid_request_error",
+        "defined_in_config",
+        format!("Virtual key {name} is defined in the config file; change it there."),
+    )
+}
+
 /// `DELETE /api/v1/virtual_keys/{name}`: revokes the key, 204; the token is refused
 /// from then on and the key's budget is removed. The record stays (listed with
 /// `revoked_at`), and so does its name. Revoking a revoked key is 204 again (and
@@ -286,12 +387,7 @@ pub async fn delete(
     PathId(name): PathId,
 ) -> Result<Response, ApiError> {
     if state.auth().file_names().contains(&name) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
-            "defined_in_config",
-            format!("Virtual key {name} is defined in the config file; remove it there."),
-        ));
+        return Err(in_config(&name));
     }
     match state.router.revoke_virtual_key(&name).await {
         // Refused here before the answer, whether or not the store can be re-read.
