@@ -100,6 +100,40 @@ impl Proxy {
             .unwrap()
     }
 
+    /// `method path` with `body` as JSON (no credentials).
+    async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> reqwest::Response {
+        self.client
+            .request(method, self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("response")
+    }
+
+    /// `DELETE path` (no credentials).
+    async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("response")
+    }
+
+    /// The token of a virtual key made through the management API from `body`.
+    async fn make_virtual_key(&self, body: Value) -> String {
+        let r = self
+            .send_json(reqwest::Method::POST, "/api/v1/virtual_keys", &body)
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let made: Value = r.json().await.expect("json");
+        made["token"].as_str().expect("a token").to_owned()
+    }
+
     async fn chat(&self, body: Value, token: Option<&str>) -> reqwest::Response {
         let mut req = self
             .client
@@ -564,12 +598,8 @@ budget_usd = 3.0
     let p = Proxy::start(extra, &[("CLIENT_FILE", "file-client-token-1")]).await;
     crate::support::wait_out_a_late_minute().await;
     let post = async |body: Value| {
-        p.client
-            .post(p.url("/api/v1/virtual_keys"))
-            .json(&body)
-            .send()
+        p.send_json(reqwest::Method::POST, "/api/v1/virtual_keys", &body)
             .await
-            .unwrap()
     };
     let r =
         post(json!({"name": "team-a", "models": ["gpt-4o"], "rpm": 2, "budget_usd": 5.0})).await;
@@ -692,13 +722,7 @@ budget_usd = 3.0
     );
 
     // Revoked: refused at once; listed as revoked, its name kept; its budget gone.
-    let delete = async |name: &str| {
-        p.client
-            .delete(p.url(&format!("/api/v1/virtual_keys/{name}")))
-            .send()
-            .await
-            .unwrap()
-    };
+    let delete = async |name: &str| p.delete(&format!("/api/v1/virtual_keys/{name}")).await;
     assert_eq!(delete("team-a").await.status(), StatusCode::NO_CONTENT);
     let (status, _) = error_of(p.chat(hello("gpt-4o"), Some(&token)).await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -745,28 +769,16 @@ budget_usd = 3.0
 async fn virtual_keys_change_their_limits_under_the_same_token() {
     let p = Proxy::start("", &[]).await;
     crate::support::wait_out_a_late_minute().await;
-    let made: Value = p
-        .client
-        .post(p.url("/api/v1/virtual_keys"))
-        .json(&json!({"name": "team", "budget_usd": 5.0}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = made["token"].as_str().unwrap().to_owned();
+    let token = p
+        .make_virtual_key(json!({"name": "team", "budget_usd": 5.0}))
+        .await;
     assert_eq!(
         p.chat(hello("gpt-4o-mini"), Some(&token)).await.status(),
         StatusCode::OK
     );
     let patch = async |name: &str, body: Value| {
-        p.client
-            .patch(p.url(&format!("/api/v1/virtual_keys/{name}")))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        let path = format!("/api/v1/virtual_keys/{name}");
+        p.send_json(reqwest::Method::PATCH, &path, &body).await
     };
     let r = patch(
         "team",
@@ -843,12 +855,7 @@ async fn virtual_keys_change_their_limits_under_the_same_token() {
             "{body}: {err}"
         );
     }
-    let r = p
-        .client
-        .delete(p.url("/api/v1/virtual_keys/team"))
-        .send()
-        .await
-        .unwrap();
+    let r = p.delete("/api/v1/virtual_keys/team").await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     let (got, err) = error_of(patch("team", json!({"rpm": 5})).await).await;
     assert_eq!(
@@ -865,27 +872,16 @@ async fn virtual_keys_change_their_limits_under_the_same_token() {
 async fn revoking_the_last_virtual_key_keeps_the_api_closed() {
     let p = Proxy::start("", &[]).await;
     assert_eq!(p.chat(hello("gpt-4o"), None).await.status(), StatusCode::OK);
-    let post = async |path: &str, body: Value| {
-        p.client.post(p.url(path)).json(&body).send().await.unwrap()
-    };
-    let r = post("/api/v1/virtual_keys", json!({"name": "only"})).await;
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let post =
+        async |path: &str, body: Value| p.send_json(reqwest::Method::POST, path, &body).await;
+    let token = p.make_virtual_key(json!({"name": "only"})).await;
     let (status, _) = error_of(p.chat(hello("gpt-4o"), None).await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(
         p.chat(hello("gpt-4o"), Some(&token)).await.status(),
         StatusCode::OK
     );
-    let r = p
-        .client
-        .delete(p.url("/api/v1/virtual_keys/only"))
-        .send()
-        .await
-        .unwrap();
+    let r = p.delete("/api/v1/virtual_keys/only").await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     for credential in [None, Some(token.as_str())] {
         let (status, _) = error_of(p.chat(hello("gpt-4o"), credential).await).await;
@@ -941,17 +937,7 @@ async fn a_reload_keeps_the_virtual_keys_made_through_the_api() {
         addr: rx.await.unwrap(),
         client: reqwest::Client::new(),
     };
-    let made: Value = p
-        .client
-        .post(p.url("/api/v1/virtual_keys"))
-        .json(&json!({"name": "made"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = made["token"].as_str().unwrap().to_owned();
+    let token = p.make_virtual_key(json!({"name": "made"})).await;
 
     // The file now names another key; the watcher polls every two seconds (file
     // times may be coarse, so the size changes too).

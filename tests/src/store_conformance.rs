@@ -109,7 +109,7 @@ async fn split_store_announces_virtual_key_changes_through_the_counters() {
     use std::time::Duration;
 
     use apikeyrouter_application::ports::{StoreChange, VirtualKeyStore};
-    use apikeyrouter_domain::{Timestamp, VirtualKey};
+    use apikeyrouter_domain::Timestamp;
     use futures_util::StreamExt;
 
     let namespace = crate::support::fresh_namespace("split-vk");
@@ -122,17 +122,10 @@ async fn split_store_announces_virtual_key_changes_through_the_counters() {
             .await
             .expect("no change event")
     };
-    let key = VirtualKey {
-        name: "client".to_owned(),
-        token_sha256: "0".repeat(64),
-        tenant: None,
-        models: None,
-        rpm: None,
-        budget_usd: None,
-        created_at: Timestamp::from_millis(1_000),
-        revoked_at: None,
-    };
-    split.insert_virtual_key(key).await.unwrap();
+    split
+        .insert_virtual_key(crate::support::virtual_key("client", '0'))
+        .await
+        .unwrap();
     assert_eq!(next_change().await, Some(StoreChange::VirtualKeys));
     assert!(counters.list_virtual_keys().await.unwrap().is_empty());
     split
@@ -346,7 +339,7 @@ async fn redis_cluster_announces_key_budget_and_virtual_key_changes_and_opens_fr
     use apikeyrouter_application::ports::StoreChange;
     use apikeyrouter_domain::{
         ApiKey, Budget, BudgetPeriod, BudgetScope, Enforcement, KeyId, KeyMaterial, KeyMetadata,
-        Money, ProviderId, Timestamp, VirtualKey,
+        Money, ProviderId, Timestamp,
     };
     use futures_util::StreamExt;
 
@@ -387,16 +380,7 @@ async fn redis_cluster_announces_key_budget_and_virtual_key_changes_and_opens_fr
     writer.put_budget(budget, Money::ZERO, now).await.unwrap();
     writer.delete_key(&KeyId::new("k0")).await.unwrap();
     writer
-        .insert_virtual_key(VirtualKey {
-            name: "client".to_owned(),
-            token_sha256: "0".repeat(64),
-            tenant: None,
-            models: None,
-            rpm: None,
-            budget_usd: None,
-            created_at: now,
-            revoked_at: None,
-        })
+        .insert_virtual_key(crate::support::virtual_key("client", '0'))
         .await
         .unwrap();
     let mut seen = BTreeSet::new();
@@ -457,7 +441,7 @@ mod cases {
 
     type Store = Arc<dyn StateStore>;
 
-    use crate::support::base_now;
+    use crate::support::{base_now, virtual_key};
 
     fn key(id: &str, rpm: Option<u64>) -> ApiKey {
         ApiKey::new(
@@ -1709,19 +1693,6 @@ mod cases {
         let mut big = charge(2, "k1", None, 100.0);
         big.budget_ids = vec!["daily".to_owned()];
         store.reserve(&big).await.unwrap();
-    }
-
-    fn virtual_key(name: &str, digit: char) -> VirtualKey {
-        VirtualKey {
-            name: name.to_owned(),
-            token_sha256: digit.to_string().repeat(64),
-            tenant: None,
-            models: None,
-            rpm: None,
-            budget_usd: None,
-            created_at: base_now(),
-            revoked_at: None,
-        }
     }
 
     pub(super) async fn virtual_keys_are_unique_by_name_listed_in_order_and_revoked(store: Store) {

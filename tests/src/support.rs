@@ -152,3 +152,17 @@ pub async fn wait_out_a_late_minute() {
         tokio::time::sleep(Duration::from_millis(60_100 - into_minute as u64)).await;
     }
 }
+
+/// An active virtual key record named `name` whose digest is `digit` 64 times.
+pub fn virtual_key(name: &str, digit: char) -> apikeyrouter_domain::VirtualKey {
+    apikeyrouter_domain::VirtualKey {
+        name: name.to_owned(),
+        token_sha256: digit.to_string().repeat(64),
+        tenant: None,
+        models: None,
+        rpm: None,
+        budget_usd: None,
+        created_at: base_now(),
+        revoked_at: None,
+    }
+}

@@ -3,7 +3,7 @@
 
 use apikeyrouter_application::ports::{StoreError, StoreErrorKind};
 use apikeyrouter_application::services::BudgetServiceError;
-use apikeyrouter_domain::{Money, VirtualKey, VirtualKeyError};
+use apikeyrouter_domain::{BudgetStatus, Money, VirtualKey, VirtualKeyError};
 
 use crate::ApiKeyRouter;
 use crate::config::{virtual_key_budget, virtual_key_budget_id};
@@ -33,7 +33,10 @@ impl ApiKeyRouter {
     ///
     /// # Errors
     /// See [`AddVirtualKeyError`].
-    pub async fn add_virtual_key(&self, key: VirtualKey) -> Result<(), AddVirtualKeyError> {
+    pub async fn add_virtual_key(
+        &self,
+        key: VirtualKey,
+    ) -> Result<(VirtualKey, Option<BudgetStatus>), AddVirtualKeyError> {
         key.validate()?;
         // Named first: a key's own budget must not hide that the key exists.
         let existing = self.core().virtual_keys().await;
@@ -58,18 +61,19 @@ impl ApiKeyRouter {
             .transpose()
             .map_err(|_| VirtualKeyError::Budget)?;
         let name = key.name.clone();
-        match self.core().insert_virtual_key(key).await {
-            Ok(()) => {}
+        let stored = match self.core().insert_virtual_key(key).await {
+            Ok(stored) => stored,
             Err(e) if e.kind == StoreErrorKind::Conflict => {
                 return Err(AddVirtualKeyError::NameTaken(name));
             }
             Err(e) => return Err(AddVirtualKeyError::Store(e)),
-        }
-        let Some(budget) = budget else {
-            return Ok(());
         };
-        let Err(e) = self.core().budgets().put(budget, Money::ZERO).await else {
-            return Ok(());
+        let Some(budget) = budget else {
+            return Ok((stored, None));
+        };
+        let e = match self.core().budgets().put(budget, Money::ZERO).await {
+            Ok(status) => return Ok((stored, Some(status))),
+            Err(e) => e,
         };
         if let Err(undo) = self.core().revoke_virtual_key(&name).await {
             tracing::error!(virtual_key = %name, error = %undo, "virtual key left without its budget: revoke it");
@@ -78,40 +82,37 @@ impl ApiKeyRouter {
     }
 
     /// Gives an active virtual key made at run time `key`'s limits (tenant, models,
-    /// rpm, budget) under the same token. A new budget limit keeps this month's spend;
-    /// no limit removes the budget.
+    /// rpm, budget) under the same token. The budget follows what is stored: a new
+    /// limit keeps this month's spend, an unchanged one is left alone (putting it
+    /// again would drop its reservations), no limit removes it.
     ///
     /// # Errors
     /// `Invalid` for malformed limits, `NotFound` for an unknown key, `Conflict` for a
     /// revoked one, or a store failure.
     pub async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
-        let before = self
-            .core()
-            .virtual_keys()
-            .await?
-            .into_iter()
-            .find(|k| k.name == key.name);
         self.core().update_virtual_key(key.clone()).await?;
-        if before.and_then(|k| k.budget_usd) == key.budget_usd {
-            return Ok(());
-        }
         let budgets = self.core().budgets();
         let id = virtual_key_budget_id(&key.name);
+        let current = match budgets.get(&id).await {
+            Ok(status) => Some(status),
+            Err(BudgetServiceError::NotFound(_)) => None,
+            Err(e) => return Err(store_error(e)),
+        };
         match key.budget_usd {
             Some(usd) => {
                 let budget = virtual_key_budget(&key.name, usd)
                     .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e))?;
-                let spent = match budgets.get(&id).await {
-                    Ok(status) => status.spent,
-                    Err(BudgetServiceError::NotFound(_)) => Money::ZERO,
-                    Err(e) => return Err(store_error(e)),
-                };
+                if current.as_ref().is_some_and(|c| c.limit == budget.limit) {
+                    return Ok(());
+                }
+                let spent = current.map_or(Money::ZERO, |c| c.spent);
                 budgets.put(budget, spent).await.map_err(store_error)?;
             }
-            None => match budgets.remove(&id).await {
+            None if current.is_some() => match budgets.remove(&id).await {
                 Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
                 Err(e) => return Err(store_error(e)),
             },
+            None => {}
         }
         Ok(())
     }

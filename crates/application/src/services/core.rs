@@ -490,20 +490,21 @@ impl ApiKeyRouterCore {
         self.shared.records.flushed(timeout).await
     }
 
-    /// Stores a virtual key made now (its `created_at` is set from the router's clock).
+    /// Stores a virtual key made now (its `created_at` is set from the router's clock);
+    /// returns the record stored.
     ///
     /// # Errors
     /// `Invalid` for a malformed key, `Conflict` when its name is taken, or the store's
     /// error.
-    pub async fn insert_virtual_key(&self, mut key: VirtualKey) -> Result<(), StoreError> {
+    pub async fn insert_virtual_key(&self, mut key: VirtualKey) -> Result<VirtualKey, StoreError> {
         key.created_at = self.shared.clock.now();
         key.revoked_at = None;
         key.validate()
             .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
-        let inserted = self.shared.store.insert_virtual_key(key).await;
+        let inserted = self.shared.store.insert_virtual_key(key.clone()).await;
         // Even after an error: the write may have landed before the failure.
         self.shared.virtual_keys_changed();
-        inserted
+        inserted.map(|()| key)
     }
 
     /// The stored virtual keys, revoked ones included, in name order.

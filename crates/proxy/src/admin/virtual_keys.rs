@@ -68,10 +68,10 @@ struct View {
 }
 
 impl View {
-    fn stored(key: VirtualKey, budgets: &mut HashMap<String, BudgetStatus>) -> Self {
+    fn stored(key: VirtualKey, budget: Option<BudgetStatus>) -> Self {
         Self {
             object: "virtual_key",
-            budget: budgets.remove(&virtual_key_budget_id(&key.name)),
+            budget,
             name: key.name,
             source: "api",
             tenant: key.tenant,
@@ -83,10 +83,10 @@ impl View {
         }
     }
 
-    fn file(key: &crate::auth::VirtualKey, budgets: &mut HashMap<String, BudgetStatus>) -> Self {
+    fn file(key: &crate::auth::VirtualKey, budget: Option<BudgetStatus>) -> Self {
         Self {
             object: "virtual_key",
-            budget: budgets.remove(&virtual_key_budget_id(&key.name)),
+            budget,
             name: key.name.clone(),
             source: "config",
             tenant: key.tenant.clone(),
@@ -158,14 +158,17 @@ async fn views(state: &AppState) -> Result<Vec<View>, ApiError> {
     let mut views: Vec<View> = auth
         .clients()
         .filter(|v| !v.stored)
-        .map(|v| View::file(v, &mut budgets))
+        .map(|v| View::file(v, budgets.remove(&virtual_key_budget_id(&v.name))))
         .collect();
     let file_names = auth.file_names();
     views.extend(
         stored
             .into_iter()
             .filter(|v| !file_names.contains(&v.name))
-            .map(|v| View::stored(v, &mut budgets)),
+            .map(|v| {
+                let budget = budgets.remove(&virtual_key_budget_id(&v.name));
+                View::stored(v, budget)
+            }),
     );
     views.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     Ok(views)
@@ -230,9 +233,8 @@ pub async fn create(
         return Err(exists(&key.name, " in the config file"));
     }
     let name = key.name.clone();
-    let submitted = key.clone();
-    match state.router.add_virtual_key(key).await {
-        Ok(()) => {}
+    let (stored, budget) = match state.router.add_virtual_key(key).await {
+        Ok(added) => added,
         Err(AddVirtualKeyError::Invalid(e)) => return Err(invalid(&e)),
         Err(AddVirtualKeyError::NameTaken(_)) => return Err(exists(&name, "")),
         Err(AddVirtualKeyError::BudgetTaken(id)) => {
@@ -245,27 +247,9 @@ pub async fn create(
             .with_param("name"));
         }
         Err(AddVirtualKeyError::Store(e)) => return Err(store_error(e)),
-    }
+    };
     apply_now(&state).await;
-    // From here on the key exists: whatever fails, the token must reach the caller.
-    let stored = state
-        .router
-        .virtual_keys()
-        .await
-        .ok()
-        .and_then(|keys| keys.into_iter().find(|k| k.name == name));
-    let mut budgets = HashMap::new();
-    let budget_id = virtual_key_budget_id(&name);
-    match state.router.core().budgets().get(&budget_id).await {
-        Ok(status) => {
-            budgets.insert(budget_id, status);
-        }
-        Err(e) => {
-            tracing::debug!(virtual_key = %name, error = %e, "budget of a new virtual key not read back")
-        }
-    }
-    // The stored record (with the router's created_at), else what was submitted.
-    let view = View::stored(stored.unwrap_or(submitted), &mut budgets);
+    let view = View::stored(stored, budget);
     Ok((
         StatusCode::CREATED,
         Json(View {
