@@ -6,7 +6,8 @@
 //! - a hard budget is never exceeded;
 //! - a key disabled through one instance gets no traffic from the other a second later;
 //! - a virtual key made through one instance is accepted by the others (one started
-//!   later too), and refused by all once revoked;
+//!   later too), and refused by all once revoked; with MongoDB alone (no change
+//!   events) through the periodic re-read, its budget too;
 //! - the audit trail in MongoDB has exactly one record per request.
 //!
 //! Needs Redis and the MongoDB-compatible server of `cargo xtask services up`
@@ -424,5 +425,110 @@ rpm = 3
     let unique_ids: BTreeSet<_> = ids.iter().cloned().collect();
     assert_eq!(ids.len(), unique_ids.len(), "duplicate audit records");
     assert_eq!(unique_ids, sent.into_iter().collect::<BTreeSet<_>>());
+    let _ = db.drop().await;
+}
+
+/// Polls `ask` every 250 ms until it is true, failing after 15 s (the proxies re-read
+/// stored virtual keys and budgets every 10 s) with `what`.
+async fn eventually(what: &str, mut ask: impl AsyncFnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !ask().await {
+        assert!(started.elapsed() < Duration::from_secs(15), "{what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Two instances sharing only MongoDB, which has no change events: a virtual key
+/// made on one, and its budget, reach the other at its next periodic re-read; revoked
+/// on the first, the key is refused by the other after its next re-read.
+#[tokio::test]
+async fn instances_sharing_only_mongodb_see_virtual_keys_and_their_budgets() {
+    let mongo =
+        std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".to_owned());
+    let unique = format!(
+        "vkmongo{}x{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let config = format!(
+        r#"listen = "127.0.0.1:0"
+[store]
+kind = "mongodb"
+url = "{mongo}"
+database = "{unique}"
+[[providers]]
+id = "openai"
+kind = "simulated"
+models = ["gpt-4o"]
+[[keys]]
+provider = "openai"
+material = "sk-vk-mongo-0001"
+"#
+    );
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{unique}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let one = Instance::start(&path);
+    let two = Instance::start(&path);
+    let client = reqwest::Client::new();
+    let made: Value = client
+        .post(format!("{}/api/v1/virtual_keys", one.base))
+        .json(&json!({"name": "shared", "budget_usd": 2.0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = made["token"].as_str().unwrap_or_else(|| panic!("{made}"));
+    let status_on_two = async || {
+        client
+            .post(format!("{}/v1/chat/completions", two.base))
+            .bearer_auth(token)
+            .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    eventually("the other instance never accepted the key", async || {
+        status_on_two().await == 200
+    })
+    .await;
+    eventually(
+        "the other instance never read the key's budget",
+        async || {
+            let budgets = client
+                .get(format!("{}/api/v1/budgets", two.base))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            budgets.contains("virtual-key-shared")
+        },
+    )
+    .await;
+    let revoked = client
+        .delete(format!("{}/api/v1/virtual_keys/shared", one.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 204);
+    eventually(
+        "the other instance kept accepting a revoked key",
+        async || status_on_two().await == 401,
+    )
+    .await;
+    one.stop();
+    two.stop();
+    let db = mongodb::Client::with_uri_str(&mongo)
+        .await
+        .unwrap()
+        .database(&unique);
     let _ = db.drop().await;
 }
