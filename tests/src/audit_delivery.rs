@@ -152,3 +152,122 @@ async fn a_reused_request_id_never_replaces_the_first_record() {
         assert_eq!(record.tags["question"], question, "{id}");
     }
 }
+
+/// Routes `n` requests on a thread of its own with its own single-threaded runtime,
+/// as the proxy's serving threads do; the runtime stays up (its lane delivering) until
+/// `stop` fires. Returns the ids once routed.
+fn serving_thread(
+    router: apikeyrouter::ApiKeyRouter,
+    tag: &'static str,
+    n: usize,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> (
+    std::thread::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<Vec<RequestId>>,
+) {
+    let (ids_tx, ids_rx) = tokio::sync::oneshot::channel();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut ids = Vec::new();
+            for i in 0..n {
+                let r = router
+                    .route(
+                        ask("gpt-4o-mini", &format!("{tag}{i}")),
+                        Objective::default(),
+                    )
+                    .await
+                    .expect("served");
+                ids.push(r.request_id);
+            }
+            let _ = ids_tx.send(ids);
+            let _ = stop.await;
+        });
+    });
+    (thread, ids_rx)
+}
+
+/// Each thread hands its records to a worker on its own runtime; a flush waits for
+/// every thread's, whichever thread asks, and each thread's arrive in its order.
+#[tokio::test]
+async fn records_from_several_serving_threads_are_all_waited_for_and_delivered() {
+    let sink = Arc::new(FlakySink::default());
+    sink.down.store(true, Ordering::SeqCst);
+    let h = harness(sink.clone(), 100).await;
+    let mut threads = Vec::new();
+    let mut stops = Vec::new();
+    let mut by_thread = Vec::new();
+    for tag in ["a", "b", "c"] {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let (thread, ids) = serving_thread(h.router.clone(), tag, 5, stop_rx);
+        threads.push(thread);
+        stops.push(stop_tx);
+        by_thread.push(ids.await.expect("thread routed"));
+    }
+    assert!(!h.router.flush_records(Duration::from_millis(300)).await);
+    let stats = h.router.record_delivery();
+    assert_eq!((stats.pending, stats.delivered, stats.dropped), (15, 0, 0));
+
+    sink.down.store(false, Ordering::SeqCst);
+    assert!(h.router.flush_records(Duration::from_secs(10)).await);
+    let received = sink.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 15, "{received:?}");
+    for ids in &by_thread {
+        let arrived: Vec<_> = received.iter().filter(|id| ids.contains(id)).collect();
+        assert_eq!(
+            arrived,
+            ids.iter().collect::<Vec<_>>(),
+            "in the thread's order"
+        );
+    }
+    let stats = h.router.record_delivery();
+    assert_eq!((stats.pending, stats.delivered, stats.dropped), (0, 15, 0));
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for thread in threads {
+        thread.join().expect("thread ended cleanly");
+    }
+}
+
+/// A runtime that ends takes its worker, and the records it still held, with it: they
+/// are counted as dropped, a flush does not wait for them, and a later runtime on the
+/// same thread delivers again.
+#[test]
+fn a_runtime_that_ends_loses_only_its_own_pending_records_and_says_so() {
+    let new_runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let sink = Arc::new(FlakySink::default());
+    sink.down.store(true, Ordering::SeqCst);
+    let first = new_runtime();
+    let h = first.block_on(async {
+        let h = harness(sink.clone(), 100).await;
+        route_n(&h, 3).await;
+        h
+    });
+    drop(first);
+
+    sink.down.store(false, Ordering::SeqCst);
+    let second = new_runtime();
+    second.block_on(async {
+        let stats = h.router.record_delivery();
+        assert_eq!((stats.pending, stats.dropped), (3, 0), "{stats:?}");
+        // The ended lane is let go rather than waited for.
+        assert!(h.router.flush_records(Duration::from_secs(5)).await);
+        let stats = h.router.record_delivery();
+        assert_eq!((stats.pending, stats.dropped), (0, 3), "{stats:?}");
+
+        let ids = route_n(&h, 2).await;
+        assert!(h.router.flush_records(Duration::from_secs(5)).await);
+        assert_eq!(*sink.received.lock().unwrap(), ids);
+        let stats = h.router.record_delivery();
+        assert_eq!((stats.pending, stats.delivered, stats.dropped), (0, 2, 3));
+    });
+}
