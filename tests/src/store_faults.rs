@@ -115,6 +115,8 @@ async fn fail_closed_answers_503_then_recovers_and_delivers_the_outage_records()
 kind = "redis"
 url = "{}"
 on_unavailable = "fail_closed"
+[admin]
+token_env = "FAULTS_ADMIN"
 [[providers]]
 id = "sim"
 kind = "simulated"
@@ -125,7 +127,8 @@ material = "sk-sim-fault-000001"
 "#,
         redis.url()
     );
-    let config = apikeyrouter::config::Config::parse(&text, "faults.toml", &[]).expect("config");
+    let vars = [("FAULTS_ADMIN".to_owned(), "faults-admin-token".to_owned())];
+    let config = apikeyrouter::config::Config::parse(&text, "faults.toml", &vars).expect("config");
     let base = format!("http://{}", crate::support::spawn_proxy(&config).await);
     let client = reqwest::Client::new();
     let chat = |id: &str| {
@@ -146,6 +149,16 @@ material = "sk-sim-fault-000001"
     assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
     let ready = client.get(format!("{base}/ready")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The management API says the same, in the same shape: worth retrying.
+    let budgets = client
+        .get(format!("{base}/api/v1/budgets"))
+        .bearer_auth("faults-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(budgets.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = budgets.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
 
     redis.resume();
     let mut n = 0;
@@ -162,6 +175,7 @@ material = "sk-sim-fault-000001"
     for id in ["before", "during", &format!("after-{n}")] {
         let record: Value = client
             .get(format!("{base}/api/v1/requests/{id}"))
+            .bearer_auth("faults-admin-token")
             .send()
             .await
             .unwrap()
@@ -172,6 +186,7 @@ material = "sk-sim-fault-000001"
     }
     let record: Value = client
         .get(format!("{base}/api/v1/requests/during"))
+        .bearer_auth("faults-admin-token")
         .send()
         .await
         .unwrap()

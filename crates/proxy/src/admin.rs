@@ -8,6 +8,7 @@ use std::sync::Arc;
 use apikeyrouter::config::BudgetConfig;
 use apikeyrouter::{
     Budget, BudgetServiceError, KeyId, KeyMetadata, KeyServiceError, KeyState, Money, RequestId,
+    StoreError, StoreErrorKind,
 };
 use axum::Json;
 use axum::body::Bytes;
@@ -46,12 +47,7 @@ fn key_error(e: KeyServiceError) -> ApiError {
         KeyServiceError::NotFound(id) => {
             ApiError::not_found("key_not_found", format!("Key {id} not found."))
         }
-        KeyServiceError::Store(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            "store_unavailable",
-            "The state store is unavailable.",
-        ),
+        KeyServiceError::Store(e) => store_error(&e),
         KeyServiceError::Transition(t) => ApiError::new(
             StatusCode::CONFLICT,
             "invalid_request_error",
@@ -62,14 +58,35 @@ fn key_error(e: KeyServiceError) -> ApiError {
     }
 }
 
-fn store_error(e: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(error = %e, "store failure in management API");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "service_unavailable",
-        "store_unavailable",
-        "The state store is unavailable.",
-    )
+/// A store failure as the management API answers it: an unreachable store is 503
+/// (worth retrying), a change that raced another one 409, a record gone meanwhile 404,
+/// anything else 500. Store messages name the record, never key material.
+fn store_error(e: &StoreError) -> ApiError {
+    tracing::warn!(error = %e, kind = ?e.kind, "store failure in management API");
+    match e.kind {
+        StoreErrorKind::Unavailable => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "store_unavailable",
+            "The state store is unavailable.",
+        ),
+        StoreErrorKind::Conflict => ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "conflict",
+            format!(
+                "The change conflicts with another made at the same time ({}); read the record again and retry.",
+                e.message
+            ),
+        ),
+        StoreErrorKind::NotFound => ApiError::not_found("not_found", format!("{}.", e.message)),
+        StoreErrorKind::Invalid | StoreErrorKind::Internal => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "store_error",
+            format!("The state store failed: {}.", e.message),
+        ),
+    }
 }
 
 #[derive(Deserialize)]
@@ -127,7 +144,7 @@ pub async fn create_key(
             "duplicate_key",
             format!("Key id {id} is already in use."),
         )),
-        Err(apikeyrouter::RegisterKeyError::Store(e)) => Err(store_error(e)),
+        Err(apikeyrouter::RegisterKeyError::Store(e)) => Err(store_error(&e)),
         Err(e) => Err(ApiError::bad_request("invalid_request", e.to_string())),
     }
 }
@@ -288,7 +305,7 @@ pub async fn list_budgets(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
 ) -> Result<Response, ApiError> {
-    let budgets = state.router.budgets().await.map_err(store_error)?;
+    let budgets = state.router.budgets().await.map_err(budget_error)?;
     Ok(Json(json!({ "object": "list", "data": budgets })).into_response())
 }
 
@@ -330,7 +347,13 @@ fn budget_error(e: BudgetServiceError) -> ApiError {
             ApiError::not_found("budget_not_found", format!("Budget {id} not found."))
         }
         BudgetServiceError::Invalid(e) => ApiError::bad_request("invalid_value", e.to_string()),
-        other => store_error(other),
+        BudgetServiceError::Store(e) => store_error(&e),
+        other => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "budget_error",
+            other.to_string(),
+        ),
     }
 }
 
@@ -487,12 +510,62 @@ pub async fn request_record(
         .router
         .request(&RequestId::new(id.as_str()))
         .await
-        .map_err(store_error)?
+        .map_err(|e| store_error(&e))?
     {
         Some(record) => Ok(Json(record).into_response()),
         None => Err(ApiError::not_found(
             "request_not_found",
             format!("No record of request {id} (never seen, or past retention)."),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::to_bytes;
+
+    use super::*;
+
+    async fn answer(kind: StoreErrorKind) -> (StatusCode, serde_json::Value) {
+        let response = store_error(&StoreError::new(kind, "budget b1")).into_response();
+        let status = response.status();
+        let body = to_bytes(response.into_body(), 4096).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// Only an unreachable store asks the client to come back later; a race, a record
+    /// gone and a store that refuses say so, naming the record.
+    #[tokio::test]
+    async fn store_failures_answer_by_their_kind() {
+        let cases = [
+            (
+                StoreErrorKind::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+            ),
+            (StoreErrorKind::Conflict, StatusCode::CONFLICT, "conflict"),
+            (StoreErrorKind::NotFound, StatusCode::NOT_FOUND, "not_found"),
+            (
+                StoreErrorKind::Invalid,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_error",
+            ),
+            (
+                StoreErrorKind::Internal,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_error",
+            ),
+        ];
+        for (kind, status, code) in cases {
+            let (got, body) = answer(kind).await;
+            assert_eq!(got, status, "{kind:?}: {body}");
+            assert_eq!(body["error"]["code"], code, "{kind:?}: {body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            if kind == StoreErrorKind::Unavailable {
+                assert_eq!(message, "The state store is unavailable.");
+            } else {
+                assert!(message.contains("budget b1"), "{kind:?}: {message}");
+            }
+        }
     }
 }

@@ -23,7 +23,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Admin, store_error};
+use super::{Admin, budget_error, store_error};
 use crate::auth::digest_hex;
 use crate::errors::ApiError;
 use crate::openai::parse_json;
@@ -145,12 +145,16 @@ fn random_text(count: usize) -> Result<String, ApiError> {
 
 /// Every virtual key's view, file's and stored, in name order.
 async fn views(state: &AppState) -> Result<Vec<View>, ApiError> {
-    let stored = state.router.virtual_keys().await.map_err(store_error)?;
+    let stored = state
+        .router
+        .virtual_keys()
+        .await
+        .map_err(|e| store_error(&e))?;
     let mut budgets: HashMap<String, BudgetStatus> = state
         .router
         .budgets()
         .await
-        .map_err(store_error)?
+        .map_err(budget_error)?
         .into_iter()
         .map(|b| (b.budget_id.clone(), b))
         .collect();
@@ -246,7 +250,7 @@ pub async fn create(
             )
             .with_param("name"));
         }
-        Err(AddVirtualKeyError::Store(e)) => return Err(store_error(e)),
+        Err(AddVirtualKeyError::Store(e)) => return Err(store_error(&e)),
     };
     apply_now(&state).await;
     let view = View::stored(stored, budget);
@@ -278,7 +282,7 @@ pub async fn update(
         .router
         .virtual_keys()
         .await
-        .map_err(store_error)?
+        .map_err(|e| store_error(&e))?
         .into_iter()
         .find(|k| k.name == name)
     else {
@@ -341,7 +345,7 @@ pub async fn update(
                 format!("Virtual key {name} is revoked; make a new one."),
             ));
         }
-        Err(e) => return Err(store_error(e)),
+        Err(e) => return Err(store_error(&e)),
     }
     apply_now(&state).await;
     views(&state)
@@ -377,7 +381,7 @@ pub async fn delete(
         // Refused here before the answer, whether or not the store can be re-read.
         Ok(revoked) => state.revoke_locally(&revoked.token_sha256).await,
         Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
-        Err(e) => return Err(store_error(e)),
+        Err(e) => return Err(store_error(&e)),
     }
     apply_now(&state).await;
     Ok(StatusCode::NO_CONTENT.into_response())
