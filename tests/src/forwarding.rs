@@ -198,6 +198,13 @@ impl VirtualKeyStore for Forwarding {
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         self.inner.update_virtual_key(key).await
     }
+    async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError> {
+        self.inner.rotate_virtual_key(name, token_sha256).await
+    }
     async fn revoke_virtual_key(
         &self,
         name: &str,

@@ -864,6 +864,79 @@ async fn virtual_keys_change_their_limits_under_the_same_token() {
     );
 }
 
+/// Rotating a virtual key gives it a new token under the same name, limits and budget
+/// (spend kept): the old token is refused at once, the new one works, and the budget
+/// keeps counting. Revoked keys, keys of the file and unknown names cannot be rotated.
+#[tokio::test]
+async fn rotating_a_virtual_key_replaces_its_token_and_keeps_the_rest() {
+    let extra = r#"
+[[virtual_keys]]
+name = "from-file"
+token_env = "CLIENT_FILE"
+"#;
+    let p = Proxy::start(extra, &[("CLIENT_FILE", "sk-client-file-token")]).await;
+    crate::support::wait_out_a_late_minute().await;
+    let old = p
+        .make_virtual_key(json!({"name": "team", "rpm": 50, "budget_usd": 5.0}))
+        .await;
+    assert_eq!(
+        p.chat(hello("gpt-4o-mini"), Some(&old)).await.status(),
+        StatusCode::OK
+    );
+    let rotate = async |name: &str| {
+        let path = format!("/api/v1/virtual_keys/{name}/rotate");
+        p.send_json(reqwest::Method::POST, &path, &json!({})).await
+    };
+    let r = rotate("team").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let rotated: Value = r.json().await.unwrap();
+    let new = rotated["token"].as_str().expect("the new token").to_owned();
+    assert!(new.starts_with("sk-akr-") && new != old, "{rotated}");
+    assert_eq!(
+        (rotated["name"].as_str(), rotated["rpm"].as_u64()),
+        (Some("team"), Some(50))
+    );
+    assert_eq!(rotated["budget"]["limit"], 5.0, "{rotated}");
+    let spent_before = rotated["budget"]["spent"].as_f64().unwrap();
+    assert!(spent_before > 0.0, "spend kept: {rotated}");
+
+    let (status, body) = error_of(p.chat(hello("gpt-4o-mini"), Some(&old)).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(
+        p.chat(hello("gpt-4o-mini"), Some(&new)).await.status(),
+        StatusCode::OK
+    );
+    let listed = p.get_json("/api/v1/virtual_keys/team").await;
+    assert!(listed.get("token").is_none(), "{listed}");
+    assert!(
+        listed["budget"]["spent"].as_f64().unwrap() > spent_before,
+        "the new token spends the same budget: {listed}"
+    );
+
+    for (name, status, code) in [
+        ("from-file", StatusCode::CONFLICT, "defined_in_config"),
+        ("nobody", StatusCode::NOT_FOUND, "virtual_key_not_found"),
+    ] {
+        let (got, err) = error_of(rotate(name).await).await;
+        assert_eq!(
+            (got, err["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        p.delete("/api/v1/virtual_keys/team").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let (got, err) = error_of(rotate("team").await).await;
+    assert_eq!(
+        (got, err["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("virtual_key_revoked"))
+    );
+    let (status, _) = error_of(p.chat(hello("gpt-4o-mini"), Some(&new)).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
 /// Without virtual keys in the file, /v1 is open until the API makes one, and stays
 /// closed once the last is revoked; a budget that would limit a new key's requests
 /// (its id is the key's budget id) is refused with 409 whether or not the key asks

@@ -61,6 +61,7 @@ macro_rules! conformance_suite {
                 quota_snapshot_reports_capacity_and_prediction,
                 request_log_round_trips,
                 virtual_keys_are_unique_by_name_listed_in_order_and_revoked,
+                virtual_key_rotation_replaces_the_digest_alone,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -419,6 +420,51 @@ async fn redis_cluster_charge_round_trips() {
 /// server.
 async fn redis_store() -> RedisStore {
     crate::support::redis_store_in(&crate::support::fresh_namespace("conformance")).await
+}
+
+/// Redis writes a limits update as the whole record it read: one that read before a
+/// rotation must not write the old digest back after it. Each rotation's answer says
+/// what digest it replaced, which must be the one the rotation before set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limits_updates_racing_rotations_never_bring_an_old_token_back() {
+    use apikeyrouter_application::ports::{StoreErrorKind, VirtualKeyStore};
+
+    let store = Arc::new(redis_store().await);
+    let key = crate::support::virtual_key("racer", '0');
+    store.insert_virtual_key(key.clone()).await.unwrap();
+    // Under this much contention an update may give up (Conflict, "kept changing"),
+    // which the management API answers 409: retry. It must never win wrongly.
+    let updates = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut last_applied = None;
+            for rpm in 1..=300 {
+                let limits = apikeyrouter_domain::VirtualKey {
+                    rpm: Some(rpm),
+                    ..crate::support::virtual_key("racer", '0')
+                };
+                match store.update_virtual_key(limits).await {
+                    Ok(()) => last_applied = Some(rpm),
+                    Err(e) => assert_eq!(e.kind, StoreErrorKind::Conflict, "{e}"),
+                }
+            }
+            last_applied
+        })
+    };
+    let mut current = key.token_sha256.clone();
+    for i in 0..300u32 {
+        let next = format!("{i:064x}");
+        let before = store.rotate_virtual_key("racer", &next).await.unwrap();
+        assert_eq!(
+            before.token_sha256, current,
+            "rotation {i} replaced a digest put back"
+        );
+        current = next;
+    }
+    let last_applied = updates.await.unwrap();
+    assert!(last_applied.is_some(), "no update got through");
+    let last = store.list_virtual_keys().await.unwrap().remove(0);
+    assert_eq!((last.token_sha256, last.rpm), (current, last_applied));
 }
 
 /// The cases, each a function of a fresh, empty store.
@@ -1788,6 +1834,66 @@ mod cases {
             Some(at)
         );
         store.announce_virtual_keys().await.unwrap();
+    }
+
+    pub(super) async fn virtual_key_rotation_replaces_the_digest_alone(store: Store) {
+        let limited = VirtualKey {
+            tenant: Some(TenantId::new("customer-a")),
+            models: Some(vec![ModelId::new("gpt-4o-mini")]),
+            rpm: Some(7),
+            budget_usd: Some(3.25),
+            ..virtual_key("team-r", '1')
+        };
+        store.insert_virtual_key(limited.clone()).await.unwrap();
+        let new_digest = "ab".repeat(32);
+        let before = store
+            .rotate_virtual_key("team-r", &new_digest)
+            .await
+            .unwrap();
+        assert_eq!(before, limited, "the record as it was, old digest included");
+        let rotated = VirtualKey {
+            token_sha256: new_digest.clone(),
+            ..limited.clone()
+        };
+        assert_eq!(
+            store.list_virtual_keys().await.unwrap(),
+            std::slice::from_ref(&rotated)
+        );
+
+        // A limits update after it keeps the new digest (Redis writes the whole record
+        // back, and must not write the old one).
+        store
+            .update_virtual_key(VirtualKey {
+                rpm: Some(8),
+                ..limited.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            store.list_virtual_keys().await.unwrap(),
+            [VirtualKey {
+                rpm: Some(8),
+                ..rotated.clone()
+            }]
+        );
+
+        let err = store
+            .rotate_virtual_key("nobody", &new_digest)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
+        let at = base_now().plus(Duration::from_secs(5));
+        store.revoke_virtual_key("team-r", at).await.unwrap();
+        let err = store
+            .rotate_virtual_key("team-r", &"cd".repeat(32))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Conflict, "{err}");
+        let listed = store.list_virtual_keys().await.unwrap();
+        assert_eq!(
+            listed[0].token_sha256, new_digest,
+            "a revoked key keeps its digest"
+        );
     }
 
     pub(super) async fn observed_quota_blocks_until_its_reset(store: Store) {

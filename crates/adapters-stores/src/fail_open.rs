@@ -491,6 +491,14 @@ impl VirtualKeyStore for FailOpenStore {
         self.remote.update_virtual_key(key).await
     }
 
+    async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError> {
+        self.remote.rotate_virtual_key(name, token_sha256).await
+    }
+
     async fn revoke_virtual_key(
         &self,
         name: &str,

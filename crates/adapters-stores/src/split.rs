@@ -325,6 +325,16 @@ impl VirtualKeyStore for SplitStore {
         self.announce_virtual_keys().await
     }
 
+    async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError> {
+        let before = self.records.rotate_virtual_key(name, token_sha256).await?;
+        self.announce_virtual_keys().await?;
+        Ok(before)
+    }
+
     async fn revoke_virtual_key(
         &self,
         name: &str,

@@ -125,6 +125,21 @@ impl ApiKeyRouter {
         self.core().virtual_keys().await
     }
 
+    /// Gives a virtual key made at run time a new token (its SHA-256 digest,
+    /// `token_sha256`) under the same name, limits and budget; returns its record as
+    /// it was, whose digest is the token to refuse from now on.
+    ///
+    /// # Errors
+    /// `Invalid` for a malformed digest, `NotFound` for an unknown key, `Conflict`
+    /// for a revoked one, or a store failure.
+    pub async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError> {
+        self.core().rotate_virtual_key(name, token_sha256).await
+    }
+
     /// Revokes a virtual key made at run time (again, if it was: its budget's
     /// removal is retried) and removes its budget; returns its record. A budget that
     /// cannot be removed is logged: the key is revoked, which is what counts.

@@ -86,6 +86,10 @@ fn routes(state: Arc<AppState>) -> Router {
                 .patch(admin::virtual_keys::update)
                 .delete(admin::virtual_keys::delete),
         )
+        .route(
+            "/api/v1/virtual_keys/{id}/rotate",
+            post(admin::virtual_keys::rotate),
+        )
         .route("/api/v1/policies", get(admin::policies))
         .route("/api/v1/providers", get(admin::providers))
         .route("/api/v1/requests/{id}", get(admin::request_record))

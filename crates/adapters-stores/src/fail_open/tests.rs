@@ -217,6 +217,14 @@ impl VirtualKeyStore for Switchable {
         self.up()?;
         self.inner.update_virtual_key(key).await
     }
+    async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError> {
+        self.up()?;
+        self.inner.rotate_virtual_key(name, token_sha256).await
+    }
     async fn revoke_virtual_key(
         &self,
         name: &str,

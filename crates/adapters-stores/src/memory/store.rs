@@ -595,6 +595,29 @@ impl VirtualKeyStore for MemoryStore {
         Ok(())
     }
 
+    async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError> {
+        let mut keys = lock(&self.virtual_keys);
+        let stored = keys.get_mut(name).ok_or_else(|| {
+            StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("virtual key {name} not found"),
+            )
+        })?;
+        if !stored.is_active() {
+            return Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("virtual key {name} is revoked"),
+            ));
+        }
+        let before = stored.clone();
+        token_sha256.clone_into(&mut stored.token_sha256);
+        Ok(before)
+    }
+
     async fn revoke_virtual_key(
         &self,
         name: &str,

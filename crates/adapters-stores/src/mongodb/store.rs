@@ -1589,6 +1589,45 @@ impl VirtualKeyStore for MongoStore {
 
     /// One conditional update (only a key not yet revoked is marked), then a read
     /// for a key revoked before.
+    /// One conditional update of the digest field alone, so it cannot undo a limits
+    /// update made at the same time (nor be undone by one).
+    async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError> {
+        let failed = |e| map_err(VIRTUAL_KEYS, "rotate a virtual key", e);
+        let before = self
+            .virtual_keys
+            .find_one_and_update(
+                doc! { "_id": name, "revoked_at": null },
+                doc! { "$set": { "token_sha256": token_sha256 } },
+            )
+            .return_document(ReturnDocument::Before)
+            .await
+            .map_err(failed)?;
+        if let Some(raw) = before {
+            return bson::from_document(raw).map_err(|_| malformed(VIRTUAL_KEYS, name));
+        }
+        let exists = self
+            .virtual_keys
+            .find_one(doc! { "_id": name })
+            .await
+            .map_err(failed)?
+            .is_some();
+        Err(if exists {
+            StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("virtual key {name} is revoked"),
+            )
+        } else {
+            StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("virtual key {name} not found"),
+            )
+        })
+    }
+
     async fn revoke_virtual_key(
         &self,
         name: &str,

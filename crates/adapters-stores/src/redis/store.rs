@@ -1415,21 +1415,44 @@ return json
     )
 });
 
-/// Replaces the record of virtual key ARGV[1] with ARGV[2] if it exists and is not
-/// revoked: 1, or 0 when there is none, -1 when it is revoked. The caller built ARGV[2]
-/// from a read of the record whose other fields never change, so only a revocation
-/// in between matters, and the script sees it.
+/// Replaces the record of virtual key ARGV[1] with ARGV[2] if it still reads ARGV[3]
+/// (the text the caller built ARGV[2] from) and is not revoked: 1, or 0 when there is
+/// none, -1 when it is revoked, -2 when it changed since the caller read it (a
+/// rotation: writing the old digest back would undo it).
 static UPDATE_VIRTUAL_KEY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r#"
 local json = redis.call('HGET', KEYS[1], ARGV[1])
 if not json then return 0 end
 if string.find(json, '"revoked_at":', 1, true) then return -1 end
+if json ~= ARGV[3] then return -2 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#,
     )
 });
+
+/// Replaces the digest of virtual key ARGV[1] with ARGV[2] (hex digits) in its JSON
+/// text, leaving the rest as stored: `{1, the record before}`, or `{0, ""}` when there
+/// is none, `{-1, ""}` when it is revoked, `{-2, ""}` when the text holds no digest. A
+/// top-level `"token_sha256":"` cannot occur inside a string value, where quotes are
+/// escaped.
+static ROTATE_VIRTUAL_KEY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local json = redis.call('HGET', KEYS[1], ARGV[1])
+if not json then return {0, ''} end
+if string.find(json, '"revoked_at":', 1, true) then return {-1, ''} end
+local rotated, n = string.gsub(json, '"token_sha256":"%x+"', '"token_sha256":"' .. ARGV[2] .. '"', 1)
+if n ~= 1 then return {-2, ''} end
+redis.call('HSET', KEYS[1], ARGV[1], rotated)
+return {1, json}
+"#,
+    )
+});
+
+/// How often a limits update is tried again when the record changed under it.
+const UPDATE_TRIES: usize = 5;
 
 /// One hash, name to the key's JSON; each change announced on the virtual-key
 /// channel. An announcement that fails after the write is logged, not returned: the
@@ -1481,40 +1504,89 @@ impl VirtualKeyStore for RedisStore {
         Ok(keys)
     }
 
+    /// Read, change the limits, write back if the record is as read: a rotation in
+    /// between makes it read again rather than write the old digest back.
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         let hash = self.names.virtual_keys();
-        let json: Option<String> = self
-            .conn()
-            .hget(&hash, &key.name)
-            .await
-            .map_err(|err| from_redis(err, &hash))?;
-        let mut stored: VirtualKey = match json {
-            Some(json) => from_json(&json, &hash)?,
-            None => key.clone(),
+        let not_found = || {
+            StoreError::new(
+                StoreErrorKind::NotFound,
+                format!("virtual key {} not found", key.name),
+            )
         };
-        stored.tenant = key.tenant;
-        stored.models = key.models;
-        stored.rpm = key.rpm;
-        stored.budget_usd = key.budget_usd;
-        let outcome: i64 = UPDATE_VIRTUAL_KEY
+        for _ in 0..UPDATE_TRIES {
+            let json: Option<String> = self
+                .conn()
+                .hget(&hash, &key.name)
+                .await
+                .map_err(|err| from_redis(err, &hash))?;
+            let Some(json) = json else {
+                return Err(not_found());
+            };
+            let mut stored: VirtualKey = from_json(&json, &hash)?;
+            stored.tenant.clone_from(&key.tenant);
+            stored.models.clone_from(&key.models);
+            stored.rpm = key.rpm;
+            stored.budget_usd = key.budget_usd;
+            let outcome: i64 = UPDATE_VIRTUAL_KEY
+                .key(&hash)
+                .arg(&stored.name)
+                .arg(to_json(&stored, "virtual key")?)
+                .arg(&json)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|err| from_redis(err, &hash))?;
+            match outcome {
+                1 => {
+                    self.announce_or_log().await;
+                    return Ok(());
+                }
+                0 => return Err(not_found()),
+                -1 => {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Conflict,
+                        format!("virtual key {} is revoked", key.name),
+                    ));
+                }
+                _ => {} // changed meanwhile: read it again
+            }
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Conflict,
+            format!("virtual key {} kept changing during the update", key.name),
+        ))
+    }
+
+    async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError> {
+        let hash = self.names.virtual_keys();
+        let (outcome, json): (i64, String) = ROTATE_VIRTUAL_KEY
             .key(&hash)
-            .arg(&stored.name)
-            .arg(to_json(&stored, "virtual key")?)
+            .arg(name)
+            .arg(token_sha256)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|err| from_redis(err, &hash))?;
         match outcome {
             1 => {
+                let before = from_json(&json, &hash)?;
                 self.announce_or_log().await;
-                Ok(())
+                Ok(before)
             }
             0 => Err(StoreError::new(
                 StoreErrorKind::NotFound,
-                format!("virtual key {} not found", stored.name),
+                format!("virtual key {name} not found"),
             )),
-            _ => Err(StoreError::new(
+            -1 => Err(StoreError::new(
                 StoreErrorKind::Conflict,
-                format!("virtual key {} is revoked", stored.name),
+                format!("virtual key {name} is revoked"),
+            )),
+            _ => Err(invalid(
+                &hash,
+                format!("virtual key {name} holds no token digest"),
             )),
         }
     }

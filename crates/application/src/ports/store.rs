@@ -456,6 +456,19 @@ pub trait VirtualKeyStore: Send + Sync + 'static {
     /// is down.
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError>;
 
+    /// Gives an active virtual key a new token digest (`token_sha256`, 64 lowercase
+    /// hex digits) and announces the change; its name, limits and times stay.
+    /// Returns the record as it was, so the caller can refuse the old token at once.
+    ///
+    /// # Errors
+    /// `NotFound` if absent; `Conflict` if revoked; `Unavailable` when the backend
+    /// is down.
+    async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError>;
+
     /// Marks a virtual key revoked at `at` (once: revoking it again keeps the first
     /// time) and announces the change; returns the record.
     ///

@@ -529,6 +529,32 @@ impl ApiKeyRouterCore {
         updated
     }
 
+    /// Gives a stored, active virtual key a new token digest; returns its record as it
+    /// was (with the old digest).
+    ///
+    /// # Errors
+    /// `Invalid` for a digest that is not 64 lowercase hex digits, `NotFound` if
+    /// absent, `Conflict` if revoked, or the store's error.
+    pub async fn rotate_virtual_key(
+        &self,
+        name: &str,
+        token_sha256: &str,
+    ) -> Result<VirtualKey, StoreError> {
+        if apikeyrouter_domain::virtual_key::parse_sha256_hex(token_sha256).is_none() {
+            return Err(StoreError::new(
+                StoreErrorKind::Invalid,
+                "a token digest is 64 lowercase hex digits",
+            ));
+        }
+        let rotated = self
+            .shared
+            .store
+            .rotate_virtual_key(name, token_sha256)
+            .await;
+        self.shared.virtual_keys_changed();
+        rotated
+    }
+
     /// Revokes a stored virtual key now (keeping the first time if it was already);
     /// returns its record.
     ///

@@ -337,14 +337,7 @@ pub async fn update(
     match state.router.update_virtual_key(key).await {
         Ok(()) => {}
         Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
-        Err(e) if e.kind == StoreErrorKind::Conflict => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                "virtual_key_revoked",
-                format!("Virtual key {name} is revoked; make a new one."),
-            ));
-        }
+        Err(e) if e.kind == StoreErrorKind::Conflict => return Err(revoked(&name)),
         Err(e) => return Err(store_error(&e)),
     }
     apply_now(&state).await;
@@ -354,6 +347,60 @@ pub async fn update(
         .find(|v| v.name == name)
         .map(|v| Json(v).into_response())
         .ok_or_else(|| not_found(&name))
+}
+
+fn revoked(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "invalid_request_error",
+        "virtual_key_revoked",
+        format!("Virtual key {name} is revoked; make a new one."),
+    )
+}
+
+/// `POST /api/v1/virtual_keys/{name}/rotate`: a new token for the key under the same
+/// name, limits and budget (this month's spend kept): 200 with the key and the new
+/// token, shown only here. The old token is refused by this instance before the
+/// answer, and by the others as after a revocation. A revoked key is 409
+/// `virtual_key_revoked`, a key of the config file 409 `defined_in_config`.
+pub async fn rotate(
+    State(state): State<Arc<AppState>>,
+    _admin: Admin,
+    PathId(name): PathId,
+) -> Result<Response, ApiError> {
+    if state.auth().file_names().contains(&name) {
+        return Err(in_config(&name));
+    }
+    let token = format!("sk-akr-{}", random_text(32)?);
+    let digest = digest_hex(&token);
+    let before = match state.router.rotate_virtual_key(&name, &digest).await {
+        Ok(before) => before,
+        Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
+        Err(e) if e.kind == StoreErrorKind::Conflict => return Err(revoked(&name)),
+        Err(e) => return Err(store_error(&e)),
+    };
+    state.revoke_locally(&before.token_sha256).await;
+    apply_now(&state).await;
+    // The token must reach the caller even if the store cannot be read back now: it
+    // is the only copy.
+    let view = match views(&state).await {
+        Ok(views) => views.into_iter().find(|v| v.name == name),
+        Err(_) => None,
+    }
+    .unwrap_or_else(|| {
+        View::stored(
+            VirtualKey {
+                token_sha256: digest,
+                ..before
+            },
+            None,
+        )
+    });
+    Ok(Json(View {
+        token: Some(token),
+        ..view
+    })
+    .into_response())
 }
 
 fn in_config(name: &str) -> ApiError {
