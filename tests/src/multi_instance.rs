@@ -1,5 +1,6 @@
 //! Several routers sharing one Redis: key changes reach every instance, and limits
-//! hold across all of them.
+//! hold across all of them. Routers sharing only MongoDB (no change events) see each
+//! other's key changes at their next reading of the keys.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,15 +31,96 @@ fn namespace() -> String {
     fresh_namespace("multi")
 }
 
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
+    within(Duration::from_secs(1), what, check).await;
+}
+
+async fn within(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
     let started = Instant::now();
     while !check().await {
         assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{what} did not happen within a second"
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn mongo_instance(database: &str) -> (ApiKeyRouter, Arc<SimulatedProvider>) {
+    let store = crate::support::mongo_store_in(database).await;
+    let router = ApiKeyRouter::builder()
+        .store(Arc::new(store))
+        .build()
+        .await
+        .unwrap();
+    let sim = Arc::new(SimulatedProvider::new());
+    router.register_provider("openai", sim.clone());
+    (router, sim)
+}
+
+/// Without change events, a router reads the keys again every 10 s: a key added,
+/// disabled, enabled again or deleted on one instance is followed by the other by
+/// then (three such readings here, so this test takes up to half a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mongodb_key_changes_reach_the_other_instance_at_its_next_reading() {
+    let limit = Duration::from_secs(12);
+    let database = fresh_namespace("multi").replace('-', "_");
+    let (a, _) = mongo_instance(&database).await;
+    let (b, sim_b) = mongo_instance(&database).await;
+    let routes_to = async |sim: &SimulatedProvider, id: &apikeyrouter::KeyId| {
+        let before = sim.calls(id);
+        b.route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .is_ok()
+            && sim.calls(id) > before
+    };
+    let first = a
+        .register_key("sk-mongo-shared-00001", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    within(limit, "B routing to A's new key", async || {
+        routes_to(&sim_b, &first.id).await
+    })
+    .await;
+
+    // One disabled and another added through A: B moves to the new one.
+    a.set_key_state(&first.id, KeyState::Disabled, "rotating")
+        .await
+        .unwrap();
+    let second = a
+        .register_key("sk-mongo-shared-00002", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    // Six requests in a row all on the second key: with the first still enabled, it
+    // (one use against none) would get some of them.
+    within(limit, "B seeing the first key disabled", async || {
+        let first_calls = sim_b.calls(&first.id);
+        let mut all_second = true;
+        for _ in 0..6 {
+            all_second &= routes_to(&sim_b, &second.id).await;
+        }
+        all_second && sim_b.calls(&first.id) == first_calls
+    })
+    .await;
+
+    // Enabled again and the second deleted through A: B is back on the first only.
+    a.set_key_state(&first.id, KeyState::Available, "rotated")
+        .await
+        .unwrap();
+    a.delete_key(&second.id).await.unwrap();
+    within(
+        limit,
+        "B seeing the first key enabled, the second gone",
+        async || {
+            let gone = sim_b.calls(&second.id);
+            let mut only_first = true;
+            for _ in 0..4 {
+                only_first &= routes_to(&sim_b, &first.id).await;
+            }
+            only_first && sim_b.calls(&second.id) == gone
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,9 +16,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use apikeyrouter_adapters_stores::cipher::MasterKeys;
-use apikeyrouter_adapters_stores::mongodb::Retention;
-use apikeyrouter_adapters_stores::{AeadCipher, MemoryStore, MongoStore, RedisStore, SplitStore};
+use apikeyrouter_adapters_stores::{MemoryStore, MongoStore, RedisStore, SplitStore};
 use apikeyrouter_application::ports::StateStore;
 
 /// Generates one `#[tokio::test]` per conformance case for a backend. `$make` is a
@@ -253,8 +251,6 @@ async fn mongodb_audit_sink_records_without_a_master_key() {
 /// server.
 async fn mongo_store() -> MongoStore {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let url =
-        std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".to_owned());
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -263,12 +259,7 @@ async fn mongo_store() -> MongoStore {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
-    // A fixed test master key: 32 bytes, base64.
-    let keys = MasterKeys::parse("test:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "test")
-        .expect("test master key");
-    MongoStore::connect(&url, &database, Arc::new(AeadCipher::new(keys)), Retention::default())
-        .await
-        .unwrap_or_else(|e| panic!("MongoDB-compatible server unreachable at {url}: {e}; run `cargo xtask services up` (or set MONGODB_URL)"))
+    crate::support::mongo_store_in(&database).await
 }
 
 /// A Redis Cluster store (the process's private cluster) in a namespace no other

@@ -53,6 +53,24 @@ pub async fn redis_store_in(namespace: &str) -> RedisStore {
         })
 }
 
+/// A MongoDB store on `database` (the server `MONGODB_URL` names, or the one `cargo
+/// xtask services up` starts), with a fixed test master key; fails (never skips)
+/// without a server.
+pub async fn mongo_store_in(database: &str) -> apikeyrouter_adapters_stores::MongoStore {
+    use apikeyrouter_adapters_stores::cipher::MasterKeys;
+    use apikeyrouter_adapters_stores::mongodb::Retention;
+    use apikeyrouter_adapters_stores::{AeadCipher, MongoStore};
+
+    let url =
+        std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".to_owned());
+    // A fixed test master key: 32 bytes, base64.
+    let keys = MasterKeys::parse("test:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "test")
+        .expect("test master key");
+    MongoStore::connect(&url, database, Arc::new(AeadCipher::new(keys)), Retention::default())
+        .await
+        .unwrap_or_else(|e| panic!("MongoDB-compatible server unreachable at {url}: {e}; run `cargo xtask services up` (or set MONGODB_URL)"))
+}
+
 pub struct Harness {
     pub router: ApiKeyRouter,
     pub clock: Arc<ManualClock>,

@@ -56,15 +56,17 @@ fn follow_virtual_keys(state: &Arc<AppState>, mut changes: tokio::sync::watch::R
                 () = tokio::time::sleep(VIRTUAL_KEYS_REREAD) => true,
             };
             let Some(state) = weak.upgrade() else { return };
-            if let Err(e) = state.refresh_virtual_keys().await {
-                tracing::warn!(error = %e, "stored virtual keys not re-read");
-            }
-            // Budgets follow change events where the store has them; without (MongoDB),
-            // a virtual key's budget made elsewhere is known from here on.
+            // Budgets follow change events where the store has them; without (MongoDB)
+            // the router reads them every 10 s too, but on its own tick: read here
+            // first as well, a virtual key made elsewhere is not served here before its
+            // budget is known.
             if ticked {
                 if let Err(e) = state.router.core().reload_budgets().await {
                     tracing::warn!(error = %e, "budgets not re-read");
                 }
+            }
+            if let Err(e) = state.refresh_virtual_keys().await {
+                tracing::warn!(error = %e, "stored virtual keys not re-read");
             }
         }
     });

@@ -11,8 +11,8 @@ use apikeyrouter_domain::budget::ChargeContext;
 use apikeyrouter_domain::cost::TokenEstimate;
 use apikeyrouter_domain::routing::ProviderOffer;
 use apikeyrouter_domain::{
-    ApiKey, Budget, KeyId, KeyMaterial, KeyState, ModelId, PriceCatalogue, ProviderId, QuotaLimits,
-    RequestId, RoutingTable, TenantId, VirtualKey,
+    ApiKey, Budget, KeyId, KeyMaterial, KeyMetadata, KeyState, ModelId, PriceCatalogue, ProviderId,
+    QuotaLimits, RequestId, RoutingTable, TenantId, VirtualKey,
 };
 
 use super::budgets::{BudgetService, ReclaimCounters};
@@ -47,6 +47,8 @@ pub(crate) struct KeyHandle {
     pub(crate) provider: ProviderId,
     pub(crate) material: KeyMaterial,
     pub(crate) limits: QuotaLimits,
+    /// As read, to tell a change made elsewhere when the keys are read again.
+    metadata: KeyMetadata,
 }
 
 impl KeyHandle {
@@ -55,8 +57,15 @@ impl KeyHandle {
             provider: key.provider.clone(),
             material: key.material.clone(),
             limits: QuotaLimits::from_metadata(&key.metadata),
+            metadata: key.metadata.clone(),
         }
     }
+}
+
+/// States an operator (or a provider refusing the credentials) sets, which change
+/// only when someone acts; the others follow traffic and time on each instance.
+const fn is_set_by_hand(state: KeyState) -> bool {
+    matches!(state, KeyState::Disabled | KeyState::Invalid)
 }
 
 pub(crate) struct Shared {
@@ -145,6 +154,43 @@ impl Shared {
         self.table().remove(id);
     }
 
+    /// Applies the keys as read from the store: adds those new here, forgets those
+    /// gone, and re-reads those whose provider or metadata changed, or that were
+    /// disabled (or found invalid) or enabled again elsewhere. A key in a state that
+    /// follows traffic and time (throttled, exhausted, recovering, available) is left
+    /// as this instance knows it: the store may lag behind it, and re-reading would
+    /// reset its statistics and repeat its transitions.
+    pub(crate) fn reconcile_keys(&self, stored: &[ApiKey]) {
+        let gone: Vec<KeyId> = {
+            let ids: std::collections::HashSet<&KeyId> = stored.iter().map(|k| &k.id).collect();
+            self.keys
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .keys()
+                .filter(|id| !ids.contains(id))
+                .cloned()
+                .collect()
+        };
+        for id in &gone {
+            self.forget_key(id);
+        }
+        for key in stored {
+            let same_key = self
+                .keys
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&key.id)
+                .is_some_and(|h| h.provider == key.provider && h.metadata == key.metadata);
+            let here = self.table().state(&key.id);
+            let same_state = here.is_some_and(|here| {
+                here == key.state || !(is_set_by_hand(here) || is_set_by_hand(key.state))
+            });
+            if !(same_key && same_state) {
+                self.cache_key(key);
+            }
+        }
+    }
+
     /// Providers that may serve `model`, with this request's estimated cost on each.
     pub(crate) fn offers(
         &self,
@@ -182,6 +228,33 @@ async fn refresh_key(shared: &Shared, id: &KeyId) {
         Ok(key) => shared.cache_key(&key),
         Err(e) if e.kind == crate::ports::StoreErrorKind::NotFound => shared.forget_key(id),
         Err(e) => tracing::warn!(key_id = %id, error = %e, "changed key not refreshed"),
+    }
+}
+
+/// How often a store without change events is read again for the key and budget
+/// changes other instances made.
+const REREAD_WITHOUT_EVENTS: Duration = Duration::from_secs(10);
+
+impl ApiKeyRouterCore {
+    /// Without change events (MongoDB), instances sharing the store see each other's
+    /// key and budget changes by reading them again every [`REREAD_WITHOUT_EVENTS`],
+    /// until the router is dropped.
+    fn reread_keys_and_budgets(&self) {
+        let weak = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REREAD_WITHOUT_EVENTS);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // the first tick is at once: the keys were just loaded
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { return };
+                match shared.store.list_keys().await {
+                    Ok(keys) => shared.reconcile_keys(&keys),
+                    Err(e) => tracing::warn!(error = %e, "keys not read again"),
+                }
+                refresh_budgets(&shared).await;
+            }
+        });
     }
 }
 
@@ -269,15 +342,17 @@ impl ApiKeyRouterCore {
     }
 
     /// Follows the key and budget changes other instances make through a shared
-    /// store (Redis): each changed key is re-read and the local routing table
-    /// updated, so a key disabled elsewhere stops getting traffic here within
-    /// moments; a budget change re-reads the budgets. Returns whether the store
-    /// offers change events. The follower stops when the router is dropped.
+    /// store. With change events (Redis) each changed key is re-read and the local
+    /// routing table updated, so a key disabled elsewhere stops getting traffic here
+    /// within moments, and a budget change re-reads the budgets; without (MongoDB),
+    /// keys and budgets are read again every 10 s. Returns whether the store offers
+    /// change events. The follower stops when the router is dropped.
     ///
     /// # Errors
     /// The store's error when the first subscription fails.
     pub async fn follow_key_changes(&self) -> Result<bool, StoreError> {
         let Some(first) = self.shared.store.changes().await? else {
+            self.reread_keys_and_budgets();
             return Ok(false);
         };
         let weak = Arc::downgrade(&self.shared);
