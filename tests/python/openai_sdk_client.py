@@ -1,11 +1,14 @@
 """The official OpenAI Python SDK as a client of the apikeyrouter proxy.
 
 Run by the Rust test `python_sdk::official_openai_sdk_works_against_the_proxy`, which
-starts the proxy and passes its base URL, a client token of the config file and one
-made through the management API. Every check asserts on
+starts the proxy and passes its base URL as the argument, and a client token of the
+config file and one made through the management API in `SDK_CLIENT_TOKEN` and
+`SDK_MADE_TOKEN` (not on the command line, which other processes can read). Every
+check asserts on
 values; the script exits non-zero on the first failure.
 """
 
+import os
 import sys
 
 import openai
@@ -142,4 +145,4 @@ def main(base_url: str, token: str, made_token: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    main(sys.argv[1], os.environ["SDK_CLIENT_TOKEN"], os.environ["SDK_MADE_TOKEN"])

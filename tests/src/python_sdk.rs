@@ -65,8 +65,10 @@ async fn official_openai_sdk_works_against_the_proxy() {
         Command::new(python)
             .arg(script)
             .arg(format!("http://{addr}/v1"))
-            .arg("sdk-client-token-1")
-            .arg(made_token)
+            // Tokens by environment, not on the command line, where every process on
+            // the machine can read them.
+            .env("SDK_CLIENT_TOKEN", "sdk-client-token-1")
+            .env("SDK_MADE_TOKEN", made_token)
             .output()
     })
     .await
