@@ -151,6 +151,14 @@ impl BudgetStore for Forwarding {
     ) -> Result<BudgetStatus, StoreError> {
         self.inner.put_budget(budget, spent, now).await
     }
+    async fn insert_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        self.inner.insert_budget(budget, spent, now).await
+    }
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         self.inner.list_budgets().await
     }

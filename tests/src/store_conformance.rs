@@ -60,6 +60,7 @@ macro_rules! conformance_suite {
                 request_log_round_trips,
                 virtual_keys_are_unique_by_name_listed_in_order_and_revoked,
                 virtual_key_rotation_replaces_the_digest_alone,
+                a_budget_is_created_once_whoever_races_for_its_id,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1677,6 +1678,56 @@ mod cases {
         assert_eq!(
             status.period_end,
             anchor.plus(Duration::from_secs(4 * 3_600))
+        );
+    }
+
+    /// Creating is one step in the store: of several creators racing for one id,
+    /// one wins and the others get `Conflict`, and the winner's budget (and spend)
+    /// stays. Once deleted, the id can be created again.
+    pub(super) async fn a_budget_is_created_once_whoever_races_for_its_id(store: Store) {
+        let racers: Vec<_> = (1..=6u32)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let spent = Money::from_usd(f64::from(i) / 10.0);
+                    let made = store
+                        .insert_budget(hard_budget("contested", 5.0), spent, base_now())
+                        .await;
+                    (spent, made)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for racer in racers {
+            let (spent, made) = racer.await.unwrap();
+            match made {
+                Ok(status) => {
+                    assert_eq!(status.spent, spent);
+                    winners.push(spent);
+                }
+                Err(e) => assert_eq!(e.kind, StoreErrorKind::Conflict, "{e}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        let statuses = store.budget_statuses(base_now()).await.unwrap();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(
+            (statuses[0].budget_id.as_str(), statuses[0].spent),
+            ("contested", winners[0])
+        );
+
+        store.delete_budget("contested").await.unwrap();
+        let again = store
+            .insert_budget(hard_budget("contested", 7.0), Money::ZERO, base_now())
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.limit, again.spent),
+            (Money::from_usd(7.0), Money::ZERO)
+        );
+        assert_eq!(
+            store.list_budgets().await.unwrap(),
+            [hard_budget("contested", 7.0)]
         );
     }
 

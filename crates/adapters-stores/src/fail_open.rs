@@ -71,6 +71,15 @@ impl std::fmt::Debug for FailOpenStore {
 }
 
 impl FailOpenStore {
+    /// Keeps a budget the remote store took in the local ledger and the definitions
+    /// used while the remote is down.
+    async fn mirror_budget(&self, budget: Budget, spent: Money, now: Timestamp) {
+        let _ = self.local.put_budget(budget.clone(), spent, now).await;
+        let mut budgets = self.budgets.write().unwrap_or_else(PoisonError::into_inner);
+        budgets.retain(|b| b.id != budget.id);
+        budgets.push(budget);
+    }
+
     /// Wraps `remote`, copying its keys and budgets into the local mirror.
     ///
     /// # Errors
@@ -420,10 +429,21 @@ impl BudgetStore for FailOpenStore {
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
         let status = self.remote.put_budget(budget.clone(), spent, now).await?;
-        let _ = self.local.put_budget(budget.clone(), spent, now).await;
-        let mut budgets = self.budgets.write().unwrap_or_else(PoisonError::into_inner);
-        budgets.retain(|b| b.id != budget.id);
-        budgets.push(budget);
+        self.mirror_budget(budget, spent, now).await;
+        Ok(status)
+    }
+
+    async fn insert_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let status = self
+            .remote
+            .insert_budget(budget.clone(), spent, now)
+            .await?;
+        self.mirror_budget(budget, spent, now).await;
         Ok(status)
     }
 

@@ -238,6 +238,20 @@ impl BudgetStore for SplitStore {
         self.counters.put_budget(budget, spent, now).await
     }
 
+    /// The records store decides whether the id is free; the counters store then
+    /// mirrors the budget as for a put.
+    async fn insert_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        self.records
+            .insert_budget(budget.clone(), spent, now)
+            .await?;
+        self.counters.put_budget(budget, spent, now).await
+    }
+
     /// The records' definitions; a budget the counters store lost (a Redis restarted
     /// without persistence) is put back, with the spend the records know, so hard
     /// budgets keep being enforced.

@@ -71,14 +71,19 @@ impl ApiKeyRouter {
         let Some(budget) = budget else {
             return Ok((stored, None));
         };
-        let e = match self.core().budgets().put(budget, Money::ZERO).await {
+        // Created, not put: one made under that id since the check above stays, with
+        // its spend, and this key does not.
+        let e = match self.core().budgets().create(budget, Money::ZERO).await {
             Ok(status) => return Ok((stored, Some(status))),
             Err(e) => e,
         };
         if let Err(undo) = self.core().revoke_virtual_key(&name).await {
             tracing::error!(virtual_key = %name, error = %undo, "virtual key left without its budget: revoke it");
         }
-        Err(AddVirtualKeyError::Store(store_error(e)))
+        Err(match e {
+            BudgetServiceError::Exists(id) => AddVirtualKeyError::BudgetTaken(id),
+            e => AddVirtualKeyError::Store(store_error(e)),
+        })
     }
 
     /// Gives an active virtual key made at run time `key`'s limits (tenant, models,

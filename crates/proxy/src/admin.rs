@@ -347,6 +347,12 @@ fn budget_error(e: BudgetServiceError) -> ApiError {
             ApiError::not_found("budget_not_found", format!("Budget {id} not found."))
         }
         BudgetServiceError::Invalid(e) => ApiError::bad_request("invalid_value", e.to_string()),
+        BudgetServiceError::Exists(id) => ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "budget_exists",
+            format!("Budget {id} exists; PUT /api/v1/budgets/{id} redefines it."),
+        ),
         BudgetServiceError::Store(e) => store_error(&e),
         other => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -372,20 +378,12 @@ pub async fn create_budget(
 ) -> Result<Response, ApiError> {
     let new = NewBudget::parse(body)?;
     let budget = to_budget(&new.budget)?;
-    let budgets = state.router.core().budgets();
-    if budgets.definitions().iter().any(|b| b.id == budget.id) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
-            "budget_exists",
-            format!(
-                "Budget {} exists; PUT /api/v1/budgets/{} redefines it.",
-                budget.id, budget.id
-            ),
-        ));
-    }
-    let status = budgets
-        .put(budget, new.spent.unwrap_or(Money::ZERO))
+    // Created in the store, which refuses a taken id whichever instance took it.
+    let status = state
+        .router
+        .core()
+        .budgets()
+        .create(budget, new.spent.unwrap_or(Money::ZERO))
         .await
         .map_err(budget_error)?;
     Ok((StatusCode::CREATED, Json(status)).into_response())

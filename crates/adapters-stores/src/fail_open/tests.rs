@@ -153,6 +153,15 @@ impl BudgetStore for Switchable {
         self.up()?;
         self.inner.put_budget(budget, spent, now).await
     }
+    async fn insert_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        self.up()?;
+        self.inner.insert_budget(budget, spent, now).await
+    }
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         self.up()?;
         self.inner.list_budgets().await

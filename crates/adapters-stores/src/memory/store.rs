@@ -486,6 +486,23 @@ impl BudgetStore for MemoryStore {
         Ok(self.put_budget_now(budget, spent, now))
     }
 
+    async fn insert_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let ledger = BudgetLedger::new(budget, now).with_spent(spent);
+        let status = ledger.status();
+        match write(&self.budgets).entry(ledger.budget.id.clone()) {
+            Entry::Occupied(_) => Err(budget_exists(&ledger.budget.id)),
+            Entry::Vacant(vacant) => {
+                vacant.insert(Arc::new(Mutex::new(Some(ledger))));
+                Ok(status)
+            }
+        }
+    }
+
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         Ok(self
             .all_budget_slots()
@@ -645,4 +662,12 @@ impl StateStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// The conflict of a budget created under an id already in use.
+fn budget_exists(id: &str) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Conflict,
+        format!("budget {id} already exists"),
+    )
 }

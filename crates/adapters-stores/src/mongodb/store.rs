@@ -1338,6 +1338,34 @@ impl BudgetStore for MongoStore {
         Ok(doc.status(now))
     }
 
+    /// An insert: the `_id` index refuses a taken id.
+    async fn insert_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let doc = BudgetDoc::new(&budget, spent, now);
+        let raw = bson::to_document(&doc).map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("budget {} cannot be encoded for mongodb", budget.id),
+            )
+        })?;
+        match self.budgets.insert_one(raw).await {
+            Ok(_) => {}
+            Err(e) if is_duplicate_key(&e) => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Conflict,
+                    format!("budget {} already exists", budget.id),
+                ));
+            }
+            Err(e) => return Err(map_err(BUDGETS, "insert a budget", e)),
+        }
+        self.set_hint(&budget.id, budget.enforcement);
+        Ok(doc.status(now))
+    }
+
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         Ok(self
             .all_budgets()

@@ -1257,6 +1257,40 @@ impl BudgetStore for RedisStore {
         Ok(BudgetLedger::new(budget, now).with_spent(spent).status())
     }
 
+    /// One script: the id set decides, and the ledger is written only if the id was
+    /// free; the change is announced after it, as a put's is.
+    async fn insert_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let ledger_key = self.names.budget(&budget.id);
+        let mut script = INSERT_BUDGET.key(self.names.budget_ids());
+        script
+            .key(&ledger_key)
+            .key(self.names.reservations(&budget.id))
+            .arg(&budget.id);
+        for (field, value) in budget_fields(&budget, spent, now)? {
+            script.arg(field).arg(value);
+        }
+        let added: i64 = script
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &ledger_key))?;
+        if added == 0 {
+            return Err(StoreError::new(
+                StoreErrorKind::Conflict,
+                format!("budget {} already exists", budget.id),
+            ));
+        }
+        let channel = self.names.budget_events();
+        if let Err(e) = self.conn().publish::<_, _, i64>(&channel, &budget.id).await {
+            tracing::warn!(budget_id = %budget.id, error = %e, "budget added but its change event not sent; other instances see it at their next read");
+        }
+        Ok(BudgetLedger::new(budget, now).with_spent(spent).status())
+    }
+
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         let prefix = self.names.budget_prefix();
         let mut budgets = self
@@ -1395,6 +1429,22 @@ impl RequestLog for RedisStore {
         json.map(|json| from_json(&json, &redis_key)).transpose()
     }
 }
+
+/// Adds budget ARGV[1] unless the id set KEYS[1] holds it: clears its ledger KEYS[2]
+/// and reservations KEYS[3] (left by a budget deleted under the same id), writes the
+/// ledger's fields (ARGV[2..], field and value pairs) and adds the id: 1, or 0 when it
+/// exists. The three keys share the budgets' hash tag.
+static INSERT_BUDGET: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"#,
+    )
+});
 
 /// Marks a virtual key's record revoked at ARGV[2] unless it holds a `revoked_at`
 /// already, and returns the record (nil when there is none). The field is appended to

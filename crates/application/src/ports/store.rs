@@ -326,6 +326,20 @@ pub trait BudgetStore: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError>;
 
+    /// Adds a budget unless one with its id exists, starting it with `spent` already
+    /// spent this period, announced as [`Self::put_budget`] announces: what a create
+    /// must use, since a check followed by a put would let two creators overwrite
+    /// each other's budget (and its spend).
+    ///
+    /// # Errors
+    /// `Conflict` when a budget has that id; `Unavailable` when the backend is down.
+    async fn insert_budget(
+        &self,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError>;
+
     /// Every budget's definition.
     ///
     /// # Errors

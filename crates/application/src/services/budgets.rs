@@ -41,6 +41,12 @@ impl BudgetService {
             .store
             .put_budget(budget.clone(), spent, now)
             .await?;
+        self.known(budget);
+        Ok(status)
+    }
+
+    /// Puts `budget`, just stored, in the definitions this instance enforces.
+    fn known(&self, budget: Budget) {
         let mut budgets: Vec<Budget> = self
             .shared
             .budgets()
@@ -52,6 +58,33 @@ impl BudgetService {
         budgets.push(budget);
         budgets.sort_by(|a, b| a.id.cmp(&b.id));
         self.shared.set_budgets(budgets);
+    }
+
+    /// Adds a budget unless one with its id exists (anywhere the store is shared),
+    /// with `spent` already spent this period.
+    ///
+    /// # Errors
+    /// [`BudgetServiceError::Exists`] when the id is taken, or a store failure;
+    /// nothing changes then.
+    pub async fn create(
+        &self,
+        budget: Budget,
+        spent: Money,
+    ) -> Result<BudgetStatus, BudgetServiceError> {
+        let now = self.shared.clock.now();
+        let status = match self
+            .shared
+            .store
+            .insert_budget(budget.clone(), spent, now)
+            .await
+        {
+            Ok(status) => status,
+            Err(e) if e.kind == StoreErrorKind::Conflict => {
+                return Err(BudgetServiceError::Exists(budget.id));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.known(budget);
         Ok(status)
     }
 

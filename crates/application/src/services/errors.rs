@@ -152,6 +152,9 @@ pub enum BudgetServiceError {
     /// No such budget.
     #[error("budget {0} not found")]
     NotFound(String),
+    /// A budget with that id exists (a create only).
+    #[error("budget {0} already exists")]
+    Exists(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
