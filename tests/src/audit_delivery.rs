@@ -271,3 +271,50 @@ fn a_runtime_that_ends_loses_only_its_own_pending_records_and_says_so() {
         assert_eq!((stats.pending, stats.delivered, stats.dropped), (0, 2, 3));
     });
 }
+
+/// A request dropped while its runtime shuts down hands its record over when new
+/// tasks are cancelled as they are spawned, and the thread's lane is one of an
+/// earlier runtime, ended too: the record is counted as dropped, once, rather than
+/// retried on lane after new lane.
+#[test]
+fn a_request_dropped_by_a_runtime_shutting_down_is_counted_not_retried_forever() {
+    let new_runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let first = new_runtime();
+        let (h, sim) = first.block_on(async {
+            let h = Harness::new(|b| b.audit(Arc::new(FlakySink::default()))).await;
+            let sim = h.provider("openai");
+            h.key("openai", 0, KeyMetadata::default()).await;
+            // This thread's lane opens on the first runtime, which then ends.
+            route_n(&h, 1).await;
+            assert!(h.router.flush_records(Duration::from_secs(5)).await);
+            (h, sim)
+        });
+        drop(first);
+        sim.set_default_latency(Duration::from_secs(60));
+        let second = new_runtime();
+        let router = h.router.clone();
+        second.block_on(async move {
+            tokio::spawn(async move {
+                let _ = router
+                    .route(ask("gpt-4o-mini", "slow"), Objective::default())
+                    .await;
+            });
+            // Let it reach the provider.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+        // Drops the request mid-call: its record is handed over during the shutdown.
+        drop(second);
+        let _ = done_tx.send(h.router.record_delivery());
+    });
+    let stats = done
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the runtime's shutdown finished");
+    assert_eq!((stats.delivered, stats.dropped), (1, 1), "{stats:?}");
+}

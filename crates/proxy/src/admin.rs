@@ -80,11 +80,12 @@ fn store_error(e: &StoreError) -> ApiError {
             ),
         ),
         StoreErrorKind::NotFound => ApiError::not_found("not_found", format!("{}.", e.message)),
+        // The details (which may quote stored values) stay in the log.
         StoreErrorKind::Invalid | StoreErrorKind::Internal => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
             "store_error",
-            format!("The state store failed: {}.", e.message),
+            "The state store failed; the proxy's log has the details.",
         ),
     }
 }
@@ -531,8 +532,9 @@ mod tests {
         (status, serde_json::from_slice(&body).unwrap())
     }
 
-    /// Only an unreachable store asks the client to come back later; a race, a record
-    /// gone and a store that refuses say so, naming the record.
+    /// Only an unreachable store asks the client to come back later; a race and a
+    /// record gone say so, naming the record; a store failing otherwise is a 500 whose
+    /// details (which may quote stored values) stay in the log.
     #[tokio::test]
     async fn store_failures_answer_by_their_kind() {
         let cases = [
@@ -559,10 +561,14 @@ mod tests {
             assert_eq!(got, status, "{kind:?}: {body}");
             assert_eq!(body["error"]["code"], code, "{kind:?}: {body}");
             let message = body["error"]["message"].as_str().unwrap();
-            if kind == StoreErrorKind::Unavailable {
-                assert_eq!(message, "The state store is unavailable.");
-            } else {
-                assert!(message.contains("budget b1"), "{kind:?}: {message}");
+            match kind {
+                StoreErrorKind::Unavailable => {
+                    assert_eq!(message, "The state store is unavailable.");
+                }
+                StoreErrorKind::Conflict | StoreErrorKind::NotFound => {
+                    assert!(message.contains("budget b1"), "{kind:?}: {message}");
+                }
+                _ => assert!(!message.contains("budget b1"), "{kind:?}: {message}"),
             }
         }
     }

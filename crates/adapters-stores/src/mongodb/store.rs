@@ -1615,8 +1615,6 @@ impl VirtualKeyStore for MongoStore {
         })
     }
 
-    /// One conditional update (only a key not yet revoked is marked), then a read
-    /// for a key revoked before.
     /// One conditional update of the digest field alone, so it cannot undo a limits
     /// update made at the same time (nor be undone by one).
     async fn rotate_virtual_key(
@@ -1656,6 +1654,8 @@ impl VirtualKeyStore for MongoStore {
         })
     }
 
+    /// One conditional update (only a key not yet revoked is marked), then a read
+    /// for a key revoked before.
     async fn revoke_virtual_key(
         &self,
         name: &str,

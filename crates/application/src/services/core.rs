@@ -76,6 +76,9 @@ pub(crate) struct Shared {
     pub(crate) ids: IdGenerator,
     pub(crate) table: Mutex<RoutingTable>,
     pub(crate) keys: RwLock<HashMap<KeyId, Arc<KeyHandle>>>,
+    /// Counts the local key changes a re-read of the store could undo (keys cached or
+    /// forgotten, states set by hand): a re-read that overlapped one is not applied.
+    key_writes: std::sync::atomic::AtomicU64,
     /// Copy-on-write: registration is rare, reads are per request.
     pub(crate) providers: RwLock<Arc<Vec<Arc<ProviderEntry>>>>,
     pub(crate) budgets: RwLock<Arc<Vec<Budget>>>,
@@ -139,6 +142,7 @@ impl Shared {
 
     /// Caches a key for the hot path and indexes it for routing.
     pub(crate) fn cache_key(&self, key: &ApiKey) {
+        self.key_written();
         self.keys
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -147,11 +151,32 @@ impl Shared {
     }
 
     pub(crate) fn forget_key(&self, id: &KeyId) {
+        self.key_written();
         self.keys
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
         self.table().remove(id);
+    }
+
+    fn key_written(&self) {
+        self.key_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets a key's state in the routing table, after the store took it; a change
+    /// into or out of a state set by hand is one a re-read must not undo.
+    pub(crate) fn set_key_state(
+        &self,
+        id: &KeyId,
+        state: KeyState,
+        cooldown_until: Option<apikeyrouter_domain::Timestamp>,
+    ) {
+        let mut table = self.table();
+        if is_set_by_hand(state) || table.state(id).is_some_and(is_set_by_hand) {
+            self.key_written();
+        }
+        table.set_state(id, state, cooldown_until);
     }
 
     /// Applies the keys as read from the store: adds those new here, forgets those
@@ -248,7 +273,13 @@ impl ApiKeyRouterCore {
             loop {
                 tick.tick().await;
                 let Some(shared) = weak.upgrade() else { return };
+                let writes = shared.key_writes.load(std::sync::atomic::Ordering::Relaxed);
                 match shared.store.list_keys().await {
+                    // A key changed here while the store was read may be missing from
+                    // what was read, or stale in it: the next tick reads again.
+                    Ok(_)
+                        if shared.key_writes.load(std::sync::atomic::Ordering::Relaxed)
+                            != writes => {}
                     Ok(keys) => shared.reconcile_keys(&keys),
                     Err(e) => tracing::warn!(error = %e, "keys not read again"),
                 }
@@ -318,6 +349,7 @@ impl ApiKeyRouterCore {
                 ids: IdGenerator::new(),
                 table: Mutex::new(RoutingTable::new()),
                 keys: RwLock::new(HashMap::default()),
+                key_writes: std::sync::atomic::AtomicU64::new(0),
                 providers: RwLock::new(Arc::new(Vec::new())),
                 budgets: RwLock::new(Arc::new(Vec::new())),
                 catalogue: RwLock::new(Arc::new(catalogue)),

@@ -137,12 +137,11 @@ impl RecordDelivery {
         self.lanes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// This thread's lane, opened on its runtime if it has none; `None` outside a
-    /// runtime.
-    fn lane(&self) -> Option<Arc<Lane>> {
+    /// This thread's lane, if it opened one.
+    fn cached_lane(&self) -> Option<Arc<Lane>> {
         // `try_with`: a record may be handed over while the thread's locals are torn
         // down (a request dropped by another local's destructor).
-        let cached = LANES
+        LANES
             .try_with(|lanes| {
                 lanes
                     .borrow()
@@ -152,15 +151,14 @@ impl RecordDelivery {
                     .and_then(|(_, lane)| lane.upgrade())
             })
             .ok()
-            .flatten();
-        if cached.is_some() {
-            return cached;
-        }
-        let handle = tokio::runtime::Handle::try_current().ok()?;
-        Some(self.open_lane(&handle))
+            .flatten()
     }
 
-    fn open_lane(&self, handle: &tokio::runtime::Handle) -> Arc<Lane> {
+    /// A new lane and its worker on the current runtime, and whether the thread keeps
+    /// it (not when its locals are being torn down: then the lane serves one record
+    /// and is orphaned); `None` outside a runtime.
+    fn open_lane(&self) -> Option<(Arc<Lane>, bool)> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
         let (tx, rx) = mpsc::channel(self.capacity);
         let lane = Arc::new(Lane {
             tx,
@@ -182,17 +180,38 @@ impl RecordDelivery {
             lanes.retain(|l| !(l.orphaned.load(Ordering::Relaxed) && l.pending() == 0));
             lanes.push(lane.clone());
         }
-        let kept = LANES.try_with(|lanes| {
-            let lanes = &mut lanes.borrow_mut().0;
-            // Forget the lanes of routers dropped since.
-            lanes.retain(|(id, lane)| *id != self.id && lane.strong_count() > 0);
-            lanes.push((self.id, Arc::downgrade(&lane)));
-        });
-        if kept.is_err() {
-            // The thread is ending: this lane serves the one record.
+        let kept = LANES
+            .try_with(|lanes| {
+                let lanes = &mut lanes.borrow_mut().0;
+                // Forget the lanes of routers dropped since.
+                lanes.retain(|(id, lane)| *id != self.id && lane.strong_count() > 0);
+                lanes.push((self.id, Arc::downgrade(&lane)));
+            })
+            .is_ok();
+        Some((lane, kept))
+    }
+
+    /// Queues `record` on `lane`; a lane its thread does not keep is orphaned once the
+    /// record is counted, so that it is not let go before.
+    fn send(
+        &self,
+        lane: &Lane,
+        kept: bool,
+        record: Arc<AuditRecord>,
+    ) -> Result<(), mpsc::error::TrySendError<Arc<AuditRecord>>> {
+        lane.tx.try_send(record)?;
+        // The worker may finish it before this count: `settled` only needs `finished`
+        // to reach it eventually.
+        lane.queued.fetch_add(1, Ordering::Relaxed);
+        if !kept {
             lane.orphaned.store(true, Ordering::Relaxed);
         }
-        lane
+        Ok(())
+    }
+
+    fn drop_record(&self, record: &AuditRecord, why: &str) {
+        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(request_id = %record.request_id, capacity = self.capacity, "audit record dropped: {why}");
     }
 
     /// Takes `lane`, whose worker has stopped with its runtime, out of service: the
@@ -218,38 +237,37 @@ impl RecordDelivery {
 
     /// Queues `record` for delivery without waiting.
     pub(crate) fn submit(&self, record: AuditRecord) {
-        let Some(mut lane) = self.lane() else {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(request_id = %record.request_id, "audit record dropped: no async runtime to deliver it");
-            return;
+        const NO_RUNTIME: &str = "no async runtime to deliver it";
+        const FULL: &str = "the delivery queue is full (destinations down or too slow)";
+        const ENDING: &str = "the runtime is shutting down";
+        let record = Arc::new(record);
+        let (lane, kept, opened) = match self.cached_lane() {
+            Some(lane) => (lane, true, false),
+            None => match self.open_lane() {
+                Some((lane, kept)) => (lane, kept, true),
+                None => return self.drop_record(&record, NO_RUNTIME),
+            },
         };
-        let mut record = Arc::new(record);
-        let why = loop {
-            match lane.tx.try_send(record) {
-                // The worker may finish it before this count: `settled` only needs
-                // `finished` to reach it eventually.
-                Ok(()) => {
-                    lane.queued.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Full(r)) => {
-                    record = r;
-                    break "the delivery queue is full (destinations down or too slow)";
-                }
-                // The thread's runtime that ran the worker has ended and another one
-                // runs here now: a new lane on it.
-                Err(mpsc::error::TrySendError::Closed(r)) => {
-                    record = r;
-                    self.retire(&lane);
-                    match tokio::runtime::Handle::try_current() {
-                        Ok(handle) => lane = self.open_lane(&handle),
-                        Err(_) => break "no async runtime to deliver it",
-                    }
-                }
-            }
+        let record = match self.send(&lane, kept, record) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(r)) => return self.drop_record(&r, FULL),
+            Err(mpsc::error::TrySendError::Closed(r)) => r,
         };
-        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(request_id = %record.request_id, capacity = self.capacity, "audit record dropped: {why}");
+        // The lane's worker has ended with its runtime.
+        self.retire(&lane);
+        if opened {
+            // Its worker was cancelled as it was spawned: the runtime is shutting down.
+            return self.drop_record(&record, ENDING);
+        }
+        // Another runtime may run on this thread now: one new lane on it, and no more
+        // (a runtime shutting down cancels each new worker at once).
+        let Some((lane, kept)) = self.open_lane() else {
+            return self.drop_record(&record, NO_RUNTIME);
+        };
+        if let Err(e) = self.send(&lane, kept, record) {
+            self.retire(&lane);
+            self.drop_record(&e.into_inner(), ENDING);
+        }
     }
 
     /// Waits until every record handed over before this call is finished, or until

@@ -209,7 +209,7 @@ impl KeyService {
                 },
                 _ => KeyServiceError::from_store(id, e),
             })?;
-        self.shared.table().set_state(id, state, None);
+        self.shared.set_key_state(id, state, None);
         tracing::info!(key_id = %id, from = transition.from.as_str(), to = state.as_str(), "key state changed by hand");
         Ok(transition)
     }

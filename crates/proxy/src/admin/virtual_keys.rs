@@ -337,7 +337,20 @@ pub async fn update(
     match state.router.update_virtual_key(key).await {
         Ok(()) => {}
         Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
-        Err(e) if e.kind == StoreErrorKind::Conflict => return Err(revoked(&name)),
+        // Revoked, or changed (rotated) over and over while being updated: only the
+        // first is for good.
+        Err(e) if e.kind == StoreErrorKind::Conflict => {
+            let revoked_now = state
+                .router
+                .virtual_keys()
+                .await
+                .is_ok_and(|keys| keys.iter().any(|k| k.name == name && !k.is_active()));
+            return Err(if revoked_now {
+                revoked(&name)
+            } else {
+                store_error(&e)
+            });
+        }
         Err(e) => return Err(store_error(&e)),
     }
     apply_now(&state).await;

@@ -124,7 +124,7 @@ pub(crate) async fn transition(
         .await
     {
         Ok(t) => {
-            shared.table().set_state(key_id, to, cooldown_until);
+            shared.set_key_state(key_id, to, cooldown_until);
             tracing::info!(key_id = %key_id, from = t.from.as_str(), to = to.as_str(), "key state changed");
             true
         }
