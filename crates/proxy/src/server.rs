@@ -75,7 +75,8 @@ fn follow_virtual_keys(state: &Arc<AppState>, mut changes: tokio::sync::watch::R
 /// The runtime the command runs on. With the shared arrangement it is the one that
 /// serves: work-stealing over `server.threads` workers. Per core, it only runs the
 /// router's background work (sweeps, reload, store connections) on the main thread;
-/// [`serve`] starts the serving threads (audit delivery starts on the first to serve).
+/// [`serve`] starts the serving threads (each delivers the audit records of its own
+/// requests).
 ///
 /// # Errors
 /// When the runtime cannot be built.
