@@ -292,3 +292,54 @@ async fn fail_open_serves_on_local_limits_and_resumes_shared_ones() {
         assert!(router.request(&id).await.unwrap().is_some(), "open-{n}");
     }
 }
+
+/// A budget created in the split store while its counters store (Redis) is down is
+/// created: the records store (MongoDB) decides and holds it, the answer says so
+/// (a retry would only be told the id is taken), and the counters get it, with its
+/// spend, at the next read of the budgets once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_created_while_the_counters_store_is_down_exists_and_reaches_it_later() {
+    use apikeyrouter_adapters_stores::{RedisStore, SplitStore};
+    use apikeyrouter_application::ports::BudgetStore;
+
+    let mut redis = OwnRedis::start();
+    let namespace = crate::support::fresh_namespace("split-fault");
+    let counters = Arc::new(RedisStore::connect(&redis.url(), &namespace).await.unwrap());
+    let database = crate::support::fresh_namespace("split_fault").replace('-', "_");
+    let records = Arc::new(crate::support::mongo_store_in(&database).await);
+    let split = SplitStore::new(counters.clone(), records);
+    let budget = Budget::new(
+        "made-in-outage",
+        BudgetScope::Global,
+        4.0,
+        BudgetPeriod::Monthly,
+        Enforcement::Hard,
+    )
+    .unwrap();
+    let now = base_now();
+
+    redis.kill();
+    let made = split
+        .insert_budget(budget.clone(), apikeyrouter::Money::from_usd(0.25), now)
+        .await
+        .expect("created although the counters store is down");
+    assert_eq!(made.spent, apikeyrouter::Money::from_usd(0.25));
+    let err = split
+        .insert_budget(budget.clone(), apikeyrouter::Money::ZERO, now)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, apikeyrouter::StoreErrorKind::Conflict, "{err}");
+
+    redis.resume();
+    let listed = eventually(Duration::from_secs(10), || async {
+        split.list_budgets().await.ok()
+    })
+    .await;
+    assert_eq!(listed, std::slice::from_ref(&budget));
+    let in_counters = counters.budget_statuses(now).await.unwrap();
+    assert_eq!(in_counters.len(), 1);
+    assert_eq!(
+        (in_counters[0].budget_id.as_str(), in_counters[0].spent),
+        ("made-in-outage", apikeyrouter::Money::from_usd(0.25))
+    );
+}
