@@ -31,6 +31,9 @@ pub struct Forwarding {
     /// Where request records go instead of `inner`, if anywhere.
     requests: Option<MemoryStore>,
     stall: Mutex<Option<Stall>>,
+    /// A virtual key revoked (as by another caller) just before the next budget is
+    /// created.
+    revoke_before_budget: Mutex<Option<String>>,
 }
 
 impl Forwarding {
@@ -39,7 +42,17 @@ impl Forwarding {
             inner,
             requests: None,
             stall: Mutex::new(None),
+            revoke_before_budget: Mutex::new(None),
         }
+    }
+
+    /// Revokes virtual key `name` just before the next budget is created: a `DELETE`
+    /// that lands between a key's creation and its budget's.
+    pub fn revoke_before_next_budget(&self, name: &str) {
+        *self
+            .revoke_before_budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(name.to_owned());
     }
 
     /// Keeps request records in memory rather than in `inner`.
@@ -157,6 +170,14 @@ impl BudgetStore for Forwarding {
         spent: Money,
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
+        let revoke = self
+            .revoke_before_budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(name) = revoke {
+            self.inner.revoke_virtual_key(&name, now).await?;
+        }
         self.inner.insert_budget(budget, spent, now).await
     }
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {

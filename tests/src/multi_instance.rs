@@ -344,3 +344,45 @@ async fn a_stopped_instances_reservation_is_reclaimed_after_the_lease() {
     assert!(status.spent > Money::ZERO);
     assert_eq!(status.reserved, Money::ZERO);
 }
+
+/// A `DELETE` of a virtual key landing between the key's creation and its budget's
+/// (here, or on another instance) finds no budget to remove; the creation then
+/// removes the budget itself rather than leave it limiting a name no key can use
+/// again, and answers with the key as revoked.
+#[tokio::test]
+async fn a_virtual_key_revoked_while_it_is_made_leaves_no_budget_behind() {
+    use apikeyrouter_adapters_stores::MemoryStore;
+
+    let store = Arc::new(crate::forwarding::Forwarding::to(Arc::new(
+        MemoryStore::new(),
+    )));
+    let router = ApiKeyRouter::builder()
+        .store(store.clone())
+        .build()
+        .await
+        .unwrap();
+    let key = apikeyrouter_domain::VirtualKey {
+        budget_usd: Some(5.0),
+        ..crate::support::virtual_key("racing", '1')
+    };
+
+    store.revoke_before_next_budget("racing");
+    let (made, budget) = router.add_virtual_key(key).await.expect("made");
+    assert!(budget.is_none(), "{budget:?}");
+    assert!(!made.is_active(), "answered as revoked");
+    let budgets = router.budgets().await.unwrap();
+    assert!(
+        budgets.iter().all(|b| b.budget_id != "virtual-key-racing"),
+        "{budgets:?}"
+    );
+
+    // Without the race the budget stays.
+    let (_, budget) = router
+        .add_virtual_key(apikeyrouter_domain::VirtualKey {
+            budget_usd: Some(5.0),
+            ..crate::support::virtual_key("calm", '2')
+        })
+        .await
+        .expect("made");
+    assert_eq!(budget.expect("its budget").budget_id, "virtual-key-calm");
+}

@@ -74,7 +74,7 @@ impl ApiKeyRouter {
         // Created, not put: one made under that id since the check above stays, with
         // its spend, and this key does not.
         let e = match self.core().budgets().create(budget, Money::ZERO).await {
-            Ok(status) => return Ok((stored, Some(status))),
+            Ok(status) => return Ok(self.unless_revoked_meanwhile(stored, status).await),
             Err(e) => e,
         };
         if let Err(undo) = self.core().revoke_virtual_key(&name).await {
@@ -84,6 +84,35 @@ impl ApiKeyRouter {
             BudgetServiceError::Exists(id) => AddVirtualKeyError::BudgetTaken(id),
             e => AddVirtualKeyError::Store(store_error(e)),
         })
+    }
+
+    /// The key just made with its budget, unless a revocation landed between the
+    /// two: it found no budget to remove, so the budget is removed here rather than
+    /// left to limit a name no key can use again.
+    async fn unless_revoked_meanwhile(
+        &self,
+        stored: VirtualKey,
+        budget: BudgetStatus,
+    ) -> (VirtualKey, Option<BudgetStatus>) {
+        let revoked = match self.core().virtual_keys().await {
+            Ok(keys) => keys
+                .into_iter()
+                .find(|k| k.name == stored.name && !k.is_active()),
+            Err(e) => {
+                tracing::warn!(virtual_key = %stored.name, error = %e, "virtual key not read back after its budget was made");
+                None
+            }
+        };
+        let Some(revoked) = revoked else {
+            return (stored, Some(budget));
+        };
+        match self.core().budgets().remove(&budget.budget_id).await {
+            Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::warn!(virtual_key = %stored.name, error = %e, "budget of a virtual key revoked while it was made not removed; revoke the key again to retry");
+            }
+        }
+        (revoked, None)
     }
 
     /// Gives an active virtual key made at run time `key`'s limits (tenant, models,
