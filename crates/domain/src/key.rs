@@ -52,6 +52,13 @@ impl KeyState {
         matches!(self, Self::Available | Self::Recovering)
     }
 
+    /// Whether someone set it (an operator, or a provider refusing the credentials),
+    /// so that it changes only when someone acts; the other states follow traffic and
+    /// time on each instance.
+    pub const fn is_set_by_hand(self) -> bool {
+        matches!(self, Self::Disabled | Self::Invalid)
+    }
+
     /// Whether the state machine allows `self -> to`.
     pub const fn can_transition_to(self, to: Self) -> bool {
         use KeyState::{Available, Disabled, Exhausted, Invalid, Recovering, Throttled};
@@ -414,6 +421,15 @@ mod tests {
             KeyMetadata::default(),
             Timestamp::EPOCH,
         )
+    }
+
+    #[test]
+    fn only_disabled_and_invalid_are_set_by_hand() {
+        let by_hand: Vec<KeyState> = KeyState::ALL
+            .into_iter()
+            .filter(|s| s.is_set_by_hand())
+            .collect();
+        assert_eq!(by_hand, [KeyState::Disabled, KeyState::Invalid]);
     }
 
     #[test]

@@ -495,7 +495,7 @@ impl BudgetStore for MemoryStore {
         let ledger = BudgetLedger::new(budget, now).with_spent(spent);
         let status = ledger.status();
         match write(&self.budgets).entry(ledger.budget.id.clone()) {
-            Entry::Occupied(_) => Err(budget_exists(&ledger.budget.id)),
+            Entry::Occupied(_) => Err(StoreError::budget_exists(&ledger.budget.id)),
             Entry::Vacant(vacant) => {
                 vacant.insert(Arc::new(Mutex::new(Some(ledger))));
                 Ok(status)
@@ -593,17 +593,11 @@ impl VirtualKeyStore for MemoryStore {
 
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         let mut keys = lock(&self.virtual_keys);
-        let stored = keys.get_mut(&key.name).ok_or_else(|| {
-            StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("virtual key {} not found", key.name),
-            )
-        })?;
+        let stored = keys
+            .get_mut(&key.name)
+            .ok_or_else(|| StoreError::virtual_key_not_found(&key.name))?;
         if !stored.is_active() {
-            return Err(StoreError::new(
-                StoreErrorKind::Conflict,
-                format!("virtual key {} is revoked", key.name),
-            ));
+            return Err(StoreError::virtual_key_revoked(&key.name));
         }
         stored.tenant = key.tenant;
         stored.models = key.models;
@@ -618,17 +612,11 @@ impl VirtualKeyStore for MemoryStore {
         token_sha256: &str,
     ) -> Result<VirtualKey, StoreError> {
         let mut keys = lock(&self.virtual_keys);
-        let stored = keys.get_mut(name).ok_or_else(|| {
-            StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("virtual key {name} not found"),
-            )
-        })?;
+        let stored = keys
+            .get_mut(name)
+            .ok_or_else(|| StoreError::virtual_key_not_found(name))?;
         if !stored.is_active() {
-            return Err(StoreError::new(
-                StoreErrorKind::Conflict,
-                format!("virtual key {name} is revoked"),
-            ));
+            return Err(StoreError::virtual_key_revoked(name));
         }
         let before = stored.clone();
         token_sha256.clone_into(&mut stored.token_sha256);
@@ -641,12 +629,9 @@ impl VirtualKeyStore for MemoryStore {
         at: Timestamp,
     ) -> Result<VirtualKey, StoreError> {
         let mut keys = lock(&self.virtual_keys);
-        let key = keys.get_mut(name).ok_or_else(|| {
-            StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("virtual key {name} not found"),
-            )
-        })?;
+        let key = keys
+            .get_mut(name)
+            .ok_or_else(|| StoreError::virtual_key_not_found(name))?;
         key.revoked_at.get_or_insert(at);
         Ok(key.clone())
     }
@@ -662,12 +647,4 @@ impl StateStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
-}
-
-/// The conflict of a budget created under an id already in use.
-fn budget_exists(id: &str) -> StoreError {
-    StoreError::new(
-        StoreErrorKind::Conflict,
-        format!("budget {id} already exists"),
-    )
 }

@@ -1312,6 +1312,22 @@ impl UsageLedger for MongoStore {
     }
 }
 
+/// A budget's ledger as stored, and its BSON.
+fn budget_document(
+    budget: &Budget,
+    spent: Money,
+    now: Timestamp,
+) -> Result<(BudgetDoc, Document), StoreError> {
+    let doc = BudgetDoc::new(budget, spent, now);
+    let raw = bson::to_document(&doc).map_err(|_| {
+        StoreError::new(
+            StoreErrorKind::Invalid,
+            format!("budget {} cannot be encoded for mongodb", budget.id),
+        )
+    })?;
+    Ok((doc, raw))
+}
+
 /// Replacing a budget with `put_budget` drops its outstanding reservations; settling
 /// them later still charges the actual cost.
 #[async_trait]
@@ -1322,13 +1338,7 @@ impl BudgetStore for MongoStore {
         spent: Money,
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
-        let doc = BudgetDoc::new(&budget, spent, now);
-        let raw = bson::to_document(&doc).map_err(|_| {
-            StoreError::new(
-                StoreErrorKind::Invalid,
-                format!("budget {} cannot be encoded for mongodb", budget.id),
-            )
-        })?;
+        let (doc, raw) = budget_document(&budget, spent, now)?;
         self.budgets
             .replace_one(doc! { "_id": &budget.id }, raw)
             .upsert(true)
@@ -1345,20 +1355,11 @@ impl BudgetStore for MongoStore {
         spent: Money,
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
-        let doc = BudgetDoc::new(&budget, spent, now);
-        let raw = bson::to_document(&doc).map_err(|_| {
-            StoreError::new(
-                StoreErrorKind::Invalid,
-                format!("budget {} cannot be encoded for mongodb", budget.id),
-            )
-        })?;
+        let (doc, raw) = budget_document(&budget, spent, now)?;
         match self.budgets.insert_one(raw).await {
             Ok(_) => {}
             Err(e) if is_duplicate_key(&e) => {
-                return Err(StoreError::new(
-                    StoreErrorKind::Conflict,
-                    format!("budget {} already exists", budget.id),
-                ));
+                return Err(StoreError::budget_exists(&budget.id));
             }
             Err(e) => return Err(map_err(BUDGETS, "insert a budget", e)),
         }
@@ -1497,6 +1498,18 @@ impl RequestLog for MongoStore {
     }
 }
 
+impl MongoStore {
+    /// Why a conditional change to virtual key `name` (one not revoked) matched
+    /// nothing: revoked, or absent; a failed read is `doing`'s failure.
+    async fn missing_or_revoked(&self, name: &str, doing: &str) -> StoreError {
+        match self.virtual_keys.find_one(doc! { "_id": name }).await {
+            Ok(Some(_)) => StoreError::virtual_key_revoked(name),
+            Ok(None) => StoreError::virtual_key_not_found(name),
+            Err(e) => map_err(VIRTUAL_KEYS, doing, e),
+        }
+    }
+}
+
 /// One document per key, its name as `_id` (whose index keeps names unique). No
 /// change events: instances sharing only a MongoDB store see each other's changes
 /// when they re-read the keys (the proxy does every few seconds).
@@ -1596,23 +1609,9 @@ impl VirtualKeyStore for MongoStore {
         if result.matched_count == 1 {
             return Ok(());
         }
-        let exists = self
-            .virtual_keys
-            .find_one(doc! { "_id": &key.name })
-            .await
-            .map_err(failed)?
-            .is_some();
-        Err(if exists {
-            StoreError::new(
-                StoreErrorKind::Conflict,
-                format!("virtual key {} is revoked", key.name),
-            )
-        } else {
-            StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("virtual key {} not found", key.name),
-            )
-        })
+        Err(self
+            .missing_or_revoked(&key.name, "update a virtual key")
+            .await)
     }
 
     /// One conditional update of the digest field alone, so it cannot undo a limits
@@ -1635,23 +1634,7 @@ impl VirtualKeyStore for MongoStore {
         if let Some(raw) = before {
             return bson::from_document(raw).map_err(|_| malformed(VIRTUAL_KEYS, name));
         }
-        let exists = self
-            .virtual_keys
-            .find_one(doc! { "_id": name })
-            .await
-            .map_err(failed)?
-            .is_some();
-        Err(if exists {
-            StoreError::new(
-                StoreErrorKind::Conflict,
-                format!("virtual key {name} is revoked"),
-            )
-        } else {
-            StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("virtual key {name} not found"),
-            )
-        })
+        Err(self.missing_or_revoked(name, "rotate a virtual key").await)
     }
 
     /// One conditional update (only a key not yet revoked is marked), then a read
@@ -1678,12 +1661,7 @@ impl VirtualKeyStore for MongoStore {
                 .find_one(doc! { "_id": name })
                 .await
                 .map_err(failed)?
-                .ok_or_else(|| {
-                    StoreError::new(
-                        StoreErrorKind::NotFound,
-                        format!("virtual key {name} not found"),
-                    )
-                })?,
+                .ok_or_else(|| StoreError::virtual_key_not_found(name))?,
         };
         bson::from_document(raw).map_err(|_| malformed(VIRTUAL_KEYS, name))
     }

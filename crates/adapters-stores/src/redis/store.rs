@@ -1279,10 +1279,7 @@ impl BudgetStore for RedisStore {
             .await
             .map_err(|err| from_redis(err, &ledger_key))?;
         if added == 0 {
-            return Err(StoreError::new(
-                StoreErrorKind::Conflict,
-                format!("budget {} already exists", budget.id),
-            ));
+            return Err(StoreError::budget_exists(&budget.id));
         }
         let channel = self.names.budget_events();
         if let Err(e) = self.conn().publish::<_, _, i64>(&channel, &budget.id).await {
@@ -1558,12 +1555,7 @@ impl VirtualKeyStore for RedisStore {
     /// between makes it read again rather than write the old digest back.
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         let hash = self.names.virtual_keys();
-        let not_found = || {
-            StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("virtual key {} not found", key.name),
-            )
-        };
+        let not_found = || StoreError::virtual_key_not_found(&key.name);
         for _ in 0..UPDATE_TRIES {
             let json: Option<String> = self
                 .conn()
@@ -1593,10 +1585,7 @@ impl VirtualKeyStore for RedisStore {
                 }
                 0 => return Err(not_found()),
                 -1 => {
-                    return Err(StoreError::new(
-                        StoreErrorKind::Conflict,
-                        format!("virtual key {} is revoked", key.name),
-                    ));
+                    return Err(StoreError::virtual_key_revoked(&key.name));
                 }
                 _ => {} // changed meanwhile: read it again
             }
@@ -1626,14 +1615,8 @@ impl VirtualKeyStore for RedisStore {
                 self.announce_or_log().await;
                 Ok(before)
             }
-            0 => Err(StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("virtual key {name} not found"),
-            )),
-            -1 => Err(StoreError::new(
-                StoreErrorKind::Conflict,
-                format!("virtual key {name} is revoked"),
-            )),
+            0 => Err(StoreError::virtual_key_not_found(name)),
+            -1 => Err(StoreError::virtual_key_revoked(name)),
             _ => Err(invalid(
                 &hash,
                 format!("virtual key {name} holds no token digest"),
@@ -1657,10 +1640,7 @@ impl VirtualKeyStore for RedisStore {
             .await
             .map_err(|err| from_redis(err, &hash))?;
         let Some(json) = json else {
-            return Err(StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("virtual key {name} not found"),
-            ));
+            return Err(StoreError::virtual_key_not_found(name));
         };
         let key = from_json(&json, &hash)?;
         self.announce_or_log().await;

@@ -60,6 +60,30 @@ impl StoreError {
         Self::new(StoreErrorKind::NotFound, format!("key {id} not found"))
     }
 
+    /// `NotFound` for a virtual key.
+    pub fn virtual_key_not_found(name: &str) -> Self {
+        Self::new(
+            StoreErrorKind::NotFound,
+            format!("virtual key {name} not found"),
+        )
+    }
+
+    /// `Conflict` for a change to a revoked virtual key.
+    pub fn virtual_key_revoked(name: &str) -> Self {
+        Self::new(
+            StoreErrorKind::Conflict,
+            format!("virtual key {name} is revoked"),
+        )
+    }
+
+    /// `Conflict` for a budget created under an id in use.
+    pub fn budget_exists(id: &str) -> Self {
+        Self::new(
+            StoreErrorKind::Conflict,
+            format!("budget {id} already exists"),
+        )
+    }
+
     /// Adds the backend's error.
     #[must_use]
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {

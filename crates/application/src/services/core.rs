@@ -62,12 +62,6 @@ impl KeyHandle {
     }
 }
 
-/// States an operator (or a provider refusing the credentials) sets, which change
-/// only when someone acts; the others follow traffic and time on each instance.
-const fn is_set_by_hand(state: KeyState) -> bool {
-    matches!(state, KeyState::Disabled | KeyState::Invalid)
-}
-
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn StateStore>,
     pub(crate) records: RecordDelivery,
@@ -173,7 +167,7 @@ impl Shared {
         cooldown_until: Option<apikeyrouter_domain::Timestamp>,
     ) {
         let mut table = self.table();
-        if is_set_by_hand(state) || table.state(id).is_some_and(is_set_by_hand) {
+        if state.is_set_by_hand() || table.state(id).is_some_and(KeyState::is_set_by_hand) {
             self.key_written();
         }
         table.set_state(id, state, cooldown_until);
@@ -208,7 +202,7 @@ impl Shared {
                 .is_some_and(|h| h.provider == key.provider && h.metadata == key.metadata);
             let here = self.table().state(&key.id);
             let same_state = here.is_some_and(|here| {
-                here == key.state || !(is_set_by_hand(here) || is_set_by_hand(key.state))
+                here == key.state || !(here.is_set_by_hand() || key.state.is_set_by_hand())
             });
             if !(same_key && same_state) {
                 self.cache_key(key);

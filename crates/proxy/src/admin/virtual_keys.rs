@@ -128,6 +128,14 @@ fn invalid(e: &VirtualKeyError) -> ApiError {
     ApiError::bad_request("invalid_value", format!("Invalid virtual key: {e}.")).with_param(param)
 }
 
+/// A new client token (`sk-akr-` and 32 random bytes) and its digest, the only part
+/// stored.
+fn new_token() -> Result<(String, String), ApiError> {
+    let token = format!("sk-akr-{}", random_text(32)?);
+    let digest = digest_hex(&token);
+    Ok((token, digest))
+}
+
 /// `count` bytes from the OS's random source, URL-safe base64 without padding.
 fn random_text(count: usize) -> Result<String, ApiError> {
     let mut bytes = vec![0u8; count];
@@ -218,10 +226,10 @@ pub async fn create(
         Some(name) => name,
         None => format!("vk-{}", random_text(9)?),
     };
-    let token = format!("sk-akr-{}", random_text(32)?);
+    let (token, token_sha256) = new_token()?;
     let key = VirtualKey {
         name,
-        token_sha256: digest_hex(&token),
+        token_sha256,
         tenant: new.tenant.map(TenantId::new),
         models: new
             .models
@@ -384,8 +392,7 @@ pub async fn rotate(
     if state.auth().file_names().contains(&name) {
         return Err(in_config(&name));
     }
-    let token = format!("sk-akr-{}", random_text(32)?);
-    let digest = digest_hex(&token);
+    let (token, digest) = new_token()?;
     let before = match state.router.rotate_virtual_key(&name, &digest).await {
         Ok(before) => before,
         Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
