@@ -180,6 +180,13 @@ impl BudgetStore for Forwarding {
         }
         self.inner.insert_budget(budget, spent, now).await
     }
+    async fn redefine_budget(
+        &self,
+        budget: Budget,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        self.inner.redefine_budget(budget, now).await
+    }
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         self.inner.list_budgets().await
     }

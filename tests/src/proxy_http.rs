@@ -1438,6 +1438,20 @@ async fn management_api_requires_the_admin_token_and_masks_material() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
+    // A spend given with PUT replaces the account of an existing budget.
+    let mut reset = raised.clone();
+    reset["spent_usd"] = json!(1.25);
+    let r = admin(p.client.put(p.url("/api/v1/budgets/fresh")))
+        .json(&reset)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let fresh: Value = r.json().await.unwrap();
+    assert_eq!(
+        (fresh["spent"].clone(), fresh["remaining"].clone()),
+        (json!(1.25), json!(18.75))
+    );
     for (method, code) in [
         ("DELETE", StatusCode::NO_CONTENT),
         ("DELETE", StatusCode::NOT_FOUND),

@@ -61,6 +61,8 @@ macro_rules! conformance_suite {
                 virtual_keys_are_unique_by_name_listed_in_order_and_revoked,
                 virtual_key_rotation_replaces_the_digest_alone,
                 a_budget_is_created_once_whoever_races_for_its_id,
+                a_budget_is_redefined_in_place_keeping_its_account,
+                redefinitions_racing_settlements_lose_no_spend,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1781,6 +1783,148 @@ mod cases {
         let mut big = charge(2, "k1", None, 100.0);
         big.budget_ids = vec!["daily".to_owned()];
         store.reserve(&big).await.unwrap();
+    }
+
+    /// Redefining changes the limit, enforcement and period in one store step and
+    /// keeps the account: this period's spend, and the reservations of requests in
+    /// flight, which still settle against it. An unknown id is `NotFound`.
+    pub(super) async fn a_budget_is_redefined_in_place_keeping_its_account(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.3), base_now())
+            .await
+            .unwrap();
+        let held = charge(1, "k1", None, 0.2);
+        store.reserve(&held).await.unwrap();
+        assert!(matches!(
+            store.reserve(&charge(2, "k1", None, 0.6)).await,
+            Err(ChargeRejection::Budget(_))
+        ));
+
+        let status = store
+            .redefine_budget(hard_budget("b", 2.0), base_now())
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                status.limit,
+                status.spent,
+                status.reserved,
+                status.remaining
+            ),
+            (
+                Money::from_usd(2.0),
+                Money::from_usd(0.3),
+                Money::from_usd(0.2),
+                Money::from_usd(1.5)
+            )
+        );
+        assert_eq!(
+            status.period_end,
+            base_now().start_of_day().plus(Duration::from_secs(86_400))
+        );
+        // The new limit holds at once: 0.3 spent, 0.8 held, 0.9 left.
+        store.reserve(&charge(2, "k1", None, 0.6)).await.unwrap();
+        assert!(matches!(
+            store.reserve(&charge(3, "k1", None, 1.0)).await,
+            Err(ChargeRejection::Budget(_))
+        ));
+        // The reservation held before is the one its settlement commits.
+        let statuses = store
+            .settle(&held, &spent(10, Money::from_usd(0.1), base_now()))
+            .await
+            .unwrap()
+            .budgets;
+        assert_eq!(
+            (statuses[0].spent, statuses[0].reserved),
+            (Money::from_usd(0.4), Money::from_usd(0.6))
+        );
+
+        // A new period kind moves the period and carries the spend into it; a soft
+        // budget lets an overrun through.
+        let monthly = budget("b", 0.5, BudgetPeriod::Monthly, Enforcement::Soft);
+        let status = store
+            .redefine_budget(monthly.clone(), base_now())
+            .await
+            .unwrap();
+        assert_eq!(status.period_end, base_now().start_of_next_month());
+        assert_eq!(
+            (status.spent, status.reserved, status.enforcement),
+            (
+                Money::from_usd(0.4),
+                Money::from_usd(0.6),
+                Enforcement::Soft
+            )
+        );
+        assert!(status.over_limit);
+        store.reserve(&charge(4, "k1", None, 1.0)).await.unwrap();
+        assert_eq!(store.list_budgets().await.unwrap(), [monthly]);
+
+        let err = store
+            .redefine_budget(hard_budget("missing", 1.0), base_now())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
+        assert_eq!(store.list_budgets().await.unwrap().len(), 1);
+    }
+
+    /// Settlements landing while the budget is redefined over and over all count:
+    /// nothing spent is lost and no reservation is left held.
+    pub(super) async fn redefinitions_racing_settlements_lose_no_spend(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("b", 10.0), Money::ZERO, base_now())
+            .await
+            .unwrap();
+        let charges: Vec<Charge> = (1..=24).map(|i| charge(i, "k1", None, 0.1)).collect();
+        for c in &charges {
+            store.reserve(c).await.unwrap();
+        }
+        let settling = charges
+            .into_iter()
+            .map(|c| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .settle(&c, &spent(10, Money::from_usd(0.05), base_now()))
+                        .await
+                        .map(drop)
+                })
+            })
+            .collect::<Vec<_>>();
+        let redefining = (0..12u32)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .redefine_budget(hard_budget("b", 10.0 + f64::from(i)), base_now())
+                        .await
+                        .map(drop)
+                })
+            })
+            .collect::<Vec<_>>();
+        for task in settling.into_iter().chain(redefining) {
+            task.await.unwrap().unwrap();
+        }
+        let status = &store.budget_statuses(base_now()).await.unwrap()[0];
+        assert_eq!(
+            (status.spent, status.reserved),
+            (Money::from_usd(1.2), Money::ZERO)
+        );
+        assert_eq!(
+            status.remaining,
+            status.limit.saturating_sub(status.spent),
+            "{status:?}"
+        );
+        // What the store enforces agrees: the remaining amount fits, a cent more not.
+        store
+            .reserve(&charge(100, "k1", None, status.remaining.as_usd()))
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.reserve(&charge(101, "k1", None, 0.01)).await,
+            Err(ChargeRejection::Budget(_))
+        ));
     }
 
     pub(super) async fn virtual_keys_are_unique_by_name_listed_in_order_and_revoked(store: Store) {

@@ -638,3 +638,83 @@ async fn the_reservation_lease_never_falls_below_the_deadline() {
         "{refused}"
     );
 }
+
+/// A budget redefined while a request is in flight keeps that request's reservation,
+/// which its settlement commits against the new limit, and what was spent before; a
+/// spend given replaces the account, and an unknown id is created.
+#[tokio::test]
+async fn a_budget_redefined_while_a_request_is_in_flight_keeps_its_account() {
+    let h = Harness::new(|b| b).await;
+    let sim = h.provider("openai");
+    h.key("openai", 1, KeyMetadata::default()).await;
+    h.daily_hard_budget("team", 1.0).await;
+    let team = |limit_usd: f64| {
+        Budget::new(
+            "team",
+            BudgetScope::Global,
+            limit_usd,
+            BudgetPeriod::Daily,
+            Enforcement::Hard,
+        )
+        .unwrap()
+    };
+    let budgets = h.router.core().budgets();
+    let first = h
+        .router
+        .route(ask("gpt-4o-mini", "first"), Objective::default())
+        .await
+        .unwrap();
+    let spent_before = first.actual_cost.unwrap();
+
+    sim.set_default_latency(Duration::from_millis(300));
+    let router = h.router.clone();
+    let in_flight = tokio::spawn(async move {
+        router
+            .route(
+                ask("gpt-4o-mini", "second").with_max_tokens(100),
+                Objective::default(),
+            )
+            .await
+    });
+    let held = loop {
+        let status = budgets.get("team").await.unwrap();
+        if status.reserved > Money::ZERO {
+            break status.reserved;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let defined = budgets.define(team(2.0), None).await.unwrap();
+    assert!(!defined.created);
+    assert_eq!(
+        (
+            defined.status.limit,
+            defined.status.spent,
+            defined.status.reserved
+        ),
+        (Money::from_usd(2.0), spent_before, held)
+    );
+
+    let second = in_flight.await.unwrap().unwrap();
+    let after = budgets.get("team").await.unwrap();
+    assert_eq!(
+        (after.limit, after.spent, after.reserved),
+        (
+            Money::from_usd(2.0),
+            spent_before.saturating_add(second.actual_cost.unwrap()),
+            Money::ZERO
+        )
+    );
+
+    let reset = budgets
+        .define(team(2.0), Some(Money::from_usd(0.5)))
+        .await
+        .unwrap();
+    assert!(!reset.created);
+    assert_eq!(reset.status.spent, Money::from_usd(0.5));
+    let mut other = team(3.0);
+    other.id = "other".to_owned();
+    let created = budgets.define(other, None).await.unwrap();
+    assert!(created.created);
+    assert_eq!(created.status.spent, Money::ZERO);
+    assert_eq!(h.router.core().budgets().definitions().len(), 2);
+}

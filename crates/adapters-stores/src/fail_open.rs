@@ -75,6 +75,11 @@ impl FailOpenStore {
     /// used while the remote is down.
     async fn mirror_budget(&self, budget: Budget, spent: Money, now: Timestamp) {
         let _ = self.local.put_budget(budget.clone(), spent, now).await;
+        self.keep_definition(budget);
+    }
+
+    /// Makes `budget` the definition used while the remote is down.
+    fn keep_definition(&self, budget: Budget) {
         let mut budgets = self.budgets.write().unwrap_or_else(PoisonError::into_inner);
         budgets.retain(|b| b.id != budget.id);
         budgets.push(budget);
@@ -444,6 +449,27 @@ impl BudgetStore for FailOpenStore {
             .insert_budget(budget.clone(), spent, now)
             .await?;
         self.mirror_budget(budget, spent, now).await;
+        Ok(status)
+    }
+
+    /// The local ledger is redefined in place too, keeping the reservations it holds
+    /// (or given the budget with the remote's spend if it has none).
+    async fn redefine_budget(
+        &self,
+        budget: Budget,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let status = self.remote.redefine_budget(budget.clone(), now).await?;
+        if self
+            .local
+            .redefine_budget(budget.clone(), now)
+            .await
+            .is_ok()
+        {
+            self.keep_definition(budget);
+        } else {
+            self.mirror_budget(budget, status.spent, now).await;
+        }
         Ok(status)
     }
 

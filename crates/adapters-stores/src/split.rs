@@ -262,6 +262,25 @@ impl BudgetStore for SplitStore {
         }
     }
 
+    /// The records store decides whether the budget exists; the counters store, which
+    /// holds its spend and reservations, is then redefined in place (given the budget
+    /// back, with the records' spend, if it lost it). A counters store that cannot be
+    /// changed fails the call, which can be retried: until then it enforces the old
+    /// definition.
+    async fn redefine_budget(
+        &self,
+        budget: Budget,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let recorded = self.records.redefine_budget(budget.clone(), now).await?;
+        match self.counters.redefine_budget(budget.clone(), now).await {
+            Err(e) if e.kind == StoreErrorKind::NotFound => {
+                self.counters.put_budget(budget, recorded.spent, now).await
+            }
+            other => other,
+        }
+    }
+
     /// The records' definitions; a budget the counters store lost (a Redis restarted
     /// without persistence) is put back, with the spend the records know, so hard
     /// budgets keep being enforced.

@@ -12,6 +12,6 @@ pub mod services;
 
 pub use records::{AttemptRecord, AuditRecord, EmbeddingRouteResponse, Outcome, RouteResponse};
 pub use services::{
-    ApiKeyRouterCore, BudgetService, DEFAULT_QUEUE_CAPACITY, DeliveryStats, KeyService,
+    ApiKeyRouterCore, BudgetService, DEFAULT_QUEUE_CAPACITY, Defined, DeliveryStats, KeyService,
     ProviderSettings, QuotaService, RegisterKeyError, RouteError, RouterService, RouterSettings,
 };

@@ -325,6 +325,19 @@ impl BudgetLedger {
         }
     }
 
+    /// Changes the budget's definition (limit, period, scope, enforcement) keeping its
+    /// account: what this period spent and the reservations held. A new period kind
+    /// starts its period at the one containing `now`, carrying the spend over.
+    pub fn redefine(&mut self, budget: Budget, now: Timestamp) {
+        self.roll(now);
+        if budget.period != self.budget.period {
+            let (start, end) = budget.period.bounds(now);
+            self.period_start = start;
+            self.period_end = end;
+        }
+        self.budget = budget;
+    }
+
     /// Outstanding reservations.
     pub fn reserved(&self) -> Money {
         self.reserved

@@ -8,7 +8,7 @@ use apikeyrouter_adapters_providers::simulated::SimulatedProvider;
 use apikeyrouter_application::ports::Provider;
 use apikeyrouter_application::services::BudgetServiceError;
 use apikeyrouter_application::{ProviderSettings, RegisterKeyError};
-use apikeyrouter_domain::{KeyId, Money};
+use apikeyrouter_domain::KeyId;
 use apikeyrouter_observability::{DiscardAuditSink, JsonLinesAuditSink};
 
 use crate::builder::BuildError;
@@ -167,10 +167,6 @@ impl ApiKeyRouter {
         }
 
         let budgets = self.core().budgets();
-        let current = budgets
-            .list()
-            .await
-            .map_err(|e| BuildError::Setting(e.to_string()))?;
         let defined = budgets.definitions();
         let wanted: HashSet<String> = config.budgets.iter().map(|b| b.id.clone()).collect();
         let previous = self.take_config_budgets(wanted.clone());
@@ -186,14 +182,10 @@ impl ApiKeyRouter {
             if defined.iter().any(|d| d == b) {
                 continue;
             }
-            // Redefined (limit, period, scope or enforcement) or new: the spend of
-            // the current period carries over.
-            let spent = current
-                .iter()
-                .find(|s| s.budget_id == b.id)
-                .map_or(Money::ZERO, |s| s.spent);
+            // Redefined (limit, period, scope or enforcement) in place or new: the
+            // spend of the current period and the reservations carry over.
             budgets
-                .put(b.clone(), spent)
+                .define(b.clone(), None)
                 .await
                 .map_err(|e| BuildError::Setting(format!("budget {}: {e}", b.id)))?;
         }
@@ -220,7 +212,7 @@ async fn register(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use apikeyrouter_domain::{Budget, BudgetPeriod, BudgetScope, Enforcement};
+    use apikeyrouter_domain::{Budget, BudgetPeriod, BudgetScope, Enforcement, Money};
 
     const BASE: &str = r#"
 [[providers]]

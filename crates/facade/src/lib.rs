@@ -42,8 +42,8 @@ pub use apikeyrouter_application::ports::{
     SystemClock, ToolCallDelta,
 };
 pub use apikeyrouter_application::services::{
-    BudgetServiceError, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind, RoutedStream,
-    StreamTotals,
+    BudgetServiceError, Defined, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind,
+    RoutedStream, StreamTotals,
 };
 pub use apikeyrouter_application::{
     AttemptRecord, AuditRecord, DeliveryStats, EmbeddingRouteResponse, Outcome, ProviderSettings,

@@ -116,9 +116,9 @@ impl ApiKeyRouter {
     }
 
     /// Gives an active virtual key made at run time `key`'s limits (tenant, models,
-    /// rpm, budget) under the same token. The budget follows what is stored: a new
-    /// limit keeps this month's spend, an unchanged one is left alone (putting it
-    /// again would drop its reservations), no limit removes it.
+    /// rpm, budget) under the same token. The budget follows: a limit is defined in
+    /// place, keeping this month's spend and the reservations in flight; no limit
+    /// removes it.
     ///
     /// # Errors
     /// `Invalid` for malformed limits, `NotFound` for an unknown key, `Conflict` for a
@@ -127,26 +127,17 @@ impl ApiKeyRouter {
         self.core().update_virtual_key(key.clone()).await?;
         let budgets = self.core().budgets();
         let id = virtual_key_budget_id(&key.name);
-        let current = match budgets.get(&id).await {
-            Ok(status) => Some(status),
-            Err(BudgetServiceError::NotFound(_)) => None,
-            Err(e) => return Err(store_error(e)),
-        };
         match key.budget_usd {
+            // Redefined in place: this month's spend and the reservations stay.
             Some(usd) => {
                 let budget = virtual_key_budget(&key.name, usd)
                     .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e))?;
-                if current.as_ref().is_some_and(|c| c.limit == budget.limit) {
-                    return Ok(());
-                }
-                let spent = current.map_or(Money::ZERO, |c| c.spent);
-                budgets.put(budget, spent).await.map_err(store_error)?;
+                budgets.define(budget, None).await.map_err(store_error)?;
             }
-            None if current.is_some() => match budgets.remove(&id).await {
+            None => match budgets.remove(&id).await {
                 Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
                 Err(e) => return Err(store_error(e)),
             },
-            None => {}
         }
         Ok(())
     }

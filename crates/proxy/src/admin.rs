@@ -407,8 +407,9 @@ pub async fn get_budget(
 }
 
 /// `PUT /api/v1/budgets/{id}`: defines the budget `id` (the body's `id`, if given,
-/// must match): a new one starts at `spent_usd` (default zero); an existing one is
-/// redefined keeping what this period has spent, unless `spent_usd` is given.
+/// must match): a new one starts at `spent_usd` (default zero), 201; an existing one
+/// is redefined in place keeping what this period has spent and the reservations of
+/// requests in flight, 200, unless `spent_usd` is given, which replaces its account.
 pub async fn put_budget(
     State(state): State<Arc<AppState>>,
     _admin: Admin,
@@ -427,20 +428,19 @@ pub async fn put_budget(
         _ => new.budget.id = Some(id.clone()),
     }
     let budget = to_budget(&new.budget)?;
-    let budgets = state.router.core().budgets();
-    let existing = match budgets.get(&id).await {
-        Ok(status) => Some(status.spent),
-        Err(BudgetServiceError::NotFound(_)) => None,
-        Err(e) => return Err(budget_error(e)),
-    };
-    let spent = new.spent.or(existing).unwrap_or(Money::ZERO);
-    let status = budgets.put(budget, spent).await.map_err(budget_error)?;
-    let code = if existing.is_some() {
-        StatusCode::OK
-    } else {
+    let defined = state
+        .router
+        .core()
+        .budgets()
+        .define(budget, new.spent)
+        .await
+        .map_err(budget_error)?;
+    let code = if defined.created {
         StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
-    Ok((code, Json(status)).into_response())
+    Ok((code, Json(defined.status)).into_response())
 }
 
 /// `DELETE /api/v1/budgets/{id}`: 204. A budget of the config file comes back on the

@@ -2,7 +2,7 @@
 //! reservations it held are released and the mirror's spend added, once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::time::Duration;
 
 use apikeyrouter_application::ports::{
@@ -161,6 +161,14 @@ impl BudgetStore for Switchable {
     ) -> Result<BudgetStatus, StoreError> {
         self.up()?;
         self.inner.insert_budget(budget, spent, now).await
+    }
+    async fn redefine_budget(
+        &self,
+        budget: Budget,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        self.up()?;
+        self.inner.redefine_budget(budget, now).await
     }
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         self.up()?;
@@ -585,4 +593,48 @@ async fn stale_reservations_are_reclaimed_in_the_shared_store() {
         ("b", 1, usd(2.0))
     );
     assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), Money::ZERO));
+}
+
+#[tokio::test]
+async fn a_budget_is_redefined_in_the_shared_store_then_in_the_mirror() {
+    let (shared, store) = fail_open().await;
+    store.reserve(&charge(1, 2.0, now())).await.unwrap();
+    let wider = Budget::new(
+        "b",
+        BudgetScope::Global,
+        20.0,
+        BudgetPeriod::Daily,
+        Enforcement::Soft,
+    )
+    .unwrap();
+
+    shared.down.store(true, Ordering::Relaxed);
+    let err = store
+        .redefine_budget(wider.clone(), now())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Unavailable, "{err}");
+    assert_eq!(
+        store.local.budget_statuses(now()).await.unwrap()[0].limit,
+        usd(10.0)
+    );
+
+    back_up(&shared, &store);
+    let status = store.redefine_budget(wider.clone(), now()).await.unwrap();
+    assert_eq!(
+        (status.limit, status.spent, status.reserved),
+        (usd(20.0), usd(1.0), usd(2.0))
+    );
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), usd(2.0)));
+    let local = &store.local.budget_statuses(now()).await.unwrap()[0];
+    assert_eq!(
+        (local.limit, local.enforcement),
+        (usd(20.0), Enforcement::Soft)
+    );
+    let degraded = store
+        .budgets
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(degraded, [wider]);
 }

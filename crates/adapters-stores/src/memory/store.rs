@@ -304,9 +304,9 @@ impl MemoryStore {
 
     fn delete_budget_now(&self, id: &str) -> Result<(), StoreError> {
         let mut budgets = write(&self.budgets);
-        let slot = budgets.remove(id).ok_or_else(|| {
-            StoreError::new(StoreErrorKind::NotFound, format!("budget {id} not found"))
-        })?;
+        let slot = budgets
+            .remove(id)
+            .ok_or_else(|| StoreError::budget_not_found(id))?;
         *lock(&slot) = None;
         Ok(())
     }
@@ -501,6 +501,22 @@ impl BudgetStore for MemoryStore {
                 Ok(status)
             }
         }
+    }
+
+    async fn redefine_budget(
+        &self,
+        budget: Budget,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let id = budget.id.clone();
+        let slot = read(&self.budgets).get(&id).cloned();
+        slot.and_then(|slot| {
+            lock(&slot).as_mut().map(|ledger| {
+                ledger.redefine(budget, now);
+                ledger.status()
+            })
+        })
+        .ok_or_else(|| StoreError::budget_not_found(&id))
     }
 
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {

@@ -1367,6 +1367,68 @@ impl BudgetStore for MongoStore {
         Ok(doc.status(now))
     }
 
+    /// A compare-and-set on the limit and the period read: the headroom moves by the
+    /// change of limit while commits and reservations move it by theirs.
+    async fn redefine_budget(
+        &self,
+        budget: Budget,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let encoded = |what: &str| {
+            StoreError::new(
+                StoreErrorKind::Invalid,
+                format!(
+                    "the {what} of budget {} cannot be encoded for mongodb",
+                    budget.id
+                ),
+            )
+        };
+        let scope = bson::to_bson(&budget.scope).map_err(|_| encoded("scope"))?;
+        let period = bson::to_bson(&budget.period).map_err(|_| encoded("period"))?;
+        let enforcement = bson::to_bson(&budget.enforcement).map_err(|_| encoded("enforcement"))?;
+        let limit = nanos(budget.limit);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(doc) = self.load_budget(&budget.id).await? else {
+                return Err(StoreError::budget_not_found(&budget.id));
+            };
+            if doc.period_over(now) {
+                self.roll_budget(&doc, now).await?;
+                continue;
+            }
+            // Only a new period kind moves the period; the spend is carried into it.
+            let (start, end) = if doc.period == budget.period {
+                (doc.period_start, doc.period_end)
+            } else {
+                let (start, end) = budget.period.bounds(now);
+                (millis(start), millis(end))
+            };
+            let after = self
+                .budgets
+                .find_one_and_update(
+                    doc! { "_id": &budget.id, "limit": doc.limit, "period_end": doc.period_end },
+                    doc! {
+                        "$set": {
+                            "scope": scope.clone(),
+                            "limit": limit,
+                            "period": period.clone(),
+                            "enforcement": enforcement.clone(),
+                            "period_start": start,
+                            "period_end": end,
+                        },
+                        "$inc": { "headroom": limit.saturating_sub(doc.limit) },
+                    },
+                )
+                .return_document(ReturnDocument::After)
+                .await
+                .map_err(|e| map_err(BUDGETS, "redefine a budget", e))?;
+            if let Some(after) = after {
+                self.set_hint(&budget.id, budget.enforcement);
+                return Ok(Self::decode_budget(after)?.status(now));
+            }
+        }
+        Err(contention(BUDGETS, &budget.id))
+    }
+
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         Ok(self
             .all_budgets()
@@ -1457,10 +1519,7 @@ impl BudgetStore for MongoStore {
             .await
             .map_err(|e| map_err(BUDGETS, "delete a budget", e))?;
         if res.deleted_count == 0 {
-            return Err(StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("budget {id} not found"),
-            ));
+            return Err(StoreError::budget_not_found(id));
         }
         Ok(())
     }

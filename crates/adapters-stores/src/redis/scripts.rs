@@ -18,7 +18,7 @@ macro_rules! source {
 }
 
 /// Every script's source, in [`Scripts`] field order.
-const SOURCES: [&str; 14] = [
+const SOURCES: [&str; 15] = [
     source!("insert_key.lua"),
     source!("update_metadata.lua"),
     source!("delete_key.lua"),
@@ -33,6 +33,7 @@ const SOURCES: [&str; 14] = [
     source!("reserve_client.lua"),
     source!("reserve_key.lua"),
     source!("reclaim.lua"),
+    source!("redefine_budget.lua"),
 ];
 
 /// Every script, hashed once at start.
@@ -52,6 +53,7 @@ pub(super) struct Scripts {
     pub(super) reserve_client: Script,
     pub(super) reserve_key: Script,
     pub(super) reclaim: Script,
+    pub(super) redefine_budget: Script,
 }
 
 impl Scripts {
@@ -71,6 +73,7 @@ impl Scripts {
             reserve_client,
             reserve_key,
             reclaim,
+            redefine_budget,
         ] = SOURCES.map(Script::new);
         Self {
             insert_key,
@@ -87,6 +90,7 @@ impl Scripts {
             reserve_client,
             reserve_key,
             reclaim,
+            redefine_budget,
         }
     }
 

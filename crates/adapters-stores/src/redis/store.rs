@@ -659,6 +659,15 @@ impl RedisStore {
         Ok(statuses)
     }
 
+    /// Tells the other instances that budget `id` changed. A change already made is
+    /// not undone when this fails: they see it at their next read.
+    async fn announce_budget(&self, id: &str, what: &str) {
+        let channel = self.names.budget_events();
+        if let Err(e) = self.conn().publish::<_, _, i64>(&channel, id).await {
+            tracing::warn!(budget_id = %id, error = %e, "budget {what} but its change event not sent; other instances see it at their next read");
+        }
+    }
+
     async fn budget_rows(&self, now: Option<Timestamp>) -> Result<Vec<Vec<String>>, StoreError> {
         let ids_key = self.names.budget_ids();
         let mut invocation = self.scripts.budgets.prepare_invoke();
@@ -1281,11 +1290,39 @@ impl BudgetStore for RedisStore {
         if added == 0 {
             return Err(StoreError::budget_exists(&budget.id));
         }
-        let channel = self.names.budget_events();
-        if let Err(e) = self.conn().publish::<_, _, i64>(&channel, &budget.id).await {
-            tracing::warn!(budget_id = %budget.id, error = %e, "budget added but its change event not sent; other instances see it at their next read");
-        }
+        self.announce_budget(&budget.id, "added").await;
         Ok(BudgetLedger::new(budget, now).with_spent(spent).status())
+    }
+
+    /// One script changes the ledger's definition fields, leaving its spend and
+    /// reservations; the change is announced after it, as a put's is.
+    async fn redefine_budget(
+        &self,
+        budget: Budget,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let ledger_key = self.names.budget(&budget.id);
+        let mut invocation = self.scripts.redefine_budget.prepare_invoke();
+        invocation.key(&ledger_key).arg(now.as_millis().to_string());
+        for bound in period_bounds(now) {
+            invocation.arg(bound);
+        }
+        invocation.arg(&budget.id);
+        for (field, value) in budget_fields(&budget, Money::ZERO, now)? {
+            if !matches!(field, "spent" | "reserved") {
+                invocation.arg(field).arg(value);
+            }
+        }
+        let row: Option<Vec<String>> = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|err| from_redis(err, &ledger_key))?;
+        let Some(row) = row else {
+            return Err(StoreError::budget_not_found(&budget.id));
+        };
+        let (_, status) = budget_row(&row, &self.names.budget_prefix())?;
+        self.announce_budget(&budget.id, "redefined").await;
+        Ok(status)
     }
 
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
@@ -1376,10 +1413,7 @@ impl BudgetStore for RedisStore {
         )
         .map_err(|err| from_redis(err.into(), &ids_key))?;
         if removed == 0 {
-            return Err(StoreError::new(
-                StoreErrorKind::NotFound,
-                format!("budget {id} not found"),
-            ));
+            return Err(StoreError::budget_not_found(id));
         }
         Ok(())
     }

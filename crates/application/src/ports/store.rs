@@ -84,6 +84,11 @@ impl StoreError {
         )
     }
 
+    /// `NotFound` for a budget.
+    pub fn budget_not_found(id: &str) -> Self {
+        Self::new(StoreErrorKind::NotFound, format!("budget {id} not found"))
+    }
+
     /// Adds the backend's error.
     #[must_use]
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
@@ -361,6 +366,20 @@ pub trait BudgetStore: Send + Sync + 'static {
         &self,
         budget: Budget,
         spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError>;
+
+    /// Changes a budget's definition (limit, period, scope, enforcement) in one store
+    /// step, keeping what it spent this period and the reservations it holds
+    /// (`BudgetLedger::redefine`): reading the spend and putting it back would lose
+    /// what is spent in between and drop the reservations. Announced as
+    /// [`Self::put_budget`] announces.
+    ///
+    /// # Errors
+    /// `NotFound` when there is no such budget; `Unavailable` when the backend is down.
+    async fn redefine_budget(
+        &self,
+        budget: Budget,
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError>;
 

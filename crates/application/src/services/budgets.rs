@@ -9,6 +9,19 @@ use super::core::Shared;
 use super::errors::BudgetServiceError;
 use crate::ports::{ReclaimedReservations, StoreError, StoreErrorKind};
 
+/// Tries of [`BudgetService::define`] before it gives up on a budget that keeps
+/// appearing and disappearing under it.
+const DEFINE_ATTEMPTS: usize = 5;
+
+/// What [`BudgetService::define`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Defined {
+    /// The budget after it.
+    pub status: BudgetStatus,
+    /// Whether the budget was new.
+    pub created: bool,
+}
+
 /// Adds, lists and removes budgets.
 #[derive(Clone)]
 pub struct BudgetService {
@@ -86,6 +99,56 @@ impl BudgetService {
         };
         self.known(budget);
         Ok(status)
+    }
+
+    /// Defines budget `budget.id`: a new one starts with `spent` (or nothing) spent; an
+    /// existing one is redefined in place, keeping this period's spend and its
+    /// reservations, unless `spent` is given, which replaces its account. Each step is
+    /// one store operation, so a request charged meanwhile, here or on another
+    /// instance, is neither lost nor double-counted.
+    ///
+    /// # Errors
+    /// A store failure, or a budget that keeps being created and deleted meanwhile.
+    pub async fn define(
+        &self,
+        budget: Budget,
+        spent: Option<Money>,
+    ) -> Result<Defined, BudgetServiceError> {
+        let now = self.shared.clock.now();
+        let store = &self.shared.store;
+        for _ in 0..DEFINE_ATTEMPTS {
+            // Whether it existed is decided by the store, not by a read before.
+            let tried = match spent {
+                None => store.redefine_budget(budget.clone(), now).await,
+                Some(spent) => store.insert_budget(budget.clone(), spent, now).await,
+            };
+            let (status, created) = match (tried, spent) {
+                (Ok(status), None) => (status, false),
+                (Ok(status), Some(_)) => (status, true),
+                (Err(e), None) if e.kind == StoreErrorKind::NotFound => {
+                    match store.insert_budget(budget.clone(), Money::ZERO, now).await {
+                        Ok(status) => (status, true),
+                        // Created meanwhile elsewhere: redefine that one.
+                        Err(e) if e.kind == StoreErrorKind::Conflict => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                (Err(e), Some(spent)) if e.kind == StoreErrorKind::Conflict => {
+                    (store.put_budget(budget.clone(), spent, now).await?, false)
+                }
+                (Err(e), _) => return Err(e.into()),
+            };
+            self.known(budget);
+            return Ok(Defined { status, created });
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Conflict,
+            format!(
+                "budget {} kept being created and removed meanwhile",
+                budget.id
+            ),
+        )
+        .into())
     }
 
     /// Every budget's status, in id order.

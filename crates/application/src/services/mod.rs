@@ -11,7 +11,7 @@ mod quota;
 mod router;
 mod settings;
 
-pub use budgets::BudgetService;
+pub use budgets::{BudgetService, Defined};
 pub use core::{ApiKeyRouterCore, ProviderSettings};
 pub use delivery::{DEFAULT_QUEUE_CAPACITY, DeliveryStats};
 pub use errors::{

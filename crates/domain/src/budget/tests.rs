@@ -126,6 +126,46 @@ fn bad_budgets_are_refused_precisely() {
 }
 
 #[test]
+fn redefining_keeps_the_spend_and_the_reservations() {
+    let mut l = BudgetLedger::new(hard(1.0), NOW);
+    l.commit(ReservationId(1), Money::from_usd(0.3), NOW);
+    l.reserve(ReservationId(2), Money::from_usd(0.2), NOW)
+        .unwrap();
+    let month = (l.period_start, l.period_end);
+
+    l.redefine(hard(2.0), NOW);
+    assert_eq!(
+        (l.spent, l.reserved()),
+        (Money::from_usd(0.3), Money::from_usd(0.2))
+    );
+    assert_eq!(l.remaining(), Money::from_usd(1.5));
+    assert_eq!((l.period_start, l.period_end), month);
+    // The reservation held before is still the one a settlement commits.
+    l.commit(ReservationId(2), Money::from_usd(0.1), NOW);
+    assert_eq!((l.spent, l.reserved()), (Money::from_usd(0.4), Money::ZERO));
+
+    let mut daily = hard(0.5);
+    daily.period = BudgetPeriod::Daily;
+    daily.enforcement = Enforcement::Soft;
+    l.redefine(daily.clone(), NOW);
+    assert_eq!(
+        (l.period_start, l.period_end),
+        BudgetPeriod::Daily.bounds(NOW)
+    );
+    assert_eq!(l.spent, Money::from_usd(0.4));
+    assert_eq!(l.budget, daily);
+
+    // A redefinition after the period ended starts the new one empty.
+    let next_day = l.period_end;
+    l.redefine(hard(1.0), next_day);
+    assert_eq!(l.spent, Money::ZERO);
+    assert_eq!(
+        (l.period_start, l.period_end),
+        BudgetPeriod::Monthly.bounds(next_day)
+    );
+}
+
+#[test]
 fn period_rolls_over_and_resets_spend() {
     let mut l = BudgetLedger::new(hard(1.0), NOW);
     l.commit(ReservationId(1), Money::from_usd(1.0), NOW);
