@@ -2,12 +2,13 @@
 //! change one thing about a real store: keep request records elsewhere, or have a
 //! route-path operation applied but never answered (a reply lost, a caller gone).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use apikeyrouter_adapters_stores::MemoryStore;
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
-    Settlement, StateStore, StoreError, UsageLedger, VirtualKeyStore,
+    Settlement, StateStore, StoreError, StoreErrorKind, UsageLedger, VirtualKeyStore,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -34,6 +35,8 @@ pub struct Forwarding {
     /// A virtual key revoked (as by another caller) just before the next budget is
     /// created.
     revoke_before_budget: Mutex<Option<String>>,
+    /// Budget deletions answer `Unavailable` (a store down for them).
+    refuse_budget_deletes: AtomicBool,
 }
 
 impl Forwarding {
@@ -43,7 +46,13 @@ impl Forwarding {
             requests: None,
             stall: Mutex::new(None),
             revoke_before_budget: Mutex::new(None),
+            refuse_budget_deletes: AtomicBool::new(false),
         }
+    }
+
+    /// Makes budget deletions fail as if the store were down, or work again.
+    pub fn refuse_budget_deletes(&self, refuse: bool) {
+        self.refuse_budget_deletes.store(refuse, Ordering::SeqCst);
     }
 
     /// Revokes virtual key `name` just before the next budget is created: a `DELETE`
@@ -194,6 +203,12 @@ impl BudgetStore for Forwarding {
         self.inner.budget_statuses(now).await
     }
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
+        if self.refuse_budget_deletes.load(Ordering::SeqCst) {
+            return Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "budget deletes refused by the test",
+            ));
+        }
         self.inner.delete_budget(id).await
     }
     async fn add_spend(

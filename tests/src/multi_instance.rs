@@ -386,3 +386,51 @@ async fn a_virtual_key_revoked_while_it_is_made_leaves_no_budget_behind() {
         .expect("made");
     assert_eq!(budget.expect("its budget").budget_id, "virtual-key-calm");
 }
+
+/// A budget removed from the file while its deletion fails in the store stays the
+/// file's: the next reload deletes it, instead of forgetting it and leaving it to
+/// limit traffic for good.
+#[tokio::test]
+async fn a_budget_whose_removal_failed_is_removed_at_the_next_reload() {
+    use apikeyrouter::config::Config;
+    use apikeyrouter_adapters_stores::MemoryStore;
+
+    let store = Arc::new(crate::forwarding::Forwarding::to(Arc::new(
+        MemoryStore::new(),
+    )));
+    let router = ApiKeyRouter::builder()
+        .store(store.clone())
+        .build()
+        .await
+        .unwrap();
+    let config = |budgets: &str| {
+        Config::parse(
+            &format!("[[providers]]\nid = \"sim\"\nkind = \"simulated\"\n{budgets}"),
+            "reload.toml",
+            &[],
+        )
+        .unwrap()
+    };
+    let ids = || async {
+        router
+            .budgets()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.budget_id)
+            .collect::<Vec<_>>()
+    };
+    let with_cap = config(
+        "[[budgets]]\nid = \"cap\"\nscope = \"global\"\nlimit_usd = 5.0\nperiod = \"daily\"\n",
+    );
+    router.apply_config(&with_cap).await.unwrap();
+    assert_eq!(ids().await, ["cap"]);
+
+    store.refuse_budget_deletes(true);
+    router.apply_config(&config("")).await.unwrap();
+    assert_eq!(ids().await, ["cap"], "the store refused the deletion");
+
+    store.refuse_budget_deletes(false);
+    router.apply_config(&config("")).await.unwrap();
+    assert_eq!(ids().await, Vec::<String>::new());
+}

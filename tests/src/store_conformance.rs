@@ -62,12 +62,16 @@ macro_rules! conformance_suite {
                 virtual_key_rotation_replaces_the_digest_alone,
                 a_budget_is_created_once_whoever_races_for_its_id,
                 a_budget_is_redefined_in_place_keeping_its_account,
-                redefinitions_racing_settlements_lose_no_spend,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn concurrent_charges_never_overspend_a_hard_budget() {
                 cases::concurrent_charges_never_overspend_a_hard_budget(fresh().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn redefinitions_racing_settlements_lose_no_spend() {
+                cases::redefinitions_racing_settlements_lose_no_spend(fresh().await).await;
             }
         }
     };

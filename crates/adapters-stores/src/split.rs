@@ -275,7 +275,18 @@ impl BudgetStore for SplitStore {
         let recorded = self.records.redefine_budget(budget.clone(), now).await?;
         match self.counters.redefine_budget(budget.clone(), now).await {
             Err(e) if e.kind == StoreErrorKind::NotFound => {
-                self.counters.put_budget(budget, recorded.spent, now).await
+                // An insert, so that a ledger another instance restored meanwhile
+                // (with its reservations) is redefined rather than replaced.
+                match self
+                    .counters
+                    .insert_budget(budget.clone(), recorded.spent, now)
+                    .await
+                {
+                    Err(e) if e.kind == StoreErrorKind::Conflict => {
+                        self.counters.redefine_budget(budget, now).await
+                    }
+                    inserted => inserted,
+                }
             }
             other => other,
         }

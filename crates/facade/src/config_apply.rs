@@ -170,13 +170,19 @@ impl ApiKeyRouter {
         let defined = budgets.definitions();
         let wanted: HashSet<String> = config.budgets.iter().map(|b| b.id.clone()).collect();
         let previous = self.take_config_budgets(wanted.clone());
+        // A removal that failed stays the file's, so the next reload tries it again.
+        let mut kept = wanted.clone();
         for gone in previous.difference(&wanted) {
             match budgets.remove(gone).await {
                 Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
                 Err(e) => {
-                    tracing::warn!(budget_id = %gone, error = %e, "budget removed from config not deleted");
+                    tracing::warn!(budget_id = %gone, error = %e, "budget removed from config not deleted; retried at the next reload");
+                    kept.insert(gone.clone());
                 }
             }
+        }
+        if kept.len() > wanted.len() {
+            self.take_config_budgets(kept);
         }
         for b in &config.budgets {
             if defined.iter().any(|d| d == b) {

@@ -116,9 +116,9 @@ impl ApiKeyRouter {
     }
 
     /// Gives an active virtual key made at run time `key`'s limits (tenant, models,
-    /// rpm, budget) under the same token. The budget follows: a limit is defined in
-    /// place, keeping this month's spend and the reservations in flight; no limit
-    /// removes it.
+    /// rpm, budget) under the same token. The budget follows: a new limit is defined
+    /// in place, keeping this month's spend and the reservations in flight; an
+    /// unchanged one is left alone; no limit removes it.
     ///
     /// # Errors
     /// `Invalid` for malformed limits, `NotFound` for an unknown key, `Conflict` for a
@@ -128,11 +128,19 @@ impl ApiKeyRouter {
         let budgets = self.core().budgets();
         let id = virtual_key_budget_id(&key.name);
         match key.budget_usd {
-            // Redefined in place: this month's spend and the reservations stay.
+            // Redefined in place: this month's spend and the reservations stay. An
+            // unchanged limit is left alone, with whatever else an operator set on
+            // the budget through the budgets API.
             Some(usd) => {
                 let budget = virtual_key_budget(&key.name, usd)
                     .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e))?;
-                budgets.define(budget, None).await.map_err(store_error)?;
+                match budgets.get(&id).await {
+                    Ok(current) if current.limit == budget.limit => {}
+                    Ok(_) | Err(BudgetServiceError::NotFound(_)) => {
+                        budgets.define(budget, None).await.map_err(store_error)?;
+                    }
+                    Err(e) => return Err(store_error(e)),
+                }
             }
             None => match budgets.remove(&id).await {
                 Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
