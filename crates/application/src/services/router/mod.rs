@@ -230,8 +230,9 @@ impl RouterService {
     ) -> Result<RouteResponse, RouteError> {
         let mut run = self.start_run(ctx, &intent.model, intent.tenant.as_ref(), &intent.tags);
         let span = Self::span(&run);
-        let result = self
-            .serve_chat(intent, objective, &mut run)
+        // Boxed: a future of several KB, which moving into this one's state (and
+        // this one into its callers') would copy whole at each step.
+        let result = Box::pin(self.serve_chat(intent, objective, &mut run))
             .instrument(span.clone())
             .await;
         conclude(
@@ -241,7 +242,6 @@ impl RouterService {
             |r| (r.usage, r.actual_cost),
             &span,
         )
-        .await
     }
 
     async fn serve_chat(
@@ -313,7 +313,7 @@ impl RouterService {
             Ok((served, estimate)) => Ok(RoutedStream::new(run, served, estimate, span)),
             Err(kind) => {
                 let no_usage = |_: &RoutedStream| (TokenUsage::default(), None);
-                conclude(&self.shared, run, Err(kind), no_usage, &span).await
+                conclude(&self.shared, run, Err(kind), no_usage, &span)
             }
         }
     }
@@ -341,7 +341,6 @@ impl RouterService {
             |r| (r.usage, r.actual_cost),
             &span,
         )
-        .await
     }
 
     async fn serve_embeddings(
@@ -672,7 +671,7 @@ fn lost_decision() -> RouteErrorKind {
 
 /// Writes the audit record of a finished request and turns its result into the
 /// caller's, logging the outcome once.
-async fn conclude<T>(
+fn conclude<T>(
     shared: &Shared,
     mut run: Run,
     result: Result<T, RouteErrorKind>,
