@@ -234,6 +234,21 @@ impl FailOpenStore {
         self.latest_ms.fetch_max(now.as_millis(), Ordering::Relaxed);
     }
 
+    /// A call only the shared store can serve (key and budget definitions, virtual
+    /// keys): its answer counts as any call's, so one that finds the store down
+    /// degrades this instance at once, and one answered after an outage ends it and
+    /// pays back what is owed.
+    async fn remote_only<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = call.await;
+        if !result.as_ref().is_err_and(|e| self.went_down(e)) {
+            self.answered().await;
+        }
+        result
+    }
+
     fn fell_back(&self) {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
     }
@@ -313,7 +328,8 @@ macro_rules! fail_open {
 #[async_trait]
 impl KeyStore for FailOpenStore {
     async fn insert_key(&self, key: ApiKey) -> Result<(), StoreError> {
-        self.remote.insert_key(key.clone()).await?;
+        self.remote_only(self.remote.insert_key(key.clone()))
+            .await?;
         self.mirror_key(key).await;
         Ok(())
     }
@@ -333,13 +349,15 @@ impl KeyStore for FailOpenStore {
         id: &KeyId,
         metadata: KeyMetadata,
     ) -> Result<ApiKey, StoreError> {
-        let key = self.remote.update_metadata(id, metadata).await?;
+        let key = self
+            .remote_only(self.remote.update_metadata(id, metadata))
+            .await?;
         self.mirror_key(key.clone()).await;
         Ok(key)
     }
 
     async fn delete_key(&self, id: &KeyId) -> Result<(), StoreError> {
-        self.remote.delete_key(id).await?;
+        self.remote_only(self.remote.delete_key(id)).await?;
         let _ = self.local.delete_key(id).await;
         Ok(())
     }
@@ -433,7 +451,9 @@ impl BudgetStore for FailOpenStore {
         spent: Money,
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
-        let status = self.remote.put_budget(budget.clone(), spent, now).await?;
+        let status = self
+            .remote_only(self.remote.put_budget(budget.clone(), spent, now))
+            .await?;
         self.mirror_budget(budget, spent, now).await;
         Ok(status)
     }
@@ -445,8 +465,7 @@ impl BudgetStore for FailOpenStore {
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
         let status = self
-            .remote
-            .insert_budget(budget.clone(), spent, now)
+            .remote_only(self.remote.insert_budget(budget.clone(), spent, now))
             .await?;
         self.mirror_budget(budget, spent, now).await;
         Ok(status)
@@ -459,7 +478,9 @@ impl BudgetStore for FailOpenStore {
         budget: Budget,
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
-        let status = self.remote.redefine_budget(budget.clone(), now).await?;
+        let status = self
+            .remote_only(self.remote.redefine_budget(budget.clone(), now))
+            .await?;
         if self
             .local
             .redefine_budget(budget.clone(), now)
@@ -511,7 +532,7 @@ impl BudgetStore for FailOpenStore {
     }
 
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
-        self.remote.delete_budget(id).await?;
+        self.remote_only(self.remote.delete_budget(id)).await?;
         let _ = self.local.delete_budget(id).await;
         self.budgets
             .write()
@@ -526,15 +547,15 @@ impl BudgetStore for FailOpenStore {
 #[async_trait]
 impl VirtualKeyStore for FailOpenStore {
     async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
-        self.remote.insert_virtual_key(key).await
+        self.remote_only(self.remote.insert_virtual_key(key)).await
     }
 
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
-        self.remote.list_virtual_keys().await
+        self.remote_only(self.remote.list_virtual_keys()).await
     }
 
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
-        self.remote.update_virtual_key(key).await
+        self.remote_only(self.remote.update_virtual_key(key)).await
     }
 
     async fn rotate_virtual_key(
@@ -542,7 +563,8 @@ impl VirtualKeyStore for FailOpenStore {
         name: &str,
         token_sha256: &str,
     ) -> Result<VirtualKey, StoreError> {
-        self.remote.rotate_virtual_key(name, token_sha256).await
+        self.remote_only(self.remote.rotate_virtual_key(name, token_sha256))
+            .await
     }
 
     async fn revoke_virtual_key(
@@ -550,11 +572,12 @@ impl VirtualKeyStore for FailOpenStore {
         name: &str,
         at: Timestamp,
     ) -> Result<VirtualKey, StoreError> {
-        self.remote.revoke_virtual_key(name, at).await
+        self.remote_only(self.remote.revoke_virtual_key(name, at))
+            .await
     }
 
     async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
-        self.remote.announce_virtual_keys().await
+        self.remote_only(self.remote.announce_virtual_keys()).await
     }
 }
 

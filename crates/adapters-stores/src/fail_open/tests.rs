@@ -638,3 +638,26 @@ async fn a_budget_is_redefined_in_the_shared_store_then_in_the_mirror() {
         .clone();
     assert_eq!(degraded, [wider]);
 }
+
+/// Calls only the shared store serves (here the virtual keys) count for the outage as
+/// the routing path's do: one that finds the store down degrades the instance at once,
+/// one answered afterwards ends the outage and pays back the spend it owes.
+#[tokio::test]
+async fn calls_to_the_shared_store_alone_start_and_end_an_outage() {
+    let (shared, store) = fail_open().await;
+    shared.down.store(true, Ordering::Relaxed);
+    let err = store.list_virtual_keys().await.unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Unavailable, "{err}");
+    assert!(store.health().degraded, "degraded by the failed call");
+    served(&store, 1, 0.5, now()).await;
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), Money::ZERO));
+
+    back_up(&shared, &store);
+    assert_eq!(store.list_virtual_keys().await.unwrap(), []);
+    assert!(!store.health().degraded, "the answer ended the outage");
+    assert_eq!(
+        shared_budget(&shared, now()).await,
+        (usd(1.5), Money::ZERO),
+        "the outage's spend was paid back"
+    );
+}
