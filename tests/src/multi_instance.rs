@@ -345,22 +345,26 @@ async fn a_stopped_instances_reservation_is_reclaimed_after_the_lease() {
     assert_eq!(status.reserved, Money::ZERO);
 }
 
-/// A `DELETE` of a virtual key landing between the key's creation and its budget's
-/// (here, or on another instance) finds no budget to remove; the creation then
-/// removes the budget itself rather than leave it limiting a name no key can use
-/// again, and answers with the key as revoked.
-#[tokio::test]
-async fn a_virtual_key_revoked_while_it_is_made_leaves_no_budget_behind() {
-    use apikeyrouter_adapters_stores::MemoryStore;
-
+/// A router over a memory store behind the test double that can misbehave on cue.
+async fn router_over_a_double() -> (Arc<crate::forwarding::Forwarding>, ApiKeyRouter) {
     let store = Arc::new(crate::forwarding::Forwarding::to(Arc::new(
-        MemoryStore::new(),
+        apikeyrouter_adapters_stores::MemoryStore::new(),
     )));
     let router = ApiKeyRouter::builder()
         .store(store.clone())
         .build()
         .await
         .unwrap();
+    (store, router)
+}
+
+/// A `DELETE` of a virtual key landing between the key's creation and its budget's
+/// (here, or on another instance) finds no budget to remove; the creation then
+/// removes the budget itself rather than leave it limiting a name no key can use
+/// again, and answers with the key as revoked.
+#[tokio::test]
+async fn a_virtual_key_revoked_while_it_is_made_leaves_no_budget_behind() {
+    let (store, router) = router_over_a_double().await;
     let key = apikeyrouter_domain::VirtualKey {
         budget_usd: Some(5.0),
         ..crate::support::virtual_key("racing", '1')
@@ -387,22 +391,36 @@ async fn a_virtual_key_revoked_while_it_is_made_leaves_no_budget_behind() {
     assert_eq!(budget.expect("its budget").budget_id, "virtual-key-calm");
 }
 
+/// The same race on a change: a key given a budget by `PATCH` while a `DELETE` lands
+/// keeps no budget once revoked.
+#[tokio::test]
+async fn a_virtual_key_revoked_while_given_a_budget_leaves_no_budget_behind() {
+    let (store, router) = router_over_a_double().await;
+    let key = crate::support::virtual_key("patched", '2');
+    router.add_virtual_key(key.clone()).await.expect("made");
+
+    store.revoke_before_next_budget("patched");
+    router
+        .update_virtual_key(apikeyrouter_domain::VirtualKey {
+            budget_usd: Some(5.0),
+            ..key
+        })
+        .await
+        .expect("the update itself landed before the revocation");
+    let budgets = router.budgets().await.unwrap();
+    assert!(
+        budgets.iter().all(|b| b.budget_id != "virtual-key-patched"),
+        "{budgets:?}"
+    );
+}
+
 /// A budget removed from the file while its deletion fails in the store stays the
 /// file's: the next reload deletes it, instead of forgetting it and leaving it to
 /// limit traffic for good.
 #[tokio::test]
 async fn a_budget_whose_removal_failed_is_removed_at_the_next_reload() {
     use apikeyrouter::config::Config;
-    use apikeyrouter_adapters_stores::MemoryStore;
-
-    let store = Arc::new(crate::forwarding::Forwarding::to(Arc::new(
-        MemoryStore::new(),
-    )));
-    let router = ApiKeyRouter::builder()
-        .store(store.clone())
-        .build()
-        .await
-        .unwrap();
+    let (store, router) = router_over_a_double().await;
     let config = |budgets: &str| {
         Config::parse(
             &format!("[[providers]]\nid = \"sim\"\nkind = \"simulated\"\n{budgets}"),

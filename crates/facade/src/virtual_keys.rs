@@ -86,9 +86,9 @@ impl ApiKeyRouter {
         })
     }
 
-    /// The key just made with its budget, unless a revocation landed between the
-    /// two: it found no budget to remove, so the budget is removed here rather than
-    /// left to limit a name no key can use again.
+    /// The key just made or changed with its new budget, unless a revocation landed
+    /// between the two: it found no budget to remove, so the budget is removed here
+    /// rather than left to limit a name no key can use again.
     async fn unless_revoked_meanwhile(
         &self,
         stored: VirtualKey,
@@ -137,7 +137,11 @@ impl ApiKeyRouter {
                 match budgets.get(&id).await {
                     Ok(current) if current.limit == budget.limit => {}
                     Ok(_) | Err(BudgetServiceError::NotFound(_)) => {
-                        budgets.define(budget, None).await.map_err(store_error)?;
+                        let defined = budgets.define(budget, None).await.map_err(store_error)?;
+                        if defined.created {
+                            // A revocation since the update found no budget to remove.
+                            self.unless_revoked_meanwhile(key, defined.status).await;
+                        }
                     }
                     Err(e) => return Err(store_error(e)),
                 }
