@@ -1863,6 +1863,30 @@ mod cases {
         assert!(status.over_limit);
         store.reserve(&charge(4, "k1", None, 1.0)).await.unwrap();
         assert_eq!(store.list_budgets().await.unwrap(), [monthly]);
+        // A custom period, then another length of it: the period follows each.
+        for length_secs in [3_600, 7_200] {
+            let custom = budget(
+                "b",
+                5.0,
+                BudgetPeriod::Custom {
+                    anchor: base_now(),
+                    length_secs,
+                },
+                Enforcement::Soft,
+            );
+            let status = store
+                .redefine_budget(custom.clone(), base_now())
+                .await
+                .unwrap();
+            assert_eq!(
+                (status.period_end, status.spent),
+                (
+                    base_now().plus(Duration::from_secs(length_secs)),
+                    Money::from_usd(0.4)
+                )
+            );
+            assert_eq!(store.list_budgets().await.unwrap(), [custom]);
+        }
 
         let err = store
             .redefine_budget(hard_budget("missing", 1.0), base_now())

@@ -661,3 +661,28 @@ async fn calls_to_the_shared_store_alone_start_and_end_an_outage() {
         "the outage's spend was paid back"
     );
 }
+
+/// Spend of an outage is paid back before a redefinition changes the period kind it
+/// was counted in, so it is carried over with the rest of the period's spend rather
+/// than dropped as belonging to a closed period.
+#[tokio::test]
+async fn outage_spend_is_paid_back_before_a_new_period_kind_takes_effect() {
+    let (shared, store) = fail_open().await;
+    shared.down.store(true, Ordering::Relaxed);
+    served(&store, 1, 0.5, now()).await;
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.0), Money::ZERO));
+
+    back_up(&shared, &store);
+    let monthly = Budget::new(
+        "b",
+        BudgetScope::Global,
+        10.0,
+        BudgetPeriod::Monthly,
+        Enforcement::Hard,
+    )
+    .unwrap();
+    let status = store.redefine_budget(monthly, now()).await.unwrap();
+    assert_eq!(status.period_end, now().start_of_next_month());
+    assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
+    assert!(!store.health().degraded);
+}
