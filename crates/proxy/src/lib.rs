@@ -187,15 +187,11 @@ async fn count_requests(
     if let Some(error) = &error {
         log_refusal(&state, &mut response, client_id, endpoint, error);
     }
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            endpoint,
-            status,
-            code,
-        })
-        .inc();
+    state.metrics.count_answer(&RequestLabels {
+        endpoint,
+        status,
+        code,
+    });
     tracing::debug!(
         endpoint,
         status,

@@ -20,6 +20,13 @@ pub struct RequestLabels {
     pub code: &'static str,
 }
 
+/// The labels of a chat request served.
+const CHAT_SERVED: RequestLabels = RequestLabels {
+    endpoint: "chat",
+    status: 200,
+    code: "ok",
+};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     pub endpoint: &'static str,
@@ -77,9 +84,11 @@ pub struct Metrics {
     pub reservations_reclaimed: Gauge,
     pub reservations_reclaimed_usd: Gauge<f64, AtomicU64>,
     /// Handles into the families above, found once: a family look-up hashes its
-    /// labels with SipHash under a lock, and a request would make five of them.
+    /// labels with SipHash under a lock, and a request would make six of them.
     chat_latency: Histogram,
     embeddings_latency: Histogram,
+    /// The series of a chat request served: what nearly every answer counts.
+    chat_served: Counter,
     by_model: RwLock<foldhash::HashMap<(ProviderId, ModelId), Arc<ModelCounters>>>,
     /// One scrape at a time rewrites the key-state gauges and renders: two at once
     /// would count a key twice (one clears, both add).
@@ -179,6 +188,7 @@ impl Metrics {
                 endpoint: "embeddings",
             })
             .clone();
+        let chat_served = requests.get_or_create(&CHAT_SERVED).clone();
         Self {
             registry,
             requests,
@@ -194,8 +204,18 @@ impl Metrics {
             reservations_reclaimed_usd,
             chat_latency,
             embeddings_latency,
+            chat_served,
             by_model: RwLock::default(),
             scrape: Mutex::default(),
+        }
+    }
+
+    /// Counts an answer by endpoint, status and error code.
+    pub fn count_answer(&self, labels: &RequestLabels) {
+        if *labels == CHAT_SERVED {
+            self.chat_served.inc();
+        } else {
+            self.requests.get_or_create(labels).inc();
         }
     }
 

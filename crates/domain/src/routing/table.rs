@@ -555,110 +555,96 @@ impl RoutingTable {
             None => (self.min_uses(query), self.min_latency(query)),
         };
 
-        let Some(by_provider) = self.pools_by_tenant.get(&query.tenant.cloned()) else {
-            return Err(NoEligibleKey {
-                model: query.model.clone(),
-                considered,
-                ineligible: counts,
-                retry_at: None,
-            });
-        };
-        for offer in query.offers {
-            let Some(pool_ids) = by_provider.get(&offer.provider) else {
+        for (offer, pool) in self.offered_pools(query) {
+            let members = u32::try_from(pool.members.len()).unwrap_or(u32::MAX);
+            considered = considered.saturating_add(members);
+            if !pool.serves(query.model) {
+                counts.add(Ineligibility::ModelNotServed, members);
                 continue;
+            }
+            if !objective.constraints.allows_provider(&offer.provider) {
+                counts.add(Ineligibility::ProviderNotAllowed, members);
+                continue;
+            }
+            for state in KeyState::ALL {
+                if let Some(reason) = Ineligibility::of_state(state) {
+                    counts.add(reason, pool.by_state[state_index(state)]);
+                }
+            }
+            counts.add(Ineligibility::RateLimited, pool.parked);
+            ready = ready.saturating_add(pool.ready_len());
+            if let (Some(max), Some(cost)) =
+                (objective.constraints.max_cost_per_request, offer.est_cost)
+            {
+                if cost > max {
+                    counts.add(Ineligibility::OverMaxCost, pool.ready_len());
+                    continue;
+                }
+            }
+            if single.is_some() {
+                min_uses = min_uses.min(pool.fairness.first().map_or(u64::MAX, |f| f.0));
+                if let Some(first) = pool.latency.as_ref().and_then(BTreeSet::first) {
+                    min_latency = min_latency.min(first.0);
+                }
+            }
+            // A single objective needs only the first few keys in its order; a
+            // weighted one scores every ready key of the pool.
+            let wanted = if single.is_some() {
+                Top4::LEN
+            } else {
+                usize::MAX
             };
-            for &pool_id in pool_ids {
-                let pool = &self.pools[pool_id as usize];
-                let members = u32::try_from(pool.members.len()).unwrap_or(u32::MAX);
-                considered = considered.saturating_add(members);
-                if !pool.serves(query.model) {
-                    counts.add(Ineligibility::ModelNotServed, members);
+            let mut taken = 0;
+            for slot in pool.ordered(single.unwrap_or(ObjectiveKind::Fairness)) {
+                let e = &self.entries[slot as usize];
+                if let Some((_, reason)) = query.exclude.iter().find(|(id, _)| *id == e.id) {
+                    counts.add(*reason, 1);
                     continue;
                 }
-                if !objective.constraints.allows_provider(&offer.provider) {
-                    counts.add(Ineligibility::ProviderNotAllowed, members);
-                    continue;
-                }
-                for state in KeyState::ALL {
-                    if let Some(reason) = Ineligibility::of_state(state) {
-                        counts.add(reason, pool.by_state[state_index(state)]);
-                    }
-                }
-                counts.add(Ineligibility::RateLimited, pool.parked);
-                ready = ready.saturating_add(pool.ready_len());
-                if let (Some(max), Some(cost)) =
-                    (objective.constraints.max_cost_per_request, offer.est_cost)
-                {
-                    if cost > max {
-                        counts.add(Ineligibility::OverMaxCost, pool.ready_len());
+                if let Some(min) = objective.constraints.min_success_rate {
+                    if f64::from(e.success_q) / 1e6 < min {
+                        counts.add(Ineligibility::BelowMinSuccessRate, 1);
                         continue;
                     }
                 }
-                if single.is_some() {
-                    min_uses = min_uses.min(pool.fairness.first().map_or(u64::MAX, |f| f.0));
-                    if let Some(first) = pool.latency.as_ref().and_then(BTreeSet::first) {
-                        min_latency = min_latency.min(first.0);
-                    }
-                }
-                // A single objective needs only the first few keys in its order; a
-                // weighted one scores every ready key of the pool.
-                let wanted = if single.is_some() {
-                    Top4::LEN
-                } else {
-                    usize::MAX
-                };
-                let mut taken = 0;
-                for slot in pool.ordered(single.unwrap_or(ObjectiveKind::Fairness)) {
-                    let e = &self.entries[slot as usize];
-                    if let Some((_, reason)) = query.exclude.iter().find(|(id, _)| *id == e.id) {
-                        counts.add(*reason, 1);
-                        continue;
-                    }
-                    if let Some(min) = objective.constraints.min_success_rate {
-                        if f64::from(e.success_q) / 1e6 < min {
-                            counts.add(Ineligibility::BelowMinSuccessRate, 1);
-                            continue;
-                        }
-                    }
-                    let slot64 = u64::from(slot);
-                    let (rank, score) = match single {
-                        Some(ObjectiveKind::Cost) => (
-                            (
-                                offer.est_cost.map_or(u64::MAX, Money::as_nanos),
-                                e.uses,
-                                slot64,
-                            ),
-                            0.0,
+                let slot64 = u64::from(slot);
+                let (rank, score) = match single {
+                    Some(ObjectiveKind::Cost) => (
+                        (
+                            offer.est_cost.map_or(u64::MAX, Money::as_nanos),
+                            e.uses,
+                            slot64,
                         ),
-                        Some(ObjectiveKind::Reliability) => {
-                            ((u64::from(u32::MAX - e.success_q), e.uses, slot64), 0.0)
-                        }
-                        Some(ObjectiveKind::Latency) => {
-                            ((u64::from(e.latency_us), e.uses, slot64), 0.0)
-                        }
-                        Some(ObjectiveKind::Fairness) => ((e.uses, 0, slot64), 0.0),
-                        None => {
-                            let score = weighted_score(
-                                objective,
-                                e,
-                                offer.est_cost,
-                                min_cost,
-                                min_uses,
-                                min_latency,
-                            );
-                            ((u64::MAX - (score * 1e12) as u64, e.uses, slot64), score)
-                        }
-                    };
-                    top.offer(Candidate {
-                        slot,
-                        cost: offer.est_cost,
-                        rank,
-                        score,
-                    });
-                    taken += 1;
-                    if taken >= wanted {
-                        break;
+                        0.0,
+                    ),
+                    Some(ObjectiveKind::Reliability) => {
+                        ((u64::from(u32::MAX - e.success_q), e.uses, slot64), 0.0)
                     }
+                    Some(ObjectiveKind::Latency) => {
+                        ((u64::from(e.latency_us), e.uses, slot64), 0.0)
+                    }
+                    Some(ObjectiveKind::Fairness) => ((e.uses, 0, slot64), 0.0),
+                    None => {
+                        let score = weighted_score(
+                            objective,
+                            e,
+                            offer.est_cost,
+                            min_cost,
+                            min_uses,
+                            min_latency,
+                        );
+                        ((u64::MAX - (score * 1e12) as u64, e.uses, slot64), score)
+                    }
+                };
+                top.offer(Candidate {
+                    slot,
+                    cost: offer.est_cost,
+                    rank,
+                    score,
+                });
+                taken += 1;
+                if taken >= wanted {
+                    break;
                 }
             }
         }
@@ -725,65 +711,53 @@ impl RoutingTable {
         let min_cost = self.min_offer_cost(query);
         let min_uses = self.min_uses(query);
         let min_latency = self.min_latency(query);
-        let Some(by_provider) = self.pools_by_tenant.get(&query.tenant.cloned()) else {
-            return rows;
-        };
-        for offer in query.offers {
-            let Some(pool_ids) = by_provider.get(&offer.provider) else {
-                continue;
-            };
-            for &pool_id in pool_ids {
-                let pool = &self.pools[pool_id as usize];
-                for &slot in &pool.members {
-                    let e = &self.entries[slot as usize];
-                    let over_cost = matches!(
-                        (objective.constraints.max_cost_per_request, offer.est_cost),
-                        (Some(max), Some(cost)) if cost > max
-                    );
-                    let cooled = e.next_wake().is_some_and(|t| t <= now);
-                    let ineligible = if !pool.serves(query.model) {
-                        Some(Ineligibility::ModelNotServed)
-                    } else if !objective.constraints.allows_provider(&offer.provider) {
-                        Some(Ineligibility::ProviderNotAllowed)
-                    } else if let (Some(reason), false) = (Ineligibility::of_state(e.state), cooled)
-                    {
-                        Some(reason)
-                    } else if e.parked_until.is_some_and(|p| p > now) {
-                        Some(Ineligibility::RateLimited)
-                    } else if over_cost {
-                        Some(Ineligibility::OverMaxCost)
-                    } else if let Some((_, reason)) =
-                        query.exclude.iter().find(|(id, _)| *id == e.id)
-                    {
-                        Some(*reason)
-                    } else if objective
-                        .constraints
-                        .min_success_rate
-                        .is_some_and(|min| f64::from(e.success_q) / 1e6 < min)
-                    {
-                        Some(Ineligibility::BelowMinSuccessRate)
-                    } else {
-                        None
-                    };
-                    let score = ineligible.is_none().then(|| {
-                        weighted_score(
-                            objective,
-                            e,
-                            offer.est_cost,
-                            min_cost,
-                            min_uses,
-                            min_latency,
-                        )
-                    });
-                    rows.push(CandidateRow {
-                        key_id: e.id.clone(),
-                        provider: offer.provider.clone(),
-                        state: e.state,
-                        ineligible,
-                        score,
-                        metrics: e.metrics(offer.est_cost),
-                    });
-                }
+        for (offer, pool) in self.offered_pools(query) {
+            for &slot in &pool.members {
+                let e = &self.entries[slot as usize];
+                let over_cost = matches!(
+                    (objective.constraints.max_cost_per_request, offer.est_cost),
+                    (Some(max), Some(cost)) if cost > max
+                );
+                let cooled = e.next_wake().is_some_and(|t| t <= now);
+                let ineligible = if !pool.serves(query.model) {
+                    Some(Ineligibility::ModelNotServed)
+                } else if !objective.constraints.allows_provider(&offer.provider) {
+                    Some(Ineligibility::ProviderNotAllowed)
+                } else if let (Some(reason), false) = (Ineligibility::of_state(e.state), cooled) {
+                    Some(reason)
+                } else if e.parked_until.is_some_and(|p| p > now) {
+                    Some(Ineligibility::RateLimited)
+                } else if over_cost {
+                    Some(Ineligibility::OverMaxCost)
+                } else if let Some((_, reason)) = query.exclude.iter().find(|(id, _)| *id == e.id) {
+                    Some(*reason)
+                } else if objective
+                    .constraints
+                    .min_success_rate
+                    .is_some_and(|min| f64::from(e.success_q) / 1e6 < min)
+                {
+                    Some(Ineligibility::BelowMinSuccessRate)
+                } else {
+                    None
+                };
+                let score = ineligible.is_none().then(|| {
+                    weighted_score(
+                        objective,
+                        e,
+                        offer.est_cost,
+                        min_cost,
+                        min_uses,
+                        min_latency,
+                    )
+                });
+                rows.push(CandidateRow {
+                    key_id: e.id.clone(),
+                    provider: offer.provider.clone(),
+                    state: e.state,
+                    ineligible,
+                    score,
+                    metrics: e.metrics(offer.est_cost),
+                });
             }
         }
         rows.sort_by(|a, b| {
@@ -799,22 +773,16 @@ impl RoutingTable {
     /// their cooldown or rate window. Linear in those keys; only asked when no key can
     /// serve.
     fn first_ready_at(&self, query: &RouteQuery<'_>, objective: &Objective) -> Option<Timestamp> {
-        let by_provider = self.pools_by_tenant.get(&query.tenant.cloned())?;
-        query
-            .offers
-            .iter()
-            .filter(|o| objective.constraints.allows_provider(&o.provider))
-            .filter(|o| {
-                !matches!(
-                    (objective.constraints.max_cost_per_request, o.est_cost),
-                    (Some(max), Some(cost)) if cost > max
-                )
+        self.offered_pools(query)
+            .filter(|(o, p)| {
+                p.serves(query.model)
+                    && objective.constraints.allows_provider(&o.provider)
+                    && !matches!(
+                        (objective.constraints.max_cost_per_request, o.est_cost),
+                        (Some(max), Some(cost)) if cost > max
+                    )
             })
-            .filter_map(|o| by_provider.get(&o.provider))
-            .flatten()
-            .map(|&id| &self.pools[id as usize])
-            .filter(|p| p.serves(query.model))
-            .flat_map(|p| &p.members)
+            .flat_map(|(_, p)| &p.members)
             .map(|&slot| &self.entries[slot as usize])
             .filter(|e| {
                 objective
@@ -903,17 +871,29 @@ impl RoutingTable {
         query.offers.iter().filter_map(|o| o.est_cost).min()
     }
 
+    /// Each offer with every pool of the request's tenant on its provider, whether
+    /// or not the pool serves the model: the walk each look-up starts from.
+    fn offered_pools<'a>(
+        &'a self,
+        query: &'a RouteQuery<'_>,
+    ) -> impl Iterator<Item = (&'a ProviderOffer, &'a Pool)> + 'a {
+        let by_provider = self.pools_by_tenant.get(&query.tenant.cloned());
+        query.offers.iter().flat_map(move |offer| {
+            by_provider
+                .and_then(|m| m.get(&offer.provider))
+                .into_iter()
+                .flatten()
+                .map(move |&id| (offer, &self.pools[id as usize]))
+        })
+    }
+
+    /// The pools of the offers that serve the model.
     fn matching_pools<'a>(
         &'a self,
         query: &'a RouteQuery<'_>,
     ) -> impl Iterator<Item = &'a Pool> + 'a {
-        let by_provider = self.pools_by_tenant.get(&query.tenant.cloned());
-        query
-            .offers
-            .iter()
-            .filter_map(move |o| by_provider.and_then(|m| m.get(&o.provider)))
-            .flatten()
-            .map(|&id| &self.pools[id as usize])
+        self.offered_pools(query)
+            .map(|(_, pool)| pool)
             .filter(|p| p.serves(query.model))
     }
 
