@@ -2,7 +2,7 @@
 //! change one thing about a real store: keep request records elsewhere, or have a
 //! route-path operation applied but never answered (a reply lost, a caller gone).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use apikeyrouter_adapters_stores::MemoryStore;
@@ -37,6 +37,9 @@ pub struct Forwarding {
     revoke_before_budget: Mutex<Option<String>>,
     /// Budget deletions answer `Unavailable` (a store down for them).
     refuse_budget_deletes: AtomicBool,
+    /// Says the store is shared whatever `inner` is.
+    presented_as_shared: bool,
+    list_keys_calls: AtomicU64,
 }
 
 impl Forwarding {
@@ -47,7 +50,20 @@ impl Forwarding {
             stall: Mutex::new(None),
             revoke_before_budget: Mutex::new(None),
             refuse_budget_deletes: AtomicBool::new(false),
+            presented_as_shared: false,
+            list_keys_calls: AtomicU64::new(0),
         }
+    }
+
+    /// Presents `inner` as a store other processes share (one without change events).
+    pub fn presented_as_shared(mut self) -> Self {
+        self.presented_as_shared = true;
+        self
+    }
+
+    /// How many times the keys were listed.
+    pub fn list_keys_calls(&self) -> u64 {
+        self.list_keys_calls.load(Ordering::SeqCst)
     }
 
     /// Makes budget deletions fail as if the store were down, or work again.
@@ -99,6 +115,7 @@ impl KeyStore for Forwarding {
         self.inner.get_key(id).await
     }
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        self.list_keys_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.list_keys().await
     }
     async fn update_metadata(
@@ -272,6 +289,9 @@ impl VirtualKeyStore for Forwarding {
 impl StateStore for Forwarding {
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+    fn is_shared(&self) -> bool {
+        self.presented_as_shared || self.inner.is_shared()
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await

@@ -452,3 +452,27 @@ async fn a_budget_whose_removal_failed_is_removed_at_the_next_reload() {
     router.apply_config(&config("")).await.unwrap();
     assert_eq!(ids().await, Vec::<String>::new());
 }
+
+/// A router on a store only its own process uses has no one else's changes to follow,
+/// so it never reads the keys again; the same store presented as shared (without
+/// change events) is read again every 10 s.
+#[tokio::test(start_paused = true)]
+async fn a_store_no_other_process_uses_is_not_read_again() {
+    let (own, _router) = router_over_a_double().await;
+    let shared = Arc::new(
+        crate::forwarding::Forwarding::to(Arc::new(
+            apikeyrouter_adapters_stores::MemoryStore::new(),
+        ))
+        .presented_as_shared(),
+    );
+    let _follower = ApiKeyRouter::builder()
+        .store(shared.clone())
+        .build()
+        .await
+        .unwrap();
+    let (own_loaded, shared_loaded) = (own.list_keys_calls(), shared.list_keys_calls());
+
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    assert_eq!(own.list_keys_calls(), own_loaded);
+    assert_eq!(shared.list_keys_calls(), shared_loaded + 3);
+}

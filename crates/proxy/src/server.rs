@@ -49,11 +49,17 @@ const VIRTUAL_KEYS_REREAD: Duration = Duration::from_secs(10);
 /// is logged and tried again at the next change or tick.
 fn follow_virtual_keys(state: &Arc<AppState>, mut changes: tokio::sync::watch::Receiver<u64>) {
     let weak = Arc::downgrade(state);
+    // A store only this process uses changes only through it: no tick.
+    let reread = if state.router.core().store_is_shared() {
+        VIRTUAL_KEYS_REREAD
+    } else {
+        Duration::MAX
+    };
     tokio::spawn(async move {
         loop {
             let ticked = tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return } else { false },
-                () = tokio::time::sleep(VIRTUAL_KEYS_REREAD) => true,
+                () = tokio::time::sleep(reread) => true,
             };
             let Some(state) = weak.upgrade() else { return };
             // Budgets follow change events where the store has them; without (MongoDB)

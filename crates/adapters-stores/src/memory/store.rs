@@ -659,6 +659,10 @@ impl StateStore for MemoryStore {
         "memory"
     }
 
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// Always reachable.
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())

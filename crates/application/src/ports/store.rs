@@ -576,6 +576,12 @@ pub trait StateStore: KeyStore + UsageLedger + BudgetStore + RequestLog + Virtua
     /// The backend's name (`memory`, `redis`, `mongodb`).
     fn kind(&self) -> &'static str;
 
+    /// Whether other processes can reach this store. A store only this process uses
+    /// (memory) has no one else's changes to follow, so nothing reads it again.
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     /// Key, budget and virtual-key changes made through this store by other instances, so each
     /// can refresh its local view. `None` for stores used by one process only.
     ///

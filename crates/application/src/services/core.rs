@@ -377,6 +377,9 @@ impl ApiKeyRouterCore {
     /// # Errors
     /// The store's error when the first subscription fails.
     pub async fn follow_key_changes(&self) -> Result<bool, StoreError> {
+        if !self.store_is_shared() {
+            return Ok(false);
+        }
         let Some(first) = self.shared.store.changes().await? else {
             self.reread_keys_and_budgets();
             return Ok(false);
@@ -711,6 +714,11 @@ impl ApiKeyRouterCore {
     /// The store's backend name.
     pub fn store_kind(&self) -> &'static str {
         self.shared.store.kind()
+    }
+
+    /// Whether other processes can change the store (see [`StateStore::is_shared`]).
+    pub fn store_is_shared(&self) -> bool {
+        self.shared.store.is_shared()
     }
 
     /// Checks the store is reachable.
