@@ -10,21 +10,25 @@ use apikeyrouter::{
     ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Clock, Enforcement, KeyMetadata, KeyState,
     ManualClock, Money, Objective, RouteErrorKind,
 };
-use apikeyrouter_application::ports::{Charge, UsageLedger};
+use apikeyrouter_application::ports::{Charge, StateStore, UsageLedger};
 use apikeyrouter_domain::{QuotaLimits, ReservationId};
 
 use crate::support::{ask, base_now, fresh_namespace, redis_store_in};
 
 async fn instance(namespace: &str) -> (ApiKeyRouter, Arc<SimulatedProvider>) {
-    let store = redis_store_in(namespace).await;
-    let router = ApiKeyRouter::builder()
-        .store(Arc::new(store))
-        .build()
-        .await
-        .unwrap();
+    instance_on(Arc::new(redis_store_in(namespace).await)).await
+}
+
+/// A router on `store` with a simulated `openai` provider.
+async fn instance_on(store: Arc<dyn StateStore>) -> (ApiKeyRouter, Arc<SimulatedProvider>) {
+    let router = router_on(store).await;
     let sim = Arc::new(SimulatedProvider::new());
     router.register_provider("openai", sim.clone());
     (router, sim)
+}
+
+async fn router_on(store: Arc<dyn StateStore>) -> ApiKeyRouter {
+    ApiKeyRouter::builder().store(store).build().await.unwrap()
 }
 
 fn namespace() -> String {
@@ -47,15 +51,7 @@ async fn within(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> boo
 }
 
 async fn mongo_instance(database: &str) -> (ApiKeyRouter, Arc<SimulatedProvider>) {
-    let store = crate::support::mongo_store_in(database).await;
-    let router = ApiKeyRouter::builder()
-        .store(Arc::new(store))
-        .build()
-        .await
-        .unwrap();
-    let sim = Arc::new(SimulatedProvider::new());
-    router.register_provider("openai", sim.clone());
-    (router, sim)
+    instance_on(Arc::new(crate::support::mongo_store_in(database).await)).await
 }
 
 /// Without change events, a router reads the keys again every 10 s: a key added,
@@ -350,11 +346,7 @@ async fn router_over_a_double() -> (Arc<crate::forwarding::Forwarding>, ApiKeyRo
     let store = Arc::new(crate::forwarding::Forwarding::to(Arc::new(
         apikeyrouter_adapters_stores::MemoryStore::new(),
     )));
-    let router = ApiKeyRouter::builder()
-        .store(store.clone())
-        .build()
-        .await
-        .unwrap();
+    let router = router_on(store.clone()).await;
     (store, router)
 }
 
@@ -465,11 +457,7 @@ async fn a_store_no_other_process_uses_is_not_read_again() {
         ))
         .presented_as_shared(),
     );
-    let _follower = ApiKeyRouter::builder()
-        .store(shared.clone())
-        .build()
-        .await
-        .unwrap();
+    let _follower = router_on(shared.clone()).await;
     let (own_loaded, shared_loaded) = (own.list_keys_calls(), shared.list_keys_calls());
 
     tokio::time::sleep(Duration::from_secs(35)).await;

@@ -78,6 +78,19 @@ impl FailOpenStore {
         self.keep_definition(budget);
     }
 
+    /// A budget put or inserted in the shared store by `call`, then in the mirror.
+    async fn mirrored(
+        &self,
+        call: impl Future<Output = Result<BudgetStatus, StoreError>>,
+        budget: Budget,
+        spent: Money,
+        now: Timestamp,
+    ) -> Result<BudgetStatus, StoreError> {
+        let status = self.remote_only(call).await?;
+        self.mirror_budget(budget, spent, now).await;
+        Ok(status)
+    }
+
     /// Makes `budget` the definition used while the remote is down.
     fn keep_definition(&self, budget: Budget) {
         let mut budgets = self.budgets.write().unwrap_or_else(PoisonError::into_inner);
@@ -451,11 +464,8 @@ impl BudgetStore for FailOpenStore {
         spent: Money,
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
-        let status = self
-            .remote_only(self.remote.put_budget(budget.clone(), spent, now))
-            .await?;
-        self.mirror_budget(budget, spent, now).await;
-        Ok(status)
+        let put = self.remote.put_budget(budget.clone(), spent, now);
+        self.mirrored(put, budget, spent, now).await
     }
 
     async fn insert_budget(
@@ -464,11 +474,8 @@ impl BudgetStore for FailOpenStore {
         spent: Money,
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
-        let status = self
-            .remote_only(self.remote.insert_budget(budget.clone(), spent, now))
-            .await?;
-        self.mirror_budget(budget, spent, now).await;
-        Ok(status)
+        let inserted = self.remote.insert_budget(budget.clone(), spent, now);
+        self.mirrored(inserted, budget, spent, now).await
     }
 
     /// The local ledger is redefined in place too, keeping the reservations it holds
@@ -598,6 +605,10 @@ impl RequestLog for FailOpenStore {
 impl StateStore for FailOpenStore {
     fn kind(&self) -> &'static str {
         self.remote.kind()
+    }
+
+    fn is_shared(&self) -> bool {
+        self.remote.is_shared()
     }
 
     async fn changes(&self) -> Result<Option<StoreChanges>, StoreError> {

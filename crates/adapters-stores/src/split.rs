@@ -415,6 +415,10 @@ impl StateStore for SplitStore {
         "split"
     }
 
+    fn is_shared(&self) -> bool {
+        self.counters.is_shared() || self.records.is_shared()
+    }
+
     async fn changes(&self) -> Result<Option<StoreChanges>, StoreError> {
         self.counters.changes().await
     }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use apikeyrouter_adapters_providers::simulated::SimulatedProvider;
 use apikeyrouter_application::ports::Provider;
-use apikeyrouter_application::services::BudgetServiceError;
 use apikeyrouter_application::{ProviderSettings, RegisterKeyError};
 use apikeyrouter_domain::KeyId;
 use apikeyrouter_observability::{DiscardAuditSink, JsonLinesAuditSink};
@@ -173,12 +172,9 @@ impl ApiKeyRouter {
         // A removal that failed stays the file's, so the next reload tries it again.
         let mut kept = wanted.clone();
         for gone in previous.difference(&wanted) {
-            match budgets.remove(gone).await {
-                Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
-                Err(e) => {
-                    tracing::warn!(budget_id = %gone, error = %e, "budget removed from config not deleted; retried at the next reload");
-                    kept.insert(gone.clone());
-                }
+            if let Err(e) = budgets.remove_if_present(gone).await {
+                tracing::warn!(budget_id = %gone, error = %e, "budget removed from config not deleted; retried at the next reload");
+                kept.insert(gone.clone());
             }
         }
         if kept.len() > wanted.len() {

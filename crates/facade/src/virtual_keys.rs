@@ -106,11 +106,13 @@ impl ApiKeyRouter {
         let Some(revoked) = revoked else {
             return (stored, Some(budget));
         };
-        match self.core().budgets().remove(&budget.budget_id).await {
-            Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
-            Err(e) => {
-                tracing::warn!(virtual_key = %stored.name, error = %e, "budget of a virtual key revoked while it was made not removed; revoke the key again to retry");
-            }
+        if let Err(e) = self
+            .core()
+            .budgets()
+            .remove_if_present(&budget.budget_id)
+            .await
+        {
+            tracing::warn!(virtual_key = %stored.name, error = %e, "budget of a virtual key revoked while it was made not removed; revoke the key again to retry");
         }
         (revoked, None)
     }
@@ -146,10 +148,7 @@ impl ApiKeyRouter {
                     Err(e) => return Err(store_error(e)),
                 }
             }
-            None => match budgets.remove(&id).await {
-                Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
-                Err(e) => return Err(store_error(e)),
-            },
+            None => budgets.remove_if_present(&id).await.map_err(store_error)?,
         }
         Ok(())
     }
@@ -185,16 +184,13 @@ impl ApiKeyRouter {
     /// `NotFound` if absent, or a store failure.
     pub async fn revoke_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
         let revoked = self.core().revoke_virtual_key(name).await?;
-        match self
+        if let Err(e) = self
             .core()
             .budgets()
-            .remove(&virtual_key_budget_id(name))
+            .remove_if_present(&virtual_key_budget_id(name))
             .await
         {
-            Ok(()) | Err(BudgetServiceError::NotFound(_)) => {}
-            Err(e) => {
-                tracing::warn!(virtual_key = %name, error = %e, "budget of a revoked virtual key not removed; revoke again to retry");
-            }
+            tracing::warn!(virtual_key = %name, error = %e, "budget of a revoked virtual key not removed; revoke again to retry");
         }
         Ok(revoked)
     }

@@ -1374,19 +1374,11 @@ impl BudgetStore for MongoStore {
         budget: Budget,
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
-        let encoded = |what: &str| {
-            StoreError::new(
-                StoreErrorKind::Invalid,
-                format!(
-                    "the {what} of budget {} cannot be encoded for mongodb",
-                    budget.id
-                ),
-            )
-        };
-        let scope = bson::to_bson(&budget.scope).map_err(|_| encoded("scope"))?;
-        let period = bson::to_bson(&budget.period).map_err(|_| encoded("period"))?;
-        let enforcement = bson::to_bson(&budget.enforcement).map_err(|_| encoded("enforcement"))?;
-        let limit = nanos(budget.limit);
+        // The definition's fields as a new ledger of the budget stores them.
+        let (defined, raw) = budget_document(&budget, Money::ZERO, now)?;
+        let field = |name: &str| raw.get(name).cloned().unwrap_or(Bson::Null);
+        let (scope, period, enforcement) = (field("scope"), field("period"), field("enforcement"));
+        let limit = defined.limit;
         for _ in 0..MAX_ATTEMPTS {
             let Some(doc) = self.load_budget(&budget.id).await? else {
                 return Err(StoreError::budget_not_found(&budget.id));
@@ -1399,8 +1391,7 @@ impl BudgetStore for MongoStore {
             let (start, end) = if doc.period == budget.period {
                 (doc.period_start, doc.period_end)
             } else {
-                let (start, end) = budget.period.bounds(now);
-                (millis(start), millis(end))
+                (defined.period_start, defined.period_end)
             };
             let after = self
                 .budgets

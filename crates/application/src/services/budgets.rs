@@ -116,30 +116,43 @@ impl BudgetService {
     ) -> Result<Defined, BudgetServiceError> {
         let now = self.shared.clock.now();
         let store = &self.shared.store;
-        for _ in 0..DEFINE_ATTEMPTS {
-            // Whether it existed is decided by the store, not by a read before.
-            let tried = match spent {
-                None => store.redefine_budget(budget.clone(), now).await,
-                Some(spent) => store.insert_budget(budget.clone(), spent, now).await,
+        // Whether it existed is decided by the store, not by a read before.
+        if let Some(spent) = spent {
+            let defined = match store.insert_budget(budget.clone(), spent, now).await {
+                Ok(status) => Defined {
+                    status,
+                    created: true,
+                },
+                Err(e) if e.kind == StoreErrorKind::Conflict => Defined {
+                    status: store.put_budget(budget.clone(), spent, now).await?,
+                    created: false,
+                },
+                Err(e) => return Err(e.into()),
             };
-            let (status, created) = match (tried, spent) {
-                (Ok(status), None) => (status, false),
-                (Ok(status), Some(_)) => (status, true),
-                (Err(e), None) if e.kind == StoreErrorKind::NotFound => {
+            self.known(budget);
+            return Ok(defined);
+        }
+        for _ in 0..DEFINE_ATTEMPTS {
+            let defined = match store.redefine_budget(budget.clone(), now).await {
+                Ok(status) => Defined {
+                    status,
+                    created: false,
+                },
+                Err(e) if e.kind == StoreErrorKind::NotFound => {
                     match store.insert_budget(budget.clone(), Money::ZERO, now).await {
-                        Ok(status) => (status, true),
+                        Ok(status) => Defined {
+                            status,
+                            created: true,
+                        },
                         // Created meanwhile elsewhere: redefine that one.
                         Err(e) if e.kind == StoreErrorKind::Conflict => continue,
                         Err(e) => return Err(e.into()),
                     }
                 }
-                (Err(e), Some(spent)) if e.kind == StoreErrorKind::Conflict => {
-                    (store.put_budget(budget.clone(), spent, now).await?, false)
-                }
-                (Err(e), _) => return Err(e.into()),
+                Err(e) => return Err(e.into()),
             };
             self.known(budget);
-            return Ok(Defined { status, created });
+            return Ok(defined);
         }
         Err(StoreError::new(
             StoreErrorKind::Conflict,
@@ -203,6 +216,18 @@ impl BudgetService {
             .collect();
         self.shared.set_budgets(budgets);
         Ok(())
+    }
+
+    /// Removes a budget if there is one: what clean-ups want, for which a budget
+    /// already gone is done.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn remove_if_present(&self, id: &str) -> Result<(), BudgetServiceError> {
+        match self.remove(id).await {
+            Err(BudgetServiceError::NotFound(_)) => Ok(()),
+            done => done,
+        }
     }
 
     /// Gives back the budget reservations held longer than the lease

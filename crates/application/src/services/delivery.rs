@@ -73,6 +73,23 @@ struct Lane {
 }
 
 impl Lane {
+    /// Queues `record`; a lane its thread does not keep is orphaned once the record
+    /// is counted, so that it is not let go before.
+    fn send(
+        &self,
+        kept: bool,
+        record: Arc<AuditRecord>,
+    ) -> Result<(), mpsc::error::TrySendError<Arc<AuditRecord>>> {
+        self.tx.try_send(record)?;
+        // The worker may finish it before this count: `settled` only needs `finished`
+        // to reach it eventually.
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if !kept {
+            self.orphaned.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn pending(&self) -> u64 {
         self.queued
             .load(Ordering::Relaxed)
@@ -191,24 +208,6 @@ impl RecordDelivery {
         Some((lane, kept))
     }
 
-    /// Queues `record` on `lane`; a lane its thread does not keep is orphaned once the
-    /// record is counted, so that it is not let go before.
-    fn send(
-        &self,
-        lane: &Lane,
-        kept: bool,
-        record: Arc<AuditRecord>,
-    ) -> Result<(), mpsc::error::TrySendError<Arc<AuditRecord>>> {
-        lane.tx.try_send(record)?;
-        // The worker may finish it before this count: `settled` only needs `finished`
-        // to reach it eventually.
-        lane.queued.fetch_add(1, Ordering::Relaxed);
-        if !kept {
-            lane.orphaned.store(true, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
     fn drop_record(&self, record: &AuditRecord, why: &str) {
         self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         tracing::error!(request_id = %record.request_id, capacity = self.capacity, "audit record dropped: {why}");
@@ -248,7 +247,7 @@ impl RecordDelivery {
                 None => return self.drop_record(&record, NO_RUNTIME),
             },
         };
-        let record = match self.send(&lane, kept, record) {
+        let record = match lane.send(kept, record) {
             Ok(()) => return,
             Err(mpsc::error::TrySendError::Full(r)) => return self.drop_record(&r, FULL),
             Err(mpsc::error::TrySendError::Closed(r)) => r,
@@ -264,7 +263,7 @@ impl RecordDelivery {
         let Some((lane, kept)) = self.open_lane() else {
             return self.drop_record(&record, NO_RUNTIME);
         };
-        if let Err(e) = self.send(&lane, kept, record) {
+        if let Err(e) = lane.send(kept, record) {
             self.retire(&lane);
             self.drop_record(&e.into_inner(), ENDING);
         }
