@@ -407,6 +407,48 @@ async fn redis_cluster_announces_key_budget_and_virtual_key_changes_and_opens_fr
     assert_eq!(writer.list_keys().await.unwrap().len(), 7);
 }
 
+/// A budget created or redefined is announced by the script that makes the change,
+/// so other instances re-read their budgets; on a single server and on Cluster.
+#[tokio::test]
+async fn budget_inserts_and_redefinitions_are_announced() {
+    use std::time::Duration;
+
+    use apikeyrouter_application::ports::{BudgetStore, StoreChange};
+    use apikeyrouter_domain::{Budget, BudgetPeriod, BudgetScope, Enforcement, Money, Timestamp};
+    use futures_util::StreamExt;
+
+    let budget = |limit_usd| {
+        Budget::new(
+            "b",
+            BudgetScope::Global,
+            limit_usd,
+            BudgetPeriod::Daily,
+            Enforcement::Hard,
+        )
+        .unwrap()
+    };
+    let now = Timestamp::from_millis(1_000);
+    for store in [redis_store().await, redis_cluster_store().await] {
+        let mut changes = Box::pin(store.subscribe_changes().await.unwrap());
+        store
+            .insert_budget(budget(1.0), Money::ZERO, now)
+            .await
+            .unwrap();
+        store.redefine_budget(budget(2.0), now).await.unwrap();
+        let mut announced = 0;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while announced < 2 {
+                let change = changes.next().await.expect("the change stream ended");
+                if change == StoreChange::Budgets {
+                    announced += 1;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{announced} of 2 budget changes announced"));
+    }
+}
+
 /// What the per-slot path costs on Cluster, as documented: a charge with budgets
 /// and a client takes three sequential calls, settle and release two each.
 #[tokio::test]

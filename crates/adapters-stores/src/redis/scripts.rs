@@ -18,7 +18,7 @@ macro_rules! source {
 }
 
 /// Every script's source, in [`Scripts`] field order.
-const SOURCES: [&str; 15] = [
+const SOURCES: [&str; 16] = [
     source!("insert_key.lua"),
     source!("update_metadata.lua"),
     source!("delete_key.lua"),
@@ -34,6 +34,7 @@ const SOURCES: [&str; 15] = [
     source!("reserve_key.lua"),
     source!("reclaim.lua"),
     source!("redefine_budget.lua"),
+    source!("insert_budget.lua"),
 ];
 
 /// Every script, hashed once at start.
@@ -54,6 +55,7 @@ pub(super) struct Scripts {
     pub(super) reserve_key: Script,
     pub(super) reclaim: Script,
     pub(super) redefine_budget: Script,
+    pub(super) insert_budget: Script,
 }
 
 impl Scripts {
@@ -74,6 +76,7 @@ impl Scripts {
             reserve_key,
             reclaim,
             redefine_budget,
+            insert_budget,
         ] = SOURCES.map(Script::new);
         Self {
             insert_key,
@@ -91,6 +94,7 @@ impl Scripts {
             reserve_key,
             reclaim,
             redefine_budget,
+            insert_budget,
         }
     }
 

@@ -659,15 +659,6 @@ impl RedisStore {
         Ok(statuses)
     }
 
-    /// Tells the other instances that budget `id` changed. A change already made is
-    /// not undone when this fails: they see it at their next read.
-    async fn announce_budget(&self, id: &str, what: &str) {
-        let channel = self.names.budget_events();
-        if let Err(e) = self.conn().publish::<_, _, i64>(&channel, id).await {
-            tracing::warn!(budget_id = %id, error = %e, "budget {what} but its change event not sent; other instances see it at their next read");
-        }
-    }
-
     async fn budget_rows(&self, now: Option<Timestamp>) -> Result<Vec<Vec<String>>, StoreError> {
         let ids_key = self.names.budget_ids();
         let mut invocation = self.scripts.budgets.prepare_invoke();
@@ -1266,8 +1257,8 @@ impl BudgetStore for RedisStore {
         Ok(BudgetLedger::new(budget, now).with_spent(spent).status())
     }
 
-    /// One script: the id set decides, and the ledger is written only if the id was
-    /// free; the change is announced after it, as a put's is.
+    /// One script (`scripts/insert_budget.lua`): the id set decides, the ledger is
+    /// written only if the id was free, and the change is announced with it.
     async fn insert_budget(
         &self,
         budget: Budget,
@@ -1275,11 +1266,13 @@ impl BudgetStore for RedisStore {
         now: Timestamp,
     ) -> Result<BudgetStatus, StoreError> {
         let ledger_key = self.names.budget(&budget.id);
-        let mut script = INSERT_BUDGET.key(self.names.budget_ids());
+        let mut script = self.scripts.insert_budget.prepare_invoke();
         script
+            .key(self.names.budget_ids())
             .key(&ledger_key)
             .key(self.names.reservations(&budget.id))
-            .arg(&budget.id);
+            .arg(&budget.id)
+            .arg(self.names.budget_events());
         for (field, value) in budget_fields(&budget, spent, now)? {
             script.arg(field).arg(value);
         }
@@ -1290,12 +1283,11 @@ impl BudgetStore for RedisStore {
         if added == 0 {
             return Err(StoreError::budget_exists(&budget.id));
         }
-        self.announce_budget(&budget.id, "added").await;
         Ok(BudgetLedger::new(budget, now).with_spent(spent).status())
     }
 
     /// One script changes the ledger's definition fields, leaving its spend and
-    /// reservations; the change is announced after it, as a put's is.
+    /// reservations, and announces the change.
     async fn redefine_budget(
         &self,
         budget: Budget,
@@ -1307,7 +1299,7 @@ impl BudgetStore for RedisStore {
         for bound in period_bounds(now) {
             invocation.arg(bound);
         }
-        invocation.arg(&budget.id);
+        invocation.arg(&budget.id).arg(self.names.budget_events());
         for (field, value) in budget_fields(&budget, Money::ZERO, now)? {
             if !matches!(field, "spent" | "reserved") {
                 invocation.arg(field).arg(value);
@@ -1321,7 +1313,6 @@ impl BudgetStore for RedisStore {
             return Err(StoreError::budget_not_found(&budget.id));
         };
         let (_, status) = budget_row(&row, &self.names.budget_prefix())?;
-        self.announce_budget(&budget.id, "redefined").await;
         Ok(status)
     }
 
@@ -1460,22 +1451,6 @@ impl RequestLog for RedisStore {
         json.map(|json| from_json(&json, &redis_key)).transpose()
     }
 }
-
-/// Adds budget ARGV[1] unless the id set KEYS[1] holds it: clears its ledger KEYS[2]
-/// and reservations KEYS[3] (left by a budget deleted under the same id), writes the
-/// ledger's fields (ARGV[2..], field and value pairs) and adds the id: 1, or 0 when it
-/// exists. The three keys share the budgets' hash tag.
-static INSERT_BUDGET: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('HSET', KEYS[2], unpack(ARGV, 2))
-redis.call('SADD', KEYS[1], ARGV[1])
-return 1
-"#,
-    )
-});
 
 /// Marks a virtual key's record revoked at ARGV[2] unless it holds a `revoked_at`
 /// already, and returns the record (nil when there is none). The field is appended to

@@ -2,9 +2,9 @@
 -- keeping what it spent this period and the reservations it holds.
 --
 -- KEYS[1] the budget's ledger.
--- ARGV: 1 now, 2-7 day/week/month period bounds, 8 the budget id, then pairs of
--- field and value: def, limit, hard, period, anchor, len, start, end (the new
--- definition, its period's bounds at `now`).
+-- ARGV: 1 now, 2-7 day/week/month period bounds, 8 the budget id, 9 event channel,
+-- then pairs of field and value: def, limit, hard, period, anchor, len, start, end
+-- (the new definition, its period's bounds at `now`).
 --
 -- Returns the budget's status row {id, definition, spent, reserved, period end}, or
 -- nil when there is no such budget.
@@ -21,7 +21,7 @@ end
 roll_ledger(l, now, bounds)
 
 local new = {}
-for i = 9, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   new[ARGV[i]] = ARGV[i + 1]
 end
 local fields = { 'def', new.def, 'limit', new.limit, 'hard', new.hard, 'period', new.period,
@@ -35,5 +35,6 @@ if new.period ~= l.period or tonumber(new.anchor) ~= l.anchor or tonumber(new.le
   fields[#fields + 1] = new['end']
 end
 call('HSET', KEYS[1], unpack(fields))
+redis.call('PUBLISH', ARGV[9], ARGV[8])
 l.def = new.def
 return status_row(ARGV[8], l)
