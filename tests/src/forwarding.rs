@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use apikeyrouter_adapters_stores::MemoryStore;
 use apikeyrouter_application::ports::{
     BudgetStore, Charge, ChargeRejection, KeyStore, ReclaimedReservations, RequestLog, Settled,
-    Settlement, StateStore, StoreError, StoreErrorKind, UsageLedger, VirtualKeyStore,
+    Settlement, StateStore, StoreChange, StoreChanges, StoreError, StoreErrorKind, UsageLedger,
+    VirtualKeyStore,
 };
 use apikeyrouter_application::records::AuditRecord;
 use apikeyrouter_domain::{
@@ -40,6 +41,11 @@ pub struct Forwarding {
     /// Says the store is shared whatever `inner` is.
     presented_as_shared: bool,
     list_keys_calls: AtomicU64,
+    list_budgets_calls: AtomicU64,
+    /// Change events come from the test instead of `inner`: the current
+    /// subscription's sender, once one was made.
+    change_feed: Option<Mutex<Option<tokio::sync::mpsc::UnboundedSender<StoreChange>>>>,
+    subscriptions: AtomicU64,
 }
 
 impl Forwarding {
@@ -52,7 +58,36 @@ impl Forwarding {
             refuse_budget_deletes: AtomicBool::new(false),
             presented_as_shared: false,
             list_keys_calls: AtomicU64::new(0),
+            list_budgets_calls: AtomicU64::new(0),
+            change_feed: None,
+            subscriptions: AtomicU64::new(0),
         }
+    }
+
+    /// Presents `inner` as a shared store whose change events the test controls:
+    /// none are sent, and [`Forwarding::lose_subscription`] ends the current
+    /// subscription as a lost connection would.
+    pub fn with_change_feed(mut self) -> Self {
+        self.presented_as_shared = true;
+        self.change_feed = Some(Mutex::new(None));
+        self
+    }
+
+    /// Ends the current change subscription; the events sent meanwhile are lost.
+    pub fn lose_subscription(&self) {
+        if let Some(feed) = &self.change_feed {
+            feed.lock().unwrap_or_else(PoisonError::into_inner).take();
+        }
+    }
+
+    /// How many change subscriptions were made.
+    pub fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(Ordering::SeqCst)
+    }
+
+    /// How many times the budgets were listed.
+    pub fn list_budgets_calls(&self) -> u64 {
+        self.list_budgets_calls.load(Ordering::SeqCst)
     }
 
     /// Presents `inner` as a store other processes share (one without change events).
@@ -214,6 +249,7 @@ impl BudgetStore for Forwarding {
         self.inner.redefine_budget(budget, now).await
     }
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
+        self.list_budgets_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.list_budgets().await
     }
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
@@ -292,6 +328,18 @@ impl StateStore for Forwarding {
     }
     fn is_shared(&self) -> bool {
         self.presented_as_shared || self.inner.is_shared()
+    }
+    async fn changes(&self) -> Result<Option<StoreChanges>, StoreError> {
+        let Some(feed) = &self.change_feed else {
+            return self.inner.changes().await;
+        };
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        *feed.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
+        self.subscriptions.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(Box::pin(futures_util::stream::unfold(
+            receiver,
+            |mut receiver| async move { receiver.recv().await.map(|change| (change, receiver)) },
+        ))))
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await

@@ -464,3 +464,77 @@ async fn a_store_no_other_process_uses_is_not_read_again() {
     assert_eq!(own.list_keys_calls(), own_loaded);
     assert_eq!(shared.list_keys_calls(), shared_loaded + 3);
 }
+
+/// Without change events, each periodic reading signals the virtual keys after it has
+/// read the budgets, so the proxy reads them then, the budgets once per reading.
+#[tokio::test(start_paused = true)]
+async fn a_store_without_events_signals_virtual_keys_at_each_reading() {
+    let store = Arc::new(
+        crate::forwarding::Forwarding::to(Arc::new(
+            apikeyrouter_adapters_stores::MemoryStore::new(),
+        ))
+        .presented_as_shared(),
+    );
+    let router = router_on(store.clone()).await;
+    let mut virtual_keys = router.virtual_key_changes();
+    let signalled = *virtual_keys.borrow_and_update();
+    let budgets_read = store.list_budgets_calls();
+
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    assert_eq!(store.list_budgets_calls(), budgets_read + 3);
+    assert_eq!(*virtual_keys.borrow_and_update(), signalled + 3);
+}
+
+/// The events sent while a change subscription was lost are gone: once subscribed
+/// again the router reads the keys again, learning one added meanwhile and
+/// forgetting one deleted, and signals the virtual keys.
+#[tokio::test]
+async fn after_a_lost_subscription_keys_deleted_meanwhile_are_forgotten() {
+    let inner: Arc<dyn StateStore> = Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
+    let store = Arc::new(crate::forwarding::Forwarding::to(inner.clone()).with_change_feed());
+    let (router, sim) = instance_on(store.clone()).await;
+    let gone = router
+        .register_key("sk-deleted-elsewhere-01", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    let mut virtual_keys = router.virtual_key_changes();
+    virtual_keys.borrow_and_update();
+
+    // Another instance deletes the key and adds one; their events are lost.
+    let (other, _) = instance_on(inner).await;
+    other.delete_key(&gone.id).await.unwrap();
+    let added = other
+        .register_key("sk-added-elsewhere-01", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    store.lose_subscription();
+
+    eventually("the router subscribing again", async || {
+        store.subscriptions() == 2
+    })
+    .await;
+    eventually(
+        "the router serving with the key added meanwhile",
+        async || {
+            router
+                .route(ask("gpt-4o", "hi"), Objective::default())
+                .await
+                .is_ok_and(|r| r.key_id == added.id)
+        },
+    )
+    .await;
+    let calls = sim.calls(&gone.id);
+    for _ in 0..10 {
+        let served = router
+            .route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .unwrap();
+        assert_eq!(served.key_id, added.id);
+    }
+    assert_eq!(
+        sim.calls(&gone.id),
+        calls,
+        "the deleted key was still called"
+    );
+    assert!(virtual_keys.has_changed().unwrap());
+}

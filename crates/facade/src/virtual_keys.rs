@@ -195,8 +195,9 @@ impl ApiKeyRouter {
         Ok(revoked)
     }
 
-    /// Changes whenever the virtual keys made at run time may have changed, here or
-    /// (with a store that has change events) on another instance.
+    /// Changes whenever the virtual keys made at run time may have changed: here, on
+    /// another instance (by its change event, or on a store without events at each
+    /// periodic reading, after the budgets), or after a lost change subscription.
     pub fn virtual_key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.core().virtual_key_changes()
     }

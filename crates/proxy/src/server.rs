@@ -38,39 +38,15 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
     Ok(state)
 }
 
-/// How often the stored virtual keys are re-read without a change event: what
-/// instances sharing a store without events (MongoDB) see each other's changes by,
-/// and what catches an event that was lost.
-const VIRTUAL_KEYS_REREAD: Duration = Duration::from_secs(10);
-
-/// Re-reads the stored virtual keys whenever they change (through this instance or,
-/// with a store that has change events, another), and the virtual keys and the
-/// budgets every [`VIRTUAL_KEYS_REREAD`], until the state is dropped. A failed read
-/// is logged and tried again at the next change or tick.
+/// Re-reads the stored virtual keys whenever the router says they changed: through
+/// this instance, through another (by its change events, or, on a store without them,
+/// at the router's periodic reading, after the budgets), or after a lost change
+/// subscription. A failed read is logged and tried again at the next change.
 fn follow_virtual_keys(state: &Arc<AppState>, mut changes: tokio::sync::watch::Receiver<u64>) {
     let weak = Arc::downgrade(state);
-    // A store only this process uses changes only through it: no tick.
-    let reread = if state.router.core().store_is_shared() {
-        VIRTUAL_KEYS_REREAD
-    } else {
-        Duration::MAX
-    };
     tokio::spawn(async move {
-        loop {
-            let ticked = tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return } else { false },
-                () = tokio::time::sleep(reread) => true,
-            };
+        while changes.changed().await.is_ok() {
             let Some(state) = weak.upgrade() else { return };
-            // Budgets follow change events where the store has them; without (MongoDB)
-            // the router reads them every 10 s too, but on its own tick: read here
-            // first as well, a virtual key made elsewhere is not served here before its
-            // budget is known.
-            if ticked {
-                if let Err(e) = state.router.core().reload_budgets().await {
-                    tracing::warn!(error = %e, "budgets not re-read");
-                }
-            }
             if let Err(e) = state.refresh_virtual_keys().await {
                 tracing::warn!(error = %e, "stored virtual keys not re-read");
             }

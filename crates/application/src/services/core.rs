@@ -256,8 +256,10 @@ const REREAD_WITHOUT_EVENTS: Duration = Duration::from_secs(10);
 
 impl ApiKeyRouterCore {
     /// Without change events (MongoDB), instances sharing the store see each other's
-    /// key and budget changes by reading them again every [`REREAD_WITHOUT_EVENTS`],
-    /// until the router is dropped.
+    /// key, budget and virtual-key changes by reading them again every
+    /// [`REREAD_WITHOUT_EVENTS`], until the router is dropped. The virtual keys are
+    /// signalled after the budgets are read, so a virtual key made elsewhere is not
+    /// served here before its budget is known.
     fn reread_keys_and_budgets(&self) {
         let weak = Arc::downgrade(&self.shared);
         tokio::spawn(async move {
@@ -267,20 +269,53 @@ impl ApiKeyRouterCore {
             loop {
                 tick.tick().await;
                 let Some(shared) = weak.upgrade() else { return };
-                let writes = shared.key_writes.load(std::sync::atomic::Ordering::Relaxed);
-                match shared.store.list_keys().await {
-                    // A key changed here while the store was read may be missing from
-                    // what was read, or stale in it: the next tick reads again.
-                    Ok(_)
-                        if shared.key_writes.load(std::sync::atomic::Ordering::Relaxed)
-                            != writes => {}
-                    Ok(keys) => shared.reconcile_keys(&keys),
-                    Err(e) => tracing::warn!(error = %e, "keys not read again"),
+                // A reading a local change overlapped is taken again at the next tick.
+                if let Err(e) = reread_keys(&shared).await {
+                    tracing::warn!(error = %e, "keys not read again");
                 }
                 refresh_budgets(&shared).await;
+                shared.virtual_keys_changed();
             }
         });
     }
+}
+
+/// Reads every key again and applies what was read (see [`Shared::reconcile_keys`]).
+/// A key changed here while the store was read may be missing from the reading, or
+/// stale in it: such a reading is not applied, and `Ok(false)` says so.
+async fn reread_keys(shared: &Shared) -> Result<bool, StoreError> {
+    let writes = || shared.key_writes.load(std::sync::atomic::Ordering::Relaxed);
+    let before = writes();
+    let keys = shared.store.list_keys().await?;
+    if writes() != before {
+        return Ok(false);
+    }
+    shared.reconcile_keys(&keys);
+    Ok(true)
+}
+
+/// How many times the keys are read again after a lost subscription while local
+/// changes keep overlapping the reading; the new subscription carries changes from
+/// then on.
+const CATCH_UP_READINGS: usize = 3;
+
+/// After a lost subscription, whose events in between are gone: reads every key,
+/// budget and virtual key again, as [`reread_keys`] applies them (so that keys
+/// deleted meanwhile are forgotten, and states that follow traffic keep their
+/// statistics).
+async fn catch_up(shared: &Shared) {
+    for _ in 0..CATCH_UP_READINGS {
+        match reread_keys(shared).await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "keys not read again after a lost subscription");
+                break;
+            }
+        }
+    }
+    refresh_budgets(shared).await;
+    shared.virtual_keys_changed();
 }
 
 /// Re-reads the budget definitions after another instance changed one.
@@ -405,13 +440,7 @@ impl ApiKeyRouterCore {
                     match shared.store.changes().await {
                         Ok(Some(next)) => {
                             changes = next;
-                            if let Ok(keys) = shared.store.list_keys().await {
-                                for key in &keys {
-                                    shared.cache_key(key);
-                                }
-                            }
-                            refresh_budgets(&shared).await;
-                            shared.virtual_keys_changed();
+                            catch_up(&shared).await;
                             break;
                         }
                         Ok(None) => return,
