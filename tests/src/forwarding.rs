@@ -46,6 +46,30 @@ pub struct Forwarding {
     /// subscription's sender, once one was made.
     change_feed: Option<Mutex<Option<tokio::sync::mpsc::UnboundedSender<StoreChange>>>>,
     subscriptions: AtomicU64,
+    /// Holds the next key listing, once read, until released.
+    listing_hold: Mutex<Option<Arc<ListingHold>>>,
+    /// Changes each key of a listing, as a store lagging behind would show it.
+    listing_rewrite: Mutex<Option<fn(&mut ApiKey)>>,
+}
+
+/// A key listing read from the store and held before it is answered: what a change
+/// made meanwhile makes stale.
+#[derive(Default)]
+pub struct ListingHold {
+    read: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
+
+impl ListingHold {
+    /// Waits until the listing has been read.
+    pub async fn read(&self) {
+        self.read.notified().await;
+    }
+
+    /// Lets the listing be answered.
+    pub fn release(&self) {
+        self.go.notify_one();
+    }
 }
 
 impl Forwarding {
@@ -61,7 +85,27 @@ impl Forwarding {
             list_budgets_calls: AtomicU64::new(0),
             change_feed: None,
             subscriptions: AtomicU64::new(0),
+            listing_hold: Mutex::new(None),
+            listing_rewrite: Mutex::new(None),
         }
+    }
+
+    /// Holds the next key listing once it has read the store, until released.
+    pub fn hold_next_key_listing(&self) -> Arc<ListingHold> {
+        let hold = Arc::new(ListingHold::default());
+        *self
+            .listing_hold
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(hold.clone());
+        hold
+    }
+
+    /// Applies `rewrite` to every key of the listings from now on.
+    pub fn rewrite_key_listings(&self, rewrite: fn(&mut ApiKey)) {
+        *self
+            .listing_rewrite
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(rewrite);
     }
 
     /// Presents `inner` as a shared store whose change events the test controls:
@@ -151,7 +195,24 @@ impl KeyStore for Forwarding {
     }
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         self.list_keys_calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.list_keys().await
+        let mut keys = self.inner.list_keys().await?;
+        let hold = self
+            .listing_hold
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(hold) = hold {
+            hold.read.notify_one();
+            hold.go.notified().await;
+        }
+        let rewrite = *self
+            .listing_rewrite
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(rewrite) = rewrite {
+            keys.iter_mut().for_each(rewrite);
+        }
+        Ok(keys)
     }
     async fn update_metadata(
         &self,

@@ -538,3 +538,106 @@ async fn after_a_lost_subscription_keys_deleted_meanwhile_are_forgotten() {
     );
     assert!(virtual_keys.has_changed().unwrap());
 }
+
+/// A reading of the keys that a local change overlapped may lack that change (here a
+/// key registered while the store was being read): it is not applied, so the key is
+/// not forgotten, and the next reading brings the store's view.
+#[tokio::test(start_paused = true)]
+async fn a_reading_a_local_change_overlapped_is_not_applied() {
+    let store = Arc::new(
+        crate::forwarding::Forwarding::to(Arc::new(
+            apikeyrouter_adapters_stores::MemoryStore::new(),
+        ))
+        .presented_as_shared(),
+    );
+    let (router, _) = instance_on(store.clone()).await;
+    let hold = store.hold_next_key_listing();
+
+    // The periodic reading lists the keys (none yet) and is held there.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    hold.read().await;
+    let key = router
+        .register_key("sk-registered-meanwhile", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    let listed = store.list_keys_calls();
+    hold.release();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let served = router
+        .route(ask("gpt-4o", "hi"), Objective::default())
+        .await
+        .expect("the key registered during the reading is still served");
+    assert_eq!(served.key_id, key.id);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        store.list_keys_calls(),
+        listed + 1,
+        "read again at the next tick"
+    );
+    assert!(
+        router
+            .route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .is_ok()
+    );
+}
+
+/// A reading of the keys leaves alone a state that follows traffic here: a key this
+/// instance saw rate limited stays throttled though a lagging store still lists it as
+/// available, instead of being sent traffic during its cooldown.
+#[tokio::test(start_paused = true)]
+async fn a_reading_leaves_a_key_throttled_here_throttled() {
+    use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
+    let store = Arc::new(
+        crate::forwarding::Forwarding::to(Arc::new(
+            apikeyrouter_adapters_stores::MemoryStore::new(),
+        ))
+        .presented_as_shared(),
+    );
+    let (router, sim) = instance_on(store.clone()).await;
+    let key = router
+        .register_key("sk-throttled-here-0001", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    sim.set_behaviour(
+        &key.id,
+        Behaviour::failing(FailurePlan::Always(Failure::RateLimited {
+            retry_after: Some(Duration::from_secs(600)),
+        })),
+    );
+    assert!(
+        router
+            .route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        router.key(&key.id).await.unwrap().state,
+        KeyState::Throttled
+    );
+
+    sim.set_behaviour(&key.id, Behaviour::ok());
+    store.rewrite_key_listings(|k| {
+        k.state = KeyState::Available;
+        k.cooldown_until = None;
+    });
+    let (listed, calls) = (store.list_keys_calls(), sim.calls(&key.id));
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        store.list_keys_calls(),
+        listed + 1,
+        "the keys were read again"
+    );
+    assert!(
+        router
+            .route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        sim.calls(&key.id),
+        calls,
+        "a key in its cooldown was called"
+    );
+}
