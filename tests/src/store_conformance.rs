@@ -449,6 +449,45 @@ async fn budget_inserts_and_redefinitions_are_announced() {
     }
 }
 
+/// Each virtual-key change (insert, limits update, rotation, revocation) is announced
+/// by the script that makes it, so other instances re-read their virtual keys; on a
+/// single server and on Cluster.
+#[tokio::test]
+async fn virtual_key_changes_are_announced() {
+    use std::time::Duration;
+
+    use apikeyrouter_application::ports::{StoreChange, VirtualKeyStore};
+    use apikeyrouter_domain::Timestamp;
+    use futures_util::StreamExt;
+
+    for store in [redis_store().await, redis_cluster_store().await] {
+        let mut changes = Box::pin(store.subscribe_changes().await.unwrap());
+        let mut key = crate::support::virtual_key("announced", '0');
+        store.insert_virtual_key(key.clone()).await.unwrap();
+        key.rpm = Some(10);
+        store.update_virtual_key(key).await.unwrap();
+        store
+            .rotate_virtual_key("announced", &"1".repeat(64))
+            .await
+            .unwrap();
+        store
+            .revoke_virtual_key("announced", Timestamp::from_millis(2_000))
+            .await
+            .unwrap();
+        let mut announced = 0;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while announced < 4 {
+                let change = changes.next().await.expect("the change stream ended");
+                if change == StoreChange::VirtualKeys {
+                    announced += 1;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{announced} of 4 virtual-key changes announced"));
+    }
+}
+
 /// What the per-slot path costs on Cluster, as documented: a charge with budgets
 /// and a client takes three sequential calls, settle and release two each.
 #[tokio::test]

@@ -98,9 +98,10 @@
 //!
 //! Inserting, updating, transitioning and deleting a key publishes its id on
 //! `{ns}:key-events`, putting or deleting a budget its id on `{ns}:budget-events`,
-//! adding or revoking a virtual key (hash `{ns}:virtual-keys`) a message on
-//! `{ns}:virtual-key-events`; [`RedisStore::subscribe_changes`] turns them into one
-//! stream so other instances can refresh their view of keys, budgets and clients. On Cluster, which broadcasts
+//! adding, updating, rotating or revoking a virtual key (hash `{ns}:virtual-keys`) a
+//! message on `{ns}:virtual-key-events`, each from the script that makes the change;
+//! [`RedisStore::subscribe_changes`] turns them into one stream so other instances
+//! can refresh their view of keys, budgets and clients. On Cluster, which broadcasts
 //! `PUBLISH` to every node, it subscribes through a plain connection to the first
 //! seed node.
 //!

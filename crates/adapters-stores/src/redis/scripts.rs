@@ -18,7 +18,7 @@ macro_rules! source {
 }
 
 /// Every script's source, in [`Scripts`] field order.
-const SOURCES: [&str; 16] = [
+const SOURCES: [&str; 20] = [
     source!("insert_key.lua"),
     source!("update_metadata.lua"),
     source!("delete_key.lua"),
@@ -35,6 +35,10 @@ const SOURCES: [&str; 16] = [
     source!("reclaim.lua"),
     source!("redefine_budget.lua"),
     source!("insert_budget.lua"),
+    source!("insert_virtual_key.lua"),
+    source!("revoke_virtual_key.lua"),
+    source!("update_virtual_key.lua"),
+    source!("rotate_virtual_key.lua"),
 ];
 
 /// Every script, hashed once at start.
@@ -56,6 +60,10 @@ pub(super) struct Scripts {
     pub(super) reclaim: Script,
     pub(super) redefine_budget: Script,
     pub(super) insert_budget: Script,
+    pub(super) insert_virtual_key: Script,
+    pub(super) revoke_virtual_key: Script,
+    pub(super) update_virtual_key: Script,
+    pub(super) rotate_virtual_key: Script,
 }
 
 impl Scripts {
@@ -77,6 +85,10 @@ impl Scripts {
             reclaim,
             redefine_budget,
             insert_budget,
+            insert_virtual_key,
+            revoke_virtual_key,
+            update_virtual_key,
+            rotate_virtual_key,
         ] = SOURCES.map(Script::new);
         Self {
             insert_key,
@@ -95,6 +107,10 @@ impl Scripts {
             reclaim,
             redefine_budget,
             insert_budget,
+            insert_virtual_key,
+            revoke_virtual_key,
+            update_virtual_key,
+            rotate_virtual_key,
         }
     }
 

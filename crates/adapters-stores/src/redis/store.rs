@@ -332,14 +332,6 @@ impl RedisStore {
         }))
     }
 
-    /// [`VirtualKeyStore::announce_virtual_keys`] after a change already made: a
-    /// failure is logged.
-    async fn announce_or_log(&self) {
-        if let Err(e) = self.announce_virtual_keys().await {
-            tracing::warn!(error = %e, "virtual-key change not announced; other instances see it at their next re-read");
-        }
-    }
-
     /// Network round trips this store has made since it connected: each command,
     /// pipeline or script call counts one (connecting and key-change subscriptions
     /// are not counted). For tests and benchmarks of the per-request cost.
@@ -1452,85 +1444,32 @@ impl RequestLog for RedisStore {
     }
 }
 
-/// Marks a virtual key's record revoked at ARGV[2] unless it holds a `revoked_at`
-/// already, and returns the record (nil when there is none). The field is appended to
-/// the JSON text rather than the record re-encoded, which would round its numbers; a
-/// top-level `"revoked_at":` cannot occur inside a string value, where quotes are
-/// escaped.
-static REVOKE_VIRTUAL_KEY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local json = redis.call('HGET', KEYS[1], ARGV[1])
-if not json then return false end
-if not string.find(json, '"revoked_at":', 1, true) then
-  json = string.sub(json, 1, -2) .. ',"revoked_at":' .. ARGV[2] .. '}'
-  redis.call('HSET', KEYS[1], ARGV[1], json)
-end
-return json
-"#,
-    )
-});
-
-/// Replaces the record of virtual key ARGV[1] with ARGV[2] if it still reads ARGV[3]
-/// (the text the caller built ARGV[2] from) and is not revoked: 1, or 0 when there is
-/// none, -1 when it is revoked, -2 when it changed since the caller read it (a
-/// rotation: writing the old digest back would undo it).
-static UPDATE_VIRTUAL_KEY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local json = redis.call('HGET', KEYS[1], ARGV[1])
-if not json then return 0 end
-if string.find(json, '"revoked_at":', 1, true) then return -1 end
-if json ~= ARGV[3] then return -2 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"#,
-    )
-});
-
-/// Replaces the digest of virtual key ARGV[1] with ARGV[2] (hex digits) in its JSON
-/// text, leaving the rest as stored: `{1, the record before}`, or `{0, ""}` when there
-/// is none, `{-1, ""}` when it is revoked, `{-2, ""}` when the text holds no digest. A
-/// top-level `"token_sha256":"` cannot occur inside a string value, where quotes are
-/// escaped.
-static ROTATE_VIRTUAL_KEY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local json = redis.call('HGET', KEYS[1], ARGV[1])
-if not json then return {0, ''} end
-if string.find(json, '"revoked_at":', 1, true) then return {-1, ''} end
-local rotated, n = string.gsub(json, '"token_sha256":"%x+"', '"token_sha256":"' .. ARGV[2] .. '"', 1)
-if n ~= 1 then return {-2, ''} end
-redis.call('HSET', KEYS[1], ARGV[1], rotated)
-return {1, json}
-"#,
-    )
-});
-
 /// How often a limits update is tried again when the record changed under it.
 const UPDATE_TRIES: usize = 5;
 
-/// One hash, name to the key's JSON; each change announced on the virtual-key
-/// channel. An announcement that fails after the write is logged, not returned: the
-/// change is made (the caller must not think otherwise and, say, lose the token it
-/// was about to show), and instances also re-read the keys now and then.
+/// One hash, name to the key's JSON; each change is one script that also announces
+/// it on the virtual-key channel, so a change is never made unannounced.
 #[async_trait]
 impl VirtualKeyStore for RedisStore {
     async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         let hash = self.names.virtual_keys();
         let json = to_json(&key, "virtual key")?;
-        let added: bool = self
-            .conn()
-            .hset_nx(&hash, &key.name, json)
+        let added: i64 = self
+            .scripts
+            .insert_virtual_key
+            .key(&hash)
+            .arg(&key.name)
+            .arg(json)
+            .arg(self.names.virtual_key_events())
+            .invoke_async(&mut self.conn())
             .await
             .map_err(|err| from_redis(err, &hash))?;
-        if !added {
+        if added == 0 {
             return Err(StoreError::new(
                 StoreErrorKind::Conflict,
                 format!("virtual key {} already exists", key.name),
             ));
         }
-        self.announce_or_log().await;
         Ok(())
     }
 
@@ -1579,19 +1518,19 @@ impl VirtualKeyStore for RedisStore {
             stored.models.clone_from(&key.models);
             stored.rpm = key.rpm;
             stored.budget_usd = key.budget_usd;
-            let outcome: i64 = UPDATE_VIRTUAL_KEY
+            let outcome: i64 = self
+                .scripts
+                .update_virtual_key
                 .key(&hash)
                 .arg(&stored.name)
                 .arg(to_json(&stored, "virtual key")?)
                 .arg(&json)
+                .arg(self.names.virtual_key_events())
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(|err| from_redis(err, &hash))?;
             match outcome {
-                1 => {
-                    self.announce_or_log().await;
-                    return Ok(());
-                }
+                1 => return Ok(()),
                 0 => return Err(not_found()),
                 -1 => {
                     return Err(StoreError::virtual_key_revoked(&key.name));
@@ -1611,19 +1550,18 @@ impl VirtualKeyStore for RedisStore {
         token_sha256: &str,
     ) -> Result<VirtualKey, StoreError> {
         let hash = self.names.virtual_keys();
-        let (outcome, json): (i64, String) = ROTATE_VIRTUAL_KEY
+        let (outcome, json): (i64, String) = self
+            .scripts
+            .rotate_virtual_key
             .key(&hash)
             .arg(name)
             .arg(token_sha256)
+            .arg(self.names.virtual_key_events())
             .invoke_async(&mut self.conn())
             .await
             .map_err(|err| from_redis(err, &hash))?;
         match outcome {
-            1 => {
-                let before = from_json(&json, &hash)?;
-                self.announce_or_log().await;
-                Ok(before)
-            }
+            1 => from_json(&json, &hash),
             0 => Err(StoreError::virtual_key_not_found(name)),
             -1 => Err(StoreError::virtual_key_revoked(name)),
             _ => Err(invalid(
@@ -1633,27 +1571,28 @@ impl VirtualKeyStore for RedisStore {
         }
     }
 
-    /// One script: marks the record unless it is marked already, so the first
-    /// revocation's time is the one kept.
+    /// One script (`scripts/revoke_virtual_key.lua`): marks the record unless it is
+    /// marked already, so the first revocation's time is the one kept.
     async fn revoke_virtual_key(
         &self,
         name: &str,
         at: Timestamp,
     ) -> Result<VirtualKey, StoreError> {
         let hash = self.names.virtual_keys();
-        let json: Option<String> = REVOKE_VIRTUAL_KEY
+        let json: Option<String> = self
+            .scripts
+            .revoke_virtual_key
             .key(&hash)
             .arg(name)
             .arg(at.as_millis())
+            .arg(self.names.virtual_key_events())
             .invoke_async(&mut self.conn())
             .await
             .map_err(|err| from_redis(err, &hash))?;
         let Some(json) = json else {
             return Err(StoreError::virtual_key_not_found(name));
         };
-        let key = from_json(&json, &hash)?;
-        self.announce_or_log().await;
-        Ok(key)
+        from_json(&json, &hash)
     }
 
     async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
