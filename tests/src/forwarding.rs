@@ -316,6 +316,9 @@ impl BudgetStore for Forwarding {
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
         self.inner.budget_statuses(now).await
     }
+    async fn budget_status(&self, id: &str, now: Timestamp) -> Result<BudgetStatus, StoreError> {
+        self.inner.budget_status(id, now).await
+    }
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
         if self.refuse_budget_deletes.load(Ordering::SeqCst) {
             return Err(StoreError::new(

@@ -62,6 +62,7 @@ macro_rules! conformance_suite {
                 virtual_key_rotation_replaces_the_digest_alone,
                 a_budget_is_created_once_whoever_races_for_its_id,
                 a_budget_is_redefined_in_place_keeping_its_account,
+                one_budget_is_read_alone_as_the_listing_shows_it,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1975,6 +1976,60 @@ mod cases {
             .unwrap_err();
         assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
         assert_eq!(store.list_budgets().await.unwrap().len(), 1);
+    }
+
+    /// One budget's status, read alone, is what the listing says of it: its spend,
+    /// its reservations, and a period rolled to `now`. An unknown id (or one deleted)
+    /// is `NotFound`.
+    pub(super) async fn one_budget_is_read_alone_as_the_listing_shows_it(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        store
+            .put_budget(hard_budget("a", 5.0), Money::ZERO, base_now())
+            .await
+            .unwrap();
+        store
+            .put_budget(hard_budget("b", 1.0), Money::from_usd(0.3), base_now())
+            .await
+            .unwrap();
+        store.reserve(&charge(1, "k1", None, 0.2)).await.unwrap();
+
+        let b = store.budget_status("b", base_now()).await.unwrap();
+        assert_eq!(
+            (b.budget_id.as_str(), b.spent, b.reserved, b.remaining),
+            (
+                "b",
+                Money::from_usd(0.3),
+                Money::from_usd(0.2),
+                Money::from_usd(0.5)
+            )
+        );
+        let listed = store.budget_statuses(base_now()).await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[1], b);
+        assert_eq!(
+            store.budget_status("a", base_now()).await.unwrap(),
+            listed[0]
+        );
+
+        // The next day: a new period, nothing spent, the reservation still held.
+        let tomorrow = base_now().plus(Duration::from_secs(86_400));
+        let rolled = store.budget_status("b", tomorrow).await.unwrap();
+        assert_eq!(
+            (rolled.spent, rolled.reserved, rolled.period_end),
+            (
+                Money::ZERO,
+                Money::from_usd(0.2),
+                tomorrow.start_of_day().plus(Duration::from_secs(86_400))
+            )
+        );
+
+        for id in ["missing", "a"] {
+            if id == "a" {
+                store.delete_budget("a").await.unwrap();
+            }
+            let err = store.budget_status(id, base_now()).await.unwrap_err();
+            assert_eq!(err.kind, StoreErrorKind::NotFound, "{id}: {err}");
+        }
     }
 
     /// Settlements landing while the budget is redefined over and over all count:

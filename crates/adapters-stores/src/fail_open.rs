@@ -515,6 +515,10 @@ impl BudgetStore for FailOpenStore {
         fail_open!(self, |s| s.budget_statuses(now))
     }
 
+    async fn budget_status(&self, id: &str, now: Timestamp) -> Result<BudgetStatus, StoreError> {
+        fail_open!(self, |s| s.budget_status(id, now))
+    }
+
     /// On the shared store only (it is what this store pays outage spend back
     /// with); the mirror takes the statuses after.
     async fn add_spend(

@@ -321,6 +321,10 @@ impl BudgetStore for SplitStore {
         self.counters.budget_statuses(now).await
     }
 
+    async fn budget_status(&self, id: &str, now: Timestamp) -> Result<BudgetStatus, StoreError> {
+        self.counters.budget_status(id, now).await
+    }
+
     async fn add_spend(
         &self,
         ids: &[String],

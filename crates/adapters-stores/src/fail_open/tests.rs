@@ -178,6 +178,10 @@ impl BudgetStore for Switchable {
         self.up()?;
         self.inner.budget_statuses(now).await
     }
+    async fn budget_status(&self, id: &str, now: Timestamp) -> Result<BudgetStatus, StoreError> {
+        self.up()?;
+        self.inner.budget_status(id, now).await
+    }
     async fn delete_budget(&self, id: &str) -> Result<(), StoreError> {
         self.up()?;
         self.inner.delete_budget(id).await

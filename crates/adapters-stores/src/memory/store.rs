@@ -540,6 +540,17 @@ impl BudgetStore for MemoryStore {
             .collect())
     }
 
+    async fn budget_status(&self, id: &str, now: Timestamp) -> Result<BudgetStatus, StoreError> {
+        let slot = read(&self.budgets).get(id).cloned();
+        slot.and_then(|slot| {
+            lock(&slot).as_mut().map(|ledger| {
+                ledger.roll(now);
+                ledger.status()
+            })
+        })
+        .ok_or_else(|| StoreError::budget_not_found(id))
+    }
+
     async fn add_spend(
         &self,
         ids: &[String],

@@ -1438,6 +1438,13 @@ impl BudgetStore for MongoStore {
             .collect())
     }
 
+    async fn budget_status(&self, id: &str, now: Timestamp) -> Result<BudgetStatus, StoreError> {
+        self.load_budget(id)
+            .await?
+            .map(|doc| doc.status(now))
+            .ok_or_else(|| StoreError::budget_not_found(id))
+    }
+
     async fn add_spend(
         &self,
         ids: &[String],

@@ -651,7 +651,11 @@ impl RedisStore {
         Ok(statuses)
     }
 
-    async fn budget_rows(&self, now: Option<Timestamp>) -> Result<Vec<Vec<String>>, StoreError> {
+    async fn budget_rows(
+        &self,
+        now: Option<Timestamp>,
+        only: Option<&str>,
+    ) -> Result<Vec<Vec<String>>, StoreError> {
         let ids_key = self.names.budget_ids();
         let mut invocation = self.scripts.budgets.prepare_invoke();
         invocation
@@ -660,6 +664,9 @@ impl RedisStore {
             .arg(now.map(|t| t.as_millis().to_string()).unwrap_or_default());
         for bound in period_bounds(now.unwrap_or(Timestamp::EPOCH)) {
             invocation.arg(bound);
+        }
+        if let Some(id) = only {
+            invocation.arg(id);
         }
         invocation
             .invoke_async(&mut self.conn())
@@ -1311,7 +1318,7 @@ impl BudgetStore for RedisStore {
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         let prefix = self.names.budget_prefix();
         let mut budgets = self
-            .budget_rows(None)
+            .budget_rows(None, None)
             .await?
             .iter()
             .map(|row| budget_row(row, &prefix).map(|(budget, _)| budget))
@@ -1321,8 +1328,15 @@ impl BudgetStore for RedisStore {
     }
 
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
-        let rows = self.budget_rows(Some(now)).await?;
+        let rows = self.budget_rows(Some(now), None).await?;
         self.statuses_from_rows(&rows)
+    }
+
+    async fn budget_status(&self, id: &str, now: Timestamp) -> Result<BudgetStatus, StoreError> {
+        let rows = self.budget_rows(Some(now), Some(id)).await?;
+        self.statuses_from_rows(&rows)?
+            .pop()
+            .ok_or_else(|| StoreError::budget_not_found(id))
     }
 
     /// The budgets' part of `settle` for a reservation no one holds.

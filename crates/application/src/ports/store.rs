@@ -395,6 +395,13 @@ pub trait BudgetStore: Send + Sync + 'static {
     /// `Unavailable` when the backend is down.
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError>;
 
+    /// One budget's status at `now`: a read of that budget alone, so that looking one
+    /// up (a virtual key's, among thousands) does not read them all.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown id; `Unavailable` when the backend is down.
+    async fn budget_status(&self, id: &str, now: Timestamp) -> Result<BudgetStatus, StoreError>;
+
     /// Removes a budget.
     ///
     /// # Errors

@@ -182,16 +182,19 @@ impl BudgetService {
         self.shared.budgets()
     }
 
-    /// One budget's status.
+    /// One budget's status, read alone.
     ///
     /// # Errors
     /// [`BudgetServiceError::NotFound`] or a store failure.
     pub async fn get(&self, id: &str) -> Result<BudgetStatus, BudgetServiceError> {
-        self.list()
-            .await?
-            .into_iter()
-            .find(|b| b.budget_id == id)
-            .ok_or_else(|| BudgetServiceError::NotFound(id.to_owned()))
+        self.shared
+            .store
+            .budget_status(id, self.shared.clock.now())
+            .await
+            .map_err(|e| match e.kind {
+                StoreErrorKind::NotFound => BudgetServiceError::NotFound(id.to_owned()),
+                _ => BudgetServiceError::Store(e),
+            })
     }
 
     /// Removes a budget.
