@@ -661,6 +661,19 @@ budget_usd = 3.0
     let one = p.get_json("/api/v1/virtual_keys/team-a").await;
     assert_eq!(one["rpm"], 2);
     assert!(one.get("token").is_none());
+    // One key, read with its own budget alone, is what the list says of it.
+    assert_eq!(one, list["data"][1]);
+    assert_eq!(
+        p.get_json("/api/v1/virtual_keys/from-file").await,
+        list["data"][0]
+    );
+    let unknown = p
+        .client
+        .get(p.url("/api/v1/virtual_keys/nobody"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 
     // Refusals name what is wrong.
     for (body, status, code, param) in [

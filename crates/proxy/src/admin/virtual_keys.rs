@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use apikeyrouter::config::virtual_key_budget_id;
 use apikeyrouter::{
-    AddVirtualKeyError, BudgetStatus, ModelId, StoreErrorKind, TenantId, Timestamp, VirtualKey,
-    VirtualKeyError,
+    AddVirtualKeyError, BudgetServiceError, BudgetStatus, ModelId, StoreErrorKind, TenantId,
+    Timestamp, VirtualKey, VirtualKeyError,
 };
 use axum::Json;
 use axum::body::Bytes;
@@ -186,6 +186,31 @@ async fn views(state: &AppState) -> Result<Vec<View>, ApiError> {
     Ok(views)
 }
 
+/// One key's view, `None` for an unknown name. The stored keys are listed (the
+/// store has no read of one), but only this key's budget is read, not every budget's
+/// status.
+async fn view_of(state: &AppState, name: &str) -> Result<Option<View>, ApiError> {
+    let budgets = state.router.core().budgets();
+    let budget = match budgets.get(&virtual_key_budget_id(name)).await {
+        Ok(status) => Some(status),
+        Err(BudgetServiceError::NotFound(_)) => None,
+        Err(e) => return Err(budget_error(e)),
+    };
+    let auth = state.auth();
+    if let Some(file) = auth.clients().find(|v| !v.stored && v.name == name) {
+        return Ok(Some(View::file(file, budget)));
+    }
+    let stored = state
+        .router
+        .virtual_keys()
+        .await
+        .map_err(|e| store_error(&e))?;
+    Ok(stored
+        .into_iter()
+        .find(|v| v.name == name)
+        .map(|v| View::stored(v, budget)))
+}
+
 /// Takes a change to the stored keys into this instance's credentials now, so the
 /// caller's next request sees it (the change follower would, moments later).
 async fn apply_now(state: &AppState) {
@@ -206,10 +231,8 @@ pub async fn get(
     _admin: Admin,
     PathId(name): PathId,
 ) -> Result<Response, ApiError> {
-    views(&state)
+    view_of(&state, &name)
         .await?
-        .into_iter()
-        .find(|v| v.name == name)
         .map(|v| Json(v).into_response())
         .ok_or_else(|| not_found(&name))
 }
@@ -362,10 +385,8 @@ pub async fn update(
         Err(e) => return Err(store_error(&e)),
     }
     apply_now(&state).await;
-    views(&state)
+    view_of(&state, &name)
         .await?
-        .into_iter()
-        .find(|v| v.name == name)
         .map(|v| Json(v).into_response())
         .ok_or_else(|| not_found(&name))
 }
@@ -403,19 +424,19 @@ pub async fn rotate(
     apply_now(&state).await;
     // The token must reach the caller even if the store cannot be read back now: it
     // is the only copy.
-    let view = match views(&state).await {
-        Ok(views) => views.into_iter().find(|v| v.name == name),
-        Err(_) => None,
-    }
-    .unwrap_or_else(|| {
-        View::stored(
-            VirtualKey {
-                token_sha256: digest,
-                ..before
-            },
-            None,
-        )
-    });
+    let view = view_of(&state, &name)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            View::stored(
+                VirtualKey {
+                    token_sha256: digest,
+                    ..before
+                },
+                None,
+            )
+        });
     Ok(Json(View {
         token: Some(token),
         ..view
