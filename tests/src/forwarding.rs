@@ -48,12 +48,14 @@ pub struct Forwarding {
     subscriptions: AtomicU64,
     /// Holds the next key listing, once read, until released.
     listing_hold: Mutex<Option<Arc<ListingHold>>>,
+    /// The same for the next budget listing.
+    budget_listing_hold: Mutex<Option<Arc<ListingHold>>>,
     /// Changes each key of a listing, as a store lagging behind would show it.
     listing_rewrite: Mutex<Option<fn(&mut ApiKey)>>,
 }
 
-/// A key listing read from the store and held before it is answered: what a change
-/// made meanwhile makes stale.
+/// A listing read from the store and held before it is answered: what a change made
+/// meanwhile makes stale.
 #[derive(Default)]
 pub struct ListingHold {
     read: tokio::sync::Notify,
@@ -61,6 +63,16 @@ pub struct ListingHold {
 }
 
 impl ListingHold {
+    /// Takes the hold out of `slot`, if one is set there, and holds the listing
+    /// answering now until released.
+    async fn apply(slot: &Mutex<Option<Arc<ListingHold>>>) {
+        let hold = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(hold) = hold {
+            hold.read.notify_one();
+            hold.go.notified().await;
+        }
+    }
+
     /// Waits until the listing has been read.
     pub async fn read(&self) {
         self.read.notified().await;
@@ -70,6 +82,12 @@ impl ListingHold {
     pub fn release(&self) {
         self.go.notify_one();
     }
+}
+
+fn hold_in(slot: &Mutex<Option<Arc<ListingHold>>>) -> Arc<ListingHold> {
+    let hold = Arc::new(ListingHold::default());
+    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(hold.clone());
+    hold
 }
 
 impl Forwarding {
@@ -86,18 +104,19 @@ impl Forwarding {
             change_feed: None,
             subscriptions: AtomicU64::new(0),
             listing_hold: Mutex::new(None),
+            budget_listing_hold: Mutex::new(None),
             listing_rewrite: Mutex::new(None),
         }
     }
 
     /// Holds the next key listing once it has read the store, until released.
     pub fn hold_next_key_listing(&self) -> Arc<ListingHold> {
-        let hold = Arc::new(ListingHold::default());
-        *self
-            .listing_hold
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(hold.clone());
-        hold
+        hold_in(&self.listing_hold)
+    }
+
+    /// Holds the next budget listing once it has read the store, until released.
+    pub fn hold_next_budget_listing(&self) -> Arc<ListingHold> {
+        hold_in(&self.budget_listing_hold)
     }
 
     /// Applies `rewrite` to every key of the listings from now on.
@@ -196,15 +215,7 @@ impl KeyStore for Forwarding {
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         self.list_keys_calls.fetch_add(1, Ordering::SeqCst);
         let mut keys = self.inner.list_keys().await?;
-        let hold = self
-            .listing_hold
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(hold) = hold {
-            hold.read.notify_one();
-            hold.go.notified().await;
-        }
+        ListingHold::apply(&self.listing_hold).await;
         let rewrite = *self
             .listing_rewrite
             .lock()
@@ -311,7 +322,9 @@ impl BudgetStore for Forwarding {
     }
     async fn list_budgets(&self) -> Result<Vec<Budget>, StoreError> {
         self.list_budgets_calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.list_budgets().await
+        let budgets = self.inner.list_budgets().await;
+        ListingHold::apply(&self.budget_listing_hold).await;
+        budgets
     }
     async fn budget_statuses(&self, now: Timestamp) -> Result<Vec<BudgetStatus>, StoreError> {
         self.inner.budget_statuses(now).await

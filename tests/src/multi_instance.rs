@@ -10,7 +10,7 @@ use apikeyrouter::{
     ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Clock, Enforcement, KeyMetadata, KeyState,
     ManualClock, Money, Objective, RouteErrorKind,
 };
-use apikeyrouter_application::ports::{Charge, StateStore, UsageLedger};
+use apikeyrouter_application::ports::{Charge, KeyStore, StateStore, UsageLedger};
 use apikeyrouter_domain::{QuotaLimits, ReservationId};
 
 use crate::support::{ask, base_now, fresh_namespace, redis_store_in};
@@ -465,8 +465,9 @@ async fn a_store_no_other_process_uses_is_not_read_again() {
     assert_eq!(shared.list_keys_calls(), shared_loaded + 3);
 }
 
-/// Without change events, each periodic reading signals the virtual keys after it has
-/// read the budgets, so the proxy reads them then, the budgets once per reading.
+/// Without change events, each periodic reading signals the virtual keys once it has
+/// read the budgets (not while they are being read), so the proxy reads them then,
+/// the budgets once per reading.
 #[tokio::test(start_paused = true)]
 async fn a_store_without_events_signals_virtual_keys_at_each_reading() {
     let store = Arc::new(
@@ -480,7 +481,17 @@ async fn a_store_without_events_signals_virtual_keys_at_each_reading() {
     let signalled = *virtual_keys.borrow_and_update();
     let budgets_read = store.list_budgets_calls();
 
-    tokio::time::sleep(Duration::from_secs(35)).await;
+    let hold = store.hold_next_budget_listing();
+    hold.read().await;
+    assert!(
+        !virtual_keys.has_changed().unwrap(),
+        "signalled before the budgets were read"
+    );
+    hold.release();
+    virtual_keys.changed().await.unwrap();
+    assert_eq!(store.list_budgets_calls(), budgets_read + 1);
+
+    tokio::time::sleep(Duration::from_secs(25)).await;
     assert_eq!(store.list_budgets_calls(), budgets_read + 3);
     assert_eq!(*virtual_keys.borrow_and_update(), signalled + 3);
 }
@@ -569,6 +580,10 @@ async fn a_reading_a_local_change_overlapped_is_not_applied() {
         .await
         .expect("the key registered during the reading is still served");
     assert_eq!(served.key_id, key.id);
+
+    // The next reading is applied: the key deleted in the store (as by another
+    // instance) is forgotten here.
+    store.delete_key(&key.id).await.unwrap();
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(
         store.list_keys_calls(),
@@ -579,7 +594,7 @@ async fn a_reading_a_local_change_overlapped_is_not_applied() {
         router
             .route(ask("gpt-4o", "hi"), Objective::default())
             .await
-            .is_ok()
+            .is_err()
     );
 }
 
@@ -629,6 +644,92 @@ async fn a_reading_leaves_a_key_throttled_here_throttled() {
         listed + 1,
         "the keys were read again"
     );
+    assert!(
+        router
+            .route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        sim.calls(&key.id),
+        calls,
+        "a key in its cooldown was called"
+    );
+}
+
+/// With change events the router still reads everything again every minute, which
+/// is what catches an event that never came (an announcement that failed after its
+/// change, a subscription that died without closing).
+#[tokio::test(start_paused = true)]
+async fn a_store_with_events_is_read_again_every_minute() {
+    let inner: Arc<dyn StateStore> = Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
+    let store = Arc::new(crate::forwarding::Forwarding::to(inner.clone()).with_change_feed());
+    let (router, _) = instance_on(store.clone()).await;
+    let key = router
+        .register_key("sk-deleted-unannounced", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    let mut virtual_keys = router.virtual_key_changes();
+    virtual_keys.borrow_and_update();
+    // Deleted elsewhere; its event never comes.
+    inner.delete_key(&key.id).await.unwrap();
+    let listed = store.list_keys_calls();
+
+    tokio::time::sleep(Duration::from_secs(59)).await;
+    assert_eq!(store.list_keys_calls(), listed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(store.list_keys_calls(), listed + 1);
+    assert!(
+        router
+            .route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .is_err(),
+        "the deleted key is forgotten"
+    );
+    assert!(virtual_keys.has_changed().unwrap());
+}
+
+/// The catch-up after a lost subscription, like the periodic reading, leaves a key
+/// throttled here throttled though the store lists it as available.
+#[tokio::test]
+async fn after_a_lost_subscription_a_key_throttled_here_stays_throttled() {
+    use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
+    let store = Arc::new(
+        crate::forwarding::Forwarding::to(Arc::new(
+            apikeyrouter_adapters_stores::MemoryStore::new(),
+        ))
+        .with_change_feed(),
+    );
+    let (router, sim) = instance_on(store.clone()).await;
+    let key = router
+        .register_key("sk-throttled-here-0002", "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    sim.set_behaviour(
+        &key.id,
+        Behaviour::failing(FailurePlan::Always(Failure::RateLimited {
+            retry_after: Some(Duration::from_secs(600)),
+        })),
+    );
+    assert!(
+        router
+            .route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .is_err()
+    );
+    sim.set_behaviour(&key.id, Behaviour::ok());
+    store.rewrite_key_listings(|k| {
+        k.state = KeyState::Available;
+        k.cooldown_until = None;
+    });
+    let (listed, calls) = (store.list_keys_calls(), sim.calls(&key.id));
+
+    store.lose_subscription();
+    eventually("the catch-up reading", async || {
+        store.list_keys_calls() > listed
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
         router
             .route(ask("gpt-4o", "hi"), Objective::default())

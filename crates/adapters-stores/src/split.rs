@@ -404,7 +404,8 @@ impl VirtualKeyStore for SplitStore {
     }
 
     /// Through the counters store; a failure is logged, not returned: the change is
-    /// made, and instances also re-read the keys now and then.
+    /// made, and the other instances' periodic reading (every minute with change
+    /// events) brings it.
     async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
         if let Err(e) = self.counters.announce_virtual_keys().await {
             tracing::warn!(error = %e, "split store: virtual-key change not announced");

@@ -428,8 +428,9 @@ rpm = 3
     let _ = db.drop().await;
 }
 
-/// Polls `ask` every 250 ms until it is true, failing after 15 s (the proxies re-read
-/// stored virtual keys and budgets every 10 s) with `what`.
+/// Polls `ask` every 250 ms until it is true, failing after 15 s (without change
+/// events the routers re-read the stored keys, budgets and virtual keys every 10 s)
+/// with `what`.
 async fn eventually(what: &str, mut ask: impl AsyncFnMut() -> bool) {
     let started = std::time::Instant::now();
     while !ask().await {

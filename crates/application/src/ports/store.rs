@@ -542,9 +542,10 @@ pub trait VirtualKeyStore: Send + Sync + 'static {
     -> Result<VirtualKey, StoreError>;
 
     /// Tells the instances sharing this store that the virtual keys changed (a
-    /// change event); nothing for stores without change events. Inserts and
-    /// revocations call it themselves; a store that keeps the records elsewhere (the
-    /// split store) calls it on the store that carries the events.
+    /// change event); nothing for stores without change events. A store with events
+    /// announces its own changes (Redis, from the script that makes each); a store that
+    /// keeps the records elsewhere (the split store) calls this on the store that
+    /// carries the events.
     ///
     /// # Errors
     /// `Unavailable` when the event cannot be sent.

@@ -191,10 +191,7 @@ impl BudgetService {
             .store
             .budget_status(id, self.shared.clock.now())
             .await
-            .map_err(|e| match e.kind {
-                StoreErrorKind::NotFound => BudgetServiceError::NotFound(id.to_owned()),
-                _ => BudgetServiceError::Store(e),
-            })
+            .map_err(|e| unknown_or_store(id, e))
     }
 
     /// Removes a budget.
@@ -206,10 +203,7 @@ impl BudgetService {
             .store
             .delete_budget(id)
             .await
-            .map_err(|e| match e.kind {
-                StoreErrorKind::NotFound => BudgetServiceError::NotFound(id.to_owned()),
-                _ => BudgetServiceError::Store(e),
-            })?;
+            .map_err(|e| unknown_or_store(id, e))?;
         let budgets = self
             .shared
             .budgets()
@@ -290,4 +284,12 @@ pub(crate) async fn reclaim_stale(
         );
     }
     Ok(reclaimed)
+}
+
+/// A store error about budget `id`: `NotFound` as [`BudgetServiceError::NotFound`].
+fn unknown_or_store(id: &str, e: StoreError) -> BudgetServiceError {
+    match e.kind {
+        StoreErrorKind::NotFound => BudgetServiceError::NotFound(id.to_owned()),
+        _ => BudgetServiceError::Store(e),
+    }
 }

@@ -71,8 +71,10 @@ pub(crate) struct Shared {
     pub(crate) table: Mutex<RoutingTable>,
     pub(crate) keys: RwLock<HashMap<KeyId, Arc<KeyHandle>>>,
     /// Counts the local key changes a re-read of the store could undo (keys cached or
-    /// forgotten, states set by hand): a re-read that overlapped one is not applied.
-    key_writes: std::sync::atomic::AtomicU64,
+    /// forgotten, states set by hand). Held across each such change and across
+    /// applying a reading, so a reading is applied only if no change landed since it
+    /// began (it may lack that change, or hold it stale).
+    key_writes: Mutex<u64>,
     /// Copy-on-write: registration is rare, reads are per request.
     pub(crate) providers: RwLock<Arc<Vec<Arc<ProviderEntry>>>>,
     pub(crate) budgets: RwLock<Arc<Vec<Budget>>>,
@@ -136,7 +138,25 @@ impl Shared {
 
     /// Caches a key for the hot path and indexes it for routing.
     pub(crate) fn cache_key(&self, key: &ApiKey) {
-        self.key_written();
+        let mut writes = self.key_writes();
+        *writes += 1;
+        self.put_key(key);
+    }
+
+    pub(crate) fn forget_key(&self, id: &KeyId) {
+        let mut writes = self.key_writes();
+        *writes += 1;
+        self.drop_key(id);
+    }
+
+    /// The key-write count (and lock): taken before the key map and the table.
+    fn key_writes(&self) -> MutexGuard<'_, u64> {
+        self.key_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn put_key(&self, key: &ApiKey) {
         self.keys
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -144,18 +164,12 @@ impl Shared {
         self.table().upsert(key);
     }
 
-    pub(crate) fn forget_key(&self, id: &KeyId) {
-        self.key_written();
+    fn drop_key(&self, id: &KeyId) {
         self.keys
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
         self.table().remove(id);
-    }
-
-    fn key_written(&self) {
-        self.key_writes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sets a key's state in the routing table, after the store took it; a change
@@ -166,9 +180,10 @@ impl Shared {
         state: KeyState,
         cooldown_until: Option<apikeyrouter_domain::Timestamp>,
     ) {
+        let mut writes = self.key_writes();
         let mut table = self.table();
         if state.is_set_by_hand() || table.state(id).is_some_and(KeyState::is_set_by_hand) {
-            self.key_written();
+            *writes += 1;
         }
         table.set_state(id, state, cooldown_until);
     }
@@ -179,7 +194,14 @@ impl Shared {
     /// follows traffic and time (throttled, exhausted, recovering, available) is left
     /// as this instance knows it: the store may lag behind it, and re-reading would
     /// reset its statistics and repeat its transitions.
-    pub(crate) fn reconcile_keys(&self, stored: &[ApiKey]) {
+    ///
+    /// Applied only if no local key change landed since the reading began, when the
+    /// write count was `since`; returns whether it was.
+    pub(crate) fn reconcile_keys(&self, stored: &[ApiKey], since: u64) -> bool {
+        let writes = self.key_writes();
+        if *writes != since {
+            return false;
+        }
         let gone: Vec<KeyId> = {
             let ids: std::collections::HashSet<&KeyId> = stored.iter().map(|k| &k.id).collect();
             self.keys
@@ -191,7 +213,7 @@ impl Shared {
                 .collect()
         };
         for id in &gone {
-            self.forget_key(id);
+            self.drop_key(id);
         }
         for key in stored {
             let same_key = self
@@ -205,9 +227,11 @@ impl Shared {
                 here == key.state || !(here.is_set_by_hand() || key.state.is_set_by_hand())
             });
             if !(same_key && same_state) {
-                self.cache_key(key);
+                self.put_key(key);
             }
         }
+        drop(writes);
+        true
     }
 
     /// Providers that may serve `model`, with this request's estimated cost on each.
@@ -250,20 +274,26 @@ async fn refresh_key(shared: &Shared, id: &KeyId) {
     }
 }
 
-/// How often a store without change events is read again for the key and budget
-/// changes other instances made.
+/// How often a store without change events is read again for the key, budget and
+/// virtual-key changes other instances made.
 const REREAD_WITHOUT_EVENTS: Duration = Duration::from_secs(10);
 
+/// How often a store with change events is read again all the same: what catches an
+/// event that never came (an announcement that failed after its change, a
+/// subscription that died without closing, a catch-up that kept overlapping local
+/// changes).
+const REREAD_WITH_EVENTS: Duration = Duration::from_secs(60);
+
 impl ApiKeyRouterCore {
-    /// Without change events (MongoDB), instances sharing the store see each other's
-    /// key, budget and virtual-key changes by reading them again every
-    /// [`REREAD_WITHOUT_EVENTS`], until the router is dropped. The virtual keys are
-    /// signalled after the budgets are read, so a virtual key made elsewhere is not
-    /// served here before its budget is known.
-    fn reread_keys_and_budgets(&self) {
+    /// Reads the keys, the budgets and then the virtual keys again `every` so
+    /// often, until the router is dropped: without change events (MongoDB) how
+    /// instances sharing the store see each other's changes, with them a safety net.
+    /// The virtual keys are signalled after the budgets are read, so a virtual key
+    /// made elsewhere is not served here before its budget is known.
+    fn reread_keys_and_budgets(&self, every: Duration) {
         let weak = Arc::downgrade(&self.shared);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REREAD_WITHOUT_EVENTS);
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await; // the first tick is at once: the keys were just loaded
             loop {
@@ -273,8 +303,10 @@ impl ApiKeyRouterCore {
                 if let Err(e) = reread_keys(&shared).await {
                     tracing::warn!(error = %e, "keys not read again");
                 }
-                refresh_budgets(&shared).await;
-                shared.virtual_keys_changed();
+                // Unless the budgets failed: the next tick tries both again.
+                if refresh_budgets(&shared).await {
+                    shared.virtual_keys_changed();
+                }
             }
         });
     }
@@ -284,19 +316,14 @@ impl ApiKeyRouterCore {
 /// A key changed here while the store was read may be missing from the reading, or
 /// stale in it: such a reading is not applied, and `Ok(false)` says so.
 async fn reread_keys(shared: &Shared) -> Result<bool, StoreError> {
-    let writes = || shared.key_writes.load(std::sync::atomic::Ordering::Relaxed);
-    let before = writes();
+    let since = *shared.key_writes();
     let keys = shared.store.list_keys().await?;
-    if writes() != before {
-        return Ok(false);
-    }
-    shared.reconcile_keys(&keys);
-    Ok(true)
+    Ok(shared.reconcile_keys(&keys, since))
 }
 
 /// How many times the keys are read again after a lost subscription while local
 /// changes keep overlapping the reading; the new subscription carries changes from
-/// then on.
+/// then on, and the periodic reading catches what the catch-up could not apply.
 const CATCH_UP_READINGS: usize = 3;
 
 /// After a lost subscription, whose events in between are gone: reads every key,
@@ -304,9 +331,12 @@ const CATCH_UP_READINGS: usize = 3;
 /// deleted meanwhile are forgotten, and states that follow traffic keep their
 /// statistics).
 async fn catch_up(shared: &Shared) {
-    for _ in 0..CATCH_UP_READINGS {
+    for reading in 1..=CATCH_UP_READINGS {
         match reread_keys(shared).await {
             Ok(true) => break,
+            Ok(false) if reading == CATCH_UP_READINGS => tracing::warn!(
+                "keys read after a lost subscription kept overlapping local changes; the next periodic reading applies them"
+            ),
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "keys not read again after a lost subscription");
@@ -314,15 +344,23 @@ async fn catch_up(shared: &Shared) {
             }
         }
     }
-    refresh_budgets(shared).await;
-    shared.virtual_keys_changed();
+    if refresh_budgets(shared).await {
+        shared.virtual_keys_changed();
+    }
 }
 
-/// Re-reads the budget definitions after another instance changed one.
-async fn refresh_budgets(shared: &Shared) {
+/// Re-reads the budget definitions after another instance changed one; returns
+/// whether they were read.
+async fn refresh_budgets(shared: &Shared) -> bool {
     match shared.store.list_budgets().await {
-        Ok(budgets) => shared.set_budgets(budgets),
-        Err(e) => tracing::warn!(error = %e, "changed budgets not refreshed"),
+        Ok(budgets) => {
+            shared.set_budgets(budgets);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "changed budgets not refreshed");
+            false
+        }
     }
 }
 
@@ -378,7 +416,7 @@ impl ApiKeyRouterCore {
                 ids: IdGenerator::new(),
                 table: Mutex::new(RoutingTable::new()),
                 keys: RwLock::new(HashMap::default()),
-                key_writes: std::sync::atomic::AtomicU64::new(0),
+                key_writes: Mutex::new(0),
                 providers: RwLock::new(Arc::new(Vec::new())),
                 budgets: RwLock::new(Arc::new(Vec::new())),
                 catalogue: RwLock::new(Arc::new(catalogue)),
@@ -402,12 +440,14 @@ impl ApiKeyRouterCore {
         Ok(keys.len())
     }
 
-    /// Follows the key and budget changes other instances make through a shared
-    /// store. With change events (Redis) each changed key is re-read and the local
-    /// routing table updated, so a key disabled elsewhere stops getting traffic here
-    /// within moments, and a budget change re-reads the budgets; without (MongoDB),
-    /// keys and budgets are read again every 10 s. Returns whether the store offers
-    /// change events. The follower stops when the router is dropped.
+    /// Follows the key, budget and virtual-key changes other instances make through a
+    /// shared store. With change events (Redis) each changed key is re-read and the
+    /// local routing table updated, so a key disabled elsewhere stops getting traffic
+    /// here within moments, and a budget change re-reads the budgets; everything is
+    /// also read again every minute, in case an event was lost. Without events
+    /// (MongoDB), keys, budgets and virtual keys are read again every 10 s. Returns
+    /// whether the store offers change events. The follower stops when the router is
+    /// dropped.
     ///
     /// # Errors
     /// The store's error when the first subscription fails.
@@ -416,9 +456,10 @@ impl ApiKeyRouterCore {
             return Ok(false);
         }
         let Some(first) = self.shared.store.changes().await? else {
-            self.reread_keys_and_budgets();
+            self.reread_keys_and_budgets(REREAD_WITHOUT_EVENTS);
             return Ok(false);
         };
+        self.reread_keys_and_budgets(REREAD_WITH_EVENTS);
         let weak = Arc::downgrade(&self.shared);
         tokio::spawn(async move {
             let mut changes = first;
@@ -429,7 +470,9 @@ impl ApiKeyRouterCore {
                     let Some(shared) = weak.upgrade() else { return };
                     match change {
                         StoreChange::Key(id) => refresh_key(&shared, &id).await,
-                        StoreChange::Budgets => refresh_budgets(&shared).await,
+                        StoreChange::Budgets => {
+                            refresh_budgets(&shared).await;
+                        }
                         StoreChange::VirtualKeys => shared.virtual_keys_changed(),
                     }
                 }
@@ -700,21 +743,11 @@ impl ApiKeyRouterCore {
         revoked
     }
 
-    /// Re-reads the budgets from the store. For stores without change events
-    /// (MongoDB), which is how instances sharing one see each other's budgets.
-    ///
-    /// # Errors
-    /// The store's error; the budgets in force stay.
-    pub async fn reload_budgets(&self) -> Result<(), StoreError> {
-        let budgets = self.shared.store.list_budgets().await?;
-        self.shared.set_budgets(budgets);
-        Ok(())
-    }
-
-    /// Changes whenever the stored virtual keys may have changed: through this router
-    /// or, with a store that has change events (Redis), through another instance (and
-    /// after a lost change subscription, when changes may have been missed). Stores
-    /// without events need re-reading now and then.
+    /// Changes whenever the stored virtual keys may have changed: through this router;
+    /// through another instance, by its change event (Redis), or at each periodic
+    /// reading of a shared store (every 10 s without events, every minute with them),
+    /// after the budgets; and after a lost change subscription, when changes may have
+    /// been missed.
     pub fn virtual_key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.virtual_keys.subscribe()
     }

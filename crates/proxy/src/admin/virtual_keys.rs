@@ -188,27 +188,39 @@ async fn views(state: &AppState) -> Result<Vec<View>, ApiError> {
 
 /// One key's view, `None` for an unknown name. The stored keys are listed (the
 /// store has no read of one), but only this key's budget is read, not every budget's
-/// status.
+/// status. A key of the file hides a stored one of the same name, as in [`views`].
 async fn view_of(state: &AppState, name: &str) -> Result<Option<View>, ApiError> {
-    let budgets = state.router.core().budgets();
-    let budget = match budgets.get(&virtual_key_budget_id(name)).await {
+    let auth = state.auth();
+    let file = auth.clients().find(|v| !v.stored && v.name == name);
+    let stored = match file {
+        Some(_) => None,
+        None => {
+            let stored = state
+                .router
+                .virtual_keys()
+                .await
+                .map_err(|e| store_error(&e))?;
+            let Some(key) = stored.into_iter().find(|v| v.name == name) else {
+                return Ok(None);
+            };
+            Some(key)
+        }
+    };
+    let budget = match state
+        .router
+        .core()
+        .budgets()
+        .get(&virtual_key_budget_id(name))
+        .await
+    {
         Ok(status) => Some(status),
         Err(BudgetServiceError::NotFound(_)) => None,
         Err(e) => return Err(budget_error(e)),
     };
-    let auth = state.auth();
-    if let Some(file) = auth.clients().find(|v| !v.stored && v.name == name) {
-        return Ok(Some(View::file(file, budget)));
-    }
-    let stored = state
-        .router
-        .virtual_keys()
-        .await
-        .map_err(|e| store_error(&e))?;
-    Ok(stored
-        .into_iter()
-        .find(|v| v.name == name)
-        .map(|v| View::stored(v, budget)))
+    Ok(match file {
+        Some(file) => Some(View::file(file, budget)),
+        None => stored.map(|key| View::stored(key, budget)),
+    })
 }
 
 /// Takes a change to the stored keys into this instance's credentials now, so the
