@@ -603,41 +603,14 @@ async fn a_reading_a_local_change_overlapped_is_not_applied() {
 /// available, instead of being sent traffic during its cooldown.
 #[tokio::test(start_paused = true)]
 async fn a_reading_leaves_a_key_throttled_here_throttled() {
-    use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
     let store = Arc::new(
         crate::forwarding::Forwarding::to(Arc::new(
             apikeyrouter_adapters_stores::MemoryStore::new(),
         ))
         .presented_as_shared(),
     );
-    let (router, sim) = instance_on(store.clone()).await;
-    let key = router
-        .register_key("sk-throttled-here-0001", "openai", KeyMetadata::default())
-        .await
-        .unwrap();
-    sim.set_behaviour(
-        &key.id,
-        Behaviour::failing(FailurePlan::Always(Failure::RateLimited {
-            retry_after: Some(Duration::from_secs(600)),
-        })),
-    );
-    assert!(
-        router
-            .route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .is_err()
-    );
-    assert_eq!(
-        router.key(&key.id).await.unwrap().state,
-        KeyState::Throttled
-    );
-
-    sim.set_behaviour(&key.id, Behaviour::ok());
-    store.rewrite_key_listings(|k| {
-        k.state = KeyState::Available;
-        k.cooldown_until = None;
-    });
-    let (listed, calls) = (store.list_keys_calls(), sim.calls(&key.id));
+    let (router, sim, key) = a_key_throttled_here_listed_available(&store).await;
+    let (listed, calls) = (store.list_keys_calls(), sim.calls(&key));
     tokio::time::sleep(Duration::from_secs(11)).await;
     assert_eq!(
         store.list_keys_calls(),
@@ -650,11 +623,7 @@ async fn a_reading_leaves_a_key_throttled_here_throttled() {
             .await
             .is_err()
     );
-    assert_eq!(
-        sim.calls(&key.id),
-        calls,
-        "a key in its cooldown was called"
-    );
+    assert_eq!(sim.calls(&key), calls, "a key in its cooldown was called");
 }
 
 /// With change events the router still reads everything again every minute, which
@@ -693,16 +662,40 @@ async fn a_store_with_events_is_read_again_every_minute() {
 /// throttled here throttled though the store lists it as available.
 #[tokio::test]
 async fn after_a_lost_subscription_a_key_throttled_here_stays_throttled() {
-    use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
     let store = Arc::new(
         crate::forwarding::Forwarding::to(Arc::new(
             apikeyrouter_adapters_stores::MemoryStore::new(),
         ))
         .with_change_feed(),
     );
+    let (router, sim, key) = a_key_throttled_here_listed_available(&store).await;
+    let (listed, calls) = (store.list_keys_calls(), sim.calls(&key));
+
+    store.lose_subscription();
+    eventually("the catch-up reading", async || {
+        store.list_keys_calls() > listed
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        router
+            .route(ask("gpt-4o", "hi"), Objective::default())
+            .await
+            .is_err()
+    );
+    assert_eq!(sim.calls(&key), calls, "a key in its cooldown was called");
+}
+
+/// A router over `store` whose only key it saw rate limited (a 10-minute cooldown),
+/// whose provider answers again, and which `store` now lists as available, as a store
+/// lagging behind would.
+async fn a_key_throttled_here_listed_available(
+    store: &Arc<crate::forwarding::Forwarding>,
+) -> (ApiKeyRouter, Arc<SimulatedProvider>, apikeyrouter::KeyId) {
+    use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
     let (router, sim) = instance_on(store.clone()).await;
     let key = router
-        .register_key("sk-throttled-here-0002", "openai", KeyMetadata::default())
+        .register_key("sk-throttled-here-0001", "openai", KeyMetadata::default())
         .await
         .unwrap();
     sim.set_behaviour(
@@ -717,28 +710,14 @@ async fn after_a_lost_subscription_a_key_throttled_here_stays_throttled() {
             .await
             .is_err()
     );
+    assert_eq!(
+        router.key(&key.id).await.unwrap().state,
+        KeyState::Throttled
+    );
     sim.set_behaviour(&key.id, Behaviour::ok());
     store.rewrite_key_listings(|k| {
         k.state = KeyState::Available;
         k.cooldown_until = None;
     });
-    let (listed, calls) = (store.list_keys_calls(), sim.calls(&key.id));
-
-    store.lose_subscription();
-    eventually("the catch-up reading", async || {
-        store.list_keys_calls() > listed
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        router
-            .route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .is_err()
-    );
-    assert_eq!(
-        sim.calls(&key.id),
-        calls,
-        "a key in its cooldown was called"
-    );
+    (router, sim, key.id)
 }
