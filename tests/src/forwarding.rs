@@ -376,6 +376,9 @@ impl VirtualKeyStore for Forwarding {
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
         self.inner.list_virtual_keys().await
     }
+    async fn get_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        self.inner.get_virtual_key(name).await
+    }
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         self.inner.update_virtual_key(key).await
     }

@@ -2167,6 +2167,12 @@ mod cases {
             }
         );
         assert!(listed[0].is_active() && !listed[1].is_active());
+        // One record read alone is what the listing shows of it, revoked or not.
+        for key in &listed {
+            assert_eq!(&store.get_virtual_key(&key.name).await.unwrap(), key);
+        }
+        let err = store.get_virtual_key("nobody").await.unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::NotFound, "{err}");
         let err = store
             .insert_virtual_key(virtual_key("team-b", '4'))
             .await

@@ -565,6 +565,10 @@ impl VirtualKeyStore for FailOpenStore {
         self.remote_only(self.remote.list_virtual_keys()).await
     }
 
+    async fn get_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        self.remote_only(self.remote.get_virtual_key(name)).await
+    }
+
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         self.remote_only(self.remote.update_virtual_key(key)).await
     }

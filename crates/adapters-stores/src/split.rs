@@ -378,6 +378,10 @@ impl VirtualKeyStore for SplitStore {
         self.records.list_virtual_keys().await
     }
 
+    async fn get_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        self.records.get_virtual_key(name).await
+    }
+
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         self.records.update_virtual_key(key).await?;
         self.announce_virtual_keys().await

@@ -39,13 +39,10 @@ impl ApiKeyRouter {
     ) -> Result<(VirtualKey, Option<BudgetStatus>), AddVirtualKeyError> {
         key.validate()?;
         // Named first: a key's own budget must not hide that the key exists.
-        let existing = self.core().virtual_keys().await;
-        if existing
-            .map_err(AddVirtualKeyError::Store)?
-            .iter()
-            .any(|k| k.name == key.name)
-        {
-            return Err(AddVirtualKeyError::NameTaken(key.name));
+        match self.core().virtual_key(&key.name).await {
+            Ok(_) => return Err(AddVirtualKeyError::NameTaken(key.name)),
+            Err(e) if e.kind == StoreErrorKind::NotFound => {}
+            Err(e) => return Err(AddVirtualKeyError::Store(e)),
         }
         let budget_id = virtual_key_budget_id(&key.name);
         // A budget under that id would apply to the key's requests (its scope is the
@@ -159,6 +156,14 @@ impl ApiKeyRouter {
     /// A store failure.
     pub async fn virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
         self.core().virtual_keys().await
+    }
+
+    /// One virtual key made at run time, revoked or not, read alone.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown name, or a store failure.
+    pub async fn virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        self.core().virtual_key(name).await
     }
 
     /// Gives a virtual key made at run time a new token (its SHA-256 digest,

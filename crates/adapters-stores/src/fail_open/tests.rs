@@ -234,6 +234,10 @@ impl VirtualKeyStore for Switchable {
         self.up()?;
         self.inner.list_virtual_keys().await
     }
+    async fn get_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        self.up()?;
+        self.inner.get_virtual_key(name).await
+    }
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         self.up()?;
         self.inner.update_virtual_key(key).await

@@ -618,6 +618,13 @@ impl VirtualKeyStore for MemoryStore {
         Ok(lock(&self.virtual_keys).values().cloned().collect())
     }
 
+    async fn get_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        lock(&self.virtual_keys)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::virtual_key_not_found(name))
+    }
+
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         let mut keys = lock(&self.virtual_keys);
         let stored = keys

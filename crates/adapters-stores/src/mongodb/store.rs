@@ -1590,6 +1590,16 @@ impl VirtualKeyStore for MongoStore {
         }
     }
 
+    async fn get_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        let raw = self
+            .virtual_keys
+            .find_one(doc! { "_id": name })
+            .await
+            .map_err(|e| map_err(VIRTUAL_KEYS, "read a virtual key", e))?
+            .ok_or_else(|| StoreError::virtual_key_not_found(name))?;
+        bson::from_document(raw).map_err(|_| malformed(VIRTUAL_KEYS, name))
+    }
+
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
         let failed = |e| map_err(VIRTUAL_KEYS, "list virtual keys", e);
         let docs: Vec<Document> = self

@@ -1487,6 +1487,17 @@ impl VirtualKeyStore for RedisStore {
         Ok(())
     }
 
+    async fn get_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        let hash = self.names.virtual_keys();
+        let json: Option<String> = self
+            .conn()
+            .hget(&hash, name)
+            .await
+            .map_err(|err| from_redis(err, &hash))?;
+        let json = json.ok_or_else(|| StoreError::virtual_key_not_found(name))?;
+        from_json(&json, &hash)
+    }
+
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
         let hash = self.names.virtual_keys();
         let rows: Vec<(String, String)> = self

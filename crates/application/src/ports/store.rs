@@ -512,6 +512,13 @@ pub trait VirtualKeyStore: Send + Sync + 'static {
     /// which leaves the API open).
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError>;
 
+    /// One virtual key's record, revoked or not: a read of that record alone.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown name; `Invalid` when its record does not decode;
+    /// `Unavailable` when the backend is down.
+    async fn get_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError>;
+
     /// Replaces the limits (tenant, models, rpm, budget) of an active virtual key
     /// with `key`'s and announces the change; its name, digest and times stay.
     ///

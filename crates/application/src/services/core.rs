@@ -691,6 +691,14 @@ impl ApiKeyRouterCore {
         self.shared.store.list_virtual_keys().await
     }
 
+    /// One stored virtual key, revoked or not, read alone.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown name, or the store's error.
+    pub async fn virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        self.shared.store.get_virtual_key(name).await
+    }
+
     /// Replaces the limits of an active stored virtual key with `key`'s (its name,
     /// digest and times stay).
     ///

@@ -186,25 +186,19 @@ async fn views(state: &AppState) -> Result<Vec<View>, ApiError> {
     Ok(views)
 }
 
-/// One key's view, `None` for an unknown name. The stored keys are listed (the
-/// store has no read of one), but only this key's budget is read, not every budget's
-/// status. A key of the file hides a stored one of the same name, as in [`views`].
+/// One key's view, `None` for an unknown name: the key and its budget read alone,
+/// not every key and every budget's status. A key of the file hides a stored one of
+/// the same name, as in [`views`].
 async fn view_of(state: &AppState, name: &str) -> Result<Option<View>, ApiError> {
     let auth = state.auth();
     let file = auth.clients().find(|v| !v.stored && v.name == name);
     let stored = match file {
         Some(_) => None,
-        None => {
-            let stored = state
-                .router
-                .virtual_keys()
-                .await
-                .map_err(|e| store_error(&e))?;
-            let Some(key) = stored.into_iter().find(|v| v.name == name) else {
-                return Ok(None);
-            };
-            Some(key)
-        }
+        None => match state.router.virtual_key(name).await {
+            Ok(key) => Some(key),
+            Err(e) if e.kind == StoreErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(store_error(&e)),
+        },
     };
     let budget = match state
         .router
