@@ -379,9 +379,9 @@ pub async fn update(
         Err(e) if e.kind == StoreErrorKind::Conflict => {
             let revoked_now = state
                 .router
-                .virtual_keys()
+                .virtual_key(&name)
                 .await
-                .is_ok_and(|keys| keys.iter().any(|k| k.name == name && !k.is_active()));
+                .is_ok_and(|k| !k.is_active());
             return Err(if revoked_now {
                 revoked(&name)
             } else {
