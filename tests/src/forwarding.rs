@@ -91,6 +91,11 @@ fn hold_in(slot: &Mutex<Option<Arc<ListingHold>>>) -> Arc<ListingHold> {
 }
 
 impl Forwarding {
+    /// Forwarding to a fresh memory store.
+    pub fn over_memory() -> Self {
+        Self::to(Arc::new(MemoryStore::new()))
+    }
+
     pub fn to(inner: Arc<dyn StateStore>) -> Self {
         Self {
             inner,

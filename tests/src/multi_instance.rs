@@ -31,6 +31,15 @@ async fn router_on(store: Arc<dyn StateStore>) -> ApiKeyRouter {
     ApiKeyRouter::builder().store(store).build().await.unwrap()
 }
 
+/// One chat request with the default objective.
+async fn hello(
+    router: &ApiKeyRouter,
+) -> Result<apikeyrouter::RouteResponse, apikeyrouter::RouteError> {
+    router
+        .route(ask("gpt-4o", "hi"), Objective::default())
+        .await
+}
+
 fn namespace() -> String {
     fresh_namespace("multi")
 }
@@ -65,10 +74,7 @@ async fn over_mongodb_key_changes_reach_the_other_instance_at_its_next_reading()
     let (b, sim_b) = mongo_instance(&database).await;
     let routes_to = async |sim: &SimulatedProvider, id: &apikeyrouter::KeyId| {
         let before = sim.calls(id);
-        b.route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .is_ok()
-            && sim.calls(id) > before
+        hello(&b).await.is_ok() && sim.calls(id) > before
     };
     let first = a
         .register_key("sk-mongo-shared-00001", "openai", KeyMetadata::default())
@@ -130,12 +136,7 @@ async fn a_key_added_or_disabled_on_one_instance_is_followed_by_the_other() {
         .unwrap();
 
     // B learns about the key from the change event and routes to it.
-    eventually("B routing to A's new key", async || {
-        b.route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .is_ok()
-    })
-    .await;
+    eventually("B routing to A's new key", async || hello(&b).await.is_ok()).await;
     assert!(sim_b.calls(&key.id) >= 1);
 
     // Disabled through A: B stops sending it traffic within a second.
@@ -143,16 +144,12 @@ async fn a_key_added_or_disabled_on_one_instance_is_followed_by_the_other() {
         .await
         .unwrap();
     eventually("B seeing the key disabled", async || {
-        matches!(b.route(ask("gpt-4o", "hi"), Objective::default()).await, Err(e) if matches!(e.kind, RouteErrorKind::NoEligibleKey(_)))
+        matches!(hello(&b).await, Err(e) if matches!(e.kind, RouteErrorKind::NoEligibleKey(_)))
     })
     .await;
     let calls = sim_b.calls(&key.id);
     for _ in 0..5 {
-        assert!(
-            b.route(ask("gpt-4o", "hi"), Objective::default())
-                .await
-                .is_err()
-        );
+        assert!(hello(&b).await.is_err());
     }
     assert_eq!(sim_b.calls(&key.id), calls, "B kept calling a disabled key");
     assert_eq!(b.key(&key.id).await.unwrap().state, KeyState::Disabled);
@@ -343,9 +340,7 @@ async fn a_stopped_instances_reservation_is_reclaimed_after_the_lease() {
 
 /// A router over a memory store behind the test double that can misbehave on cue.
 async fn router_over_a_double() -> (Arc<crate::forwarding::Forwarding>, ApiKeyRouter) {
-    let store = Arc::new(crate::forwarding::Forwarding::to(Arc::new(
-        apikeyrouter_adapters_stores::MemoryStore::new(),
-    )));
+    let store = Arc::new(crate::forwarding::Forwarding::over_memory());
     let router = router_on(store.clone()).await;
     (store, router)
 }
@@ -451,12 +446,7 @@ async fn a_budget_whose_removal_failed_is_removed_at_the_next_reload() {
 #[tokio::test(start_paused = true)]
 async fn a_store_no_other_process_uses_is_not_read_again() {
     let (own, _router) = router_over_a_double().await;
-    let shared = Arc::new(
-        crate::forwarding::Forwarding::to(Arc::new(
-            apikeyrouter_adapters_stores::MemoryStore::new(),
-        ))
-        .presented_as_shared(),
-    );
+    let shared = Arc::new(crate::forwarding::Forwarding::over_memory().presented_as_shared());
     let _follower = router_on(shared.clone()).await;
     let (own_loaded, shared_loaded) = (own.list_keys_calls(), shared.list_keys_calls());
 
@@ -470,12 +460,7 @@ async fn a_store_no_other_process_uses_is_not_read_again() {
 /// the budgets once per reading.
 #[tokio::test(start_paused = true)]
 async fn a_store_without_events_signals_virtual_keys_at_each_reading() {
-    let store = Arc::new(
-        crate::forwarding::Forwarding::to(Arc::new(
-            apikeyrouter_adapters_stores::MemoryStore::new(),
-        ))
-        .presented_as_shared(),
-    );
+    let store = Arc::new(crate::forwarding::Forwarding::over_memory().presented_as_shared());
     let router = router_on(store.clone()).await;
     let mut virtual_keys = router.virtual_key_changes();
     let signalled = *virtual_keys.borrow_and_update();
@@ -526,20 +511,12 @@ async fn after_a_lost_subscription_keys_deleted_meanwhile_are_forgotten() {
     .await;
     eventually(
         "the router serving with the key added meanwhile",
-        async || {
-            router
-                .route(ask("gpt-4o", "hi"), Objective::default())
-                .await
-                .is_ok_and(|r| r.key_id == added.id)
-        },
+        async || hello(&router).await.is_ok_and(|r| r.key_id == added.id),
     )
     .await;
     let calls = sim.calls(&gone.id);
     for _ in 0..10 {
-        let served = router
-            .route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .unwrap();
+        let served = hello(&router).await.unwrap();
         assert_eq!(served.key_id, added.id);
     }
     assert_eq!(
@@ -555,12 +532,7 @@ async fn after_a_lost_subscription_keys_deleted_meanwhile_are_forgotten() {
 /// not forgotten, and the next reading brings the store's view.
 #[tokio::test(start_paused = true)]
 async fn a_reading_a_local_change_overlapped_is_not_applied() {
-    let store = Arc::new(
-        crate::forwarding::Forwarding::to(Arc::new(
-            apikeyrouter_adapters_stores::MemoryStore::new(),
-        ))
-        .presented_as_shared(),
-    );
+    let store = Arc::new(crate::forwarding::Forwarding::over_memory().presented_as_shared());
     let (router, _) = instance_on(store.clone()).await;
     let hold = store.hold_next_key_listing();
 
@@ -575,8 +547,7 @@ async fn a_reading_a_local_change_overlapped_is_not_applied() {
     hold.release();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let served = router
-        .route(ask("gpt-4o", "hi"), Objective::default())
+    let served = hello(&router)
         .await
         .expect("the key registered during the reading is still served");
     assert_eq!(served.key_id, key.id);
@@ -590,12 +561,7 @@ async fn a_reading_a_local_change_overlapped_is_not_applied() {
         listed + 1,
         "read again at the next tick"
     );
-    assert!(
-        router
-            .route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .is_err()
-    );
+    assert!(hello(&router).await.is_err());
 }
 
 /// A reading of the keys leaves alone a state that follows traffic here: a key this
@@ -603,12 +569,7 @@ async fn a_reading_a_local_change_overlapped_is_not_applied() {
 /// available, instead of being sent traffic during its cooldown.
 #[tokio::test(start_paused = true)]
 async fn a_reading_leaves_a_key_throttled_here_throttled() {
-    let store = Arc::new(
-        crate::forwarding::Forwarding::to(Arc::new(
-            apikeyrouter_adapters_stores::MemoryStore::new(),
-        ))
-        .presented_as_shared(),
-    );
+    let store = Arc::new(crate::forwarding::Forwarding::over_memory().presented_as_shared());
     let (router, sim, key) = a_key_throttled_here_listed_available(&store).await;
     let (listed, calls) = (store.list_keys_calls(), sim.calls(&key));
     tokio::time::sleep(Duration::from_secs(11)).await;
@@ -617,12 +578,7 @@ async fn a_reading_leaves_a_key_throttled_here_throttled() {
         listed + 1,
         "the keys were read again"
     );
-    assert!(
-        router
-            .route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .is_err()
-    );
+    assert!(hello(&router).await.is_err());
     assert_eq!(sim.calls(&key), calls, "a key in its cooldown was called");
 }
 
@@ -649,10 +605,7 @@ async fn a_store_with_events_is_read_again_every_minute() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(store.list_keys_calls(), listed + 1);
     assert!(
-        router
-            .route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .is_err(),
+        hello(&router).await.is_err(),
         "the deleted key is forgotten"
     );
     assert!(virtual_keys.has_changed().unwrap());
@@ -662,12 +615,7 @@ async fn a_store_with_events_is_read_again_every_minute() {
 /// throttled here throttled though the store lists it as available.
 #[tokio::test]
 async fn after_a_lost_subscription_a_key_throttled_here_stays_throttled() {
-    let store = Arc::new(
-        crate::forwarding::Forwarding::to(Arc::new(
-            apikeyrouter_adapters_stores::MemoryStore::new(),
-        ))
-        .with_change_feed(),
-    );
+    let store = Arc::new(crate::forwarding::Forwarding::over_memory().with_change_feed());
     let (router, sim, key) = a_key_throttled_here_listed_available(&store).await;
     let (listed, calls) = (store.list_keys_calls(), sim.calls(&key));
 
@@ -677,12 +625,7 @@ async fn after_a_lost_subscription_a_key_throttled_here_stays_throttled() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        router
-            .route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .is_err()
-    );
+    assert!(hello(&router).await.is_err());
     assert_eq!(sim.calls(&key), calls, "a key in its cooldown was called");
 }
 
@@ -704,12 +647,7 @@ async fn a_key_throttled_here_listed_available(
             retry_after: Some(Duration::from_secs(600)),
         })),
     );
-    assert!(
-        router
-            .route(ask("gpt-4o", "hi"), Objective::default())
-            .await
-            .is_err()
-    );
+    assert!(hello(&router).await.is_err());
     assert_eq!(
         router.key(&key.id).await.unwrap().state,
         KeyState::Throttled

@@ -412,11 +412,8 @@ async fn redis_cluster_announces_key_budget_and_virtual_key_changes_and_opens_fr
 /// so other instances re-read their budgets; on a single server and on Cluster.
 #[tokio::test]
 async fn budget_inserts_and_redefinitions_are_announced() {
-    use std::time::Duration;
-
     use apikeyrouter_application::ports::{BudgetStore, StoreChange};
     use apikeyrouter_domain::{Budget, BudgetPeriod, BudgetScope, Enforcement, Money, Timestamp};
-    use futures_util::StreamExt;
 
     let budget = |limit_usd| {
         Budget::new(
@@ -436,18 +433,31 @@ async fn budget_inserts_and_redefinitions_are_announced() {
             .await
             .unwrap();
         store.redefine_budget(budget(2.0), now).await.unwrap();
-        let mut announced = 0;
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while announced < 2 {
-                let change = changes.next().await.expect("the change stream ended");
-                if change == StoreChange::Budgets {
-                    announced += 1;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{announced} of 2 budget changes announced"));
+        expect_announced(&mut changes, StoreChange::Budgets, 2).await;
     }
+}
+
+/// Waits (up to 10 s) until `changes` has carried `wanted` `n` times.
+async fn expect_announced(
+    changes: &mut (
+             impl futures_util::Stream<Item = apikeyrouter_application::ports::StoreChange> + Unpin
+         ),
+    wanted: apikeyrouter_application::ports::StoreChange,
+    n: usize,
+) {
+    use futures_util::StreamExt;
+
+    let mut announced = 0;
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while announced < n {
+            let change = changes.next().await.expect("the change stream ended");
+            if change == wanted {
+                announced += 1;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{announced} of {n} {wanted:?} changes announced"));
 }
 
 /// Each virtual-key change (insert, limits update, rotation, revocation) is announced
@@ -455,11 +465,8 @@ async fn budget_inserts_and_redefinitions_are_announced() {
 /// single server and on Cluster.
 #[tokio::test]
 async fn virtual_key_changes_are_announced() {
-    use std::time::Duration;
-
     use apikeyrouter_application::ports::{StoreChange, VirtualKeyStore};
     use apikeyrouter_domain::Timestamp;
-    use futures_util::StreamExt;
 
     for store in [redis_store().await, redis_cluster_store().await] {
         let mut changes = Box::pin(store.subscribe_changes().await.unwrap());
@@ -475,17 +482,7 @@ async fn virtual_key_changes_are_announced() {
             .revoke_virtual_key("announced", Timestamp::from_millis(2_000))
             .await
             .unwrap();
-        let mut announced = 0;
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while announced < 4 {
-                let change = changes.next().await.expect("the change stream ended");
-                if change == StoreChange::VirtualKeys {
-                    announced += 1;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{announced} of 4 virtual-key changes announced"));
+        expect_announced(&mut changes, StoreChange::VirtualKeys, 4).await;
     }
 }
 

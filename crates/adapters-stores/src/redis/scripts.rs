@@ -7,116 +7,67 @@
 
 use redis::Script;
 
+/// A script's source: `scripts/common.lua` followed by `scripts/<name>.lua`.
 macro_rules! source {
-    ($file:literal) => {
+    ($name:ident) => {
         concat!(
             include_str!("scripts/common.lua"),
             "\n",
-            include_str!(concat!("scripts/", $file))
+            include_str!(concat!("scripts/", stringify!($name), ".lua"))
         )
     };
 }
 
-/// Every script's source, in [`Scripts`] field order.
-const SOURCES: [&str; 20] = [
-    source!("insert_key.lua"),
-    source!("update_metadata.lua"),
-    source!("delete_key.lua"),
-    source!("transition.lua"),
-    source!("settle_key.lua"),
-    source!("quota_read.lua"),
-    source!("reserve.lua"),
-    source!("settle_budgets.lua"),
-    source!("release_budgets.lua"),
-    source!("budgets.lua"),
-    source!("reserve_budgets.lua"),
-    source!("reserve_client.lua"),
-    source!("reserve_key.lua"),
-    source!("reclaim.lua"),
-    source!("redefine_budget.lua"),
-    source!("insert_budget.lua"),
-    source!("insert_virtual_key.lua"),
-    source!("revoke_virtual_key.lua"),
-    source!("update_virtual_key.lua"),
-    source!("rotate_virtual_key.lua"),
-];
+/// The registry from one list of names, which gives each field, its file and the
+/// load order.
+macro_rules! scripts {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Every script's source, in [`Scripts`] field order.
+        const SOURCES: &[&str] = &[$(source!($name),)*];
 
-/// Every script, hashed once at start.
-pub(super) struct Scripts {
-    pub(super) insert_key: Script,
-    pub(super) update_metadata: Script,
-    pub(super) delete_key: Script,
-    pub(super) transition: Script,
-    pub(super) settle_key: Script,
-    pub(super) quota_read: Script,
-    pub(super) reserve: Script,
-    pub(super) settle_budgets: Script,
-    pub(super) release_budgets: Script,
-    pub(super) budgets: Script,
+        /// Every script, hashed once at start.
+        pub(super) struct Scripts {
+            $($(#[$doc])* pub(super) $name: Script,)*
+        }
+
+        impl Scripts {
+            pub(super) fn new() -> Self {
+                Self {
+                    $($name: Script::new(source!($name)),)*
+                }
+            }
+        }
+    };
+}
+
+scripts! {
+    insert_key,
+    update_metadata,
+    delete_key,
+    transition,
+    settle_key,
+    quota_read,
+    reserve,
+    settle_budgets,
+    release_budgets,
+    budgets,
     /// Cluster only: the three per-slot parts of `reserve`.
-    pub(super) reserve_budgets: Script,
-    pub(super) reserve_client: Script,
-    pub(super) reserve_key: Script,
-    pub(super) reclaim: Script,
-    pub(super) redefine_budget: Script,
-    pub(super) insert_budget: Script,
-    pub(super) insert_virtual_key: Script,
-    pub(super) revoke_virtual_key: Script,
-    pub(super) update_virtual_key: Script,
-    pub(super) rotate_virtual_key: Script,
+    reserve_budgets,
+    reserve_client,
+    reserve_key,
+    reclaim,
+    redefine_budget,
+    insert_budget,
+    insert_virtual_key,
+    revoke_virtual_key,
+    update_virtual_key,
+    rotate_virtual_key,
 }
 
 impl Scripts {
-    pub(super) fn new() -> Self {
-        let [
-            insert_key,
-            update_metadata,
-            delete_key,
-            transition,
-            settle_key,
-            quota_read,
-            reserve,
-            settle_budgets,
-            release_budgets,
-            budgets,
-            reserve_budgets,
-            reserve_client,
-            reserve_key,
-            reclaim,
-            redefine_budget,
-            insert_budget,
-            insert_virtual_key,
-            revoke_virtual_key,
-            update_virtual_key,
-            rotate_virtual_key,
-        ] = SOURCES.map(Script::new);
-        Self {
-            insert_key,
-            update_metadata,
-            delete_key,
-            transition,
-            settle_key,
-            quota_read,
-            reserve,
-            settle_budgets,
-            release_budgets,
-            budgets,
-            reserve_budgets,
-            reserve_client,
-            reserve_key,
-            reclaim,
-            redefine_budget,
-            insert_budget,
-            insert_virtual_key,
-            revoke_virtual_key,
-            update_virtual_key,
-            rotate_virtual_key,
-        }
-    }
-
     /// Every script's source, for loading them all into the server's script cache at
     /// start (one pipeline), so the first burst of requests does not race to load them.
     pub(super) fn sources() -> &'static [&'static str] {
-        &SOURCES
+        SOURCES
     }
 }
