@@ -19,9 +19,11 @@
 //! connections that each pause a random 10–30 ms between requests (wrk's `delay`),
 //! i.e. 64 concurrent clients at roughly a third of the proxy's saturation rate.
 //!
-//! The proxy runs on its default runtime (per core, on Linux); the same three runs are
-//! then made through it on the shared one (`[server] runtime = "shared"`, set
-//! through the environment).
+//! The proxy measured is the binary to ship, built by `cargo xtask dist` with
+//! profile-guided optimisation; the plain release build is measured beside it. It runs
+//! on its default runtime (per core, on Linux); the same three runs are then made
+//! through it on the shared one (`[server] runtime = "shared"`, set through the
+//! environment).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +32,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
+use crate::pgo;
+
 /// The mock listens on this port and the proxy on the next; `BENCH_PROXY_PORT`
 /// overrides it (e.g. when another checkout's bench holds the default ports).
 const DEFAULT_PORT: u16 = 19100;
@@ -37,11 +41,33 @@ const CONNECTIONS: u32 = 64;
 /// Connections of the below-saturation run (one request in flight at a time).
 const LOW_CONNECTIONS: u32 = 1;
 /// Each paced connection waits a random 10–30 ms before each request.
-const PACING: &str = "function delay()\n  return math.random(10, 30)\nend\n";
+pub(crate) const PACING: &str = "function delay()\n  return math.random(10, 30)\nend\n";
 const N_KEYS: usize = 1_000;
+/// The proxy as `cargo build --release` makes it, without profile-guided optimisation.
+const PLAIN_BINARY: &str = "target/release/apikeyrouter";
 
 /// Kills a child process when dropped.
-struct Guard(Child);
+pub(crate) struct Guard(Child);
+
+impl Guard {
+    pub(crate) fn new(child: Child) -> Self {
+        Self(child)
+    }
+}
+
+impl std::ops::Deref for Guard {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Guard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -97,7 +123,7 @@ fn parse_wrk(out: &str) -> Result<Run> {
 }
 
 /// Waits until `curl -sf [extra] url` succeeds.
-fn wait_ready(url: &str, extra: &[&str]) -> Result<()> {
+pub(crate) fn wait_ready(url: &str, extra: &[&str]) -> Result<()> {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(30) {
         if Command::new("curl")
@@ -171,32 +197,52 @@ fn measured(pids: (u32, u32), run: impl FnOnce() -> Result<Run>) -> Result<Measu
     })
 }
 
-/// Where the bench's servers listen and keep their files.
-struct Setup {
+/// Where the bench's servers, and the training run of `cargo xtask dist`, listen.
+pub(crate) struct Ports {
     mock_at: String,
     proxy_at: String,
     bare_at: String,
     shared_at: String,
-    dir: &'static str,
+    plain_at: String,
+    /// The mock, the instrumented server and its demo during `cargo xtask dist`.
+    pub(crate) training: [String; 3],
 }
 
-/// Checks the ports, installs wrk if missing, builds the release binaries and writes
-/// the proxy's configuration and wrk's scripts.
-fn prepare(sh: &Shell) -> Result<Setup> {
+/// Consecutive ports from `BENCH_PROXY_PORT` (default 19100), checked free: a leftover
+/// server on one of them would be measured instead of ours.
+pub(crate) fn ports() -> Result<Ports> {
     let port: u16 = match std::env::var("BENCH_PROXY_PORT") {
         Ok(v) => v.parse().context("BENCH_PROXY_PORT")?,
         Err(_) => DEFAULT_PORT,
     };
-    let mock_at = format!("127.0.0.1:{port}");
-    let proxy_at = format!("127.0.0.1:{}", port + 1);
-    let bare_at = format!("127.0.0.1:{}", port + 2);
-    let shared_at = format!("127.0.0.1:{}", port + 3);
-    // A leftover server on these ports would be measured instead of ours.
-    for addr in [&mock_at, &proxy_at, &bare_at, &shared_at] {
+    let at = |offset: u16| format!("127.0.0.1:{}", port + offset);
+    let ports = Ports {
+        mock_at: at(0),
+        proxy_at: at(1),
+        bare_at: at(2),
+        shared_at: at(3),
+        plain_at: at(4),
+        training: [at(5), at(6), at(7)],
+    };
+    for addr in [
+        &ports.mock_at,
+        &ports.proxy_at,
+        &ports.bare_at,
+        &ports.shared_at,
+        &ports.plain_at,
+    ]
+    .into_iter()
+    .chain(&ports.training)
+    {
         if std::net::TcpListener::bind(addr).is_err() {
             bail!("{addr} is in use; stop what listens there or set BENCH_PROXY_PORT");
         }
     }
+    Ok(ports)
+}
+
+/// Installs wrk when missing.
+fn ensure_wrk(sh: &Shell) -> Result<()> {
     if cmd!(sh, "wrk --version")
         .quiet()
         .ignore_stdout()
@@ -211,12 +257,13 @@ fn prepare(sh: &Shell) -> Result<Setup> {
                 .context("installing wrk (apt-get install -y wrk)")?;
         }
     }
-    cmd!(
-        sh,
-        "cargo build --release -p apikeyrouter-proxy --bin apikeyrouter --example mock_upstream --example bare_forward"
-    )
-    .run()?;
-    let dir = "target/bench-proxy";
+    Ok(())
+}
+
+/// Writes into `dir` the proxy's configuration (listening on `proxy_at`, 1,000 keys
+/// of one provider at the mock on `mock_at`) and wrk's scripts: `post.lua`, one chat
+/// completion, and `paced.lua`, the same with each connection pausing 10–30 ms.
+pub(crate) fn write_files(sh: &Shell, dir: &str, mock_at: &str, proxy_at: &str) -> Result<()> {
     sh.create_dir(dir)?;
     let mut config = format!(
         "listen = \"{proxy_at}\"\n[routing]\nobjective = \"fairness\"\n[[providers]]\nid = \"mock\"\nkind = \"openai-compatible\"\nbase_url = \"http://{mock_at}/v1\"\nmodels = [\"gpt-4o-mini\"]\n"
@@ -227,22 +274,39 @@ fn prepare(sh: &Shell) -> Result<Setup> {
         ));
     }
     sh.write_file(format!("{dir}/proxy.toml"), config)?;
-    let post = "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{\"model\":\"gpt-4o-mini\",\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'\n";
-    sh.write_file(format!("{dir}/post.lua"), post)?;
+    let post = post_script(
+        r#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"What is the capital of France?"}]}"#,
+    );
     sh.write_file(format!("{dir}/paced.lua"), format!("{post}{PACING}"))?;
-    Ok(Setup {
-        mock_at,
-        proxy_at,
-        bare_at,
-        shared_at,
-        dir,
-    })
+    sh.write_file(format!("{dir}/post.lua"), post)?;
+    Ok(())
 }
 
-/// Starts the proxy on `at` with the bench's configuration, on the shared runtime or
-/// the default one, and waits until it is ready.
-fn start_proxy(dir: &str, at: &str, shared: bool) -> Result<Guard> {
-    let mut command = Command::new("target/release/apikeyrouter");
+/// A wrk script that POSTs `json` (which must not hold a single quote).
+pub(crate) fn post_script(json: &str) -> String {
+    format!(
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = '{json}'\n"
+    )
+}
+
+/// The bench's ports and files, wrk installed, the release binaries built.
+fn prepare(sh: &Shell) -> Result<(Ports, &'static str)> {
+    let ports = ports()?;
+    ensure_wrk(sh)?;
+    cmd!(
+        sh,
+        "cargo build --release -p apikeyrouter-proxy --bin apikeyrouter --example mock_upstream --example bare_forward"
+    )
+    .run()?;
+    let dir = "target/bench-proxy";
+    write_files(sh, dir, &ports.mock_at, &ports.proxy_at)?;
+    Ok((ports, dir))
+}
+
+/// Starts `binary` serving on `at` with the bench's configuration in `dir`, on the
+/// shared runtime or the default one, and waits until it is ready.
+pub(crate) fn start_proxy(binary: &str, dir: &str, at: &str, shared: bool) -> Result<Guard> {
+    let mut command = Command::new(binary);
     command
         .args([
             "serve",
@@ -270,7 +334,7 @@ fn start_proxy(dir: &str, at: &str, shared: bool) -> Result<Guard> {
     Ok(proxy)
 }
 
-fn start_mock(at: &str) -> Result<Guard> {
+pub(crate) fn start_mock(at: &str) -> Result<Guard> {
     Ok(Guard(
         Command::new("target/release/examples/mock_upstream")
             .arg(at)
@@ -288,13 +352,15 @@ fn start_mock(at: &str) -> Result<Guard> {
 /// runs 1.3 times the floor's instructions but misses the caches about twice as often
 /// (docs/benchmarks.md).
 pub fn instructions(sh: &Shell) -> Result<()> {
-    let Setup {
-        mock_at,
-        proxy_at,
-        bare_at,
+    let (
+        Ports {
+            mock_at,
+            proxy_at,
+            bare_at,
+            ..
+        },
         dir,
-        ..
-    } = prepare(sh)?;
+    ) = prepare(sh)?;
     if Command::new("callgrind_control")
         .arg("--version")
         .output()
@@ -310,7 +376,7 @@ pub fn instructions(sh: &Shell) -> Result<()> {
         sh,
         dir,
         "proxy",
-        &["target/release/apikeyrouter", "serve", "--config", &config],
+        &[PLAIN_BINARY, "serve", "--config", &config],
         &proxy_at,
         &format!("http://{proxy_at}/ready"),
     )?;
@@ -439,16 +505,24 @@ fn callgrind_totals(dump: &str) -> Option<Vec<(String, u64)>> {
 }
 
 pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
-    let Setup {
-        mock_at,
-        proxy_at,
-        bare_at,
-        shared_at,
+    let (
+        Ports {
+            mock_at,
+            proxy_at,
+            bare_at,
+            shared_at,
+            plain_at,
+            ..
+        },
         dir,
-    } = prepare(sh)?;
+    ) = prepare(sh)?;
+    // The binary to ship is measured; the plain release build beside it shows what
+    // profile-guided optimisation gives.
+    pgo::dist(sh)?;
     let mock = start_mock(&mock_at)?;
-    let proxy = start_proxy(dir, &proxy_at, false)?;
-    let rss_idle = rss_mb(proxy.0.id())?;
+    let proxy = start_proxy(pgo::DIST_BINARY, dir, &proxy_at, false)?;
+    let plain = start_proxy(PLAIN_BINARY, dir, &plain_at, false)?;
+    let rss_idle = rss_mb(proxy.id())?;
 
     let secs = seconds.to_string();
     let lua = format!("{dir}/post.lua");
@@ -463,20 +537,24 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         |connections: u32, threads: u32, url: String| wrk_with(&lua, connections, threads, url);
     let paced = |url: String| wrk_with(&paced_lua, CONNECTIONS, 2, url);
     let c = CONNECTIONS.to_string();
-    // Warm both paths (connections, pools, caches) before measuring.
-    let _ = cmd!(
-        sh,
-        "wrk -t2 -c{c} -d2s -s {lua} http://{proxy_at}/v1/chat/completions"
-    )
-    .quiet()
-    .ignore_stdout()
-    .run();
-    let pids = (mock.0.id(), proxy.0.id());
+    let warm = |url: &str| {
+        // Connections, pools and caches, before measuring.
+        let _ = cmd!(sh, "wrk -t2 -c{c} -d2s -s {lua} {url}")
+            .quiet()
+            .ignore_stdout()
+            .run();
+    };
     let direct_url = format!("http://{mock_at}/v1/chat/completions");
     let proxy_url = format!("http://{proxy_at}/v1/chat/completions");
+    let plain_url = format!("http://{plain_at}/v1/chat/completions");
+    warm(&proxy_url);
+    warm(&plain_url);
+    let pids = (mock.id(), proxy.id());
+    let plain_pids = (mock.id(), plain.id());
     let direct = measured(pids, || wrk(CONNECTIONS, 2, direct_url.clone()))?;
     let through = measured(pids, || wrk(CONNECTIONS, 2, proxy_url.clone()))?;
-    let rss_loaded = rss_mb(proxy.0.id())?;
+    let rss_loaded = rss_mb(proxy.id())?;
+    let plain_run = measured(plain_pids, || wrk(CONNECTIONS, 2, plain_url.clone()))?;
     let bare = Guard(
         Command::new("target/release/examples/bare_forward")
             .args([bare_at.as_str(), direct_url.as_str()])
@@ -485,92 +563,111 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     );
     let bare_url = format!("http://{bare_at}/v1/chat/completions");
     wait_ready(&bare_url, &["-d", "{}"])?;
-    let floor_pids = (mock.0.id(), bare.0.id());
+    let floor_pids = (mock.id(), bare.id());
     let floor = measured(floor_pids, || wrk(CONNECTIONS, 2, bare_url.clone()))?;
     let direct_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, direct_url.clone()))?;
     let through_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, proxy_url.clone()))?;
+    let plain_low = measured(plain_pids, || wrk(LOW_CONNECTIONS, 1, plain_url.clone()))?;
     let direct_paced = measured(pids, || paced(direct_url.clone()))?;
     let through_paced = measured(pids, || paced(proxy_url.clone()))?;
+    let plain_paced = measured(plain_pids, || paced(plain_url.clone()))?;
     let floor_paced = measured(floor_pids, || paced(bare_url.clone()))?;
     drop(bare);
+    drop(plain);
     drop(proxy);
 
     // The same proxy on the shared runtime (`[server] runtime = "shared"`).
-    let shared = start_proxy(dir, &shared_at, true)?;
+    let shared = start_proxy(pgo::DIST_BINARY, dir, &shared_at, true)?;
     let shared_url = format!("http://{shared_at}/v1/chat/completions");
-    let _ = cmd!(sh, "wrk -t2 -c{c} -d2s -s {lua} {shared_url}")
-        .quiet()
-        .ignore_stdout()
-        .run();
-    let shared_pids = (mock.0.id(), shared.0.id());
+    warm(&shared_url);
+    let shared_pids = (mock.id(), shared.id());
     let shared_run = measured(shared_pids, || wrk(CONNECTIONS, 2, shared_url.clone()))?;
     let shared_low = measured(shared_pids, || wrk(LOW_CONNECTIONS, 1, shared_url.clone()))?;
     let shared_paced = measured(shared_pids, || paced(shared_url.clone()))?;
     drop(shared);
 
-    println!("proxy load test: {seconds} s per run, {N_KEYS} keys, wrk");
+    const PROXY: &str = "through the proxy";
+    const SHARED: &str = "through the proxy, shared runtime";
+    const PLAIN: &str = "through the proxy, plain release build";
+    const FLOOR: &str = "through the bare forwarder (floor)";
+    println!(
+        "proxy load test: {seconds} s per run, {N_KEYS} keys, wrk; the proxy is {}, built by `cargo xtask dist`",
+        pgo::DIST_BINARY
+    );
     println!(
         "| path | connections | requests/s | p50 | p99 | CPU mock | CPU proxy (or forwarder) |"
     );
     println!("|---|---|---|---|---|---|---|");
     for (path, connections, m) in [
         ("mock directly", "64", &direct),
-        ("through the proxy", "64", &through),
-        ("through the proxy, shared runtime", "64", &shared_run),
-        ("through the bare forwarder (floor)", "64", &floor),
+        (PROXY, "64", &through),
+        (SHARED, "64", &shared_run),
+        (PLAIN, "64", &plain_run),
+        (FLOOR, "64", &floor),
         ("mock directly", "1", &direct_low),
-        ("through the proxy", "1", &through_low),
-        ("through the proxy, shared runtime", "1", &shared_low),
+        (PROXY, "1", &through_low),
+        (SHARED, "1", &shared_low),
+        (PLAIN, "1", &plain_low),
         ("mock directly", "64 paced", &direct_paced),
-        ("through the proxy", "64 paced", &through_paced),
-        (
-            "through the proxy, shared runtime",
-            "64 paced",
-            &shared_paced,
-        ),
-        (
-            "through the bare forwarder (floor)",
-            "64 paced",
-            &floor_paced,
-        ),
+        (PROXY, "64 paced", &through_paced),
+        (SHARED, "64 paced", &shared_paced),
+        (PLAIN, "64 paced", &plain_paced),
+        (FLOOR, "64 paced", &floor_paced),
     ] {
         println!(
             "| {path} | {connections} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs/req | {:.1} µs/req |",
             m.run.rps, m.run.p50_us, m.run.p99_us, m.mock_cpu_us, m.proxy_cpu_us
         );
     }
-    for (runtime, connections, direct, through) in [
-        ("", "64 connections", &direct, &through),
-        ("", "1 connection", &direct_low, &through_low),
-        ("", "64 paced connections", &direct_paced, &through_paced),
-        (" (shared runtime)", "64 connections", &direct, &shared_run),
+    for (who, connections, direct, through) in [
+        ("the proxy", "64 connections", &direct, &through),
+        ("the proxy", "1 connection", &direct_low, &through_low),
         (
-            " (shared runtime)",
+            "the proxy",
+            "64 paced connections",
+            &direct_paced,
+            &through_paced,
+        ),
+        (
+            "the proxy (shared runtime)",
+            "64 connections",
+            &direct,
+            &shared_run,
+        ),
+        (
+            "the proxy (shared runtime)",
             "1 connection",
             &direct_low,
             &shared_low,
         ),
         (
-            " (shared runtime)",
+            "the proxy (shared runtime)",
             "64 paced connections",
             &direct_paced,
             &shared_paced,
         ),
+        (
+            "the plain release build",
+            "64 paced connections",
+            &direct_paced,
+            &plain_paced,
+        ),
+        (
+            "the bare forwarder",
+            "64 paced connections",
+            &direct_paced,
+            &floor_paced,
+        ),
     ] {
         println!(
-            "added by the proxy{runtime} at {connections}: p50 {:.0} µs, p99 {:.0} µs",
+            "added by {who} at {connections}: p50 {:.0} µs, p99 {:.0} µs",
             through.run.p50_us - direct.run.p50_us,
             through.run.p99_us - direct.run.p99_us,
         );
     }
     println!(
-        "added by the bare forwarder at 64 paced connections: p50 {:.0} µs, p99 {:.0} µs",
-        floor_paced.run.p50_us - direct_paced.run.p50_us,
-        floor_paced.run.p99_us - direct_paced.run.p99_us,
-    );
-    println!(
-        "proxy CPU per request: {:.1} µs at {CONNECTIONS} connections ({:.1} µs on the shared runtime); resident memory {:.1} MB idle, {:.1} MB after load",
-        through.proxy_cpu_us, shared_run.proxy_cpu_us, rss_idle, rss_loaded
+        "proxy CPU per request: {:.1} µs at {CONNECTIONS} connections ({:.1} µs on the shared runtime, {:.1} µs as a plain release build); resident memory {:.1} MB idle, {:.1} MB after load",
+        through.proxy_cpu_us, shared_run.proxy_cpu_us, plain_run.proxy_cpu_us, rss_idle, rss_loaded
     );
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! Project automation, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
 //!
 //! Tasks: `ci`, `tidy`, `check-layers`, `bench [-- criterion args]`, `bench proxy`,
-//! `bench redis`, `example`, `python-sdk`, `services up|down`.
+//! `bench redis`, `dist`, `example`, `python-sdk`, `services up|down`.
 //! This crate must not depend on anything in `crates/`: it has to build even when they don't.
 
 mod bench_proxy;
 mod layers;
+mod pgo;
 mod services;
 mod tidy;
 
@@ -27,6 +28,7 @@ tasks:
   bench proxy-instructions  instructions and cache misses per request under callgrind: the proxy and the floor
   bench redis [N]       route() on Redis vs memory: requests/s, p50/p99, Redis round
                         trips per request (needs Redis: `cargo xtask services up`)
+  dist                  build the binary to ship, profile-guided: target/dist/apikeyrouter
   example               run the facade's quickstart example in release mode
   python-sdk            create target/python-sdk with the OpenAI SDK for the client tests
   services up|down      start (installing if needed) or stop the local Redis and the
@@ -95,6 +97,7 @@ fn run() -> Result<()> {
         Some("ci") => ci(&sh, &root),
         Some("tidy") => tidy::run(&root),
         Some("check-layers") => layers::run(&sh),
+        Some("dist") => pgo::dist(&sh),
         Some("example") => example(&sh),
         Some("python-sdk") => python_sdk(&sh),
         Some(other) => bail!("unknown task `{other}`\n\n{HELP}"),
