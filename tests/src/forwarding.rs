@@ -141,6 +141,18 @@ impl Forwarding {
         self
     }
 
+    /// Sends `change` on the current change subscription, as another instance's
+    /// change would arrive.
+    pub fn send_change(&self, change: StoreChange) {
+        let feed = self.change_feed.as_ref().expect("built with_change_feed");
+        let sender = feed.lock().unwrap_or_else(PoisonError::into_inner);
+        let sent = sender.as_ref().map(|s| s.send(change));
+        assert!(
+            matches!(sent, Some(Ok(()))),
+            "no change subscription to send on"
+        );
+    }
+
     /// Ends the current change subscription; the events sent meanwhile are lost.
     pub fn lose_subscription(&self) {
         if let Some(feed) = &self.change_feed {
@@ -401,8 +413,8 @@ impl VirtualKeyStore for Forwarding {
     ) -> Result<VirtualKey, StoreError> {
         self.inner.revoke_virtual_key(name, at).await
     }
-    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
-        self.inner.announce_virtual_keys().await
+    async fn announce_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.announce_virtual_key(name).await
     }
 }
 

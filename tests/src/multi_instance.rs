@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use apikeyrouter::providers::SimulatedProvider;
 use apikeyrouter::{
     ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Clock, Enforcement, KeyMetadata, KeyState,
-    ManualClock, Money, Objective, RouteErrorKind,
+    ManualClock, Money, Objective, RouteErrorKind, VirtualKeyChange,
 };
 use apikeyrouter_application::ports::{Charge, KeyStore, StateStore, UsageLedger};
 use apikeyrouter_domain::{QuotaLimits, ReservationId};
@@ -463,22 +463,66 @@ async fn a_store_without_events_signals_virtual_keys_at_each_reading() {
     let store = Arc::new(crate::forwarding::Forwarding::over_memory().presented_as_shared());
     let router = router_on(store.clone()).await;
     let mut virtual_keys = router.virtual_key_changes();
-    let signalled = *virtual_keys.borrow_and_update();
     let budgets_read = store.list_budgets_calls();
 
     let hold = store.hold_next_budget_listing();
     hold.read().await;
-    assert!(
-        !virtual_keys.has_changed().unwrap(),
+    assert_eq!(
+        signalled(&mut virtual_keys),
+        [],
         "signalled before the budgets were read"
     );
     hold.release();
-    virtual_keys.changed().await.unwrap();
+    assert_eq!(virtual_keys.recv().await, Ok(VirtualKeyChange::All));
     assert_eq!(store.list_budgets_calls(), budgets_read + 1);
 
     tokio::time::sleep(Duration::from_secs(25)).await;
     assert_eq!(store.list_budgets_calls(), budgets_read + 3);
-    assert_eq!(*virtual_keys.borrow_and_update(), signalled + 3);
+    assert_eq!(
+        signalled(&mut virtual_keys),
+        [VirtualKeyChange::All, VirtualKeyChange::All]
+    );
+}
+
+/// The virtual-key changes signalled so far and not yet taken.
+fn signalled(
+    changes: &mut tokio::sync::broadcast::Receiver<VirtualKeyChange>,
+) -> Vec<VirtualKeyChange> {
+    std::iter::from_fn(|| changes.try_recv().ok()).collect()
+}
+
+/// A virtual key changed elsewhere (its change event) or through this router is
+/// signalled by name, so the proxy reads that key alone.
+#[tokio::test]
+async fn a_virtual_key_change_is_signalled_by_its_name() {
+    use apikeyrouter_application::ports::StoreChange;
+
+    let store = Arc::new(crate::forwarding::Forwarding::over_memory().with_change_feed());
+    let router = router_on(store.clone()).await;
+    let mut virtual_keys = router.virtual_key_changes();
+    eventually("the router subscribing", async || {
+        store.subscriptions() == 1
+    })
+    .await;
+
+    store.send_change(StoreChange::VirtualKey("made-elsewhere".to_owned()));
+    let next = tokio::time::timeout(Duration::from_secs(5), virtual_keys.recv());
+    assert_eq!(
+        next.await.expect("a signal within 5 s"),
+        Ok(VirtualKeyChange::One("made-elsewhere".to_owned()))
+    );
+    router
+        .add_virtual_key(crate::support::virtual_key("made-here", '3'))
+        .await
+        .unwrap();
+    router.revoke_virtual_key("made-here").await.unwrap();
+    assert_eq!(
+        signalled(&mut virtual_keys),
+        [
+            VirtualKeyChange::One("made-here".to_owned()),
+            VirtualKeyChange::One("made-here".to_owned())
+        ]
+    );
 }
 
 /// The events sent while a change subscription was lost are gone: once subscribed
@@ -494,7 +538,6 @@ async fn after_a_lost_subscription_keys_deleted_meanwhile_are_forgotten() {
         .await
         .unwrap();
     let mut virtual_keys = router.virtual_key_changes();
-    virtual_keys.borrow_and_update();
 
     // Another instance deletes the key and adds one; their events are lost.
     let (other, _) = instance_on(inner).await;
@@ -524,7 +567,7 @@ async fn after_a_lost_subscription_keys_deleted_meanwhile_are_forgotten() {
         calls,
         "the deleted key was still called"
     );
-    assert!(virtual_keys.has_changed().unwrap());
+    assert!(signalled(&mut virtual_keys).contains(&VirtualKeyChange::All));
 }
 
 /// A reading of the keys that a local change overlapped may lack that change (here a
@@ -595,7 +638,6 @@ async fn a_store_with_events_is_read_again_every_minute() {
         .await
         .unwrap();
     let mut virtual_keys = router.virtual_key_changes();
-    virtual_keys.borrow_and_update();
     // Deleted elsewhere; its event never comes.
     inner.delete_key(&key.id).await.unwrap();
     let listed = store.list_keys_calls();
@@ -608,7 +650,7 @@ async fn a_store_with_events_is_read_again_every_minute() {
         hello(&router).await.is_err(),
         "the deleted key is forgotten"
     );
-    assert!(virtual_keys.has_changed().unwrap());
+    assert_eq!(signalled(&mut virtual_keys), [VirtualKeyChange::All]);
 }
 
 /// The catch-up after a lost subscription, like the periodic reading, leaves a key

@@ -1,6 +1,7 @@
 //! The proxy over real HTTP: a server on port 0, a real client, simulated providers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use apikeyrouter::config::Config;
 use reqwest::StatusCode;
@@ -993,6 +994,48 @@ async fn revoking_the_last_virtual_key_keeps_the_api_closed() {
         ),
         (StatusCode::CONFLICT, Some("budget_exists"), Some("name"))
     );
+}
+
+/// A change to one stored virtual key is read alone: told that `a` changed, an
+/// instance learns `a` and not `b`, made meanwhile through another router sharing its
+/// store (a memory store here, which no periodic reading re-reads).
+#[tokio::test]
+async fn a_virtual_key_change_reads_that_key_alone() {
+    use std::collections::BTreeSet;
+
+    use apikeyrouter_proxy::state::AppState;
+
+    let store: Arc<dyn apikeyrouter::StateStore> =
+        Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
+    let router = async || {
+        apikeyrouter::ApiKeyRouter::builder()
+            .store(store.clone())
+            .build()
+            .await
+            .unwrap()
+    };
+    let config = Config::parse(BASE, "vk-alone.toml", &[]).unwrap();
+    let auth = apikeyrouter_proxy::auth::Auth::from_config(&config).unwrap();
+    let here = AppState::new(router().await, auth, config);
+    here.refresh_virtual_keys().await.unwrap();
+    let elsewhere = router().await;
+    let known = || -> BTreeSet<String> { here.auth().clients().map(|v| v.name.clone()).collect() };
+    for (name, digit) in [("a", '1'), ("b", '2')] {
+        elsewhere
+            .add_virtual_key(crate::support::virtual_key(name, digit))
+            .await
+            .unwrap();
+    }
+
+    here.refresh_named_virtual_keys(["a"]).await.unwrap();
+    assert_eq!(known(), BTreeSet::from(["a".to_owned()]));
+    elsewhere.revoke_virtual_key("a").await.unwrap();
+    here.refresh_named_virtual_keys(["a", "b", "never-made"])
+        .await
+        .unwrap();
+    assert_eq!(known(), BTreeSet::from(["b".to_owned()]));
+    here.refresh_virtual_keys().await.unwrap();
+    assert_eq!(known(), BTreeSet::from(["b".to_owned()]));
 }
 
 /// A reload of the config file replaces the file's virtual keys and keeps the ones

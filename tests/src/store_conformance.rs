@@ -133,13 +133,19 @@ async fn split_store_announces_virtual_key_changes_through_the_counters() {
         .insert_virtual_key(crate::support::virtual_key("client", '0'))
         .await
         .unwrap();
-    assert_eq!(next_change().await, Some(StoreChange::VirtualKeys));
+    assert_eq!(
+        next_change().await,
+        Some(StoreChange::VirtualKey("client".to_owned()))
+    );
     assert!(counters.list_virtual_keys().await.unwrap().is_empty());
     split
         .revoke_virtual_key("client", Timestamp::from_millis(2_000))
         .await
         .unwrap();
-    assert_eq!(next_change().await, Some(StoreChange::VirtualKeys));
+    assert_eq!(
+        next_change().await,
+        Some(StoreChange::VirtualKey("client".to_owned()))
+    );
     assert_eq!(split.list_virtual_keys().await.unwrap().len(), 1);
 }
 
@@ -397,7 +403,7 @@ async fn redis_cluster_announces_key_budget_and_virtual_key_changes_and_opens_fr
                     seen.insert(id.as_str().to_owned());
                 }
                 StoreChange::Budgets => budgets += 1,
-                StoreChange::VirtualKeys => virtual_keys += 1,
+                StoreChange::VirtualKey(_) => virtual_keys += 1,
             }
         }
     })
@@ -461,8 +467,8 @@ async fn expect_announced(
 }
 
 /// Each virtual-key change (insert, limits update, rotation, revocation) is announced
-/// by the script that makes it, so other instances re-read their virtual keys; on a
-/// single server and on Cluster.
+/// by the script that makes it, with the key's name, so other instances re-read that
+/// key; on a single server and on Cluster.
 #[tokio::test]
 async fn virtual_key_changes_are_announced() {
     use apikeyrouter_application::ports::{StoreChange, VirtualKeyStore};
@@ -482,7 +488,8 @@ async fn virtual_key_changes_are_announced() {
             .revoke_virtual_key("announced", Timestamp::from_millis(2_000))
             .await
             .unwrap();
-        expect_announced(&mut changes, StoreChange::VirtualKeys, 4).await;
+        let named = StoreChange::VirtualKey("announced".to_owned());
+        expect_announced(&mut changes, named, 4).await;
     }
 }
 
@@ -2186,7 +2193,7 @@ mod cases {
             store.list_virtual_keys().await.unwrap()[1].revoked_at,
             Some(at)
         );
-        store.announce_virtual_keys().await.unwrap();
+        store.announce_virtual_key("team-a").await.unwrap();
     }
 
     pub(super) async fn virtual_key_rotation_replaces_the_digest_alone(store: Store) {

@@ -591,8 +591,9 @@ impl VirtualKeyStore for FailOpenStore {
             .await
     }
 
-    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
-        self.remote_only(self.remote.announce_virtual_keys()).await
+    async fn announce_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        self.remote_only(self.remote.announce_virtual_key(name))
+            .await
     }
 }
 

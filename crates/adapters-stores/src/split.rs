@@ -370,8 +370,9 @@ impl RequestLog for SplitStore {
 #[async_trait]
 impl VirtualKeyStore for SplitStore {
     async fn insert_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        let name = key.name.clone();
         self.records.insert_virtual_key(key).await?;
-        self.announce_virtual_keys().await
+        self.announce_virtual_key(&name).await
     }
 
     async fn list_virtual_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
@@ -383,8 +384,9 @@ impl VirtualKeyStore for SplitStore {
     }
 
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
+        let name = key.name.clone();
         self.records.update_virtual_key(key).await?;
-        self.announce_virtual_keys().await
+        self.announce_virtual_key(&name).await
     }
 
     async fn rotate_virtual_key(
@@ -393,7 +395,7 @@ impl VirtualKeyStore for SplitStore {
         token_sha256: &str,
     ) -> Result<VirtualKey, StoreError> {
         let before = self.records.rotate_virtual_key(name, token_sha256).await?;
-        self.announce_virtual_keys().await?;
+        self.announce_virtual_key(name).await?;
         Ok(before)
     }
 
@@ -403,15 +405,15 @@ impl VirtualKeyStore for SplitStore {
         at: Timestamp,
     ) -> Result<VirtualKey, StoreError> {
         let revoked = self.records.revoke_virtual_key(name, at).await?;
-        self.announce_virtual_keys().await?;
+        self.announce_virtual_key(name).await?;
         Ok(revoked)
     }
 
     /// Through the counters store; a failure is logged, not returned: the change is
     /// made, and the other instances' periodic reading (every minute with change
     /// events) brings it.
-    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
-        if let Err(e) = self.counters.announce_virtual_keys().await {
+    async fn announce_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        if let Err(e) = self.counters.announce_virtual_key(name).await {
             tracing::warn!(error = %e, "split store: virtual-key change not announced");
         }
         Ok(())

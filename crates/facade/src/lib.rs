@@ -43,7 +43,7 @@ pub use apikeyrouter_application::ports::{
 };
 pub use apikeyrouter_application::services::{
     BudgetServiceError, Defined, KeyQuota, KeyServiceError, RequestContext, RouteErrorKind,
-    RoutedStream, StreamTotals,
+    RoutedStream, StreamTotals, VirtualKeyChange,
 };
 pub use apikeyrouter_application::{
     AttemptRecord, AuditRecord, DeliveryStats, EmbeddingRouteResponse, Outcome, ProviderSettings,

@@ -2,7 +2,7 @@
 //! calls.
 
 use apikeyrouter_application::ports::{StoreError, StoreErrorKind};
-use apikeyrouter_application::services::BudgetServiceError;
+use apikeyrouter_application::services::{BudgetServiceError, VirtualKeyChange};
 use apikeyrouter_domain::{BudgetStatus, Money, VirtualKey, VirtualKeyError};
 
 use crate::ApiKeyRouter;
@@ -200,10 +200,12 @@ impl ApiKeyRouter {
         Ok(revoked)
     }
 
-    /// Changes whenever the virtual keys made at run time may have changed: here, on
-    /// another instance (by its change event, or on a store without events at each
-    /// periodic reading, after the budgets), or after a lost change subscription.
-    pub fn virtual_key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// The changes to the virtual keys made at run time from now on: one key when it
+    /// changed here or on another instance (by its change event), all of them on a
+    /// store without events at each periodic reading (after the budgets) and after a
+    /// lost change subscription. A receiver that lagged (`RecvError::Lagged`) should
+    /// read them all.
+    pub fn virtual_key_changes(&self) -> tokio::sync::broadcast::Receiver<VirtualKeyChange> {
         self.core().virtual_key_changes()
     }
 }

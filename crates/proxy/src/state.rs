@@ -68,6 +68,45 @@ impl AppState {
         Ok(())
     }
 
+    /// Re-reads the stored virtual keys `names`, each alone, into the credentials in
+    /// force (a name no longer stored is dropped); all of them instead when none were
+    /// read yet. What a change to a few keys costs stays independent of how many
+    /// there are.
+    ///
+    /// # Errors
+    /// The store's error; the credentials are left as they were.
+    pub async fn refresh_named_virtual_keys<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str> + Send,
+    ) -> Result<(), apikeyrouter::StoreError> {
+        let mut applied = self.refreshing.lock().await;
+        let Some(mut keys) = applied.clone() else {
+            drop(applied);
+            return self.refresh_virtual_keys().await;
+        };
+        for name in names {
+            let stored = match self.router.virtual_key(name).await {
+                Ok(key) => Some(key),
+                Err(e) if e.kind == apikeyrouter::StoreErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            // The list stays in name order, as the store lists it.
+            match (keys.binary_search_by(|k| k.name.as_str().cmp(name)), stored) {
+                (Ok(at), Some(key)) => keys[at] = key,
+                (Ok(at), None) => {
+                    keys.remove(at);
+                }
+                (Err(at), Some(key)) => keys.insert(at, key),
+                (Err(_), None) => {}
+            }
+        }
+        if applied.as_ref() != Some(&keys) {
+            self.update_auth(|auth| auth.with_stored(&keys));
+            *applied = Some(keys);
+        }
+        Ok(())
+    }
+
     /// [`Self::refresh_virtual_keys`] that applies the list even if it did not change:
     /// after a reload, a stored key a file key of the same name hid may be back.
     pub async fn reapply_virtual_keys(&self) -> Result<(), apikeyrouter::StoreError> {

@@ -258,9 +258,9 @@ impl VirtualKeyStore for Switchable {
         self.up()?;
         self.inner.revoke_virtual_key(name, at).await
     }
-    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
+    async fn announce_virtual_key(&self, name: &str) -> Result<(), StoreError> {
         self.up()?;
-        self.inner.announce_virtual_keys().await
+        self.inner.announce_virtual_key(name).await
     }
 }
 

@@ -78,7 +78,7 @@ impl Names {
         format!("{{{}}}:budget-events", self.ns)
     }
 
-    /// The channel on which virtual-key changes are announced.
+    /// The channel on which virtual-key changes are announced (payload: the name).
     pub(super) fn virtual_key_events(&self) -> String {
         format!("{{{}}}:virtual-key-events", self.ns)
     }

@@ -322,7 +322,9 @@ impl RedisStore {
             let change = if channel == budgets {
                 Some(StoreChange::Budgets)
             } else if channel == virtual_keys {
-                Some(StoreChange::VirtualKeys)
+                msg.get_payload::<String>()
+                    .ok()
+                    .map(StoreChange::VirtualKey)
             } else {
                 msg.get_payload::<String>()
                     .ok()
@@ -1620,11 +1622,11 @@ impl VirtualKeyStore for RedisStore {
         from_json(&json, &hash)
     }
 
-    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
+    async fn announce_virtual_key(&self, name: &str) -> Result<(), StoreError> {
         let channel = self.names.virtual_key_events();
         let _: i64 = self
             .conn()
-            .publish(&channel, "changed")
+            .publish(&channel, name)
             .await
             .map_err(|err| from_redis(err, &channel))?;
         Ok(())

@@ -355,7 +355,7 @@ async fn virtual_key_changes_are_announced_and_a_bad_record_is_left_out() {
         let event = tokio::time::timeout(Duration::from_secs(5), events.next())
             .await
             .expect("an event within 5 s");
-        assert_eq!(event, Some(StoreChange::VirtualKeys));
+        assert_eq!(event, Some(StoreChange::VirtualKey("good".to_owned())));
     }
     let _: () = raw()
         .await

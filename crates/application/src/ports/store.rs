@@ -548,7 +548,7 @@ pub trait VirtualKeyStore: Send + Sync + 'static {
     async fn revoke_virtual_key(&self, name: &str, at: Timestamp)
     -> Result<VirtualKey, StoreError>;
 
-    /// Tells the instances sharing this store that the virtual keys changed (a
+    /// Tells the instances sharing this store that the virtual key `name` changed (a
     /// change event); nothing for stores without change events. A store with events
     /// announces its own changes (Redis, from the script that makes each); a store that
     /// keeps the records elsewhere (the split store) calls this on the store that
@@ -556,7 +556,8 @@ pub trait VirtualKeyStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// `Unavailable` when the event cannot be sent.
-    async fn announce_virtual_keys(&self) -> Result<(), StoreError> {
+    async fn announce_virtual_key(&self, name: &str) -> Result<(), StoreError> {
+        let _ = name;
         Ok(())
     }
 }
@@ -568,8 +569,8 @@ pub enum StoreChange {
     Key(KeyId),
     /// A budget was added, redefined or deleted.
     Budgets,
-    /// A virtual key was added or deleted.
-    VirtualKeys,
+    /// The virtual key of this name was added, changed, rotated or revoked.
+    VirtualKey(String),
 }
 
 /// Changes made by any instance sharing a store; ends when the subscription is lost.

@@ -80,10 +80,24 @@ pub(crate) struct Shared {
     pub(crate) budgets: RwLock<Arc<Vec<Budget>>>,
     pub(crate) catalogue: RwLock<Arc<PriceCatalogue>>,
     pub(crate) settings: RwLock<Arc<RouterSettings>>,
-    /// Counts changes to the stored virtual keys (made here or, through a shared
-    /// store, elsewhere), for the proxy to re-read them.
-    pub(crate) virtual_keys: tokio::sync::watch::Sender<u64>,
+    /// Changes to the stored virtual keys (made here or, through a shared store,
+    /// elsewhere), for the proxy to re-read them.
+    pub(crate) virtual_keys: tokio::sync::broadcast::Sender<VirtualKeyChange>,
 }
+
+/// What may have changed among the stored virtual keys (see
+/// [`ApiKeyRouterCore::virtual_key_changes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VirtualKeyChange {
+    /// The key of this name: read it alone (`NotFound` when it is gone).
+    One(String),
+    /// Any of them: read them all.
+    All,
+}
+
+/// Changes a slow listener may leave unread before it is told it lagged (and reads
+/// every virtual key instead).
+const VIRTUAL_KEY_CHANGES_QUEUED: usize = 1024;
 
 /// Reads through a lock even if a panicking thread poisoned it: every value behind
 /// these locks is replaced whole, so it is never left half-written.
@@ -100,8 +114,15 @@ impl Shared {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Nobody listening is no error: the proxy listens, a library user may not.
+    fn virtual_key_changed(&self, name: &str) {
+        let _ = self
+            .virtual_keys
+            .send(VirtualKeyChange::One(name.to_owned()));
+    }
+
     fn virtual_keys_changed(&self) {
-        self.virtual_keys.send_modify(|n| *n = n.wrapping_add(1));
+        let _ = self.virtual_keys.send(VirtualKeyChange::All);
     }
 
     pub(crate) fn settings(&self) -> Arc<RouterSettings> {
@@ -421,7 +442,7 @@ impl ApiKeyRouterCore {
                 budgets: RwLock::new(Arc::new(Vec::new())),
                 catalogue: RwLock::new(Arc::new(catalogue)),
                 settings: RwLock::new(Arc::new(settings)),
-                virtual_keys: tokio::sync::watch::Sender::new(0),
+                virtual_keys: tokio::sync::broadcast::Sender::new(VIRTUAL_KEY_CHANGES_QUEUED),
             }),
         }
     }
@@ -473,7 +494,7 @@ impl ApiKeyRouterCore {
                         StoreChange::Budgets => {
                             refresh_budgets(&shared).await;
                         }
-                        StoreChange::VirtualKeys => shared.virtual_keys_changed(),
+                        StoreChange::VirtualKey(name) => shared.virtual_key_changed(&name),
                     }
                 }
                 // The subscription was lost: events in between are gone, so resubscribe
@@ -679,7 +700,7 @@ impl ApiKeyRouterCore {
             .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
         let inserted = self.shared.store.insert_virtual_key(key.clone()).await;
         // Even after an error: the write may have landed before the failure.
-        self.shared.virtual_keys_changed();
+        self.shared.virtual_key_changed(&key.name);
         inserted.map(|()| key)
     }
 
@@ -708,8 +729,9 @@ impl ApiKeyRouterCore {
     pub async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {
         key.validate()
             .map_err(|e| StoreError::new(StoreErrorKind::Invalid, e.to_string()))?;
+        let name = key.name.clone();
         let updated = self.shared.store.update_virtual_key(key).await;
-        self.shared.virtual_keys_changed();
+        self.shared.virtual_key_changed(&name);
         updated
     }
 
@@ -735,7 +757,7 @@ impl ApiKeyRouterCore {
             .store
             .rotate_virtual_key(name, token_sha256)
             .await;
-        self.shared.virtual_keys_changed();
+        self.shared.virtual_key_changed(name);
         rotated
     }
 
@@ -747,16 +769,18 @@ impl ApiKeyRouterCore {
     pub async fn revoke_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
         let now = self.shared.clock.now();
         let revoked = self.shared.store.revoke_virtual_key(name, now).await;
-        self.shared.virtual_keys_changed();
+        self.shared.virtual_key_changed(name);
         revoked
     }
 
-    /// Changes whenever the stored virtual keys may have changed: through this router;
-    /// through another instance, by its change event (Redis), or at each periodic
-    /// reading of a shared store (every 10 s without events, every minute with them),
-    /// after the budgets; and after a lost change subscription, when changes may have
-    /// been missed.
-    pub fn virtual_key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// The changes to the stored virtual keys from now on: one key, when it changed
+    /// through this router or through another instance (by its change event, on
+    /// Redis); all of them at each periodic reading of a shared store (every 10 s
+    /// without events, every minute with them), after the budgets, and after a lost
+    /// change subscription, when changes may have been missed. A receiver that lags
+    /// more than 1,024 changes behind is told so (`RecvError::Lagged`): it should then
+    /// read them all.
+    pub fn virtual_key_changes(&self) -> tokio::sync::broadcast::Receiver<VirtualKeyChange> {
         self.shared.virtual_keys.subscribe()
     }
 

@@ -12,7 +12,7 @@ mod router;
 mod settings;
 
 pub use budgets::{BudgetService, Defined};
-pub use core::{ApiKeyRouterCore, ProviderSettings};
+pub use core::{ApiKeyRouterCore, ProviderSettings, VirtualKeyChange};
 pub use delivery::{DEFAULT_QUEUE_CAPACITY, DeliveryStats};
 pub use errors::{
     BudgetServiceError, KeyServiceError, RegisterKeyError, RouteError, RouteErrorKind,

@@ -217,10 +217,10 @@ async fn view_of(state: &AppState, name: &str) -> Result<Option<View>, ApiError>
     })
 }
 
-/// Takes a change to the stored keys into this instance's credentials now, so the
-/// caller's next request sees it (the change follower would, moments later).
-async fn apply_now(state: &AppState) {
-    if let Err(e) = state.refresh_virtual_keys().await {
+/// Takes a change to the stored key `name` into this instance's credentials now, so
+/// the caller's next request sees it (the change follower would, moments later).
+async fn apply_now(state: &AppState, name: &str) {
+    if let Err(e) = state.refresh_named_virtual_keys([name]).await {
         tracing::warn!(error = %e, "stored virtual keys not re-read after a change; retrying in the background");
     }
 }
@@ -289,7 +289,7 @@ pub async fn create(
         }
         Err(AddVirtualKeyError::Store(e)) => return Err(store_error(&e)),
     };
-    apply_now(&state).await;
+    apply_now(&state, &name).await;
     let view = View::stored(stored, budget);
     Ok((
         StatusCode::CREATED,
@@ -390,7 +390,7 @@ pub async fn update(
         }
         Err(e) => return Err(store_error(&e)),
     }
-    apply_now(&state).await;
+    apply_now(&state, &name).await;
     view_of(&state, &name)
         .await?
         .map(|v| Json(v).into_response())
@@ -427,7 +427,7 @@ pub async fn rotate(
         Err(e) => return Err(store_error(&e)),
     };
     state.revoke_locally(&before.token_sha256).await;
-    apply_now(&state).await;
+    apply_now(&state, &name).await;
     // The token must reach the caller even if the store cannot be read back now: it
     // is the only copy.
     let view = view_of(&state, &name)
@@ -477,6 +477,6 @@ pub async fn delete(
         Err(e) if e.kind == StoreErrorKind::NotFound => return Err(not_found(&name)),
         Err(e) => return Err(store_error(&e)),
     }
-    apply_now(&state).await;
+    apply_now(&state, &name).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

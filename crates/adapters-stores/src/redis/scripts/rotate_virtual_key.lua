@@ -2,7 +2,7 @@
 -- leaving the rest as stored.
 --
 -- KEYS: 1 the virtual keys' hash (name to JSON record).
--- ARGV: 1 name, 2 the new digest (hex digits), 3 virtual-key event channel.
+-- ARGV: 1 name, 2 the new digest (hex digits), 3 virtual-key event channel (payload: the name).
 --
 -- Returns {1, the record before}, or {0, ''} when there is none, {-1, ''} when it is
 -- revoked, {-2, ''} when the text holds no digest. A top-level `"token_sha256":"`
@@ -20,5 +20,5 @@ if n ~= 1 then
   return { -2, '' }
 end
 call('HSET', KEYS[1], ARGV[1], rotated)
-redis.call('PUBLISH', ARGV[3], 'changed')
+redis.call('PUBLISH', ARGV[3], ARGV[1])
 return { 1, json }

@@ -4,7 +4,7 @@
 --
 -- KEYS: 1 the virtual keys' hash (name to JSON record).
 -- ARGV: 1 name, 2 the new record, 3 the record text it was built from, 4 virtual-key
--- event channel.
+-- event channel (payload: the name).
 --
 -- Returns 1, or 0 when there is none, -1 when it is revoked, -2 when it changed since
 -- the caller read it.
@@ -20,5 +20,5 @@ if json ~= ARGV[3] then
   return -2
 end
 call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PUBLISH', ARGV[4], 'changed')
+redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
