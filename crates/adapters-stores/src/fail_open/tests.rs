@@ -694,3 +694,40 @@ async fn outage_spend_is_paid_back_before_a_new_period_kind_takes_effect() {
     assert_eq!(shared_budget(&shared, now()).await, (usd(1.5), Money::ZERO));
     assert!(!store.health().degraded);
 }
+
+/// One budget's status is read as the listing is (from the shared store, or during
+/// an outage from the mirror, which counts the outage's spend); one virtual key only
+/// from the shared store, so a store found down answers `Unavailable` and degrades.
+#[tokio::test]
+async fn one_budget_and_one_virtual_key_are_read_as_their_listings_are() {
+    let (shared, store) = fail_open().await;
+    let key = VirtualKey {
+        name: "team".to_owned(),
+        token_sha256: "a".repeat(64),
+        tenant: None,
+        models: None,
+        rpm: Some(5),
+        budget_usd: None,
+        created_at: now(),
+        revoked_at: None,
+    };
+    shared.inner.insert_virtual_key(key.clone()).await.unwrap();
+    assert_eq!(store.get_virtual_key("team").await.unwrap(), key);
+    assert_eq!(
+        store.budget_status("b", now()).await.unwrap().spent,
+        usd(1.0)
+    );
+
+    shared.down.store(true, Ordering::Relaxed);
+    let err = store.get_virtual_key("team").await.unwrap_err();
+    assert_eq!(err.kind, StoreErrorKind::Unavailable, "{err}");
+    assert!(store.health().degraded, "degraded by the failed read");
+    served(&store, 1, 0.5, now()).await;
+    let status = store.budget_status("b", now()).await.unwrap();
+    assert_eq!(
+        status.spent,
+        usd(1.5),
+        "the mirror's, with the outage's spend"
+    );
+    assert_eq!(store.budget_statuses(now()).await.unwrap(), [status]);
+}
