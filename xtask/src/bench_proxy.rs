@@ -242,7 +242,7 @@ pub(crate) fn ports() -> Result<Ports> {
 }
 
 /// Installs wrk when missing.
-fn ensure_wrk(sh: &Shell) -> Result<()> {
+pub(crate) fn ensure_wrk(sh: &Shell) -> Result<()> {
     if cmd!(sh, "wrk --version")
         .quiet()
         .ignore_stdout()

@@ -36,6 +36,8 @@ const TRAINING_SECS: u32 = 5;
 pub fn dist(sh: &Shell) -> Result<()> {
     let root = sh.current_dir();
     let profdata_tool = llvm_profdata(sh)?;
+    // The training load is wrk's.
+    bench_proxy::ensure_wrk(sh)?;
     let profiles = root.join("target/pgo/profiles");
     let merged = root.join("target/pgo/merged.profdata");
     let host = cmd!(sh, "rustc --print host-tuple").quiet().read()?;
