@@ -36,8 +36,9 @@ const TRAINING_SECS: u32 = 5;
 pub fn dist(sh: &Shell) -> Result<()> {
     let root = sh.current_dir();
     let profdata_tool = llvm_profdata(sh)?;
-    // The training load is wrk's.
+    // The training load is wrk's, on ports checked now rather than after a build.
     bench_proxy::ensure_wrk(sh)?;
+    let ports = bench_proxy::ports()?;
     let profiles = root.join("target/pgo/profiles");
     let merged = root.join("target/pgo/merged.profdata");
     let host = cmd!(sh, "rustc --print host-tuple").quiet().read()?;
@@ -55,10 +56,8 @@ pub fn dist(sh: &Shell) -> Result<()> {
     if profiles.exists() {
         sh.remove_path(&profiles)?;
     }
-    train(
-        sh,
-        &format!("target/pgo/generate/{host}/release/apikeyrouter"),
-    )?;
+    let instrumented = format!("target/pgo/generate/{host}/release/apikeyrouter");
+    train(sh, &instrumented, &ports)?;
     cmd!(sh, "{profdata_tool} merge -o {merged} {profiles}")
         .run()
         .with_context(|| {
@@ -99,9 +98,8 @@ fn build(sh: &Shell, target_dir: &str, host: &str, rustflags: &str) -> Result<()
 
 /// Runs the instrumented `binary` on the training workload. Each server is stopped
 /// with SIGTERM, so that it exits through `main` and writes its profile.
-fn train(sh: &Shell, binary: &str) -> Result<()> {
-    let ports = bench_proxy::ports()?;
-    let (mock_at, serve_at, demo_at) = (&ports.training[0], &ports.training[1], &ports.training[2]);
+fn train(sh: &Shell, binary: &str, ports: &bench_proxy::Ports) -> Result<()> {
+    let [mock_at, serve_at, demo_at] = &ports.training;
     let dir = "target/pgo";
     bench_proxy::write_files(sh, dir, mock_at, serve_at)?;
     let secs = TRAINING_SECS.to_string();
