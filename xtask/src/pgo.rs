@@ -29,6 +29,9 @@ pub const DIST_BINARY: &str = "target/dist/apikeyrouter";
 /// The Debian package that provides a usable `llvm-profdata` when rustup's
 /// `llvm-tools` component is not installed.
 const LLVM_PACKAGE: &str = "llvm-19";
+/// The oldest `/usr/lib/llvm-*` whose `llvm-profdata` reads the raw profiles of
+/// rustc 1.95 (LLVM 22); older ones are passed over, so that `llvm-19` gets installed.
+const OLDEST_LLVM: u32 = 19;
 /// Seconds of each training load.
 const TRAINING_SECS: u32 = 5;
 
@@ -80,7 +83,8 @@ pub fn dist(sh: &Shell) -> Result<()> {
     Ok(())
 }
 
-/// A release build of the `apikeyrouter` binary into `target_dir` with `rustflags`.
+/// A release build of the `apikeyrouter` binary into `target_dir` with `rustflags`
+/// added to any the caller set.
 /// The explicit `--target` keeps the flags off build scripts and proc macros, which
 /// would otherwise be instrumented too and write profiles of the build itself.
 fn build(sh: &Shell, target_dir: &str, host: &str, rustflags: &str) -> Result<()> {
@@ -89,11 +93,19 @@ fn build(sh: &Shell, target_dir: &str, host: &str, rustflags: &str) -> Result<()
         "cargo build --release -p apikeyrouter-proxy --bin apikeyrouter --target {host}"
     )
     .env("CARGO_TARGET_DIR", target_dir)
-    .env("RUSTFLAGS", rustflags)
+    .env("RUSTFLAGS", with_callers_flags(rustflags))
     // Would take precedence over RUSTFLAGS.
     .env_remove("CARGO_ENCODED_RUSTFLAGS")
     .run()?;
     Ok(())
+}
+
+/// `flags` after the caller's own `RUSTFLAGS`, so both builds get what the plain one does.
+fn with_callers_flags(flags: &str) -> String {
+    match std::env::var("RUSTFLAGS") {
+        Ok(own) if !own.trim().is_empty() => format!("{own} {flags}"),
+        _ => flags.to_owned(),
+    }
 }
 
 /// Runs the instrumented `binary` on the training workload. Each server is stopped
@@ -191,8 +203,8 @@ fn stop(mut server: Guard) -> Result<()> {
 }
 
 /// The `llvm-profdata` to merge profiles with: rustup's `llvm-tools` component, else the
-/// newest under `/usr/lib/llvm-*`, else one on PATH, else Debian's [`LLVM_PACKAGE`]
-/// installed now.
+/// newest under `/usr/lib/llvm-*` from [`OLDEST_LLVM`] on, else one on PATH, else
+/// Debian's [`LLVM_PACKAGE`] installed now.
 fn llvm_profdata(sh: &Shell) -> Result<PathBuf> {
     if let Some(found) = installed_llvm_profdata(sh) {
         return Ok(found);
@@ -221,6 +233,9 @@ fn installed_llvm_profdata(sh: &Shell) -> Option<PathBuf> {
         .filter_map(|entry| {
             let name = entry.ok()?.file_name().into_string().ok()?;
             let version: u32 = name.strip_prefix("llvm-")?.parse().ok()?;
+            if version < OLDEST_LLVM {
+                return None;
+            }
             let tool = Path::new("/usr/lib").join(name).join("bin/llvm-profdata");
             tool.exists().then_some((version, tool))
         })

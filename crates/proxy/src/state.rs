@@ -58,7 +58,10 @@ impl AppState {
     /// The store's error; the credentials are left as they were.
     pub async fn refresh_virtual_keys(&self) -> Result<(), apikeyrouter::StoreError> {
         let mut applied = self.refreshing.lock().await;
-        let stored = self.router.virtual_keys().await?;
+        let mut stored = self.router.virtual_keys().await?;
+        // In name order, which the stores promise and the named reads below rely on;
+        // sorted here too so that a store listing otherwise cannot duplicate a key.
+        stored.sort_by(|a, b| a.name.cmp(&b.name));
         // The same list again (the periodic re-read, mostly): nothing to rebuild, and
         // its warnings were logged already.
         if applied.as_ref() != Some(&stored) {
