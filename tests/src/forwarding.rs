@@ -52,6 +52,8 @@ pub struct Forwarding {
     budget_listing_hold: Mutex<Option<Arc<ListingHold>>>,
     /// Changes each key of a listing, as a store lagging behind would show it.
     listing_rewrite: Mutex<Option<fn(&mut ApiKey)>>,
+    /// The virtual key whose record, read alone, does not decode (`Invalid`).
+    undecodable_virtual_key: Mutex<Option<String>>,
 }
 
 /// A listing read from the store and held before it is answered: what a change made
@@ -111,7 +113,17 @@ impl Forwarding {
             listing_hold: Mutex::new(None),
             budget_listing_hold: Mutex::new(None),
             listing_rewrite: Mutex::new(None),
+            undecodable_virtual_key: Mutex::new(None),
         }
+    }
+
+    /// Makes the record of virtual key `name`, read alone, one that does not decode,
+    /// as a record written by hand or by another version would.
+    pub fn undecodable_virtual_key(&self, name: &str) {
+        *self
+            .undecodable_virtual_key
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(name.to_owned());
     }
 
     /// Holds the next key listing once it has read the store, until released.
@@ -394,6 +406,18 @@ impl VirtualKeyStore for Forwarding {
         self.inner.list_virtual_keys().await
     }
     async fn get_virtual_key(&self, name: &str) -> Result<VirtualKey, StoreError> {
+        let undecodable = self
+            .undecodable_virtual_key
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_deref()
+            == Some(name);
+        if undecodable {
+            return Err(StoreError::new(
+                StoreErrorKind::Invalid,
+                format!("virtual key {name}: bad json"),
+            ));
+        }
         self.inner.get_virtual_key(name).await
     }
     async fn update_virtual_key(&self, key: VirtualKey) -> Result<(), StoreError> {

@@ -998,15 +998,16 @@ async fn revoking_the_last_virtual_key_keeps_the_api_closed() {
 
 /// A change to one stored virtual key is read alone: told that `a` changed, an
 /// instance learns `a` and not `b`, made meanwhile through another router sharing its
-/// store (a memory store here, which no periodic reading re-reads).
+/// store (a memory store here, which no periodic reading re-reads). A record that
+/// does not decode is left out, as the listing leaves it out, without keeping the
+/// other changes read with it from applying.
 #[tokio::test]
 async fn a_virtual_key_change_reads_that_key_alone() {
     use std::collections::BTreeSet;
 
     use apikeyrouter_proxy::state::AppState;
 
-    let store: Arc<dyn apikeyrouter::StateStore> =
-        Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
+    let store = Arc::new(crate::forwarding::Forwarding::over_memory());
     let router = async || {
         apikeyrouter::ApiKeyRouter::builder()
             .store(store.clone())
@@ -1036,6 +1037,14 @@ async fn a_virtual_key_change_reads_that_key_alone() {
     assert_eq!(known(), BTreeSet::from(["b".to_owned()]));
     here.refresh_virtual_keys().await.unwrap();
     assert_eq!(known(), BTreeSet::from(["b".to_owned()]));
+
+    elsewhere
+        .add_virtual_key(crate::support::virtual_key("c", '3'))
+        .await
+        .unwrap();
+    store.undecodable_virtual_key("b");
+    here.refresh_named_virtual_keys(["b", "c"]).await.unwrap();
+    assert_eq!(known(), BTreeSet::from(["c".to_owned()]));
 }
 
 /// A reload of the config file replaces the file's virtual keys and keeps the ones

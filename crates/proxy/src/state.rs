@@ -72,9 +72,9 @@ impl AppState {
     }
 
     /// Re-reads the stored virtual keys `names`, each alone, into the credentials in
-    /// force (a name no longer stored is dropped); all of them instead when none were
-    /// read yet. What a change to a few keys costs stays independent of how many
-    /// there are.
+    /// force (a name no longer stored, or whose record does not decode, is dropped);
+    /// all of them instead when none were read yet. What a change to a few keys costs
+    /// stays independent of how many there are.
     ///
     /// # Errors
     /// The store's error; the credentials are left as they were.
@@ -91,6 +91,12 @@ impl AppState {
             let stored = match self.router.virtual_key(name).await {
                 Ok(key) => Some(key),
                 Err(e) if e.kind == apikeyrouter::StoreErrorKind::NotFound => None,
+                // Left out, as the listing leaves out a record that does not decode:
+                // one bad record must not keep the other changes from applying.
+                Err(e) if e.kind == apikeyrouter::StoreErrorKind::Invalid => {
+                    tracing::warn!(virtual_key = %name, error = %e, "stored virtual key does not decode; ignored");
+                    None
+                }
                 Err(e) => return Err(e),
             };
             // The list stays in name order, as the store lists it.
