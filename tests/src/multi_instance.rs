@@ -511,6 +511,13 @@ async fn a_virtual_key_change_is_signalled_by_its_name() {
         next.await.expect("a signal within 5 s"),
         Ok(VirtualKeyChange::One("made-elsewhere".to_owned()))
     );
+    // An instance of a version before named events names no key.
+    store.send_change(StoreChange::VirtualKeys);
+    let next = tokio::time::timeout(Duration::from_secs(5), virtual_keys.recv());
+    assert_eq!(
+        next.await.expect("a signal within 5 s"),
+        Ok(VirtualKeyChange::All)
+    );
     router
         .add_virtual_key(crate::support::virtual_key("made-here", '3'))
         .await

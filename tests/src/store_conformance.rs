@@ -403,7 +403,7 @@ async fn redis_cluster_announces_key_budget_and_virtual_key_changes_and_opens_fr
                     seen.insert(id.as_str().to_owned());
                 }
                 StoreChange::Budgets => budgets += 1,
-                StoreChange::VirtualKey(_) => virtual_keys += 1,
+                StoreChange::VirtualKey(_) | StoreChange::VirtualKeys => virtual_keys += 1,
             }
         }
     })

@@ -52,6 +52,11 @@ use super::codec::{
 use super::keys::Names;
 use super::scripts::Scripts;
 
+/// The payload of every virtual-key event before events named the key. A newer
+/// instance reads all virtual keys on it, so a rolling upgrade loses no change; a key
+/// really named so is then read with all the others.
+const LEGACY_VIRTUAL_KEY_EVENT: &str = "changed";
+
 /// The namespace [`crate::connect`] uses for a `redis` store configuration.
 pub const DEFAULT_NAMESPACE: &str = "apikeyrouter";
 
@@ -322,9 +327,14 @@ impl RedisStore {
             let change = if channel == budgets {
                 Some(StoreChange::Budgets)
             } else if channel == virtual_keys {
-                msg.get_payload::<String>()
-                    .ok()
-                    .map(StoreChange::VirtualKey)
+                msg.get_payload::<String>().ok().map(|name| {
+                    // What versions before named events announce, for any change.
+                    if name == LEGACY_VIRTUAL_KEY_EVENT {
+                        StoreChange::VirtualKeys
+                    } else {
+                        StoreChange::VirtualKey(name)
+                    }
+                })
             } else {
                 msg.get_payload::<String>()
                     .ok()

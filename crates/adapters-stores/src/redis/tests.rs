@@ -357,6 +357,16 @@ async fn virtual_key_changes_are_announced_and_a_bad_record_is_left_out() {
             .expect("an event within 5 s");
         assert_eq!(event, Some(StoreChange::VirtualKey("good".to_owned())));
     }
+    // An older instance's event names no key: every virtual key is read again.
+    let _: () = raw()
+        .await
+        .publish(names.virtual_key_events(), "changed")
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("an event within 5 s");
+    assert_eq!(event, Some(StoreChange::VirtualKeys));
     let _: () = raw()
         .await
         .hset(names.virtual_keys(), "bad", "{not json")

@@ -571,6 +571,9 @@ pub enum StoreChange {
     Budgets,
     /// The virtual key of this name was added, changed, rotated or revoked.
     VirtualKey(String),
+    /// Any virtual key may have changed (what an instance of a version before named
+    /// events announces).
+    VirtualKeys,
 }
 
 /// Changes made by any instance sharing a store; ends when the subscription is lost.

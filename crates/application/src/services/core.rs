@@ -495,6 +495,7 @@ impl ApiKeyRouterCore {
                             refresh_budgets(&shared).await;
                         }
                         StoreChange::VirtualKey(name) => shared.virtual_key_changed(&name),
+                        StoreChange::VirtualKeys => shared.virtual_keys_changed(),
                     }
                 }
                 // The subscription was lost: events in between are gone, so resubscribe
