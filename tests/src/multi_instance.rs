@@ -532,18 +532,35 @@ async fn a_virtual_key_change_is_signalled_by_its_name() {
     );
 }
 
+/// A router with one key (of `material`) over a memory store behind a change feed the
+/// test controls, with the memory store itself, for changes made as by another
+/// instance.
+async fn one_key_behind_a_change_feed(
+    material: &str,
+) -> (
+    Arc<dyn StateStore>,
+    Arc<crate::forwarding::Forwarding>,
+    ApiKeyRouter,
+    Arc<SimulatedProvider>,
+    apikeyrouter::KeyInfo,
+) {
+    let inner: Arc<dyn StateStore> = Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
+    let store = Arc::new(crate::forwarding::Forwarding::to(inner.clone()).with_change_feed());
+    let (router, sim) = instance_on(store.clone()).await;
+    let key = router
+        .register_key(material, "openai", KeyMetadata::default())
+        .await
+        .unwrap();
+    (inner, store, router, sim, key)
+}
+
 /// The events sent while a change subscription was lost are gone: once subscribed
 /// again the router reads the keys again, learning one added meanwhile and
 /// forgetting one deleted, and signals the virtual keys.
 #[tokio::test]
 async fn after_a_lost_subscription_keys_deleted_meanwhile_are_forgotten() {
-    let inner: Arc<dyn StateStore> = Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
-    let store = Arc::new(crate::forwarding::Forwarding::to(inner.clone()).with_change_feed());
-    let (router, sim) = instance_on(store.clone()).await;
-    let gone = router
-        .register_key("sk-deleted-elsewhere-01", "openai", KeyMetadata::default())
-        .await
-        .unwrap();
+    let (inner, store, router, sim, gone) =
+        one_key_behind_a_change_feed("sk-deleted-elsewhere-01").await;
     let mut virtual_keys = router.virtual_key_changes();
 
     // Another instance deletes the key and adds one; their events are lost.
@@ -637,13 +654,8 @@ async fn a_reading_leaves_a_key_throttled_here_throttled() {
 /// change, a subscription that died without closing).
 #[tokio::test(start_paused = true)]
 async fn a_store_with_events_is_read_again_every_minute() {
-    let inner: Arc<dyn StateStore> = Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
-    let store = Arc::new(crate::forwarding::Forwarding::to(inner.clone()).with_change_feed());
-    let (router, _) = instance_on(store.clone()).await;
-    let key = router
-        .register_key("sk-deleted-unannounced", "openai", KeyMetadata::default())
-        .await
-        .unwrap();
+    let (inner, store, router, _, key) =
+        one_key_behind_a_change_feed("sk-deleted-unannounced").await;
     let mut virtual_keys = router.virtual_key_changes();
     // Deleted elsewhere; its event never comes.
     inner.delete_key(&key.id).await.unwrap();

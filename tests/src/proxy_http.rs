@@ -63,12 +63,7 @@ impl Proxy {
     /// the background), or `null` after three seconds.
     async fn record_when_written(&self, id: &str) -> Value {
         for _ in 0..300 {
-            let r = self
-                .client
-                .get(self.url(&format!("/api/v1/requests/{id}")))
-                .send()
-                .await
-                .unwrap();
+            let r = self.get(&format!("/api/v1/requests/{id}")).await;
             if r.status() == StatusCode::OK {
                 return r.json().await.unwrap();
             }
@@ -77,28 +72,23 @@ impl Proxy {
         Value::Null
     }
 
-    /// The JSON answer to `GET path` (no credentials).
-    async fn get_json(&self, path: &str) -> Value {
+    /// `GET path` (no credentials).
+    async fn get(&self, path: &str) -> reqwest::Response {
         self.client
             .get(self.url(path))
             .send()
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+            .expect("response")
+    }
+
+    /// The JSON answer to `GET path` (no credentials).
+    async fn get_json(&self, path: &str) -> Value {
+        self.get(path).await.json().await.unwrap()
     }
 
     /// The metrics page in Prometheus' text format.
     async fn metrics(&self) -> String {
-        self.client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.get("/metrics").await.text().await.unwrap()
     }
 
     /// `method path` with `body` as JSON (no credentials).
@@ -239,11 +229,8 @@ async fn chat_completion_has_openai_shape_and_routing_headers() {
 
     // The request's record is there, with the tags and the decision.
     let record: Value = p
-        .client
-        .get(p.url("/api/v1/requests/my-request-1"))
-        .send()
+        .get("/api/v1/requests/my-request-1")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -380,15 +367,7 @@ provider = "together"
 material = "sk-test-together-0001"
 "#;
     let p = Proxy::start(extra, &[]).await;
-    let r: Value = p
-        .client
-        .get(p.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = p.get("/v1/models").await.json().await.unwrap();
     let ids: Vec<&str> = r["data"]
         .as_array()
         .unwrap()
@@ -414,12 +393,7 @@ material = "sk-test-together-0001"
             json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
         );
     }
-    let r = p
-        .client
-        .get(p.url("/v1/models/gpt-5"))
-        .send()
-        .await
-        .unwrap();
+    let r = p.get("/v1/models/gpt-5").await;
     let (status, body) = error_of(r).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
@@ -499,7 +473,7 @@ async fn bad_requests_get_precise_openai_errors() {
         (StatusCode::PAYLOAD_TOO_LARGE, Some("request_too_large"))
     );
 
-    let (status, _) = error_of(p.client.get(p.url("/v2/nothing")).send().await.unwrap()).await;
+    let (status, _) = error_of(p.get("/v2/nothing").await).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     let bad_objective = p
@@ -634,12 +608,7 @@ budget_usd = 3.0
     );
 
     // Listed with the file's key, in name order, with this month's spend; no token.
-    let r = p
-        .client
-        .get(p.url("/api/v1/virtual_keys"))
-        .send()
-        .await
-        .unwrap();
+    let r = p.get("/api/v1/virtual_keys").await;
     let text = r.text().await.unwrap();
     assert!(
         !text.contains(&token) && !text.contains("file-client-token-1"),
@@ -668,12 +637,7 @@ budget_usd = 3.0
         p.get_json("/api/v1/virtual_keys/from-file").await,
         list["data"][0]
     );
-    let unknown = p
-        .client
-        .get(p.url("/api/v1/virtual_keys/nobody"))
-        .send()
-        .await
-        .unwrap();
+    let unknown = p.get("/api/v1/virtual_keys/nobody").await;
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 
     // Refusals name what is wrong.
@@ -1272,7 +1236,7 @@ async fn management_api_requires_the_admin_token_and_masks_material() {
         &[("ADMIN", "admin-token-789")],
     )
     .await;
-    let (status, _) = error_of(p.client.get(p.url("/api/v1/keys")).send().await.unwrap()).await;
+    let (status, _) = error_of(p.get("/api/v1/keys").await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = error_of(
         p.client
