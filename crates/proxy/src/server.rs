@@ -1,21 +1,21 @@
 //! Running the proxy: bind, serve with TCP_NODELAY, reload on SIGHUP or file change,
 //! shut down gracefully on SIGINT/SIGTERM (in-flight requests finish, within a limit).
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use apikeyrouter::ApiKeyRouter;
 use apikeyrouter::config::{Config, ServerConfig, ServerRuntime};
-use apikeyrouter::{ApiKeyRouter, VirtualKeyChange};
 use tokio::net::TcpListener;
 
 use crate::auth::Auth;
 use crate::state::AppState;
 
 mod connections;
+mod follower;
 mod per_core;
 
 /// Builds the shared state from a configuration.
@@ -35,60 +35,8 @@ pub async fn build_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         .refresh_virtual_keys()
         .await
         .context("cannot read the stored virtual keys")?;
-    follow_virtual_keys(&state, changes);
+    follower::follow_virtual_keys(&state, changes);
     Ok(state)
-}
-
-/// More changed keys than this waiting at once are read in one listing rather than
-/// one by one.
-const NAMED_READS: usize = 64;
-
-/// Re-reads stored virtual keys whenever the router says they changed: the key named,
-/// when it changed through this instance or another (by its change event); all of
-/// them at the router's periodic reading (after the budgets), after a lost change
-/// subscription, or when this follower lagged. Changes waiting together are read
-/// together. A failed read is logged, and the next change reads all of them.
-fn follow_virtual_keys(
-    state: &Arc<AppState>,
-    mut changes: tokio::sync::broadcast::Receiver<VirtualKeyChange>,
-) {
-    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-
-    let weak = Arc::downgrade(state);
-    tokio::spawn(async move {
-        let mut all = false;
-        loop {
-            let mut names = BTreeSet::new();
-            let mut next = changes.recv().await;
-            loop {
-                match next {
-                    Ok(VirtualKeyChange::One(name)) => {
-                        names.insert(name);
-                    }
-                    Ok(VirtualKeyChange::All) | Err(RecvError::Lagged(_)) => all = true,
-                    Err(RecvError::Closed) => return,
-                }
-                next = match changes.try_recv() {
-                    Ok(change) => Ok(change),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-                    Err(TryRecvError::Closed) => Err(RecvError::Closed),
-                };
-            }
-            let Some(state) = weak.upgrade() else { return };
-            let read = if all || names.len() > NAMED_READS {
-                state.refresh_virtual_keys().await
-            } else {
-                state
-                    .refresh_named_virtual_keys(names.iter().map(String::as_str))
-                    .await
-            };
-            all = read.is_err();
-            if let Err(e) = read {
-                tracing::warn!(error = %e, "stored virtual keys not re-read");
-            }
-        }
-    });
 }
 
 /// The runtime the command runs on. With the shared arrangement it is the one that
