@@ -102,8 +102,12 @@ fn build(sh: &Shell, target_dir: &str, host: &str, rustflags: &str) -> Result<()
 
 /// `flags` after the caller's own `RUSTFLAGS`, so both builds get what the plain one does.
 fn with_callers_flags(flags: &str) -> String {
-    match std::env::var("RUSTFLAGS") {
-        Ok(own) if !own.trim().is_empty() => format!("{own} {flags}"),
+    joined_flags(std::env::var("RUSTFLAGS").ok().as_deref(), flags)
+}
+
+fn joined_flags(own: Option<&str>, flags: &str) -> String {
+    match own {
+        Some(own) if !own.trim().is_empty() => format!("{own} {flags}"),
         _ => flags.to_owned(),
     }
 }
@@ -227,7 +231,20 @@ fn installed_llvm_profdata(sh: &Shell) -> Option<PathBuf> {
             return Some(rustup);
         }
     }
-    let system = std::fs::read_dir("/usr/lib")
+    let system = newest_llvm_profdata(Path::new("/usr/lib"));
+    system.or_else(|| {
+        Command::new("llvm-profdata")
+            .arg("--version")
+            .output()
+            .is_ok()
+            .then(|| PathBuf::from("llvm-profdata"))
+    })
+}
+
+/// The `llvm-profdata` of the newest `llvm-N` under `lib` (Debian's layout) with N at
+/// least [`OLDEST_LLVM`].
+fn newest_llvm_profdata(lib: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(lib)
         .into_iter()
         .flatten()
         .filter_map(|entry| {
@@ -236,16 +253,49 @@ fn installed_llvm_profdata(sh: &Shell) -> Option<PathBuf> {
             if version < OLDEST_LLVM {
                 return None;
             }
-            let tool = Path::new("/usr/lib").join(name).join("bin/llvm-profdata");
+            let tool = lib.join(name).join("bin/llvm-profdata");
             tool.exists().then_some((version, tool))
         })
         .max_by_key(|(version, _)| *version)
-        .map(|(_, tool)| tool);
-    system.or_else(|| {
-        Command::new("llvm-profdata")
-            .arg("--version")
-            .output()
-            .is_ok()
-            .then(|| PathBuf::from("llvm-profdata"))
-    })
+        .map(|(_, tool)| tool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_flags_come_first_and_blank_ones_are_dropped() {
+        assert_eq!(
+            joined_flags(Some("-C target-cpu=native"), "-Cprofile-use=p"),
+            "-C target-cpu=native -Cprofile-use=p"
+        );
+        assert_eq!(
+            joined_flags(Some("  "), "-Cprofile-use=p"),
+            "-Cprofile-use=p"
+        );
+        assert_eq!(joined_flags(None, "-Cprofile-use=p"), "-Cprofile-use=p");
+    }
+
+    #[test]
+    fn the_newest_system_llvm_with_the_tool_is_chosen_and_old_ones_passed_over() {
+        let lib = std::env::temp_dir().join(format!("xtask-pgo-{}", std::process::id()));
+        let tool = |dir: &str| lib.join(dir).join("bin/llvm-profdata");
+        let _ = std::fs::remove_dir_all(&lib);
+        assert_eq!(newest_llvm_profdata(&lib), None, "no directory");
+        for dir in [
+            "llvm-18", "llvm-19", "llvm-20", "llvm-21", "llvm-x", "llvm-99",
+        ] {
+            std::fs::create_dir_all(lib.join(dir).join("bin")).unwrap();
+        }
+        assert_eq!(newest_llvm_profdata(&lib), None, "no tool in any");
+        for dir in ["llvm-18", "llvm-19", "llvm-20", "llvm-x"] {
+            std::fs::write(tool(dir), "").unwrap();
+        }
+        assert_eq!(newest_llvm_profdata(&lib), Some(tool("llvm-20")));
+        std::fs::remove_file(tool("llvm-20")).unwrap();
+        std::fs::remove_file(tool("llvm-19")).unwrap();
+        assert_eq!(newest_llvm_profdata(&lib), None, "llvm-18 is too old");
+        std::fs::remove_dir_all(&lib).unwrap();
+    }
 }
