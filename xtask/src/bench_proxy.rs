@@ -26,6 +26,7 @@
 //! environment).
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -351,8 +352,8 @@ pub(crate) fn start_mock(at: &str) -> Result<Guard> {
 }
 
 /// `cargo xtask bench proxy-instructions`: the user-space instructions and simulated
-/// cache misses per request of the proxy and of the bare forwarder (the floor) under
-/// callgrind (valgrind, installed from Debian's packages when missing), each at four
+/// cache misses per request of the proxy (and of `cargo xtask dist`'s build, when there
+/// is one) and of the bare forwarder (the floor) under callgrind (valgrind, installed from Debian's packages when missing), each at four
 /// connections after a warm-up. Unlike CPU time on a shared VM the counts repeat from
 /// run to run, so they show what a change to the request path saves, and how far the
 /// proxy is above the floor. The misses matter as much as the instructions: the proxy
@@ -379,14 +380,29 @@ pub fn instructions(sh: &Shell) -> Result<()> {
     }
     let _mock = start_mock(&mock_at)?;
     let config = format!("{dir}/proxy.toml");
-    let proxy = count_events(
-        sh,
-        dir,
+    let mut rows = vec![(
         "proxy",
-        &[PLAIN_BINARY, "serve", "--config", &config],
-        &proxy_at,
-        &format!("http://{proxy_at}/ready"),
-    )?;
+        count_events(
+            sh,
+            dir,
+            "proxy",
+            &[PLAIN_BINARY, "serve", "--config", &config],
+            &proxy_at,
+            &format!("http://{proxy_at}/ready"),
+        )?,
+    )];
+    // The profile-guided build takes minutes, so it is counted only when built already.
+    if Path::new(pgo::DIST_BINARY).exists() {
+        let dist = count_events(
+            sh,
+            dir,
+            "proxy-dist",
+            &[pgo::DIST_BINARY, "serve", "--config", &config],
+            &proxy_at,
+            &format!("http://{proxy_at}/ready"),
+        )?;
+        rows.push(("proxy, `cargo xtask dist` build", dist));
+    }
     let direct_url = format!("http://{mock_at}/v1/chat/completions");
     let floor = count_events(
         sh,
@@ -403,20 +419,26 @@ pub fn instructions(sh: &Shell) -> Result<()> {
     println!("per request under callgrind (four connections; simulated 32 KB L1 caches):");
     println!("| | instructions | I1 misses | D1 read misses | D1 write misses |");
     println!("|---|---|---|---|---|");
-    for (name, e) in [("proxy", &proxy), ("bare forwarder (floor)", &floor)] {
+    let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+    for (name, e) in &rows {
         println!(
             "| {name} | {} | {} | {} | {} |",
             e.instructions, e.i1_misses, e.d1_read_misses, e.d1_write_misses
         );
     }
-    let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
     println!(
-        "| proxy / floor | {:.2} | {:.2} | {:.2} | {:.2} |",
-        ratio(proxy.instructions, floor.instructions),
-        ratio(proxy.i1_misses, floor.i1_misses),
-        ratio(proxy.d1_read_misses, floor.d1_read_misses),
-        ratio(proxy.d1_write_misses, floor.d1_write_misses)
+        "| bare forwarder (floor) | {} | {} | {} | {} |",
+        floor.instructions, floor.i1_misses, floor.d1_read_misses, floor.d1_write_misses
     );
+    for (name, e) in &rows {
+        println!(
+            "| {name} / floor | {:.2} | {:.2} | {:.2} | {:.2} |",
+            ratio(e.instructions, floor.instructions),
+            ratio(e.i1_misses, floor.i1_misses),
+            ratio(e.d1_read_misses, floor.d1_read_misses),
+            ratio(e.d1_write_misses, floor.d1_write_misses)
+        );
+    }
     Ok(())
 }
 

@@ -25,7 +25,7 @@ tasks:
   check-layers          check workspace dependency edges against the layer rule
   bench [-- ARGS...]    cargo bench for the workspace; ARGS go to criterion
   bench proxy [SECS]    load test: wrk through the proxy vs directly against a mock upstream
-  bench proxy-instructions  instructions and cache misses per request under callgrind: the proxy and the floor
+  bench proxy-instructions  instructions and cache misses per request under callgrind: the proxy (and its dist build, if built) and the floor
   bench redis [N]       route() on Redis vs memory: requests/s, p50/p99, Redis round
                         trips per request (needs Redis: `cargo xtask services up`)
   dist                  build the binary to ship, profile-guided: target/dist/apikeyrouter
