@@ -690,6 +690,120 @@ async fn after_a_lost_subscription_a_key_throttled_here_stays_throttled() {
     assert_eq!(sim.calls(&key), calls, "a key in its cooldown was called");
 }
 
+/// A catch-up reading that a local change overlapped is not applied but taken again:
+/// here the first two readings are overlapped, and the third forgets the key deleted
+/// elsewhere while the subscription was lost.
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_reading_a_local_change_overlapped_is_taken_again() {
+    let (store, router, gone, listed) = deleted_elsewhere_then_subscription_lost().await;
+    let hold = overlap_catch_up_readings(&store, &router, 2).await;
+    assert!(
+        chooses_deleted(&router, &gone).await,
+        "an overlapped reading was applied"
+    );
+    // Within seconds: the periodic reading, a minute on, would read too.
+    tokio::time::timeout(Duration::from_secs(5), hold.read())
+        .await
+        .expect("no third catch-up reading");
+    hold.release();
+
+    eventually("the third catch-up reading applied", async || {
+        !chooses_deleted(&router, &gone).await
+    })
+    .await;
+    assert_eq!(store.list_keys_calls(), listed + 3);
+    assert!(hello(&router).await.is_err(), "no chat key is left");
+}
+
+/// A catch-up whose three readings were all overlapped by local changes stops there;
+/// the periodic reading, a minute on, applies the store's view.
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_overlapped_every_time_is_left_to_the_periodic_reading() {
+    let (store, router, gone, listed) = deleted_elsewhere_then_subscription_lost().await;
+    // The hold set on a fourth listing lets it answer at once.
+    overlap_catch_up_readings(&store, &router, 3)
+        .await
+        .release();
+
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        store.list_keys_calls(),
+        listed + 3,
+        "no fourth catch-up reading"
+    );
+    assert!(
+        chooses_deleted(&router, &gone).await,
+        "an overlapped reading was applied"
+    );
+
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(store.list_keys_calls(), listed + 4, "the periodic reading");
+    assert!(
+        !chooses_deleted(&router, &gone).await,
+        "the deleted key is still known"
+    );
+    assert!(hello(&router).await.is_err(), "no chat key is left");
+}
+
+/// Whether `router` still chooses `key`, deleted in the store: its charge on the key
+/// is then refused as not found.
+async fn chooses_deleted(router: &ApiKeyRouter, key: &apikeyrouter::KeyInfo) -> bool {
+    matches!(
+        hello(router).await,
+        Err(e) if matches!(&e.kind, RouteErrorKind::Store(s) if s.message.contains(key.id.as_str()))
+    )
+}
+
+/// A router behind a change feed whose only chat key was deleted in the store (its
+/// event never came) and whose subscription is then lost, with the key listings
+/// counted before that.
+async fn deleted_elsewhere_then_subscription_lost() -> (
+    Arc<crate::forwarding::Forwarding>,
+    ApiKeyRouter,
+    apikeyrouter::KeyInfo,
+    u64,
+) {
+    let (inner, store, router, _, gone) =
+        one_key_behind_a_change_feed("sk-deleted-elsewhere-02").await;
+    inner.delete_key(&gone.id).await.unwrap();
+    let listed = store.list_keys_calls();
+    store.lose_subscription();
+    (store, router, gone, listed)
+}
+
+/// Holds each of the catch-up's next `overlapped` key listings until a key is
+/// registered (disabled) here, then lets it answer; returns the hold set on the listing after them.
+async fn overlap_catch_up_readings(
+    store: &crate::forwarding::Forwarding,
+    router: &ApiKeyRouter,
+    overlapped: usize,
+) -> Arc<crate::forwarding::ListingHold> {
+    let mut hold = store.hold_next_key_listing();
+    for reading in 1..=overlapped {
+        tokio::time::timeout(Duration::from_secs(5), hold.read())
+            .await
+            .unwrap_or_else(|_| panic!("no catch-up reading {reading}"));
+        // Disabled, so that only the deleted key can be chosen.
+        let key = router
+            .register_key(
+                &format!("sk-registered-meanwhile-{reading}"),
+                "openai",
+                KeyMetadata::default(),
+            )
+            .await
+            .unwrap();
+        router
+            .set_key_state(&key.id, KeyState::Disabled, "test")
+            .await
+            .unwrap();
+        // Set before the release, so that the next reading cannot slip past it.
+        let next = store.hold_next_key_listing();
+        hold.release();
+        hold = next;
+    }
+    hold
+}
+
 /// A router over `store` whose only key it saw rate limited (a 10-minute cooldown),
 /// whose provider answers again, and which `store` now lists as available, as a store
 /// lagging behind would.
