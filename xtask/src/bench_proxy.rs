@@ -41,6 +41,9 @@ const DEFAULT_PORT: u16 = 19100;
 const CONNECTIONS: u32 = 64;
 /// Connections of the below-saturation run (one request in flight at a time).
 const LOW_CONNECTIONS: u32 = 1;
+/// Rounds of the paced runs. Each round runs every path once, one after another, so
+/// that the VM's drifting speed reaches them all alike; the report takes the median.
+const PACED_ROUNDS: usize = 3;
 /// Each paced connection waits a random 10–30 ms before each request.
 pub(crate) const PACING: &str = "function delay()\n  return math.random(10, 30)\nend\n";
 const N_KEYS: usize = 1_000;
@@ -551,20 +554,20 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     let mock = start_mock(&mock_at)?;
     let proxy = start_proxy(pgo::DIST_BINARY, dir, &proxy_at, false)?;
     let plain = start_proxy(PLAIN_BINARY, dir, &plain_at, false)?;
+    // The same proxy on the shared runtime (`[server] runtime = "shared"`).
+    let shared = start_proxy(pgo::DIST_BINARY, dir, &shared_at, true)?;
     let rss_idle = rss_mb(proxy.id())?;
 
     let secs = seconds.to_string();
     let lua = format!("{dir}/post.lua");
     let paced_lua = format!("{dir}/paced.lua");
-    let wrk_with = |script: &str, connections: u32, threads: u32, url: String| -> Result<Run> {
+    let wrk_with = |script: &str, connections: u32, threads: u32, url: &str| -> Result<Run> {
         let c = connections.to_string();
         let t = threads.to_string();
         let out = cmd!(sh, "wrk -t{t} -c{c} -d{secs}s --latency -s {script} {url}").read()?;
         parse_wrk(&out)
     };
-    let wrk =
-        |connections: u32, threads: u32, url: String| wrk_with(&lua, connections, threads, url);
-    let paced = |url: String| wrk_with(&paced_lua, CONNECTIONS, 2, url);
+    let wrk = |connections: u32, threads: u32, url: &str| wrk_with(&lua, connections, threads, url);
     let c = CONNECTIONS.to_string();
     let warm = |url: &str| {
         // Connections, pools and caches, before measuring.
@@ -574,16 +577,6 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
             .run();
     };
     let direct_url = format!("http://{mock_at}/v1/chat/completions");
-    let proxy_url = format!("http://{proxy_at}/v1/chat/completions");
-    let plain_url = format!("http://{plain_at}/v1/chat/completions");
-    warm(&proxy_url);
-    warm(&plain_url);
-    let pids = (mock.id(), proxy.id());
-    let plain_pids = (mock.id(), plain.id());
-    let direct = measured(pids, || wrk(CONNECTIONS, 2, direct_url.clone()))?;
-    let through = measured(pids, || wrk(CONNECTIONS, 2, proxy_url.clone()))?;
-    let rss_loaded = rss_mb(proxy.id())?;
-    let plain_run = measured(plain_pids, || wrk(CONNECTIONS, 2, plain_url.clone()))?;
     let bare = Guard(
         Command::new("target/release/examples/bare_forward")
             .args([bare_at.as_str(), direct_url.as_str()])
@@ -592,33 +585,52 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     );
     let bare_url = format!("http://{bare_at}/v1/chat/completions");
     wait_ready(&bare_url, &["-d", "{}"])?;
-    let floor_pids = (mock.id(), bare.id());
-    let floor = measured(floor_pids, || wrk(CONNECTIONS, 2, bare_url.clone()))?;
-    let direct_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, direct_url.clone()))?;
-    let through_low = measured(pids, || wrk(LOW_CONNECTIONS, 1, proxy_url.clone()))?;
-    let plain_low = measured(plain_pids, || wrk(LOW_CONNECTIONS, 1, plain_url.clone()))?;
-    let direct_paced = measured(pids, || paced(direct_url.clone()))?;
-    let through_paced = measured(pids, || paced(proxy_url.clone()))?;
-    let plain_paced = measured(plain_pids, || paced(plain_url.clone()))?;
-    let floor_paced = measured(floor_pids, || paced(bare_url.clone()))?;
-    drop(bare);
-    drop(plain);
-    drop(proxy);
+    let url = |at: &str| format!("http://{at}/v1/chat/completions");
+    // The paths measured, in the order of each round: the mock directly first.
+    let paths = [
+        ("mock directly", mock.id(), direct_url.clone()),
+        ("through the proxy", proxy.id(), url(&proxy_at)),
+        (
+            "through the proxy, shared runtime",
+            shared.id(),
+            url(&shared_at),
+        ),
+        (
+            "through the proxy, plain release build",
+            plain.id(),
+            url(&plain_at),
+        ),
+        ("through the bare forwarder (floor)", bare.id(), bare_url),
+    ];
+    for (_, _, url) in &paths[1..] {
+        warm(url);
+    }
+    let mut closed = Vec::new();
+    let mut rss_loaded = None;
+    for (i, (_, pid, url)) in paths.iter().enumerate() {
+        closed.push(measured((mock.id(), *pid), || wrk(CONNECTIONS, 2, url))?);
+        if i == 1 {
+            rss_loaded = Some(rss_mb(proxy.id())?);
+        }
+    }
+    let mut one = Vec::new();
+    for (_, pid, url) in &paths[..4] {
+        one.push(measured((mock.id(), *pid), || {
+            wrk(LOW_CONNECTIONS, 1, url)
+        })?);
+    }
+    let mut rounds = Vec::new();
+    for _ in 0..PACED_ROUNDS {
+        let mut round = Vec::new();
+        for (_, pid, url) in &paths {
+            round.push(measured((mock.id(), *pid), || {
+                wrk_with(&paced_lua, CONNECTIONS, 2, url)
+            })?);
+        }
+        rounds.push(round);
+    }
+    let rss_loaded = rss_loaded.unwrap_or(rss_idle);
 
-    // The same proxy on the shared runtime (`[server] runtime = "shared"`).
-    let shared = start_proxy(pgo::DIST_BINARY, dir, &shared_at, true)?;
-    let shared_url = format!("http://{shared_at}/v1/chat/completions");
-    warm(&shared_url);
-    let shared_pids = (mock.id(), shared.id());
-    let shared_run = measured(shared_pids, || wrk(CONNECTIONS, 2, shared_url.clone()))?;
-    let shared_low = measured(shared_pids, || wrk(LOW_CONNECTIONS, 1, shared_url.clone()))?;
-    let shared_paced = measured(shared_pids, || paced(shared_url.clone()))?;
-    drop(shared);
-
-    const PROXY: &str = "through the proxy";
-    const SHARED: &str = "through the proxy, shared runtime";
-    const PLAIN: &str = "through the proxy, plain release build";
-    const FLOOR: &str = "through the bare forwarder (floor)";
     println!(
         "proxy load test: {seconds} s per run, {N_KEYS} keys, wrk; the proxy is {}, built by `cargo xtask dist`",
         pgo::DIST_BINARY
@@ -627,83 +639,94 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         "| path | connections | requests/s | p50 | p99 | CPU mock | CPU proxy (or forwarder) |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (path, connections, m) in [
-        ("mock directly", "64", &direct),
-        (PROXY, "64", &through),
-        (SHARED, "64", &shared_run),
-        (PLAIN, "64", &plain_run),
-        (FLOOR, "64", &floor),
-        ("mock directly", "1", &direct_low),
-        (PROXY, "1", &through_low),
-        (SHARED, "1", &shared_low),
-        (PLAIN, "1", &plain_low),
-        ("mock directly", "64 paced", &direct_paced),
-        (PROXY, "64 paced", &through_paced),
-        (SHARED, "64 paced", &shared_paced),
-        (PLAIN, "64 paced", &plain_paced),
-        (FLOOR, "64 paced", &floor_paced),
-    ] {
+    let row = |path: &str, connections: &str, m: &Measured| {
         println!(
             "| {path} | {connections} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs/req | {:.1} µs/req |",
             m.run.rps, m.run.p50_us, m.run.p99_us, m.mock_cpu_us, m.proxy_cpu_us
         );
+    };
+    for ((path, _, _), m) in paths.iter().zip(&closed) {
+        row(path, "64", m);
     }
-    for (who, connections, direct, through) in [
-        ("the proxy", "64 connections", &direct, &through),
-        ("the proxy", "1 connection", &direct_low, &through_low),
-        (
-            "the proxy",
-            "64 paced connections",
-            &direct_paced,
-            &through_paced,
-        ),
-        (
-            "the proxy (shared runtime)",
-            "64 connections",
-            &direct,
-            &shared_run,
-        ),
-        (
-            "the proxy (shared runtime)",
-            "1 connection",
-            &direct_low,
-            &shared_low,
-        ),
-        (
-            "the proxy (shared runtime)",
-            "64 paced connections",
-            &direct_paced,
-            &shared_paced,
-        ),
-        (
-            "the plain release build",
-            "64 paced connections",
-            &direct_paced,
-            &plain_paced,
-        ),
-        (
-            "the bare forwarder",
-            "64 paced connections",
-            &direct_paced,
-            &floor_paced,
-        ),
-    ] {
+    for ((path, _, _), m) in paths.iter().zip(&one) {
+        row(path, "1", m);
+    }
+    for (r, round) in rounds.iter().enumerate() {
+        for ((path, _, _), m) in paths.iter().zip(round) {
+            row(path, &format!("64 paced, round {}", r + 1), m);
+        }
+    }
+    let who = [
+        "the proxy",
+        "the proxy (shared runtime)",
+        "the plain release build",
+        "the bare forwarder",
+    ];
+    for (i, who) in who.iter().enumerate().take(3) {
+        for (connections, direct, through) in [
+            ("64 connections", &closed[0], &closed[i + 1]),
+            ("1 connection", &one[0], &one[i + 1]),
+        ] {
+            println!(
+                "added by {who} at {connections}: p50 {:.0} µs, p99 {:.0} µs",
+                through.run.p50_us - direct.run.p50_us,
+                through.run.p99_us - direct.run.p99_us,
+            );
+        }
+    }
+    for (i, who) in who.iter().enumerate() {
+        let added = |pick: fn(&Run) -> f64| {
+            median(
+                rounds
+                    .iter()
+                    .map(|round| pick(&round[i + 1].run) - pick(&round[0].run))
+                    .collect(),
+            )
+        };
+        let cpu = median(
+            rounds
+                .iter()
+                .map(|round| round[i + 1].proxy_cpu_us)
+                .collect(),
+        );
         println!(
-            "added by {who} at {connections}: p50 {:.0} µs, p99 {:.0} µs",
-            through.run.p50_us - direct.run.p50_us,
-            through.run.p99_us - direct.run.p99_us,
+            "added by {who} at 64 paced connections (median of {PACED_ROUNDS} rounds): p50 {:.0} µs, p99 {:.0} µs; CPU {cpu:.1} µs/req",
+            added(|r| r.p50_us),
+            added(|r| r.p99_us),
         );
     }
     println!(
         "proxy CPU per request: {:.1} µs at {CONNECTIONS} connections ({:.1} µs on the shared runtime, {:.1} µs as a plain release build); resident memory {:.1} MB idle, {:.1} MB after load",
-        through.proxy_cpu_us, shared_run.proxy_cpu_us, plain_run.proxy_cpu_us, rss_idle, rss_loaded
+        closed[1].proxy_cpu_us,
+        closed[2].proxy_cpu_us,
+        closed[3].proxy_cpu_us,
+        rss_idle,
+        rss_loaded
     );
     Ok(())
+}
+
+/// The middle value (the mean of the two middle ones for an even count); 0 when empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_is_the_middle_value() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![-5.0]), -5.0);
+        assert_eq!(median(Vec::new()), 0.0);
+    }
 
     #[test]
     fn callgrind_totals_pair_events_with_counts() {
