@@ -640,9 +640,15 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     let row = |path: &str, connections: &str, m: &Measured| {
+        // The mock's own run has no proxy in it.
+        let proxy_cpu = if path == paths[0].0 {
+            "–".to_owned()
+        } else {
+            format!("{:.1} µs/req", m.proxy_cpu_us)
+        };
         println!(
-            "| {path} | {connections} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs/req | {:.1} µs/req |",
-            m.run.rps, m.run.p50_us, m.run.p99_us, m.mock_cpu_us, m.proxy_cpu_us
+            "| {path} | {connections} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs/req | {proxy_cpu} |",
+            m.run.rps, m.run.p50_us, m.run.p99_us, m.mock_cpu_us
         );
     };
     for ((path, _, _), m) in paths.iter().zip(&closed) {
