@@ -20,10 +20,11 @@
 //! i.e. 64 concurrent clients at roughly a third of the proxy's saturation rate.
 //!
 //! The proxy measured is the binary to ship, built by `cargo xtask dist` with
-//! profile-guided optimisation; the plain release build is measured beside it. It runs
-//! on its default runtime (per core, on Linux); the same three runs are then made
-//! through it on the shared one (`[server] runtime = "shared"`, set through the
-//! environment).
+//! profile-guided optimisation, on its default runtime (per core, on Linux); the same
+//! binary on the shared runtime (`[server] runtime = "shared"`, set through the
+//! environment) and the plain release build are measured beside it. All servers run
+//! from the start. The paced runs come in [`PACED_ROUNDS`] rounds of every path, each
+//! round starting one path later, and the report takes the medians of the rounds.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -355,13 +356,14 @@ pub(crate) fn start_mock(at: &str) -> Result<Guard> {
 }
 
 /// `cargo xtask bench proxy-instructions`: the user-space instructions and simulated
-/// cache misses per request of the proxy (and of `cargo xtask dist`'s build, when there
-/// is one) and of the bare forwarder (the floor) under callgrind (valgrind, installed from Debian's packages when missing), each at four
+/// cache misses per request of the proxy (the plain release build, and `cargo xtask
+/// dist`'s build when there is one) and of the bare forwarder (the floor) under
+/// callgrind (valgrind, installed from Debian's packages when missing), each at four
 /// connections after a warm-up. Unlike CPU time on a shared VM the counts repeat from
 /// run to run, so they show what a change to the request path saves, and how far the
-/// proxy is above the floor. The misses matter as much as the instructions: the proxy
-/// runs 1.3 times the floor's instructions but misses the caches about twice as often
-/// (docs/benchmarks.md).
+/// proxy is above the floor. The misses matter as much as the instructions: the plain
+/// build runs 1.3 times the floor's instructions and misses the caches about twice as
+/// often (docs/benchmarks.md).
 pub fn instructions(sh: &Shell) -> Result<()> {
     let (
         Ports {
@@ -384,7 +386,7 @@ pub fn instructions(sh: &Shell) -> Result<()> {
     let _mock = start_mock(&mock_at)?;
     let config = format!("{dir}/proxy.toml");
     let mut rows = vec![(
-        "proxy",
+        "proxy (plain release build)",
         count_events(
             sh,
             dir,
@@ -396,6 +398,13 @@ pub fn instructions(sh: &Shell) -> Result<()> {
     )];
     // The profile-guided build takes minutes, so it is counted only when built already.
     if Path::new(pgo::DIST_BINARY).exists() {
+        let modified = |path: &str| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified(pgo::DIST_BINARY) < modified(PLAIN_BINARY) {
+            println!(
+                "note: {} is older than {PLAIN_BINARY}, so it may be of older code: `cargo xtask dist` rebuilds it",
+                pgo::DIST_BINARY
+            );
+        }
         let dist = count_events(
             sh,
             dir,
@@ -606,30 +615,30 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         warm(url);
     }
     let mut closed = Vec::new();
-    let mut rss_loaded = None;
-    for (i, (_, pid, url)) in paths.iter().enumerate() {
+    for (_, pid, url) in &paths {
         closed.push(measured((mock.id(), *pid), || wrk(CONNECTIONS, 2, url))?);
-        if i == 1 {
-            rss_loaded = Some(rss_mb(proxy.id())?);
-        }
     }
+    // After the proxy's own closed-loop run and those after it (it idles through them).
+    let rss_loaded = rss_mb(proxy.id())?;
     let mut one = Vec::new();
     for (_, pid, url) in &paths[..4] {
         one.push(measured((mock.id(), *pid), || {
             wrk(LOW_CONNECTIONS, 1, url)
         })?);
     }
+    // Each round starts one path later, so that no path is always measured the
+    // longest after the mock; the results stay in path order.
     let mut rounds = Vec::new();
-    for _ in 0..PACED_ROUNDS {
-        let mut round = Vec::new();
-        for (_, pid, url) in &paths {
-            round.push(measured((mock.id(), *pid), || {
+    for r in 0..PACED_ROUNDS {
+        let mut round: Vec<Option<Measured>> = paths.iter().map(|_| None).collect();
+        for i in (0..paths.len()).map(|k| (k + r) % paths.len()) {
+            let (_, pid, url) = &paths[i];
+            round[i] = Some(measured((mock.id(), *pid), || {
                 wrk_with(&paced_lua, CONNECTIONS, 2, url)
             })?);
         }
-        rounds.push(round);
+        rounds.push(round.into_iter().flatten().collect::<Vec<_>>());
     }
-    let rss_loaded = rss_loaded.unwrap_or(rss_idle);
 
     println!(
         "proxy load test: {seconds} s per run, {N_KEYS} keys, wrk; the proxy is {}, built by `cargo xtask dist`",
@@ -639,9 +648,10 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
         "| path | connections | requests/s | p50 | p99 | CPU mock | CPU proxy (or forwarder) |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let row = |path: &str, connections: &str, m: &Measured| {
+    let row = |i: usize, connections: &str, m: &Measured| {
+        let path = paths[i].0;
         // The mock's own run has no proxy in it.
-        let proxy_cpu = if path == paths[0].0 {
+        let proxy_cpu = if i == 0 {
             "–".to_owned()
         } else {
             format!("{:.1} µs/req", m.proxy_cpu_us)
@@ -651,24 +661,24 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
             m.run.rps, m.run.p50_us, m.run.p99_us, m.mock_cpu_us
         );
     };
-    for ((path, _, _), m) in paths.iter().zip(&closed) {
-        row(path, "64", m);
+    for (i, m) in closed.iter().enumerate() {
+        row(i, "64", m);
     }
-    for ((path, _, _), m) in paths.iter().zip(&one) {
-        row(path, "1", m);
+    for (i, m) in one.iter().enumerate() {
+        row(i, "1", m);
     }
     for (r, round) in rounds.iter().enumerate() {
-        for ((path, _, _), m) in paths.iter().zip(round) {
-            row(path, &format!("64 paced, round {}", r + 1), m);
+        for (i, m) in round.iter().enumerate() {
+            row(i, &format!("64 paced, round {}", r + 1), m);
         }
     }
-    let who = [
+    let measured_paths = [
         "the proxy",
         "the proxy (shared runtime)",
         "the plain release build",
         "the bare forwarder",
     ];
-    for (i, who) in who.iter().enumerate().take(3) {
+    for (i, who) in measured_paths.iter().enumerate().take(3) {
         for (connections, direct, through) in [
             ("64 connections", &closed[0], &closed[i + 1]),
             ("1 connection", &one[0], &one[i + 1]),
@@ -680,7 +690,7 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
             );
         }
     }
-    for (i, who) in who.iter().enumerate() {
+    for (i, who) in measured_paths.iter().enumerate() {
         let added = |pick: fn(&Run) -> f64| {
             median(
                 rounds
