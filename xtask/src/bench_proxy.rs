@@ -585,43 +585,49 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
             .ignore_stdout()
             .run();
     };
-    let direct_url = format!("http://{mock_at}/v1/chat/completions");
+    let url = |at: &str| format!("http://{at}/v1/chat/completions");
     let bare = Guard(
         Command::new("target/release/examples/bare_forward")
-            .args([bare_at.as_str(), direct_url.as_str()])
+            .args([bare_at.as_str(), url(&mock_at).as_str()])
             .stdout(Stdio::null())
             .spawn()?,
     );
-    let bare_url = format!("http://{bare_at}/v1/chat/completions");
-    wait_ready(&bare_url, &["-d", "{}"])?;
-    let url = |at: &str| format!("http://{at}/v1/chat/completions");
-    // The paths measured, in the order of each round: the mock directly first.
+    wait_ready(&url(&bare_at), &["-d", "{}"])?;
+    // The paths measured (the table's row, the summary's subject, the server, its
+    // URL), the mock directly first: every other is compared with it.
     let paths = [
-        ("mock directly", mock.id(), direct_url.clone()),
-        ("through the proxy", proxy.id(), url(&proxy_at)),
+        ("mock directly", "the mock", mock.id(), url(&mock_at)),
+        ("through the proxy", "the proxy", proxy.id(), url(&proxy_at)),
         (
             "through the proxy, shared runtime",
+            "the proxy (shared runtime)",
             shared.id(),
             url(&shared_at),
         ),
         (
             "through the proxy, plain release build",
+            "the plain release build",
             plain.id(),
             url(&plain_at),
         ),
-        ("through the bare forwarder (floor)", bare.id(), bare_url),
+        (
+            "through the bare forwarder (floor)",
+            "the bare forwarder",
+            bare.id(),
+            url(&bare_at),
+        ),
     ];
-    for (_, _, url) in &paths[1..] {
+    for (_, _, _, url) in &paths[1..] {
         warm(url);
     }
     let mut closed = Vec::new();
-    for (_, pid, url) in &paths {
+    for (_, _, pid, url) in &paths {
         closed.push(measured((mock.id(), *pid), || wrk(CONNECTIONS, 2, url))?);
     }
     // After the proxy's own closed-loop run and those after it (it idles through them).
     let rss_loaded = rss_mb(proxy.id())?;
     let mut one = Vec::new();
-    for (_, pid, url) in &paths[..4] {
+    for (_, _, pid, url) in &paths[..4] {
         one.push(measured((mock.id(), *pid), || {
             wrk(LOW_CONNECTIONS, 1, url)
         })?);
@@ -632,7 +638,7 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
     for r in 0..PACED_ROUNDS {
         let mut round: Vec<Option<Measured>> = paths.iter().map(|_| None).collect();
         for i in (0..paths.len()).map(|k| (k + r) % paths.len()) {
-            let (_, pid, url) = &paths[i];
+            let (_, _, pid, url) = &paths[i];
             round[i] = Some(measured((mock.id(), *pid), || {
                 wrk_with(&paced_lua, CONNECTIONS, 2, url)
             })?);
@@ -672,16 +678,12 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
             row(i, &format!("64 paced, round {}", r + 1), m);
         }
     }
-    let measured_paths = [
-        "the proxy",
-        "the proxy (shared runtime)",
-        "the plain release build",
-        "the bare forwarder",
-    ];
-    for (i, who) in measured_paths.iter().enumerate().take(3) {
+    // The floor has no run at one connection.
+    for i in 1..one.len() {
+        let who = paths[i].1;
         for (connections, direct, through) in [
-            ("64 connections", &closed[0], &closed[i + 1]),
-            ("1 connection", &one[0], &one[i + 1]),
+            ("64 connections", &closed[0], &closed[i]),
+            ("1 connection", &one[0], &one[i]),
         ] {
             println!(
                 "added by {who} at {connections}: p50 {:.0} µs, p99 {:.0} µs",
@@ -690,21 +692,16 @@ pub fn run(sh: &Shell, seconds: u32) -> Result<()> {
             );
         }
     }
-    for (i, who) in measured_paths.iter().enumerate() {
+    for (i, (_, who, _, _)) in paths.iter().enumerate().skip(1) {
         let added = |pick: fn(&Run) -> f64| {
             median(
                 rounds
                     .iter()
-                    .map(|round| pick(&round[i + 1].run) - pick(&round[0].run))
+                    .map(|round| pick(&round[i].run) - pick(&round[0].run))
                     .collect(),
             )
         };
-        let cpu = median(
-            rounds
-                .iter()
-                .map(|round| round[i + 1].proxy_cpu_us)
-                .collect(),
-        );
+        let cpu = median(rounds.iter().map(|round| round[i].proxy_cpu_us).collect());
         println!(
             "added by {who} at 64 paced connections (median of {PACED_ROUNDS} rounds): p50 {:.0} µs, p99 {:.0} µs; CPU {cpu:.1} µs/req",
             added(|r| r.p50_us),

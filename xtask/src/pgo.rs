@@ -38,13 +38,13 @@ const TRAINING_SECS: u32 = 5;
 /// Builds [`DIST_BINARY`]: instrumented build, training run, optimised build.
 pub fn dist(sh: &Shell) -> Result<()> {
     let root = sh.current_dir();
-    let profdata_tool = llvm_profdata(sh)?;
+    let host = cmd!(sh, "rustc --print host-tuple").quiet().read()?;
+    let profdata_tool = llvm_profdata(sh, &host)?;
     // The training load is wrk's, on ports checked now rather than after a build.
     bench_proxy::ensure_wrk(sh)?;
     let ports = bench_proxy::ports()?;
     let profiles = root.join("target/pgo/profiles");
     let merged = root.join("target/pgo/merged.profdata");
-    let host = cmd!(sh, "rustc --print host-tuple").quiet().read()?;
 
     println!("==> dist: instrumented build");
     let generate = format!("-Cprofile-generate={}", profiles.display());
@@ -209,27 +209,23 @@ fn stop(mut server: Guard) -> Result<()> {
 /// The `llvm-profdata` to merge profiles with: rustup's `llvm-tools` component, else the
 /// newest under `/usr/lib/llvm-*` from [`OLDEST_LLVM`] on, else one on PATH, else
 /// Debian's [`LLVM_PACKAGE`] installed now.
-fn llvm_profdata(sh: &Shell) -> Result<PathBuf> {
-    if let Some(found) = installed_llvm_profdata(sh) {
+fn llvm_profdata(sh: &Shell, host: &str) -> Result<PathBuf> {
+    if let Some(found) = installed_llvm_profdata(sh, host) {
         return Ok(found);
     }
     cmd!(sh, "apt-get install -y {LLVM_PACKAGE}")
         .run()
         .with_context(|| format!("installing {LLVM_PACKAGE} for llvm-profdata"))?;
-    installed_llvm_profdata(sh).context(
+    installed_llvm_profdata(sh, host).context(
         "no llvm-profdata found after installing it: `rustup component add llvm-tools` provides one",
     )
 }
 
-fn installed_llvm_profdata(sh: &Shell) -> Option<PathBuf> {
+fn installed_llvm_profdata(sh: &Shell, host: &str) -> Option<PathBuf> {
     let sysroot = cmd!(sh, "rustc --print sysroot").quiet().read().ok()?;
-    let host = cmd!(sh, "rustc --print host-tuple").quiet().read().ok();
-    if let Some(host) = host {
-        let rustup = Path::new(sysroot.trim())
-            .join(format!("lib/rustlib/{}/bin/llvm-profdata", host.trim()));
-        if rustup.exists() {
-            return Some(rustup);
-        }
+    let rustup = Path::new(sysroot.trim()).join(format!("lib/rustlib/{host}/bin/llvm-profdata"));
+    if rustup.exists() {
+        return Some(rustup);
     }
     let system = newest_llvm_profdata(Path::new("/usr/lib"));
     system.or_else(|| {

@@ -2,8 +2,8 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use apikeyrouter::ApiKeyRouter;
 use apikeyrouter::config::Config;
+use apikeyrouter::{ApiKeyRouter, VirtualKey};
 
 use crate::auth::Auth;
 use crate::metrics::Metrics;
@@ -22,7 +22,7 @@ pub struct AppState {
     /// Held across a re-read of the stored virtual keys and its application, so that
     /// a read that began before a change never lands after one that began after it;
     /// holds the list last applied (`None`: apply the next read whatever it is).
-    refreshing: tokio::sync::Mutex<Option<Vec<apikeyrouter::VirtualKey>>>,
+    refreshing: tokio::sync::Mutex<Option<Vec<VirtualKey>>>,
 }
 
 impl AppState {
@@ -62,19 +62,24 @@ impl AppState {
         // In name order, which the stores promise and the named reads below rely on;
         // sorted here too so that a store listing otherwise cannot duplicate a key.
         stored.sort_by(|a, b| a.name.cmp(&b.name));
-        // The same list again (the periodic re-read, mostly): nothing to rebuild, and
-        // its warnings were logged already.
+        self.apply_stored(&mut applied, stored);
+        Ok(())
+    }
+
+    /// Makes `stored` the virtual keys in force, unless they are the ones applied
+    /// already (the periodic re-read, mostly): then nothing is rebuilt, and their
+    /// warnings were logged already.
+    fn apply_stored(&self, applied: &mut Option<Vec<VirtualKey>>, stored: Vec<VirtualKey>) {
         if applied.as_ref() != Some(&stored) {
             self.update_auth(|auth| auth.with_stored(&stored));
             *applied = Some(stored);
         }
-        Ok(())
     }
 
     /// Re-reads the stored virtual keys `names`, each alone, into the credentials in
     /// force (a name no longer stored, or whose record does not decode, is dropped);
-    /// all of them instead when none were read yet. What a change to a few keys costs
-    /// stays independent of how many there are.
+    /// all of them instead when none were read yet. The store reads a change to a few
+    /// keys costs stay independent of how many keys there are.
     ///
     /// # Errors
     /// The store's error; the credentials are left as they were.
@@ -109,10 +114,7 @@ impl AppState {
                 (Err(_), None) => {}
             }
         }
-        if applied.as_ref() != Some(&keys) {
-            self.update_auth(|auth| auth.with_stored(&keys));
-            *applied = Some(keys);
-        }
+        self.apply_stored(&mut applied, keys);
         Ok(())
     }
 
