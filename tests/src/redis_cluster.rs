@@ -106,7 +106,8 @@ fn free_port() -> u16 {
 }
 
 /// Starts a cluster-enabled `redis-server` on `port` under a watchdog shell that
-/// stops it once this process is gone.
+/// stops it once this process is gone, then removes its cluster config, and the data
+/// directory with the last node out (it fails while other nodes' files remain).
 fn spawn_node(port: u16, dir: &std::path::Path) -> Child {
     let port_text = port.to_string();
     let config: PathBuf = dir.join(format!("nodes-{port}.conf"));
@@ -116,7 +117,9 @@ fn spawn_node(port: u16, dir: &std::path::Path) -> Child {
             r#"redis-server "$@" & srv=$!
 while kill -0 "$WATCH_PID" 2>/dev/null && kill -0 "$srv" 2>/dev/null; do sleep 1; done
 kill "$srv" 2>/dev/null
-wait "$srv""#,
+wait "$srv"
+rm -f "$NODE_CONFIG"
+rmdir "$NODE_DIR" 2>/dev/null || true"#,
         )
         .arg("sh")
         .args(["--bind", "127.0.0.1", "--port", &port_text])
@@ -125,6 +128,8 @@ wait "$srv""#,
         .args(["--save", "", "--appendonly", "no", "--dir"])
         .arg(dir)
         .env("WATCH_PID", std::process::id().to_string())
+        .env("NODE_CONFIG", &config)
+        .env("NODE_DIR", dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
