@@ -22,6 +22,13 @@ pub enum FailMode {
     FailOpen,
 }
 
+/// How many request records a memory store keeps by default: about 1.4 MB of
+/// records, which stay in the CPU caches. With 10,000 (about 14 MB), the record each
+/// request pushes out had left the caches long before, and freeing it (with the
+/// allocation of its successor) cost the proxy 6 to 10 µs of CPU per request on the
+/// bench machine (docs/benchmarks.md, session 19).
+pub const DEFAULT_REQUEST_CAPACITY: usize = 1_000;
+
 /// The state-store backend and its settings, tagged by `kind`.
 ///
 /// ```text
@@ -34,7 +41,12 @@ pub enum FailMode {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum StoreConfig {
     /// In process memory (feature `memory`); lost on restart.
-    Memory {},
+    Memory {
+        /// How many of the newest request records are kept for look-ups by id;
+        /// [`DEFAULT_REQUEST_CAPACITY`] when absent, 0 keeps none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requests_kept: Option<u32>,
+    },
     /// Redis (feature `redis`): state shared by every instance using the same server
     /// and namespace.
     Redis {
@@ -93,17 +105,27 @@ impl StoreConfig {
     /// The backend's name: `memory`, `redis` or `mongodb`.
     pub const fn kind_name(&self) -> &'static str {
         match self {
-            Self::Memory {} => "memory",
+            Self::Memory { .. } => "memory",
             Self::Redis { .. } => "redis",
             Self::Mongodb { .. } => "mongodb",
             Self::Split { .. } => "split",
         }
     }
 
+    /// How many request records a memory store keeps; `None` for the other kinds.
+    pub fn requests_kept(&self) -> Option<usize> {
+        match self {
+            Self::Memory { requests_kept } => {
+                Some(requests_kept.map_or(DEFAULT_REQUEST_CAPACITY, |n| n as usize))
+            }
+            _ => None,
+        }
+    }
+
     /// What to do when the store is lost during traffic.
     pub fn fail_mode(&self) -> FailMode {
         match self {
-            Self::Memory {} => FailMode::FailClosed,
+            Self::Memory { .. } => FailMode::FailClosed,
             Self::Redis { on_unavailable, .. }
             | Self::Mongodb { on_unavailable, .. }
             | Self::Split { on_unavailable, .. } => on_unavailable.unwrap_or_default(),
@@ -113,7 +135,9 @@ impl StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self::Memory {}
+        Self::Memory {
+            requests_kept: None,
+        }
     }
 }
 
@@ -162,7 +186,7 @@ async fn connect_backend(config: &StoreConfig) -> Result<Arc<dyn StateStore>, St
             let records = Box::pin(connect_backend(records)).await?;
             Ok(Arc::new(crate::split::SplitStore::new(counters, records)))
         }
-        StoreConfig::Memory {} => connect_memory(),
+        StoreConfig::Memory { .. } => connect_memory(config.requests_kept().unwrap_or_default()),
         StoreConfig::Redis {
             url,
             namespace,
@@ -188,12 +212,14 @@ async fn connect_backend(config: &StoreConfig) -> Result<Arc<dyn StateStore>, St
 }
 
 #[cfg(feature = "memory")]
-fn connect_memory() -> Result<Arc<dyn StateStore>, StoreError> {
-    Ok(Arc::new(crate::memory::MemoryStore::new()))
+fn connect_memory(requests_kept: usize) -> Result<Arc<dyn StateStore>, StoreError> {
+    Ok(Arc::new(crate::memory::MemoryStore::with_request_capacity(
+        requests_kept,
+    )))
 }
 
 #[cfg(not(feature = "memory"))]
-fn connect_memory() -> Result<Arc<dyn StateStore>, StoreError> {
+fn connect_memory(_requests_kept: usize) -> Result<Arc<dyn StateStore>, StoreError> {
     Err(unavailable("built without the `memory` feature"))
 }
 
@@ -382,7 +408,10 @@ impl std::fmt::Debug for StoreConfig {
     /// URLs without their passwords.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Memory {} => f.write_str("Memory"),
+            Self::Memory { requests_kept } => f
+                .debug_struct("Memory")
+                .field("requests_kept", requests_kept)
+                .finish(),
             Self::Redis {
                 url,
                 namespace,
@@ -476,7 +505,12 @@ mod tests {
     #[test]
     fn config_parses_each_kind() {
         let memory: StoreConfig = serde_json::from_str(r#"{"kind":"memory"}"#).unwrap();
-        assert_eq!(memory, StoreConfig::Memory {});
+        assert_eq!(
+            memory,
+            StoreConfig::Memory {
+                requests_kept: None
+            }
+        );
         let redis: StoreConfig =
             serde_json::from_str(r#"{"kind":"redis","url":"redis://localhost:6379"}"#).unwrap();
         assert_eq!(
@@ -513,6 +547,28 @@ mod tests {
                 on_unavailable: None,
             }
         );
+    }
+
+    #[test]
+    fn memory_config_takes_how_many_records_to_keep() {
+        let memory: StoreConfig =
+            serde_json::from_str(r#"{"kind":"memory","requests_kept":500}"#).unwrap();
+        assert_eq!(
+            memory,
+            StoreConfig::Memory {
+                requests_kept: Some(500)
+            }
+        );
+        for wrong in [r#"-1"#, r#""many""#, r#"1.5"#] {
+            let json = format!(r#"{{"kind":"memory","requests_kept":{wrong}}}"#);
+            let err = serde_json::from_str::<StoreConfig>(&json).unwrap_err();
+            assert!(err.to_string().contains("expected u32"), "{wrong}: {err}");
+        }
+        // Only the memory store keeps a bounded log in process.
+        let res = serde_json::from_str::<StoreConfig>(
+            r#"{"kind":"redis","url":"redis://localhost:6379","requests_kept":5}"#,
+        );
+        assert!(res.is_err());
     }
 
     #[test]

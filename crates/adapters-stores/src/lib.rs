@@ -26,7 +26,9 @@ mod split;
 pub mod test_time;
 
 pub use cipher::AeadCipher;
-pub use config::{FailMode, StoreConfig, connect, connect_audit_sink, redact_url};
+pub use config::{
+    DEFAULT_REQUEST_CAPACITY, FailMode, StoreConfig, connect, connect_audit_sink, redact_url,
+};
 #[cfg(feature = "memory")]
 pub use fail_open::FailOpenStore;
 #[cfg(feature = "memory")]

@@ -201,7 +201,7 @@ impl ApiKeyRouterBuilder {
         let store = match (self.store, self.store_config) {
             (Some(store), _) => store,
             (None, Some(config)) => apikeyrouter_adapters_stores::connect(&config).await?,
-            (None, None) => apikeyrouter_adapters_stores::connect(&StoreConfig::Memory {}).await?,
+            (None, None) => apikeyrouter_adapters_stores::connect(&StoreConfig::default()).await?,
         };
         let core = ApiKeyRouterCore::with_audit_queue(
             store,

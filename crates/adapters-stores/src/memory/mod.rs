@@ -5,7 +5,8 @@
 
 mod store;
 
-pub use store::{DEFAULT_REQUEST_CAPACITY, MemoryStore};
+pub use crate::config::DEFAULT_REQUEST_CAPACITY;
+pub use store::MemoryStore;
 
 #[cfg(test)]
 mod tests;

@@ -34,8 +34,7 @@ use apikeyrouter_domain::{
 };
 use async_trait::async_trait;
 
-/// How many request records a [`MemoryStore`] keeps by default.
-pub const DEFAULT_REQUEST_CAPACITY: usize = 10_000;
+use crate::config::DEFAULT_REQUEST_CAPACITY;
 
 /// Everything stored about one key.
 struct KeyEntry {

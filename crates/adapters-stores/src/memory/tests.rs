@@ -70,3 +70,47 @@ async fn zero_capacity_request_log_keeps_nothing() {
         None
     );
 }
+
+/// Saves records `r0`, `r1`, ... `r{n - 1}` through the port.
+async fn save_numbered(store: &dyn RequestLog, n: usize) {
+    for i in 0..n {
+        let saved = store
+            .save_request(Arc::new(record(&format!("r{i}"))))
+            .await
+            .unwrap();
+        assert!(saved, "r{i} not saved");
+    }
+}
+
+async fn kept(store: &dyn RequestLog, id: &str) -> bool {
+    store
+        .get_request(&RequestId::new(id))
+        .await
+        .unwrap()
+        .is_some()
+}
+
+#[tokio::test]
+async fn the_memory_config_sets_how_many_records_are_kept() {
+    let store = crate::connect(&crate::StoreConfig::Memory {
+        requests_kept: Some(2),
+    })
+    .await
+    .unwrap();
+    save_numbered(&*store, 3).await;
+    assert!(!kept(&*store, "r0").await);
+    assert!(kept(&*store, "r1").await);
+    assert!(kept(&*store, "r2").await);
+}
+
+#[tokio::test]
+async fn by_default_the_newest_thousand_records_are_kept() {
+    assert_eq!(super::DEFAULT_REQUEST_CAPACITY, 1_000);
+    let store = crate::connect(&crate::StoreConfig::default())
+        .await
+        .unwrap();
+    save_numbered(&*store, 1_001).await;
+    assert!(!kept(&*store, "r0").await);
+    assert!(kept(&*store, "r1").await);
+    assert!(kept(&*store, "r1000").await);
+}

@@ -241,7 +241,12 @@ impl Config {
         };
         line(format!("config {} is valid", self.source_name));
         line(format!("listen: {}", self.listen));
-        line(format!("store: {}", self.store.kind_name()));
+        match self.store.requests_kept() {
+            Some(kept) => line(format!(
+                "store: memory, the newest {kept} request records kept for look-ups"
+            )),
+            None => line(format!("store: {}", self.store.kind_name())),
+        }
         line(format!(
             "server: {} runtime, {} threads",
             self.server.runtime.as_str(),

@@ -118,6 +118,37 @@ fn empty_file_is_an_empty_router() {
 }
 
 #[test]
+fn the_memory_store_keeps_the_configured_number_of_request_records() {
+    let default = Config::parse("", "test.toml", &[]).unwrap();
+    assert_eq!(default.store.requests_kept(), Some(1_000));
+    assert!(
+        default
+            .summary()
+            .contains("store: memory, the newest 1000 request records kept for look-ups"),
+        "{}",
+        default.summary()
+    );
+    let text = "[store]\nkind = \"memory\"\nrequests_kept = 10000\n";
+    let c = Config::parse(text, "test.toml", &[]).unwrap();
+    assert_eq!(c.store.requests_kept(), Some(10_000));
+    assert!(c.summary().contains("the newest 10000 request records"));
+
+    let negative = parse_err("[store]\nkind = \"memory\"\nrequests_kept = -5\n", &[]);
+    assert_eq!(
+        negative,
+        "test.toml: invalid value: integer `-5`, expected u32 | in `store`"
+    );
+    let elsewhere = parse_err(
+        "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nrequests_kept = 5\n",
+        &[],
+    );
+    assert!(
+        elsewhere.contains("unknown field `requests_kept`"),
+        "{elsewhere}"
+    );
+}
+
+#[test]
 fn mistakes_are_named_with_file_and_key() {
     let vars = base_env();
     assert_eq!(
