@@ -107,14 +107,17 @@ fn free_port() -> u16 {
 
 /// Starts a cluster-enabled `redis-server` on `port` under a watchdog shell that
 /// stops it once this process is gone, then removes its cluster config, and the data
-/// directory with the last node out (it fails while other nodes' files remain).
+/// directory with the last node out (it fails while other nodes' files remain). The
+/// shell ignores the interrupt and termination signals that end the test process's
+/// group (Ctrl-C, a harness's kill), so that it lives on to clean up.
 fn spawn_node(port: u16, dir: &std::path::Path) -> Child {
     let port_text = port.to_string();
     let config: PathBuf = dir.join(format!("nodes-{port}.conf"));
     Command::new("sh")
         .arg("-c")
         .arg(
-            r#"redis-server "$@" & srv=$!
+            r#"trap '' INT TERM
+redis-server "$@" & srv=$!
 while kill -0 "$WATCH_PID" 2>/dev/null && kill -0 "$srv" 2>/dev/null; do sleep 1; done
 kill "$srv" 2>/dev/null
 wait "$srv"

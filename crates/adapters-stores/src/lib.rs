@@ -27,7 +27,8 @@ pub mod test_time;
 
 pub use cipher::AeadCipher;
 pub use config::{
-    DEFAULT_REQUEST_CAPACITY, FailMode, StoreConfig, connect, connect_audit_sink, redact_url,
+    DEFAULT_REQUEST_CAPACITY, FailMode, MAX_REQUESTS_KEPT, StoreConfig, connect,
+    connect_audit_sink, redact_url,
 };
 #[cfg(feature = "memory")]
 pub use fail_open::FailOpenStore;

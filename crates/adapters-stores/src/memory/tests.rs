@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use apikeyrouter_application::ports::RequestLog;
+use apikeyrouter_application::ports::{RequestLog, StateStore};
 use apikeyrouter_application::records::{AuditRecord, Outcome};
 use apikeyrouter_domain::{ModelId, RequestId, Timestamp, TokenUsage};
 
@@ -72,7 +72,7 @@ async fn zero_capacity_request_log_keeps_nothing() {
 }
 
 /// Saves records `r0`, `r1`, ... `r{n - 1}` through the port.
-async fn save_numbered(store: &dyn RequestLog, n: usize) {
+async fn save_numbered(store: &dyn StateStore, n: usize) {
     for i in 0..n {
         let saved = store
             .save_request(Arc::new(record(&format!("r{i}"))))
@@ -82,7 +82,7 @@ async fn save_numbered(store: &dyn RequestLog, n: usize) {
     }
 }
 
-async fn kept(store: &dyn RequestLog, id: &str) -> bool {
+async fn kept(store: &dyn StateStore, id: &str) -> bool {
     store
         .get_request(&RequestId::new(id))
         .await
