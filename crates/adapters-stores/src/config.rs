@@ -63,6 +63,11 @@ fn requests_kept<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, 
     d.deserialize_u64(Count).map(Some)
 }
 
+/// The request records a memory store keeps for its `requests_kept` setting.
+fn records_kept(requests_kept: Option<u32>) -> usize {
+    requests_kept.map_or(DEFAULT_REQUEST_CAPACITY, |n| n as usize)
+}
+
 /// The state-store backend and its settings, tagged by `kind`.
 ///
 /// ```text
@@ -154,9 +159,7 @@ impl StoreConfig {
     /// How many request records a memory store keeps; `None` for the other kinds.
     pub fn requests_kept(&self) -> Option<usize> {
         match self {
-            Self::Memory { requests_kept } => {
-                Some(requests_kept.map_or(DEFAULT_REQUEST_CAPACITY, |n| n as usize))
-            }
+            Self::Memory { requests_kept } => Some(records_kept(*requests_kept)),
             _ => None,
         }
     }
@@ -225,9 +228,7 @@ async fn connect_backend(config: &StoreConfig) -> Result<Arc<dyn StateStore>, St
             let records = Box::pin(connect_backend(records)).await?;
             Ok(Arc::new(crate::split::SplitStore::new(counters, records)))
         }
-        StoreConfig::Memory { requests_kept } => {
-            connect_memory(requests_kept.map_or(DEFAULT_REQUEST_CAPACITY, |n| n as usize))
-        }
+        StoreConfig::Memory { requests_kept } => connect_memory(records_kept(*requests_kept)),
         StoreConfig::Redis {
             url,
             namespace,

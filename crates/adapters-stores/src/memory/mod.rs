@@ -5,7 +5,6 @@
 
 mod store;
 
-pub use crate::config::DEFAULT_REQUEST_CAPACITY;
 pub use store::MemoryStore;
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use apikeyrouter_application::ports::{RequestLog, StateStore};
+use apikeyrouter_application::ports::RequestLog;
 use apikeyrouter_application::records::{AuditRecord, Outcome};
 use apikeyrouter_domain::{ModelId, RequestId, Timestamp, TokenUsage};
 
@@ -71,46 +71,35 @@ async fn zero_capacity_request_log_keeps_nothing() {
     );
 }
 
-/// Saves records `r0`, `r1`, ... `r{n - 1}` through the port.
-async fn save_numbered(store: &dyn StateStore, n: usize) {
-    for i in 0..n {
+/// Opens the store `config` names, saves records `r0` to `r{kept}` through the port,
+/// and checks that the first is gone and the oldest and newest of the `kept` after it
+/// are found.
+async fn keeps_the_newest(config: &crate::StoreConfig, kept: usize) {
+    let store = crate::connect(config).await.unwrap();
+    for i in 0..=kept {
         let saved = store
             .save_request(Arc::new(record(&format!("r{i}"))))
             .await
             .unwrap();
         assert!(saved, "r{i} not saved");
     }
-}
-
-async fn kept(store: &dyn StateStore, id: &str) -> bool {
-    store
-        .get_request(&RequestId::new(id))
-        .await
-        .unwrap()
-        .is_some()
+    for (i, expected) in [(0, false), (1, true), (kept, true)] {
+        let id = RequestId::new(format!("r{i}"));
+        let found = store.get_request(&id).await.unwrap().is_some();
+        assert_eq!(found, expected, "r{i} of {} saved", kept + 1);
+    }
 }
 
 #[tokio::test]
 async fn the_memory_config_sets_how_many_records_are_kept() {
-    let store = crate::connect(&crate::StoreConfig::Memory {
+    let config = crate::StoreConfig::Memory {
         requests_kept: Some(2),
-    })
-    .await
-    .unwrap();
-    save_numbered(&*store, 3).await;
-    assert!(!kept(&*store, "r0").await);
-    assert!(kept(&*store, "r1").await);
-    assert!(kept(&*store, "r2").await);
+    };
+    keeps_the_newest(&config, 2).await;
 }
 
 #[tokio::test]
 async fn by_default_the_newest_thousand_records_are_kept() {
-    assert_eq!(super::DEFAULT_REQUEST_CAPACITY, 1_000);
-    let store = crate::connect(&crate::StoreConfig::default())
-        .await
-        .unwrap();
-    save_numbered(&*store, 1_001).await;
-    assert!(!kept(&*store, "r0").await);
-    assert!(kept(&*store, "r1").await);
-    assert!(kept(&*store, "r1000").await);
+    assert_eq!(crate::DEFAULT_REQUEST_CAPACITY, 1_000);
+    keeps_the_newest(&crate::StoreConfig::default(), 1_000).await;
 }
