@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use arc_swap::Guard;
+
 use apikeyrouter_domain::{Budget, BudgetStatus, Money, Reclaimed};
 
 use super::core::Shared;
@@ -60,17 +62,17 @@ impl BudgetService {
 
     /// Puts `budget`, just stored, in the definitions this instance enforces.
     fn known(&self, budget: Budget) {
-        let mut budgets: Vec<Budget> = self
-            .shared
-            .budgets()
-            .iter()
-            .filter(|b| b.id != budget.id)
-            .cloned()
-            .collect();
         tracing::info!(budget_id = %budget.id, limit = %budget.limit, "budget set");
-        budgets.push(budget);
-        budgets.sort_by(|a, b| a.id.cmp(&b.id));
-        self.shared.set_budgets(budgets);
+        self.shared.change_budgets(|current| {
+            let mut budgets: Vec<Budget> = current
+                .iter()
+                .filter(|b| b.id != budget.id)
+                .cloned()
+                .collect();
+            budgets.push(budget.clone());
+            budgets.sort_by(|a, b| a.id.cmp(&b.id));
+            budgets
+        });
     }
 
     /// Adds a budget unless one with its id exists (anywhere the store is shared),
@@ -179,7 +181,7 @@ impl BudgetService {
     /// The budgets this instance enforces, as defined (limit, period, scope,
     /// enforcement), without their spend.
     pub fn definitions(&self) -> Arc<Vec<Budget>> {
-        self.shared.budgets()
+        Guard::into_inner(self.shared.budgets())
     }
 
     /// One budget's status, read alone.
@@ -204,14 +206,8 @@ impl BudgetService {
             .delete_budget(id)
             .await
             .map_err(|e| unknown_or_store(id, e))?;
-        let budgets = self
-            .shared
-            .budgets()
-            .iter()
-            .filter(|b| b.id != id)
-            .cloned()
-            .collect();
-        self.shared.set_budgets(budgets);
+        self.shared
+            .change_budgets(|current| current.iter().filter(|b| b.id != id).cloned().collect());
         Ok(())
     }
 

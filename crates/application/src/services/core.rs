@@ -3,6 +3,7 @@
 //!
 //! Locks here are held for microseconds and never across an `.await`.
 
+use arc_swap::{ArcSwap, Guard};
 use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
@@ -75,11 +76,13 @@ pub(crate) struct Shared {
     /// applying a reading, so a reading is applied only if no change landed since it
     /// began (it may lack that change, or hold it stale).
     key_writes: Mutex<u64>,
-    /// Copy-on-write: registration is rare, reads are per request.
-    pub(crate) providers: RwLock<Arc<Vec<Arc<ProviderEntry>>>>,
-    pub(crate) budgets: RwLock<Arc<Vec<Budget>>>,
-    pub(crate) catalogue: RwLock<Arc<PriceCatalogue>>,
-    pub(crate) settings: RwLock<Arc<RouterSettings>>,
+    /// Copy-on-write: changes are rare, reads are per request. A load writes nothing
+    /// the serving threads share (a read lock and an `Arc` clone each wrote a cache
+    /// line that then moved between the cores on every request).
+    providers: ArcSwap<Vec<Arc<ProviderEntry>>>,
+    budgets: ArcSwap<Vec<Budget>>,
+    catalogue: ArcSwap<PriceCatalogue>,
+    settings: ArcSwap<RouterSettings>,
     /// Changes to the stored virtual keys (made here or, through a shared store,
     /// elsewhere), for the proxy to re-read them.
     pub(crate) virtual_keys: tokio::sync::broadcast::Sender<VirtualKeyChange>,
@@ -99,16 +102,6 @@ pub enum VirtualKeyChange {
 /// every virtual key instead).
 const VIRTUAL_KEY_CHANGES_QUEUED: usize = 1024;
 
-/// Reads through a lock even if a panicking thread poisoned it: every value behind
-/// these locks is replaced whole, so it is never left half-written.
-fn read<T: Clone>(lock: &RwLock<T>) -> T {
-    lock.read().unwrap_or_else(PoisonError::into_inner).clone()
-}
-
-fn write<T>(lock: &RwLock<T>, value: T) {
-    *lock.write().unwrap_or_else(PoisonError::into_inner) = value;
-}
-
 impl Shared {
     pub(crate) fn table(&self) -> MutexGuard<'_, RoutingTable> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
@@ -125,24 +118,32 @@ impl Shared {
         let _ = self.virtual_keys.send(VirtualKeyChange::All);
     }
 
-    pub(crate) fn settings(&self) -> Arc<RouterSettings> {
-        read(&self.settings)
+    /// The current settings, for a short look (a guard is not to be held across an
+    /// `.await`: copy out what is needed, or take [`Guard::into_inner`]).
+    pub(crate) fn settings(&self) -> Guard<Arc<RouterSettings>> {
+        self.settings.load()
     }
 
-    pub(crate) fn catalogue(&self) -> Arc<PriceCatalogue> {
-        read(&self.catalogue)
+    pub(crate) fn catalogue(&self) -> Guard<Arc<PriceCatalogue>> {
+        self.catalogue.load()
     }
 
-    pub(crate) fn providers(&self) -> Arc<Vec<Arc<ProviderEntry>>> {
-        read(&self.providers)
+    pub(crate) fn providers(&self) -> Guard<Arc<Vec<Arc<ProviderEntry>>>> {
+        self.providers.load()
     }
 
-    pub(crate) fn budgets(&self) -> Arc<Vec<Budget>> {
-        read(&self.budgets)
+    pub(crate) fn budgets(&self) -> Guard<Arc<Vec<Budget>>> {
+        self.budgets.load()
     }
 
     pub(crate) fn set_budgets(&self, budgets: Vec<Budget>) {
-        write(&self.budgets, Arc::new(budgets));
+        self.budgets.store(Arc::new(budgets));
+    }
+
+    /// Replaces the budget definitions by `change` of the current ones, atomically
+    /// with respect to other changes (`change` may run more than once).
+    pub(crate) fn change_budgets(&self, change: impl Fn(&[Budget]) -> Vec<Budget>) {
+        self.budgets.rcu(|current| change(current));
     }
 
     pub(crate) fn provider(&self, id: &ProviderId) -> Option<Arc<ProviderEntry>> {
@@ -438,10 +439,10 @@ impl ApiKeyRouterCore {
                 table: Mutex::new(RoutingTable::new()),
                 keys: RwLock::new(HashMap::default()),
                 key_writes: Mutex::new(0),
-                providers: RwLock::new(Arc::new(Vec::new())),
-                budgets: RwLock::new(Arc::new(Vec::new())),
-                catalogue: RwLock::new(Arc::new(catalogue)),
-                settings: RwLock::new(Arc::new(settings)),
+                providers: ArcSwap::from_pointee(Vec::new()),
+                budgets: ArcSwap::from_pointee(Vec::new()),
+                catalogue: ArcSwap::from_pointee(catalogue),
+                settings: ArcSwap::from_pointee(settings),
                 virtual_keys: tokio::sync::broadcast::Sender::new(VIRTUAL_KEY_CHANGES_QUEUED),
             }),
         }
@@ -558,14 +559,11 @@ impl ApiKeyRouterCore {
             client,
             models,
         });
-        let mut lock = self
-            .shared
-            .providers
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut providers: Vec<_> = lock.iter().filter(|p| p.id != id).cloned().collect();
-        providers.push(entry);
-        *lock = Arc::new(providers);
+        self.shared.providers.rcu(|current| {
+            let mut providers: Vec<_> = current.iter().filter(|p| p.id != id).cloned().collect();
+            providers.push(entry.clone());
+            providers
+        });
     }
 
     /// Registered provider ids, in registration order, with their adapter kinds.
@@ -632,22 +630,22 @@ impl ApiKeyRouterCore {
 
     /// Replaces the router settings (objective, attempts, fallbacks...).
     pub fn set_settings(&self, settings: RouterSettings) {
-        write(&self.shared.settings, Arc::new(settings));
+        self.shared.settings.store(Arc::new(settings));
     }
 
     /// The current settings.
     pub fn settings(&self) -> Arc<RouterSettings> {
-        self.shared.settings()
+        self.shared.settings.load_full()
     }
 
     /// Replaces the price catalogue.
     pub fn set_catalogue(&self, catalogue: PriceCatalogue) {
-        write(&self.shared.catalogue, Arc::new(catalogue));
+        self.shared.catalogue.store(Arc::new(catalogue));
     }
 
     /// The price catalogue.
     pub fn catalogue(&self) -> Arc<PriceCatalogue> {
-        self.shared.catalogue()
+        self.shared.catalogue.load_full()
     }
 
     /// Routing.

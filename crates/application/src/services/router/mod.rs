@@ -443,8 +443,11 @@ impl RouterService {
         op: &O,
     ) -> Result<Served<O::Output>, RouteErrorKind> {
         let shared = &*self.shared;
-        let settings = shared.settings();
-        let deadline = Instant::now() + settings.total_deadline;
+        let (max_attempts, total_deadline, attempt_timeout) = {
+            let s = shared.settings();
+            (s.max_attempts, s.total_deadline, s.attempt_timeout)
+        };
+        let deadline = Instant::now() + total_deadline;
         let mut tried: Vec<(KeyId, Ineligibility)> = Vec::new();
         let mut any_provider = false;
         let mut last_failure: Option<ProviderError> = None;
@@ -459,13 +462,11 @@ impl RouterService {
             }
             any_provider = true;
             loop {
-                if n_attempts >= settings.max_attempts {
+                if n_attempts >= max_attempts {
                     break 'models;
                 }
                 if Instant::now() >= deadline {
-                    return Err(RouteErrorKind::DeadlineExceeded(millis(
-                        settings.total_deadline,
-                    )));
+                    return Err(RouteErrorKind::DeadlineExceeded(millis(total_deadline)));
                 }
                 let now = shared.clock.now();
                 let query = RouteQuery {
@@ -566,9 +567,7 @@ impl RouterService {
 
                 let call_started = Instant::now();
                 held.phase = Phase::Calling(call_started);
-                let timeout = settings
-                    .attempt_timeout
-                    .min(deadline.saturating_duration_since(call_started));
+                let timeout = attempt_timeout.min(deadline.saturating_duration_since(call_started));
                 let call = op.call(
                     &provider.client,
                     key_id.clone(),
