@@ -1,6 +1,6 @@
 //! The seed's use cases 1, 2, 3, 4, 5 and 8, end to end through the facade.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -717,4 +717,59 @@ async fn a_budget_redefined_while_a_request_is_in_flight_keeps_its_account() {
     assert!(created.created);
     assert_eq!(created.status.spent, Money::ZERO);
     assert_eq!(h.router.core().budgets().definitions().len(), 2);
+}
+
+/// Budgets set and removed from many tasks at once, on several threads: the definitions
+/// this instance enforces keep every change (each is one atomic update of the list, so
+/// two changes racing cannot both start from the same list and lose one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budgets_changed_concurrently_are_all_kept() {
+    let h = Harness::new(|b| b).await;
+    let budget = |id: String| {
+        Budget::new(
+            id,
+            BudgetScope::Global,
+            1.0,
+            BudgetPeriod::Daily,
+            Enforcement::Hard,
+        )
+        .unwrap()
+    };
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let router = h.router.clone();
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    router
+                        .add_budget(budget(format!("b{t}-{i}")))
+                        .await
+                        .unwrap();
+                }
+                for i in (0..50).step_by(2) {
+                    router.delete_budget(&format!("b{t}-{i}")).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let defined: BTreeSet<String> = h
+        .router
+        .core()
+        .budgets()
+        .definitions()
+        .iter()
+        .map(|b| b.id.clone())
+        .collect();
+    let expected: BTreeSet<String> = (0..8)
+        .flat_map(|t| (1..50).step_by(2).map(move |i| format!("b{t}-{i}")))
+        .collect();
+    let lost: Vec<_> = expected.difference(&defined).collect();
+    let not_removed: Vec<_> = defined.difference(&expected).collect();
+    assert_eq!(
+        (lost, not_removed),
+        (Vec::new(), Vec::new()),
+        "budgets lost, and removals undone"
+    );
 }
