@@ -649,6 +649,62 @@ async fn a_reading_leaves_a_key_throttled_here_throttled() {
     assert_eq!(sim.calls(&key), calls, "a key in its cooldown was called");
 }
 
+/// A key throttled on one instance and disabled by an operator on another while its
+/// cooldown runs stays disabled when the cooldown ends on the first: the store refuses
+/// that instance's wake-up (only an operator takes a key out of Disabled), the instance
+/// re-reads the key, and no request goes to it.
+#[tokio::test]
+async fn a_key_disabled_elsewhere_during_its_cooldown_stays_disabled() {
+    use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
+    let store: Arc<dyn StateStore> = Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(crate::support::T0));
+    let on = async |store: &Arc<dyn StateStore>| {
+        let router = ApiKeyRouter::builder()
+            .store(store.clone())
+            .clock(clock.clone())
+            .build()
+            .await
+            .unwrap();
+        let sim = Arc::new(SimulatedProvider::new());
+        router.register_provider("openai", sim.clone());
+        (router, sim)
+    };
+    let (here, sim) = on(&store).await;
+    let key = here
+        .register_key("sk-disabled-elsewhere-01", "openai", KeyMetadata::default())
+        .await
+        .unwrap()
+        .id;
+    sim.set_behaviour(
+        &key,
+        Behaviour::failing(FailurePlan::Always(Failure::RateLimited {
+            retry_after: Some(Duration::from_secs(60)),
+        })),
+    );
+    assert!(hello(&here).await.is_err());
+    assert_eq!(here.key(&key).await.unwrap().state, KeyState::Throttled);
+    sim.set_behaviour(&key, Behaviour::ok());
+    let calls = sim.calls(&key);
+
+    let (elsewhere, _) = on(&store).await;
+    elsewhere
+        .set_key_state(&key, KeyState::Disabled, "retired by an operator")
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(600));
+
+    let refused = hello(&here).await.unwrap_err();
+    assert_eq!(refused.kind.code(), "no_eligible_key", "{refused:?}");
+    assert_eq!(sim.calls(&key), calls, "the disabled key was called");
+    assert_eq!(store.get_key(&key).await.unwrap().state, KeyState::Disabled);
+    assert_eq!(here.key(&key).await.unwrap().state, KeyState::Disabled);
+    let last = here.key_transitions(&key).await.unwrap().pop().unwrap();
+    assert_eq!(
+        (last.from, last.to),
+        (KeyState::Throttled, KeyState::Disabled)
+    );
+}
+
 /// With change events the router still reads everything again every minute, which
 /// is what catches an event that never came (an announcement that failed after its
 /// change, a subscription that died without closing).

@@ -34,6 +34,7 @@ macro_rules! conformance_suite {
                 store_reports_its_kind_and_answers_ping,
                 key_crud_round_trips_and_reports_conflict_and_not_found,
                 forbidden_transition_is_invalid_and_changes_nothing,
+                a_disabled_key_is_left_only_by_hand,
                 transitions_persist_in_order,
                 settle_and_release_accumulate_counters,
                 abandoned_attempts_add_spend_but_leave_the_key_health_alone,
@@ -818,6 +819,37 @@ mod cases {
         assert_eq!(after.state, KeyState::Available);
         assert_eq!(after.state_reason, "registered");
         assert!(store.transitions(&id).await.unwrap().is_empty());
+    }
+
+    /// A cooldown that ends (decided by an instance that had not seen the disable yet)
+    /// does not re-enable a key an operator disabled; the operator does.
+    pub(super) async fn a_disabled_key_is_left_only_by_hand(store: Store) {
+        store.insert_key(key("k1", None)).await.unwrap();
+        let id = KeyId::new("k1");
+        let move_to =
+            |to, trigger| store.transition(&id, to, trigger, "test".to_owned(), None, base_now());
+        move_to(KeyState::Throttled, TransitionTrigger::RateLimited)
+            .await
+            .unwrap();
+        move_to(KeyState::Disabled, TransitionTrigger::Manual)
+            .await
+            .unwrap();
+
+        let err = move_to(KeyState::Available, TransitionTrigger::CooldownElapsed)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, StoreErrorKind::Invalid);
+        assert_eq!(err.message, "key k1 cannot go from disabled to available");
+        assert_eq!(store.get_key(&id).await.unwrap().state, KeyState::Disabled);
+        assert_eq!(store.transitions(&id).await.unwrap().len(), 2);
+
+        let back = move_to(KeyState::Available, TransitionTrigger::Manual)
+            .await
+            .unwrap();
+        assert_eq!(
+            (back.from, back.to),
+            (KeyState::Disabled, KeyState::Available)
+        );
     }
 
     pub(super) async fn transitions_persist_in_order(store: Store) {

@@ -19,6 +19,8 @@ use crate::time::Timestamp;
 /// any -> Disabled (manual), any -> Invalid (auth failure)
 /// Disabled | Invalid -> Available                    (manual re-enable)
 /// ```
+///
+/// Disabled and Invalid are left only by hand (see [`KeyState::can_transition`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyState {
@@ -59,8 +61,24 @@ impl KeyState {
         matches!(self, Self::Disabled | Self::Invalid)
     }
 
-    /// Whether the state machine allows `self -> to`.
-    pub const fn can_transition_to(self, to: Self) -> bool {
+    /// Whether the state machine allows `self -> to` for `trigger`.
+    ///
+    /// A state set by hand is left only by hand: by an operator, or for Invalid when
+    /// the provider refuses the credentials. Traffic and time (a cooldown that ends, a
+    /// quota reset, a probe that succeeds) never take a key out of it, even when they
+    /// were decided before it was set: a cooldown computed on one instance must not
+    /// re-enable a key an operator disabled meanwhile on another.
+    pub const fn can_transition(self, to: Self, trigger: TransitionTrigger) -> bool {
+        let by_hand = match trigger {
+            TransitionTrigger::Manual => true,
+            TransitionTrigger::AuthFailure => matches!(to, Self::Invalid),
+            _ => false,
+        };
+        self.has_edge_to(to) && (by_hand || !self.is_set_by_hand())
+    }
+
+    /// The edges of the state machine, whatever the trigger.
+    const fn has_edge_to(self, to: Self) -> bool {
         use KeyState::{Available, Disabled, Exhausted, Invalid, Recovering, Throttled};
         matches!(
             (self, to),
@@ -347,7 +365,7 @@ impl ApiKey {
         cooldown_until: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<StateTransition, TransitionError> {
-        if !self.state.can_transition_to(to) {
+        if !self.state.can_transition(to, trigger) {
             return Err(TransitionError {
                 key_id: self.id.clone(),
                 from: self.state,
@@ -515,11 +533,28 @@ mod state_machine_properties {
         prop::sample::select(KeyState::ALL.to_vec())
     }
 
+    const TRIGGERS: [TransitionTrigger; 8] = [
+        TransitionTrigger::RateLimited,
+        TransitionTrigger::QuotaExhausted,
+        TransitionTrigger::AuthFailure,
+        TransitionTrigger::CooldownElapsed,
+        TransitionTrigger::QuotaReset,
+        TransitionTrigger::ProbeSucceeded,
+        TransitionTrigger::RepeatedFailures,
+        TransitionTrigger::Manual,
+    ];
+
+    fn trigger() -> impl Strategy<Value = TransitionTrigger> {
+        prop::sample::select(TRIGGERS.to_vec())
+    }
+
     proptest! {
         /// Under any sequence of requested transitions, a key only ever moves along an
         /// allowed edge, every move is recorded, and a refused move changes nothing.
         #[test]
-        fn only_allowed_transitions_happen(targets in prop::collection::vec(state(), 0..60)) {
+        fn only_allowed_transitions_happen(
+            targets in prop::collection::vec((state(), trigger()), 0..60),
+        ) {
             let mut key = ApiKey::new(
                 KeyId::new("k"),
                 ProviderId::new("p"),
@@ -528,17 +563,18 @@ mod state_machine_properties {
                 Timestamp::EPOCH,
             );
             let mut log = Vec::new();
-            for (i, to) in targets.into_iter().enumerate() {
+            for (i, (to, trigger)) in targets.into_iter().enumerate() {
                 let before = key.state;
                 let now = Timestamp::from_millis(i as u64);
-                match key.transition(to, TransitionTrigger::Manual, "test", None, now) {
+                match key.transition(to, trigger, "test", None, now) {
                     Ok(t) => {
-                        prop_assert!(before.can_transition_to(to));
-                        prop_assert_eq!((t.from, t.to, t.at), (before, to, now));
+                        prop_assert!(before.can_transition(to, trigger));
+                        prop_assert!(!before.is_set_by_hand() || matches!(trigger, TransitionTrigger::Manual | TransitionTrigger::AuthFailure));
+                        prop_assert_eq!((t.from, t.to, t.trigger, t.at), (before, to, trigger, now));
                         log.push(t);
                     }
                     Err(e) => {
-                        prop_assert!(!before.can_transition_to(to));
+                        prop_assert!(!before.can_transition(to, trigger));
                         prop_assert_eq!(key.state, before);
                         prop_assert_eq!((e.from, e.to), (before, to));
                     }
@@ -557,25 +593,75 @@ mod state_machine_properties {
     #[test]
     fn spec_paths_are_allowed_and_nothing_returns_to_itself() {
         use KeyState::*;
-        for (from, to) in [
-            (Available, Throttled),
-            (Throttled, Available),
-            (Available, Exhausted),
-            (Exhausted, Recovering),
-            (Recovering, Available),
+        use TransitionTrigger::*;
+        for (from, to, trigger) in [
+            (Available, Throttled, RateLimited),
+            (Throttled, Available, CooldownElapsed),
+            (Available, Exhausted, QuotaExhausted),
+            (Exhausted, Recovering, QuotaReset),
+            (Recovering, Available, ProbeSucceeded),
+            (Disabled, Available, Manual),
+            (Invalid, Available, Manual),
         ] {
-            assert!(from.can_transition_to(to), "{from:?} -> {to:?}");
+            assert!(from.can_transition(to, trigger), "{from:?} -> {to:?}");
         }
         for s in KeyState::ALL {
-            assert!(!s.can_transition_to(s));
+            for trigger in TRIGGERS {
+                assert!(!s.can_transition(s, trigger));
+            }
             if s != Disabled {
-                assert!(s.can_transition_to(Disabled));
+                assert!(s.can_transition(Disabled, Manual));
             }
             if s != Invalid {
-                assert!(s.can_transition_to(Invalid));
+                assert!(s.can_transition(Invalid, AuthFailure));
             }
         }
-        assert!(!Available.can_transition_to(Recovering));
-        assert!(!Throttled.can_transition_to(Recovering));
+        assert!(!Available.can_transition(Recovering, QuotaReset));
+        assert!(!Throttled.can_transition(Recovering, QuotaReset));
+    }
+
+    /// A cooldown, quota reset or probe decided before an operator disabled the key
+    /// (or before its credentials were refused) does not bring it back.
+    #[test]
+    fn states_set_by_hand_are_left_only_by_hand() {
+        use KeyState::*;
+        use TransitionTrigger::*;
+        for from in [Disabled, Invalid] {
+            for trigger in TRIGGERS {
+                let allowed: Vec<KeyState> = KeyState::ALL
+                    .into_iter()
+                    .filter(|&to| from.can_transition(to, trigger))
+                    .collect();
+                let expected = match (from, trigger) {
+                    (Disabled, Manual) => vec![Available, Invalid],
+                    (Invalid, Manual) => vec![Available, Disabled],
+                    (Disabled, AuthFailure) => vec![Invalid],
+                    _ => vec![],
+                };
+                assert_eq!(allowed, expected, "{from:?} by {trigger:?}");
+            }
+        }
+        let mut key = ApiKey::new(
+            KeyId::new("k"),
+            ProviderId::new("p"),
+            KeyMaterial::parse("sk-test-00000000").unwrap(),
+            KeyMetadata::default(),
+            Timestamp::EPOCH,
+        );
+        key.transition(Disabled, Manual, "operator", None, Timestamp::EPOCH)
+            .unwrap();
+        let refused = key
+            .transition(
+                Available,
+                CooldownElapsed,
+                "cooldown elapsed",
+                None,
+                Timestamp::EPOCH,
+            )
+            .unwrap_err();
+        assert_eq!(
+            (refused.from, refused.to, key.state),
+            (Disabled, Available, Disabled)
+        );
     }
 }

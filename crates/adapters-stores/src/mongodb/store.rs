@@ -1016,7 +1016,7 @@ impl KeyStore for MongoStore {
         for _ in 0..MAX_ATTEMPTS {
             let doc = Self::decode_key_doc(self.find_key(id).await?)?;
             let from = doc.state;
-            if !from.can_transition_to(to) {
+            if !from.can_transition(to, trigger) {
                 let refused = TransitionError {
                     key_id: id.clone(),
                     from,

@@ -989,7 +989,7 @@ impl KeyStore for RedisStore {
             let from = key_from_hash(&hash, &redis_key)?.state;
             // The domain's state machine decides; the script only makes sure the key
             // is still in `from` when the change is written.
-            if !from.can_transition_to(to) {
+            if !from.can_transition(to, trigger) {
                 let err = TransitionError {
                     key_id: id.clone(),
                     from,

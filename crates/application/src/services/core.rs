@@ -287,8 +287,9 @@ impl Shared {
 /// How long a request look-up waits for records still being delivered.
 const REQUEST_LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
-/// Re-reads one key after another instance changed it.
-async fn refresh_key(shared: &Shared, id: &KeyId) {
+/// Re-reads one key after another instance changed it, or after the store refused a
+/// transition the table made (the key had moved meanwhile).
+pub(crate) async fn refresh_key(shared: &Shared, id: &KeyId) {
     match shared.store.get_key(id).await {
         Ok(key) => shared.cache_key(&key),
         Err(e) if e.kind == crate::ports::StoreErrorKind::NotFound => shared.forget_key(id),

@@ -8,7 +8,7 @@ use apikeyrouter_domain::{
     TransitionError, TransitionTrigger,
 };
 
-use super::core::Shared;
+use super::core::{Shared, refresh_key};
 use super::errors::{KeyServiceError, RegisterKeyError};
 use crate::ports::StoreErrorKind;
 
@@ -243,15 +243,26 @@ pub(crate) async fn sync_wakeups(shared: &Shared) {
     persist_transitions(shared, transitions).await;
 }
 
-pub(crate) async fn persist_transitions(shared: &Shared, transitions: Vec<StateTransition>) {
+/// Returns whether the store refused any of them: the key had moved meanwhile (an
+/// operator disabled it, another instance changed it), and the table now holds what
+/// the store does.
+pub(crate) async fn persist_transitions(
+    shared: &Shared,
+    transitions: Vec<StateTransition>,
+) -> bool {
+    let mut refused = false;
     for t in transitions {
         if let Err(e) = shared
             .store
             .transition(&t.key_id, t.to, t.trigger, t.reason, None, t.at)
             .await
         {
-            // Another instance may have moved the key first; the table follows the store.
             tracing::debug!(key_id = %t.key_id, error = %e, "table transition not persisted");
+            if e.kind == StoreErrorKind::Invalid {
+                refused = true;
+                refresh_key(shared, &t.key_id).await;
+            }
         }
     }
+    refused
 }

@@ -4,8 +4,8 @@ use apikeyrouter_domain::{
     FailureKind, KeyAction, KeyId, KeyState, KeyStats, Timestamp, TransitionTrigger,
 };
 
-use crate::ports::{KeyOutcome, ProviderError};
-use crate::services::core::Shared;
+use crate::ports::{KeyOutcome, ProviderError, StoreErrorKind};
+use crate::services::core::{Shared, refresh_key};
 
 /// Updates the key's routing view and state after a call, from the counters the
 /// store's `settle` or `release` returned (`None` when they were not updated);
@@ -130,6 +130,11 @@ pub(crate) async fn transition(
         }
         Err(e) => {
             tracing::debug!(key_id = %key_id, error = %e, "transition skipped");
+            if e.kind == StoreErrorKind::Invalid {
+                // The key moved meanwhile (another request, an operator, another
+                // instance): the table takes the store's state.
+                refresh_key(shared, key_id).await;
+            }
             false
         }
     }

@@ -480,8 +480,10 @@ impl RouterService {
                     let choice = table.choose(&query, objective, now);
                     (choice, table.drain_transitions().collect::<Vec<_>>())
                 };
-                if !woken.is_empty() {
-                    persist_transitions(shared, woken).await;
+                // A key woken here that the store had meanwhile moved (disabled, say)
+                // is re-read, and the choice made again without it.
+                if !woken.is_empty() && persist_transitions(shared, woken).await {
+                    continue;
                 }
                 let decision = match choice {
                     Ok(d) => d,
