@@ -10,7 +10,7 @@ use apikeyrouter::{
     ApiKeyRouter, Budget, BudgetPeriod, BudgetScope, Clock, Enforcement, KeyMetadata, KeyState,
     ManualClock, Money, Objective, RouteErrorKind, VirtualKeyChange,
 };
-use apikeyrouter_application::ports::{Charge, KeyStore, StateStore, UsageLedger};
+use apikeyrouter_application::ports::{BudgetStore, Charge, KeyStore, StateStore, UsageLedger};
 use apikeyrouter_domain::{QuotaLimits, ReservationId};
 
 use crate::support::{ask, base_now, fresh_namespace, redis_store_in};
@@ -629,6 +629,45 @@ async fn a_reading_a_local_change_overlapped_is_not_applied() {
         "read again at the next tick"
     );
     assert!(hello(&router).await.is_err());
+}
+
+/// A reading of the budgets that a budget set here overlapped is not applied over it
+/// (the budget would go unenforced here until the next reading); the next reading is.
+#[tokio::test(start_paused = true)]
+async fn a_budget_reading_a_local_change_overlapped_is_not_applied() {
+    let store = Arc::new(crate::forwarding::Forwarding::over_memory().presented_as_shared());
+    let (router, _) = instance_on(store.clone()).await;
+    let defined = || -> Vec<String> {
+        let budgets = router.core().budgets().definitions();
+        budgets.iter().map(|b| b.id.clone()).collect()
+    };
+    let hold = store.hold_next_budget_listing();
+
+    // The periodic reading lists the budgets (none yet) and is held there.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    hold.read().await;
+    let budget = Budget::new(
+        "set-meanwhile",
+        BudgetScope::Global,
+        1.0,
+        BudgetPeriod::Daily,
+        Enforcement::Hard,
+    )
+    .unwrap();
+    router.add_budget(budget).await.unwrap();
+    hold.release();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        defined(),
+        ["set-meanwhile"],
+        "the budget set during the reading"
+    );
+
+    // The next reading is applied: the budget deleted in the store (as by another
+    // instance) is forgotten here.
+    store.delete_budget("set-meanwhile").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(defined().is_empty(), "{:?}", defined());
 }
 
 /// A reading of the keys leaves alone a state that follows traffic here: a key this

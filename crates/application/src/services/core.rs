@@ -5,6 +5,7 @@
 
 use arc_swap::{ArcSwap, Guard};
 use foldhash::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -83,6 +84,10 @@ pub(crate) struct Shared {
     budgets: ArcSwap<Vec<Budget>>,
     catalogue: ArcSwap<PriceCatalogue>,
     settings: ArcSwap<RouterSettings>,
+    /// Counts the local changes to the budget definitions, so that a reading of the
+    /// store that one of them overlapped is not applied over it (as `key_writes` does
+    /// for keys).
+    budget_writes: AtomicU64,
     /// Changes to the stored virtual keys (made here or, through a shared store,
     /// elsewhere), for the proxy to re-read them.
     pub(crate) virtual_keys: tokio::sync::broadcast::Sender<VirtualKeyChange>,
@@ -143,7 +148,27 @@ impl Shared {
     /// Replaces the budget definitions by `change` of the current ones, atomically
     /// with respect to other changes (`change` may run more than once).
     pub(crate) fn change_budgets(&self, change: impl Fn(&[Budget]) -> Vec<Budget>) {
+        // Counted first: a reading that checks the count after this sees it, and one
+        // that checked before swaps first, so this change applies over it.
+        self.budget_writes.fetch_add(1, Ordering::SeqCst);
         self.budgets.rcu(|current| change(current));
+    }
+
+    /// Applies the definitions read from the store, unless a local change landed since
+    /// the reading began, when the change count was `since` (the reading may lack it);
+    /// returns whether they were applied.
+    fn apply_budget_reading(&self, reading: Vec<Budget>, since: u64) -> bool {
+        let reading = Arc::new(reading);
+        let mut applied = false;
+        self.budgets.rcu(|current| {
+            applied = self.budget_writes.load(Ordering::SeqCst) == since;
+            if applied {
+                reading.clone()
+            } else {
+                current.clone()
+            }
+        });
+        applied
     }
 
     pub(crate) fn provider(&self, id: &ProviderId) -> Option<Arc<ProviderEntry>> {
@@ -326,7 +351,8 @@ impl ApiKeyRouterCore {
                 if let Err(e) = reread_keys(&shared).await {
                     tracing::warn!(error = %e, "keys not read again");
                 }
-                // Unless the budgets failed: the next tick tries both again.
+                // Unless the budgets failed or were overlapped by a local change: the next
+                // tick tries both again.
                 if refresh_budgets(&shared).await {
                     shared.virtual_keys_changed();
                 }
@@ -373,12 +399,18 @@ async fn catch_up(shared: &Shared) {
 }
 
 /// Re-reads the budget definitions after another instance changed one; returns
-/// whether they were read.
+/// whether they were read and applied. A reading a local change overlapped is not
+/// applied: that change's own event (with Redis) or the next periodic reading brings
+/// both.
 async fn refresh_budgets(shared: &Shared) -> bool {
+    let since = shared.budget_writes.load(Ordering::SeqCst);
     match shared.store.list_budgets().await {
         Ok(budgets) => {
-            shared.set_budgets(budgets);
-            true
+            let applied = shared.apply_budget_reading(budgets, since);
+            if !applied {
+                tracing::debug!("budgets read while one changed here; reading not applied");
+            }
+            applied
         }
         Err(e) => {
             tracing::warn!(error = %e, "changed budgets not refreshed");
@@ -444,6 +476,7 @@ impl ApiKeyRouterCore {
                 budgets: ArcSwap::from_pointee(Vec::new()),
                 catalogue: ArcSwap::from_pointee(catalogue),
                 settings: ArcSwap::from_pointee(settings),
+                budget_writes: AtomicU64::new(0),
                 virtual_keys: tokio::sync::broadcast::Sender::new(VIRTUAL_KEY_CHANGES_QUEUED),
             }),
         }
