@@ -134,6 +134,20 @@ pub enum TransitionTrigger {
     Manual,
 }
 
+impl TransitionTrigger {
+    /// Every trigger, for tables and property tests.
+    pub const ALL: [Self; 8] = [
+        Self::RateLimited,
+        Self::QuotaExhausted,
+        Self::AuthFailure,
+        Self::CooldownElapsed,
+        Self::QuotaReset,
+        Self::ProbeSucceeded,
+        Self::RepeatedFailures,
+        Self::Manual,
+    ];
+}
+
 /// One recorded change of a key's state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateTransition {
@@ -533,19 +547,8 @@ mod state_machine_properties {
         prop::sample::select(KeyState::ALL.to_vec())
     }
 
-    const TRIGGERS: [TransitionTrigger; 8] = [
-        TransitionTrigger::RateLimited,
-        TransitionTrigger::QuotaExhausted,
-        TransitionTrigger::AuthFailure,
-        TransitionTrigger::CooldownElapsed,
-        TransitionTrigger::QuotaReset,
-        TransitionTrigger::ProbeSucceeded,
-        TransitionTrigger::RepeatedFailures,
-        TransitionTrigger::Manual,
-    ];
-
     fn trigger() -> impl Strategy<Value = TransitionTrigger> {
-        prop::sample::select(TRIGGERS.to_vec())
+        prop::sample::select(TransitionTrigger::ALL.to_vec())
     }
 
     proptest! {
@@ -606,7 +609,7 @@ mod state_machine_properties {
             assert!(from.can_transition(to, trigger), "{from:?} -> {to:?}");
         }
         for s in KeyState::ALL {
-            for trigger in TRIGGERS {
+            for trigger in TransitionTrigger::ALL {
                 assert!(!s.can_transition(s, trigger));
             }
             if s != Disabled {
@@ -627,7 +630,7 @@ mod state_machine_properties {
         use KeyState::*;
         use TransitionTrigger::*;
         for from in [Disabled, Invalid] {
-            for trigger in TRIGGERS {
+            for trigger in TransitionTrigger::ALL {
                 let allowed: Vec<KeyState> = KeyState::ALL
                     .into_iter()
                     .filter(|&to| from.can_transition(to, trigger))

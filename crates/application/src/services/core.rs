@@ -123,8 +123,10 @@ impl Shared {
         let _ = self.virtual_keys.send(VirtualKeyChange::All);
     }
 
-    /// The current settings, for a short look (a guard is not to be held across an
-    /// `.await`: copy out what is needed, or take [`Guard::into_inner`]).
+    // The current settings, prices, providers and budget definitions, for a short
+    // look: a guard is not to be held across an `.await` (copy out what is needed, or
+    // take [`Guard::into_inner`]).
+
     pub(crate) fn settings(&self) -> Guard<Arc<RouterSettings>> {
         self.settings.load()
     }
@@ -141,10 +143,6 @@ impl Shared {
         self.budgets.load()
     }
 
-    pub(crate) fn set_budgets(&self, budgets: Vec<Budget>) {
-        self.budgets.store(Arc::new(budgets));
-    }
-
     /// Replaces the budget definitions by `change` of the current ones, atomically
     /// with respect to other changes (`change` may run more than once).
     pub(crate) fn change_budgets(&self, change: impl Fn(&[Budget]) -> Vec<Budget>) {
@@ -158,6 +156,9 @@ impl Shared {
     /// the reading began, when the change count was `since` (the reading may lack it);
     /// returns whether they were applied.
     fn apply_budget_reading(&self, reading: Vec<Budget>, since: u64) -> bool {
+        if self.budget_writes.load(Ordering::SeqCst) != since {
+            return false;
+        }
         let reading = Arc::new(reading);
         let mut applied = false;
         self.budgets.rcu(|current| {
@@ -398,25 +399,36 @@ async fn catch_up(shared: &Shared) {
     }
 }
 
+/// Readings of the budget definitions taken at once when local changes overlap them;
+/// after that the next event or periodic reading tries again.
+const BUDGET_READINGS: usize = 3;
+
 /// Re-reads the budget definitions after another instance changed one; returns
 /// whether they were read and applied. A reading a local change overlapped is not
-/// applied: that change's own event (with Redis) or the next periodic reading brings
-/// both.
+/// applied over it, and is taken again (up to [`BUDGET_READINGS`] in all).
 async fn refresh_budgets(shared: &Shared) -> bool {
-    let since = shared.budget_writes.load(Ordering::SeqCst);
-    match shared.store.list_budgets().await {
-        Ok(budgets) => {
-            let applied = shared.apply_budget_reading(budgets, since);
-            if !applied {
-                tracing::debug!("budgets read while one changed here; reading not applied");
+    for _ in 0..BUDGET_READINGS {
+        match read_budgets(shared).await {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "changed budgets not refreshed");
+                return false;
             }
-            applied
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "changed budgets not refreshed");
-            false
         }
     }
+    tracing::warn!(
+        "budget definitions read while local changes kept landing; the next reading applies them"
+    );
+    false
+}
+
+/// Reads the budget definitions and applies them unless a local change overlapped
+/// the reading (see [`Shared::apply_budget_reading`]).
+async fn read_budgets(shared: &Shared) -> Result<bool, StoreError> {
+    let since = shared.budget_writes.load(Ordering::SeqCst);
+    let budgets = shared.store.list_budgets().await?;
+    Ok(shared.apply_budget_reading(budgets, since))
 }
 
 /// The assembled services over one store, audit sink and clock.
@@ -491,8 +503,8 @@ impl ApiKeyRouterCore {
         for key in &keys {
             self.shared.cache_key(key);
         }
-        let budgets = self.shared.store.list_budgets().await?;
-        self.shared.set_budgets(budgets);
+        // Nothing else runs yet: the first reading is applied.
+        read_budgets(&self.shared).await?;
         Ok(keys.len())
     }
 

@@ -243,9 +243,10 @@ pub(crate) async fn sync_wakeups(shared: &Shared) {
     persist_transitions(shared, transitions).await;
 }
 
-/// Returns whether the store refused any of them: the key had moved meanwhile (an
-/// operator disabled it, another instance changed it), and the table now holds what
-/// the store does.
+/// Returns whether the store refused one whose key it holds in another state (an
+/// operator disabled it, say): the table now holds what the store does, and a choice
+/// made with the woken key is to be made again. A refusal where the store agrees
+/// with the table (another instance ended the same cooldown first) changes nothing.
 pub(crate) async fn persist_transitions(
     shared: &Shared,
     transitions: Vec<StateTransition>,
@@ -259,8 +260,8 @@ pub(crate) async fn persist_transitions(
         {
             tracing::debug!(key_id = %t.key_id, error = %e, "table transition not persisted");
             if e.kind == StoreErrorKind::Invalid {
-                refused = true;
                 refresh_key(shared, &t.key_id).await;
+                refused |= shared.table().state(&t.key_id) != Some(t.to);
             }
         }
     }

@@ -130,9 +130,10 @@ pub(crate) async fn transition(
         }
         Err(e) => {
             tracing::debug!(key_id = %key_id, error = %e, "transition skipped");
-            if e.kind == StoreErrorKind::Invalid {
-                // The key moved meanwhile (another request, an operator, another
-                // instance): the table takes the store's state.
+            // The key moved meanwhile. When a concurrent request here made the same
+            // move, the table holds it already; otherwise (an operator, another
+            // instance) the table takes the store's state.
+            if e.kind == StoreErrorKind::Invalid && shared.table().state(key_id) != Some(to) {
                 refresh_key(shared, key_id).await;
             }
             false
