@@ -551,6 +551,17 @@ mod state_machine_properties {
         prop::sample::select(TransitionTrigger::ALL.to_vec())
     }
 
+    /// A key just registered (available).
+    fn fresh_key() -> ApiKey {
+        ApiKey::new(
+            KeyId::new("k"),
+            ProviderId::new("p"),
+            KeyMaterial::parse("sk-test-00000000").unwrap(),
+            KeyMetadata::default(),
+            Timestamp::EPOCH,
+        )
+    }
+
     proptest! {
         /// Under any sequence of requested transitions, a key only ever moves along an
         /// allowed edge, every move is recorded, and a refused move changes nothing.
@@ -558,13 +569,7 @@ mod state_machine_properties {
         fn only_allowed_transitions_happen(
             targets in prop::collection::vec((state(), trigger()), 0..60),
         ) {
-            let mut key = ApiKey::new(
-                KeyId::new("k"),
-                ProviderId::new("p"),
-                KeyMaterial::parse("sk-test-00000000").unwrap(),
-                KeyMetadata::default(),
-                Timestamp::EPOCH,
-            );
+            let mut key = fresh_key();
             let mut log = Vec::new();
             for (i, (to, trigger)) in targets.into_iter().enumerate() {
                 let before = key.state;
@@ -644,13 +649,7 @@ mod state_machine_properties {
                 assert_eq!(allowed, expected, "{from:?} by {trigger:?}");
             }
         }
-        let mut key = ApiKey::new(
-            KeyId::new("k"),
-            ProviderId::new("p"),
-            KeyMaterial::parse("sk-test-00000000").unwrap(),
-            KeyMetadata::default(),
-            Timestamp::EPOCH,
-        );
+        let mut key = fresh_key();
         key.transition(Disabled, Manual, "operator", None, Timestamp::EPOCH)
             .unwrap();
         let refused = key
