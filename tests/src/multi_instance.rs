@@ -688,6 +688,59 @@ async fn a_reading_leaves_a_key_throttled_here_throttled() {
     assert_eq!(sim.calls(&key), calls, "a key in its cooldown was called");
 }
 
+/// A router on `store` with a simulated `openai` provider, reading `clock`.
+async fn instance_at(
+    store: &Arc<dyn StateStore>,
+    clock: &Arc<ManualClock>,
+) -> (ApiKeyRouter, Arc<SimulatedProvider>) {
+    let router = ApiKeyRouter::builder()
+        .store(store.clone())
+        .clock(clock.clone())
+        .build()
+        .await
+        .unwrap();
+    let sim = Arc::new(SimulatedProvider::new());
+    router.register_provider("openai", sim.clone());
+    (router, sim)
+}
+
+/// A key disabled on another instance and then rate limited here (the store refuses
+/// the throttle: the key is no longer available) is re-read here, and gets no traffic
+/// once the cooldown would have ended.
+#[tokio::test]
+async fn a_refused_transition_after_a_call_takes_the_stored_state() {
+    use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
+    let store: Arc<dyn StateStore> = Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(crate::support::T0));
+    let (here, sim) = instance_at(&store, &clock).await;
+    let key = here
+        .register_key("sk-refused-throttle-01", "openai", KeyMetadata::default())
+        .await
+        .unwrap()
+        .id;
+    let (elsewhere, _) = instance_at(&store, &clock).await;
+    elsewhere
+        .set_key_state(&key, KeyState::Disabled, "retired by an operator")
+        .await
+        .unwrap();
+    sim.set_behaviour(
+        &key,
+        Behaviour::failing(FailurePlan::Always(Failure::RateLimited {
+            retry_after: Some(Duration::from_secs(60)),
+        })),
+    );
+    // This instance has not heard of the disable yet: one call goes out, and its
+    // throttle is refused by the store.
+    assert!(hello(&here).await.is_err());
+    assert_eq!(sim.calls(&key), 1);
+    sim.set_behaviour(&key, Behaviour::ok());
+    clock.advance(Duration::from_secs(600));
+
+    let refused = hello(&here).await.unwrap_err();
+    assert_eq!(refused.kind.code(), "no_eligible_key", "{refused:?}");
+    assert_eq!(sim.calls(&key), 1, "the disabled key was called again");
+}
+
 /// A key throttled on one instance and disabled by an operator on another while its
 /// cooldown runs stays disabled when the cooldown ends on the first: the store refuses
 /// that instance's wake-up (only an operator takes a key out of Disabled), the instance
@@ -697,18 +750,7 @@ async fn a_key_disabled_elsewhere_during_its_cooldown_stays_disabled() {
     use apikeyrouter::providers::{Behaviour, Failure, FailurePlan};
     let store: Arc<dyn StateStore> = Arc::new(apikeyrouter_adapters_stores::MemoryStore::new());
     let clock = Arc::new(ManualClock::new(crate::support::T0));
-    let on = async |store: &Arc<dyn StateStore>| {
-        let router = ApiKeyRouter::builder()
-            .store(store.clone())
-            .clock(clock.clone())
-            .build()
-            .await
-            .unwrap();
-        let sim = Arc::new(SimulatedProvider::new());
-        router.register_provider("openai", sim.clone());
-        (router, sim)
-    };
-    let (here, sim) = on(&store).await;
+    let (here, sim) = instance_at(&store, &clock).await;
     let key = here
         .register_key("sk-disabled-elsewhere-01", "openai", KeyMetadata::default())
         .await
@@ -725,7 +767,7 @@ async fn a_key_disabled_elsewhere_during_its_cooldown_stays_disabled() {
     sim.set_behaviour(&key, Behaviour::ok());
     let calls = sim.calls(&key);
 
-    let (elsewhere, _) = on(&store).await;
+    let (elsewhere, _) = instance_at(&store, &clock).await;
     elsewhere
         .set_key_state(&key, KeyState::Disabled, "retired by an operator")
         .await
